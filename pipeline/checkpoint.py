@@ -63,11 +63,11 @@ class Checkpoint:
 def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    versions = {"torch": str(torch.__version__), "python": platform.python_version()}
     try:
         import torch_pruning
 
-        versions["torch_pruning"] = torch_pruning.__version__
+        versions["torch_pruning"] = str(torch_pruning.__version__)
     except ImportError:  # pragma: no cover - a declared dependency
         pass
     from edgeprune import __version__

@@ -101,7 +101,7 @@ class Preprocess:
     channels: int
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).div_(255.0)
         if x.ndim == 2:
             x = x[None]
         if x.ndim == 3:  # [N, H, W] grey

@@ -246,10 +246,8 @@ class PrunableSlice:
         for level, ratio in enumerate(self.ratios):
             variant = prune_slice(model_slice, ratio, level=level, round_to=round_to)
             if calibration_inputs is not None and ratio > 0:
-                x = calibration_inputs
-                if variant.in_channels is not None:
-                    x = x.index_select(1, variant.in_channels)
-                recalibrate_batchnorm(variant.module, x)
+                # the variant gathers its own input channels from the full-width inputs
+                recalibrate_batchnorm(variant.module, calibration_inputs)
             self.variants.append(variant)
             log.debug("slice %s level %d (ratio %.2f): %d MACs, built in %.1f ms",
                       model_slice.bounds, level, ratio, variant.macs, variant.build_s * 1e3)

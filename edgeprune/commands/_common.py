@@ -68,3 +68,66 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
+
+
+def add_mqtt(parser: argparse.ArgumentParser) -> None:
+    """Broker options; each also reads EDGEPRUNE_MQTT_<NAME> from the environment."""
+    g = parser.add_argument_group("broker (each option also reads EDGEPRUNE_MQTT_<NAME>)")
+    g.add_argument("--host", default=None, help="broker host (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="broker port (default 1883)")
+    g.add_argument("--username", default=None, help="MQTT user name")
+    g.add_argument("--password", default=None, help="MQTT password (prefer the env variable)")
+    g.add_argument("--tls-ca", type=Path, default=None, help="CA certificate: enables TLS")
+    g.add_argument("--tls-cert", type=Path, default=None, help="client certificate")
+    g.add_argument("--tls-key", type=Path, default=None, help="client key")
+    g.add_argument("--tls-insecure", action="store_true", default=None,
+                   help="do not verify the broker's host name")
+    g.add_argument("--pipe", default=None,
+                   help="pipeline name: topics are edgeprune/<pipe>/... (default 'default')")
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(f"EDGEPRUNE_MQTT_{name.upper()}")
+
+
+def mqtt_settings(args: argparse.Namespace) -> Any:
+    from pipeline.connection import MqttSettings
+
+    def pick(name: str, cast: Any = str) -> Any:
+        value = getattr(args, name, None)
+        if value is None:
+            env = _env(name)
+            value = cast(env) if env is not None else None
+        return value
+
+    kwargs: dict[str, Any] = {}
+    for name, cast in (("host", str), ("port", int), ("username", str), ("password", str),
+                       ("tls_ca", Path), ("tls_cert", Path), ("tls_key", Path)):
+        value = pick(name, cast)
+        if value is not None:
+            kwargs[name] = value
+    insecure = pick("tls_insecure", lambda v: v.lower() in ("1", "true", "yes"))
+    if insecure:
+        kwargs["tls_insecure"] = True
+    return MqttSettings(**kwargs)
+
+
+def pipe_name(args: argparse.Namespace) -> str:
+    return getattr(args, "pipe", None) or _env("pipe") or os.environ.get("EDGEPRUNE_PIPE") \
+        or "default"
+
+
+def run_service(coro_factory: Any) -> int:
+    """Run an asyncio service until SIGINT/SIGTERM; the factory takes the stop event."""
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_factory(stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,432 @@
+"""The slice node: an asyncio service that runs one slice of the model on one device.
+
+    subscribe stage/<i> -> bounded local queue -> worker thread runs the slice at its level
+        -> publish stage/<i+1>, or (last stage) results + exits
+
+One :class:`SliceNode` owns one MQTT connection at a time and four tasks (connection,
+worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of them on exit.
+
+- Requests are processed in arrival order. The slice runs in a single worker thread, so the
+  event loop stays responsive (control messages, metrics, pings) while it computes.
+- A level change (retained ``control/stage/<i>``) is a reference swap that takes effect at the
+  next request: no request is dropped or half-processed.
+- Outputs go through an outbox that survives reconnects: a result computed while the broker
+  is away is published once the node is back.
+- The session is persistent (fixed client id, clean_session false), so QoS 1 messages sent to
+  the node while it reconnects are delivered when it returns.
+- When the local queue is full, a new request is shed: it is reported on ``errors`` with its
+  request id and counted in metrics; never silently dropped.
+- Bad input (malformed msgpack, wrong shape or dtype, unknown schema version, oversized
+  payload, an image that does not decode) is reported on ``errors``; the node serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import torch
+
+from nodes.config import NodeConfig
+from nodes.inputs import image_to_tensor, tensor_from_message
+from pipeline import codec
+from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.composed import build_prunable
+from pipeline.errors import CodecError, ConfigError, EdgepruneError
+from pipeline.models import SliceableResNet
+from pipeline.plan_message import PlanMessage
+from pipeline.pruning import PrunableSlice
+from pipeline.slicing import SliceBounds
+from pipeline.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    msg: codec.StageMessage
+    received: float  # perf_counter when it arrived
+
+
+@dataclass
+class _Counters:
+    received: int = 0
+    processed: int = 0
+    errors: int = 0
+    shed: int = 0
+    level_changes: int = 0
+    plan_changes: int = 0
+
+
+class SliceNode:
+    """Runs one slice of a checkpoint's model as an MQTT service."""
+
+    def __init__(self, config: NodeConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.pipe)
+        self.ckpt = checkpoint or load_checkpoint(config.checkpoint)
+        self.model: SliceableResNet = self.ckpt.build()
+        self.num_blocks = self.model.num_blocks
+        self.stage: int | None = config.stage
+        self.slice: PrunableSlice | None = None
+        self._built: dict[SliceBounds, PrunableSlice] = {}
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue()
+        self._connected = asyncio.Event()
+        self._placed = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice")
+        self._lock = threading.Lock()
+        self._counters = _Counters()
+        self._service_s: deque[float] = deque(maxlen=50)
+        self._compute_s: deque[float] = deque(maxlen=50)
+        self._started = time.time()
+        self._clock0 = config.clock_start if config.clock_start is not None else self._started
+        self._plan_version = -1
+        self._busy = False
+        self._subscribed_stage: int | None = None
+        self.ready = asyncio.Event()  # placed, built and subscribed
+        if config.bounds is not None and config.stage is not None:
+            self._place(config.stage, config.bounds)
+        torch.set_num_threads(config.threads)
+
+    # ----------------------------------------------------------------- placement
+    def _build(self, bounds: SliceBounds) -> PrunableSlice:
+        if bounds not in self._built:
+            started = time.perf_counter()
+            self._built[bounds] = build_prunable(
+                self.ckpt, bounds, ratios=self.config.ratios, round_to=self.config.round_to,
+                recalibrate_bn=self.config.recalibrate_bn and
+                self.ckpt.calibration_images is not None, model=self.model)
+            log.info("built slice [%d, %d) at %d levels in %.0f ms", bounds.start, bounds.end,
+                     len(self.config.ratios), (time.perf_counter() - started) * 1e3)
+        return self._built[bounds]
+
+    def _place(self, stage: int, bounds: SliceBounds) -> None:
+        if bounds.end > self.num_blocks:
+            raise ConfigError(f"slice {bounds} exceeds the model's {self.num_blocks} blocks")
+        new = self._build(bounds)
+        if self.slice is not None and new is not self.slice:
+            new.set_level(0)
+        self.slice, self.stage = new, stage
+        self._placed.set()
+
+    @property
+    def is_last(self) -> bool:
+        return self.slice is not None and self.slice.model_slice.is_last
+
+    # ----------------------------------------------------------------- lifecycle
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        tasks = [asyncio.create_task(self._connection_loop(), name="connection"),
+                 asyncio.create_task(self._worker(), name="worker"),
+                 asyncio.create_task(self._publisher(), name="publisher"),
+                 asyncio.create_task(self._metrics_loop(), name="metrics")]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            await self._drain(timeout=5.0)
+        finally:
+            for t in [*tasks, stopper]:
+                t.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            await self._say_goodbye()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _drain(self, timeout: float) -> None:
+        """On shutdown: let the request in progress finish and its outputs go out."""
+        deadline = time.monotonic() + timeout
+        while (self._outbox.qsize() or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _say_goodbye(self) -> None:
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+            await asyncio.wait_for(client.publish(
+                self.topics.status(self.config.node_id), self._status("offline", "shutdown"),
+                qos=1, retain=True), timeout=2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=2.0)
+
+    def _status(self, state: str, reason: str = "") -> bytes:
+        return codec.encode_json("status", {
+            "node": self.config.node_id, "state": state, "reason": reason, "stage": self.stage,
+            "bounds": [self.slice.model_slice.bounds.start, self.slice.model_slice.bounds.end]
+            if self.slice else None, "ts": time.time()})
+
+    async def _connection_loop(self) -> None:
+        backoff = 0.2
+        will = aiomqtt.Will(self.topics.status(self.config.node_id),
+                            self._status("offline", "connection lost"), qos=1, retain=True)
+        while True:
+            client = aiomqtt.Client(
+                **self.config.mqtt.aiomqtt_kwargs(), identifier=self._client_id(),
+                clean_session=False, will=will, logger=logging.getLogger("aiomqtt"))
+            try:
+                async with client:
+                    self._client = client
+                    backoff = 0.2
+                    await self._on_connect(client)
+                    self._connected.set()
+                    async for message in client.messages:
+                        self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                self._subscribed_stage = None
+                log.warning("broker %s unreachable (%s); reconnecting in %.1f s",
+                            self.config.mqtt.url, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.reconnect_max_s)
+
+    def _client_id(self) -> str:
+        return f"edgeprune-{self.config.pipe}-{self.config.node_id}"[:64]
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        log.info("node %s connected to %s", self.config.node_id, self.config.mqtt.url)
+        await client.subscribe(self.topics.plan, qos=1)
+        if self.stage is not None:
+            await self._subscribe_stage(client)
+        await client.publish(self.topics.status(self.config.node_id), self._status("online"),
+                             qos=1, retain=True)
+
+    async def _subscribe_stage(self, client: aiomqtt.Client) -> None:
+        if self.stage is None or self._subscribed_stage == self.stage:
+            return
+        if self._subscribed_stage is not None:
+            await client.unsubscribe(self.topics.stage(self._subscribed_stage))
+            await client.unsubscribe(self.topics.control_stage(self._subscribed_stage))
+        await client.subscribe(self.topics.control_stage(self.stage), qos=1)
+        await client.subscribe(self.topics.stage(self.stage), qos=1)
+        self._subscribed_stage = self.stage
+        log.info("node %s serves stage %d, blocks [%d, %d)", self.config.node_id, self.stage,
+                 self.slice.model_slice.bounds.start if self.slice else -1,
+                 self.slice.model_slice.bounds.end if self.slice else -1)
+        self.ready.set()
+
+    # ----------------------------------------------------------------- intake
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = str(message.topic)
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        if topic == self.topics.plan:
+            self._on_plan(bytes(payload))
+        elif self.stage is not None and topic == self.topics.control_stage(self.stage):
+            self._on_level(bytes(payload))
+        elif self.stage is not None and topic == self.topics.stage(self.stage):
+            self._on_stage(payload, topic)
+
+    def _on_stage(self, payload: bytes | bytearray, topic: str) -> None:
+        self._counters.received += 1
+        try:
+            msg = codec.decode_stage(payload, max_bytes=self.config.max_payload_bytes)
+            if msg.stage != self.stage:
+                raise CodecError(f"message for stage {msg.stage} arrived on stage {self.stage}",
+                                 msg.request_id)
+        except CodecError as exc:
+            self._reject(exc.reason, exc.request_id, topic, len(payload))
+            return
+        if self._queue.qsize() >= self.config.queue_size:
+            self._counters.shed += 1
+            self._reject(f"queue full ({self.config.queue_size}): request shed", msg.request_id,
+                         topic, len(payload), shed=True)
+            return
+        self._queue.put_nowait(_Request(msg, time.perf_counter()))
+
+    def _on_level(self, payload: bytes) -> None:
+        try:
+            body = codec.decode_json(payload, expect_kind="level")
+            level = body["level"]
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise CodecError("level must be an integer")
+            if self.slice is None:
+                return
+            self.slice.set_level(level)
+        except (CodecError, KeyError, ConfigError) as exc:
+            self._reject(f"bad control message: {exc}", None, self.topics.control_stage(
+                self.stage or 0), len(payload))
+            return
+        self._counters.level_changes += 1
+        log.info("stage %s: level %d (ratio %.2f), seq %s, reason: %s", self.stage, level,
+                 self.slice.ratios[level], body.get("seq"), body.get("reason", ""))
+
+    def _on_plan(self, payload: bytes) -> None:
+        try:
+            plan = PlanMessage.from_json(payload)
+        except (CodecError, ConfigError) as exc:
+            self._reject(f"bad plan: {exc}", None, self.topics.plan, len(payload))
+            return
+        if plan.version <= self._plan_version:
+            return
+        self._plan_version = plan.version
+        placement = plan.placement_of(self.config.node_id)
+        if placement is None:
+            if self.config.stage is None:
+                log.info("plan v%d has no stage for node %s; idle", plan.version,
+                         self.config.node_id)
+            return
+        stage, bounds = placement
+        if self.slice is not None and stage == self.stage and \
+                bounds == self.slice.model_slice.bounds:
+            return
+        try:
+            self._place(stage, bounds)
+        except EdgepruneError as exc:
+            self._reject(f"cannot apply plan v{plan.version}: {exc}", None, self.topics.plan,
+                         len(payload))
+            return
+        self._counters.plan_changes += 1
+        log.info("plan v%d applied: stage %d, blocks [%d, %d)", plan.version, stage,
+                 bounds.start, bounds.end)
+        if self._client is not None and self._connected.is_set():
+            asyncio.get_running_loop().create_task(self._subscribe_stage(self._client))
+
+    def _reject(self, reason: str, request_id: str | None, topic: str, size: int,
+                shed: bool = False) -> None:
+        if not shed:
+            self._counters.errors += 1
+        log.warning("rejected %s (%d bytes) on %s: %s", request_id or "message", size, topic,
+                    reason)
+        self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", {
+            "node": self.config.node_id, "stage": self.stage, "topic": topic,
+            "request_id": request_id, "reason": reason, "bytes": size, "shed": shed,
+            "ts": time.time()}), 1, False))
+
+    # ----------------------------------------------------------------- work
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            req = await self._queue.get()
+            self._busy = True
+            try:
+                await self._process(req, loop)
+            finally:
+                self._busy = False
+
+    async def _process(self, req: _Request, loop: asyncio.AbstractEventLoop) -> None:
+        slice_ = self.slice
+        if slice_ is None:
+            return
+        started = time.perf_counter()
+        t_sched = time.time() - self._clock0
+        try:
+            out, compute_s = await loop.run_in_executor(self._executor, self._compute,
+                                                        slice_, req.msg)
+        except (CodecError, ConfigError) as exc:
+            self._reject(str(exc), req.msg.request_id, self.topics.stage(self.stage or 0), 0)
+            return
+        wait = self.config.emulation.extra_wait(t_sched, compute_s)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        service_s = time.perf_counter() - started
+        self._compute_s.append(compute_s)
+        self._service_s.append(service_s)
+        self._counters.processed += 1
+        hop = codec.Hop(stage=self.stage or 0, node=self.config.node_id,
+                        queue_s=started - req.received, compute_s=service_s,
+                        level=slice_.level)
+        self._emit(req.msg, out, hop, slice_)
+
+    def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        if slice_.model_slice.is_first:
+            x = image_to_tensor(msg, self.ckpt.preprocess)
+            out = slice_(x)
+        else:
+            x, channels = tensor_from_message(msg, slice_.model_slice.in_shape)
+            out = slice_(x, channels)
+        return out, time.perf_counter() - t0
+
+    def _emit(self, msg: codec.StageMessage, out: Any, hop: codec.Hop,
+              slice_: PrunableSlice) -> None:
+        hops = (*msg.hops, hop)
+        if slice_.model_slice.is_last:
+            probs = torch.softmax(out.tensor[0], dim=0)
+            score, index = float(probs.max()), int(probs.argmax())
+            names = self.ckpt.config.class_names
+            now = time.time()
+            levels = [h.level for h in hops]
+            self._outbox.put_nowait((self.topics.results, codec.encode_json("result", {
+                "request_id": msg.request_id, "camera": msg.camera,
+                "label": names[index] if names else str(index), "label_index": index,
+                "score": round(score, 5), "true_label": msg.label,
+                "correct": None if msg.label is None else msg.label == index,
+                "levels": levels, "attempt": msg.attempt, "entry_ts": msg.entry_ts}),
+                1, False))
+            self._outbox.put_nowait((self.topics.exits, codec.encode_json("exit", {
+                "request_id": msg.request_id, "camera": msg.camera,
+                "capture_ts": msg.capture_ts, "entry_ts": msg.entry_ts, "exit_ts": now,
+                "latency_s": now - msg.entry_ts, "attempt": msg.attempt,
+                "correct": None if msg.label is None else msg.label == index,
+                "stages": [{"stage": h.stage, "node": h.node, "queue_s": h.queue_s,
+                            "compute_s": h.compute_s, "level": h.level} for h in hops]}),
+                1, False))
+            return
+        tensor = out.tensor.contiguous().numpy()
+        channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None
+        nxt = codec.StageMessage(
+            request_id=msg.request_id, camera=msg.camera, stage=(self.stage or 0) + 1,
+            entry_ts=msg.entry_ts, capture_ts=msg.capture_ts, label=msg.label, hops=hops,
+            tensor=tensor, channels=channels, full_channels=out.full_channels,
+            attempt=msg.attempt)
+        self._outbox.put_nowait((self.topics.stage((self.stage or 0) + 1),
+                                 codec.encode_stage(nxt, float16=self.config.float16), 1, False))
+
+    async def _publisher(self) -> None:
+        """Publishes the outbox in order; waits out disconnections (nothing is dropped)."""
+        while True:
+            topic, payload, qos, retain = await self._outbox.get()
+            while True:
+                await self._connected.wait()
+                client = self._client
+                try:
+                    assert client is not None
+                    await client.publish(topic, payload, qos=qos, retain=retain)
+                    break
+                except aiomqtt.MqttError as exc:
+                    log.debug("publish to %s failed (%s); retrying after reconnect", topic, exc)
+                    self._connected.clear()
+                    await asyncio.sleep(0.05)
+
+    # ----------------------------------------------------------------- telemetry
+    def metrics(self) -> dict[str, Any]:
+        """The node's telemetry: what ``nodes/<node>/metrics`` carries."""
+        def median(xs: deque[float]) -> float | None:
+            return sorted(xs)[len(xs) // 2] if xs else None
+
+        s = self.slice
+        t = time.time() - self._clock0
+        return {
+            "node": self.config.node_id, "stage": self.stage,
+            "bounds": [s.model_slice.bounds.start, s.model_slice.bounds.end] if s else None,
+            "level": s.level if s else None, "ratio": s.ratios[s.level] if s else None,
+            "queue_depth": self._queue.qsize() + (1 if self._busy else 0),
+            "service_s": median(self._service_s), "compute_s": median(self._compute_s),
+            "received": self._counters.received, "processed": self._counters.processed,
+            "errors": self._counters.errors, "shed": self._counters.shed,
+            "level_changes": self._counters.level_changes,
+            "emulated_factor": self.config.emulation.factor_at(t),
+            "emulation": self.config.emulation.describe(), "uptime_s": time.time() - self._started,
+            "ts": time.time(),
+        }
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metrics_interval_s)
+            if self._connected.is_set() and self._client is not None:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await self._client.publish(self.topics.metrics(self.config.node_id),
+                                               codec.encode_json("metrics", self.metrics()),
+                                               qos=0)
