@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from nodes.journal import RequestJournal
 from pipeline import codec
 from pipeline.connection import MqttSettings
-from pipeline.errors import CodecError
+from pipeline.errors import BrokerError, CodecError
 from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,39 +123,79 @@ class Camera:
         self.resend_after_s = resend_after_s
         self.drain_s = drain_s
         self.track_results = track_results
-        self.run_id = run_id or time.strftime("%H%M%S")
+        self.run_id = run_id or uuid.uuid4().hex[:8]
         self.on_result = on_result
         self.report = CameraReport()
         self._all_done = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
         self._sent_all = False
+        self.client_id = f"edgeprune-camera-{pipe}-{self.run_id}"[:64]
 
-    async def run(self, stop: asyncio.Event | None = None) -> CameraReport:
+    async def run(self, stop: asyncio.Event | None = None,
+                  connect_timeout_s: float = 30.0) -> CameraReport:
         stop = stop or asyncio.Event()
         started = time.monotonic()
-        async with aiomqtt.Client(**self.mqtt.aiomqtt_kwargs(),
-                                  identifier=f"edgeprune-camera-{self.run_id}-{id(self) % 9999}",
-                                  logger=logging.getLogger("aiomqtt")) as client:
-            if self.track_results:
-                await client.subscribe(self.topics.results, qos=1)
-            listener = asyncio.create_task(self._listen(client))
-            resender = asyncio.create_task(self._resend_loop(client))
+        connection = asyncio.create_task(self._connection_loop(), name="camera-connection")
+        resender = asyncio.create_task(self._resend_loop(), name="camera-resend")
+        try:
             try:
-                await self._send_all(client, stop)
-                self._sent_all = True
-                self._check_done()
-                if self.track_results and not stop.is_set():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wait_done_or_stop(stop), self.drain_s)
-            finally:
-                for t in (listener, resender):
-                    t.cancel()
-                await asyncio.gather(listener, resender, return_exceptions=True)
+                await asyncio.wait_for(self._connected.wait(), connect_timeout_s)
+            except TimeoutError as exc:
+                raise BrokerError(f"camera could not reach the broker at {self.mqtt.url} "
+                                  f"within {connect_timeout_s:.0f} s") from exc
+            await self._send_all(stop)
+            self._sent_all = True
+            self._check_done()
+            if self.track_results and not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wait_done_or_stop(stop), self.drain_s)
+        finally:
+            for t in (connection, resender):
+                t.cancel()
+            await asyncio.gather(connection, resender, return_exceptions=True)
         stats = self.journal.stats()
         self.report.resent = stats.resent
         self.report.duplicates = self.journal.duplicates
         self.report.lost = stats.pending if self.track_results else 0
         self.report.duration_s = time.monotonic() - started
         return self.report
+
+    async def _connection_loop(self) -> None:
+        """Connects, and reconnects with backoff; the session is persistent (QoS 1 results
+        sent while the camera reconnects are delivered when it is back)."""
+        backoff = 0.2
+        while True:
+            client = aiomqtt.Client(**self.mqtt.aiomqtt_kwargs(), identifier=self.client_id,
+                                    clean_session=False, logger=logging.getLogger("aiomqtt"))
+            try:
+                async with client:
+                    self._client = client
+                    if self.track_results:
+                        await client.subscribe(self.topics.results, qos=1)
+                    self._connected.set()
+                    backoff = 0.2
+                    await self._listen(client)
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                log.warning("camera: broker %s unreachable (%s); reconnecting in %.1f s",
+                            self.mqtt.url, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        """Publish with QoS 1, waiting out disconnections."""
+        while True:
+            await self._connected.wait()
+            client = self._client
+            try:
+                if client is None:
+                    raise aiomqtt.MqttError("not connected")
+                await client.publish(topic, payload, qos=1)
+                return
+            except aiomqtt.MqttError:
+                # the connection loop owns the connected flag; just retry
+                await asyncio.sleep(0.05)
 
     async def _wait_done_or_stop(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.create_task(self._all_done.wait()), asyncio.create_task(stop.wait())]
@@ -164,7 +205,7 @@ class Camera:
             for w in waiters:
                 w.cancel()
 
-    async def _send_all(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+    async def _send_all(self, stop: asyncio.Event) -> None:
         t0 = time.monotonic()
         last_log = t0
         for seq, shot in enumerate(self.shots):
@@ -174,13 +215,13 @@ class Camera:
                     await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 break
-            await self._send(client, seq, shot)
+            await self._send(seq, shot)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
                 log.info("camera: sent %d/%d, results %d", self.report.sent, len(self.shots),
                          self.report.completed)
 
-    async def _send(self, client: aiomqtt.Client, seq: int, shot: Shot) -> None:
+    async def _send(self, seq: int, shot: Shot) -> None:
         i = shot.index % len(self.source)
         image, shape = encode_image(self.source.images[i], self.image_format)
         now = time.time()
@@ -191,10 +232,10 @@ class Camera:
             image_shape=shape)
         payload = codec.encode_stage(msg)
         self.journal.add(request_id, shot.camera, payload, now)
-        await client.publish(self.topics.stage(0), payload, qos=1)
+        await self._publish(self.topics.stage(0), payload)
         self.report.sent += 1
 
-    async def _resend_loop(self, client: aiomqtt.Client) -> None:
+    async def _resend_loop(self) -> None:
         if self.resend_after_s is None:
             return
         while True:
@@ -202,8 +243,8 @@ class Camera:
             for req in self.journal.due(self.resend_after_s):
                 log.info("re-sending %s (attempt %d): no result after %.1f s", req.request_id,
                          req.attempts + 1, self.resend_after_s)
-                await client.publish(self.topics.stage(0), req.payload, qos=1)
                 self.journal.mark_resent(req.request_id)
+                await self._publish(self.topics.stage(0), req.payload)
 
     async def _listen(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -396,8 +396,9 @@ class SliceNode:
                     await client.publish(topic, payload, qos=qos, retain=retain)
                     break
                 except aiomqtt.MqttError as exc:
-                    log.debug("publish to %s failed (%s); retrying after reconnect", topic, exc)
-                    self._connected.clear()
+                    # the connection loop owns the connected flag; a stale client's error
+                    # must not clear it
+                    log.debug("publish to %s failed (%s); retrying", topic, exc)
                     await asyncio.sleep(0.05)
 
     # ----------------------------------------------------------------- telemetry

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -104,10 +104,8 @@ class Preprocess:
         x = torch.from_numpy(np.asarray(images, dtype=np.float32)).div_(255.0)
         if x.ndim == 2:
             x = x[None]
-        if x.ndim == 3:  # [N, H, W] grey
-            x = x[:, None]
-        else:  # [N, H, W, C]
-            x = x.permute(0, 3, 1, 2)
+        # [N, H, W] grey, or [N, H, W, C]
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
         if x.shape[1] != self.channels:
             raise DatasetError(f"expected {self.channels} channel(s), got {x.shape[1]}")
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
@@ -127,7 +125,7 @@ class Preprocess:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (the data files are third-party pickles)."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -227,7 +225,7 @@ def load_image_folder(root: Path, *, size: int, channels: int = 1) -> ArrayDatas
                 continue
             try:
                 with Image.open(path) as img:
-                    arr = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR))
+                    arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR))
             except (UnidentifiedImageError, OSError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue

@@ -26,6 +26,7 @@ and switches level by swapping a reference between two requests.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -49,7 +50,7 @@ def validate_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
     out = tuple(float(r) for r in ratios)
     if not out or out[0] != 0.0:
         raise ConfigError("pruning levels must start at ratio 0 (the unpruned slice)")
-    if any(b <= a for a, b in zip(out, out[1:], strict=False)) or out[-1] >= 1.0:
+    if any(b <= a for a, b in itertools.pairwise(out)) or out[-1] >= 1.0:
         raise ConfigError(f"pruning ratios must increase strictly and stay below 1, got {out}")
     return out
 
@@ -70,6 +71,8 @@ def kept_channels(channels: int, ratio: float, round_to: int) -> int:
 
 class ChannelGather(nn.Module):
     """Selects input channels: [B, C_full, ...] -> [B, len(index), ...]."""
+
+    index: torch.Tensor
 
     def __init__(self, index: torch.Tensor) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ the slices of a model in order gives the model back.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ def parse_cuts(cuts: str | Sequence[int], num_blocks: int) -> list[SliceBounds]:
             f"cut points must be increasing block indices in 1..{num_blocks - 1}, got {points}"
         )
     edges = [0, *points, num_blocks]
-    return [SliceBounds(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+    return [SliceBounds(a, b) for a, b in itertools.pairwise(edges)]
 
 
 def even_cuts(num_blocks: int, num_slices: int) -> list[SliceBounds]:
@@ -57,7 +58,7 @@ def even_cuts(num_blocks: int, num_slices: int) -> list[SliceBounds]:
     if not 1 <= num_slices <= num_blocks:
         raise ConfigError(f"cannot cut {num_blocks} blocks into {num_slices} slices")
     edges = [round(i * num_blocks / num_slices) for i in range(num_slices + 1)]
-    return [SliceBounds(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+    return [SliceBounds(a, b) for a, b in itertools.pairwise(edges)]
 
 
 class ModelSlice(nn.Module):
@@ -104,7 +105,7 @@ def slice_model(model: SliceableResNet, bounds: Sequence[SliceBounds]) -> list[M
     """Cut ``model`` into slices; the bounds must be contiguous and cover every block."""
     if not bounds or bounds[0].start != 0 or bounds[-1].end != model.num_blocks:
         raise ConfigError("slices must start at block 0 and end at the last block")
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         if a.end != b.start:
             raise ConfigError(f"slices {a} and {b} are not contiguous")
     return [ModelSlice(model, b) for b in bounds]

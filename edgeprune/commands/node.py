@@ -6,8 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from edgeprune.commands._common import (add_checkpoint, add_mqtt, mqtt_settings, pipe_name,
-                                        run_service)
+from edgeprune.commands._common import (
+    add_checkpoint,
+    add_mqtt,
+    mqtt_settings,
+    pipe_name,
+    run_service,
+)
 
 log = logging.getLogger("edgeprune.node")
 

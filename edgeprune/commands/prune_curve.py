@@ -7,8 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgeprune.commands._common import (add_checkpoint, add_data_dir, add_json, data_dir,
-                                        format_table, print_json)
+from edgeprune.commands._common import (
+    add_checkpoint,
+    add_data_dir,
+    add_json,
+    data_dir,
+    format_table,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

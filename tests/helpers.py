@@ -1,0 +1,126 @@
+"""Helpers shared by the integration tests: in-process pipelines on a real broker, a results
+collector, and polling with a deadline (never a fixed sleep)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from nodes.config import NodeConfig
+from nodes.node import SliceNode
+from pipeline import codec
+from pipeline.checkpoint import Checkpoint
+from pipeline.connection import MqttSettings
+from pipeline.slicing import SliceBounds
+from pipeline.topics import Topics
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Collector:
+    """Subscribes to a pipe's JSON topics and keeps every message, in order."""
+
+    mqtt: MqttSettings
+    pipe: str
+    results: list[dict[str, Any]] = field(default_factory=list)
+    exits: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    levels: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def result_counts(self) -> Counter[str]:
+        return Counter(r["request_id"] for r in self.results)
+
+    async def run(self) -> None:
+        t = Topics(self.pipe)
+        async with aiomqtt.Client(**self.mqtt.aiomqtt_kwargs()) as client:
+            await client.subscribe(t.everything, qos=1)
+            self.ready.set()
+            async for message in client.messages:
+                topic = str(message.topic)
+                if "/stage/" in topic and "/control/" not in topic:
+                    continue
+                body = codec.decode_json(bytes(message.payload))  # type: ignore[arg-type]
+                kind = body.get("kind")
+                target = {"result": self.results, "exit": self.exits, "error": self.errors,
+                          "status": self.statuses, "metrics": self.metrics,
+                          "decision": self.decisions}.get(str(kind))
+                if target is not None:
+                    target.append(body)
+                elif kind == "level":
+                    self.levels.append((topic, body))
+
+
+@contextlib.asynccontextmanager
+async def collecting(mqtt: MqttSettings, pipe: str) -> AsyncIterator[Collector]:
+    col = Collector(mqtt, pipe)
+    task = asyncio.create_task(col.run())
+    await asyncio.wait_for(col.ready.wait(), 10)
+    try:
+        yield col
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running_nodes(ckpt: Checkpoint, mqtt: MqttSettings, pipe: str,
+                        bounds: Sequence[SliceBounds], **config: Any
+                        ) -> AsyncIterator[list[SliceNode]]:
+    """Slice nodes as tasks of this event loop, each with its own MQTT connection."""
+    nodes = [SliceNode(NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt,
+                                  **config), ckpt) for i, b in enumerate(bounds)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(n.ready.wait() for n in nodes)), 60)
+        yield nodes
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def publish_level(mqtt: MqttSettings, pipe: str, stage: int, level: int,
+                        ratio: float, seq: int = 1, reason: str = "test") -> None:
+    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        await client.publish(Topics(pipe).control_stage(stage), codec.encode_json("level", {
+            "stage": stage, "level": level, "ratio": ratio, "seq": seq, "reason": reason}),
+            qos=1, retain=True)
+
+
+async def clear_retained(mqtt: MqttSettings, pipe: str, topics: Sequence[str]) -> None:
+    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        for topic in topics:
+            await client.publish(topic, b"", qos=1, retain=True)
+
+
+def node_process(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`edgeprune node ...` as a separate process (its output goes to ``log_path``)."""
+    out = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller
+    return subprocess.Popen([sys.executable, "-m", "edgeprune", "node", *args], stdout=out,
+                            stderr=subprocess.STDOUT, cwd=REPO)
