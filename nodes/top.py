@@ -1,0 +1,129 @@
+"""What ``edgeprune top`` shows: a live view of one pipeline built from its JSON topics.
+
+:class:`PipelineView` ingests decoded messages (status, metrics, exits, results, levels,
+decisions, errors) and renders a plain-text screen; it reads no clock and does no I/O, so it
+is tested without a broker.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class NodeRow:
+    node: str
+    state: str = "?"
+    stage: int | None = None
+    level: int | None = None
+    ratio: float | None = None
+    queue_depth: int | None = None
+    service_ms: float | None = None
+    processed: int = 0
+    errors: int = 0
+    shed: int = 0
+    emulated: float = 1.0
+    seen: float = 0.0
+
+
+@dataclass
+class PipelineView:
+    pipe: str
+    slo_s: float | None = None
+    window: int = 500  # latencies kept for the percentiles
+    nodes: dict[str, NodeRow] = field(default_factory=dict)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=500))
+    results: int = 0
+    correct: int = 0
+    labelled: int = 0
+    errors: int = 0
+    last_decision: str = ""
+    last_error: str = ""
+    exit_times: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+
+    def ingest(self, body: dict[str, Any], now: float) -> None:
+        kind = body.get("kind")
+        if kind == "status":
+            row = self._row(str(body.get("node")))
+            row.state = str(body.get("state"))
+            row.stage = body.get("stage")
+            row.seen = now
+        elif kind == "metrics":
+            row = self._row(str(body.get("node")))
+            row.state = "online" if row.state == "?" else row.state
+            row.stage = body.get("stage")
+            row.level = body.get("level")
+            row.ratio = body.get("ratio")
+            row.queue_depth = body.get("queue_depth")
+            service = body.get("service_s")
+            row.service_ms = None if service is None else 1e3 * float(service)
+            row.processed = int(body.get("processed") or 0)
+            row.errors = int(body.get("errors") or 0)
+            row.shed = int(body.get("shed") or 0)
+            row.emulated = float(body.get("emulated_factor") or 1.0)
+            row.seen = now
+        elif kind == "exit":
+            latency = body.get("latency_s")
+            if isinstance(latency, int | float):
+                self.latencies.append(float(latency))
+                self.exit_times.append(now)
+        elif kind == "result":
+            self.results += 1
+            if body.get("correct") is not None:
+                self.labelled += 1
+                self.correct += int(bool(body.get("correct")))
+        elif kind == "decision":
+            self.last_decision = (f"{body.get('action', body.get('policy', ''))} -> levels "
+                                  f"{body.get('levels')} ({body.get('reason', '')})")
+        elif kind == "error":
+            self.errors += 1
+            self.last_error = f"{body.get('node')}: {body.get('reason')}"
+
+    def _row(self, node: str) -> NodeRow:
+        if node not in self.nodes:
+            self.nodes[node] = NodeRow(node)
+        return self.nodes[node]
+
+    def throughput(self, now: float, span_s: float = 10.0) -> float:
+        recent = [t for t in self.exit_times if now - t <= span_s]
+        return len(recent) / span_s
+
+    def render(self, now: float) -> str:
+        lat = np.asarray(self.latencies) if self.latencies else None
+        lines = [f"edgeprune top — pipe '{self.pipe}'"
+                 + (f", SLO {self.slo_s * 1e3:.0f} ms" if self.slo_s else "")]
+        if lat is not None:
+            p50, p95, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 95, 99))
+            slo = ""
+            if self.slo_s:
+                slo = f"   SLO met {100 * float(np.mean(lat <= self.slo_s)):.1f}%"
+            lines.append(f"latency (last {len(lat)}): p50 {p50:.0f} ms  p95 {p95:.0f} ms  "
+                         f"p99 {p99:.0f} ms{slo}   throughput {self.throughput(now):.1f}/s")
+        else:
+            lines.append("latency: no exits yet")
+        acc = f"{100 * self.correct / self.labelled:.1f}%" if self.labelled else "-"
+        lines.append(f"results {self.results}   live accuracy {acc}   errors {self.errors}")
+        lines.append("")
+        header = (f"{'node':<12}{'state':<9}{'stage':>5}{'level':>6}{'ratio':>6}{'queue':>6}"
+                  f"{'svc ms':>8}{'done':>8}{'err':>5}{'shed':>5}{'emul':>6}{'age s':>7}")
+        lines += [header, "-" * len(header)]
+        for row in sorted(self.nodes.values(), key=lambda r: (r.stage is None, r.stage or 0,
+                                                              r.node)):
+            lines.append(
+                f"{row.node:<12}{row.state:<9}{_f(row.stage):>5}{_f(row.level):>6}"
+                f"{_f(row.ratio, '.1f'):>6}{_f(row.queue_depth):>6}"
+                f"{_f(row.service_ms, '.1f'):>8}{row.processed:>8}{row.errors:>5}{row.shed:>5}"
+                f"{'x' + format(row.emulated, 'g'):>6}{now - row.seen:>7.1f}")
+        if self.last_decision:
+            lines += ["", f"last decision: {self.last_decision}"]
+        if self.last_error:
+            lines.append(f"last error: {self.last_error}")
+        return "\n".join(lines)
+
+
+def _f(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
