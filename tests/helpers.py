@@ -124,3 +124,19 @@ def node_process(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]
     out = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller
     return subprocess.Popen([sys.executable, "-m", "edgeprune", "node", *args], stdout=out,
                             stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    """SIGTERM (after SIGCONT, in case it is stopped), then SIGKILL if it does not exit."""
+    import signal
+
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise

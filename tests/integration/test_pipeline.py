@@ -21,6 +21,7 @@ from tests.helpers import (
     node_process,
     publish_level,
     running_nodes,
+    stop_process,
     wait_until,
 )
 
@@ -112,10 +113,9 @@ async def test_node_killed_and_restarted_picks_up_its_retained_level(
                             resend_after_s=None)
             r2 = await second.run()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
+            stop_process(proc)
     assert r2.completed == 20 and r2.lost == 0
-    second_ids = {rid for rid in r2.results}
+    second_ids = set(r2.results)
     assert all(r["levels"] == [0, 2] for r in col.results if r["request_id"] in second_ids)
     assert proc.returncode == 0  # SIGTERM is a clean shutdown
     await clear_retained(mqtt, topic_prefix, [Topics(topic_prefix).control_stage(1),
