@@ -298,7 +298,7 @@ class SliceNode:
         if not shed:
             self._counters.errors += 1
         log.warning("rejected %s (%d bytes) on %s: %s", request_id or "message", size, topic,
-                    reason)
+                    reason, extra=self._log_extra(request_id))
         self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", {
             "node": self.config.node_id, "stage": self.stage, "topic": topic,
             "request_id": request_id, "reason": reason, "bytes": size, "shed": shed,
@@ -338,6 +338,14 @@ class SliceNode:
                         queue_s=started - req.received, compute_s=service_s,
                         level=slice_.level)
         self._emit(req.msg, out, hop, slice_)
+        log.debug("served %s at level %d: queue %.1f ms, service %.1f ms", req.msg.request_id,
+                  slice_.level, hop.queue_s * 1e3, service_s * 1e3,
+                  extra=self._log_extra(req.msg.request_id))
+
+    def _log_extra(self, request_id: str | None) -> dict[str, Any]:
+        """Structured fields for ``--log-format json``."""
+        return {"request_id": request_id, "node": self.config.node_id, "stage": self.stage,
+                "pipe": self.config.pipe}
 
     def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage) -> tuple[Any, float]:
         t0 = time.perf_counter()
