@@ -13,6 +13,11 @@ CONNACK. ``stop()`` sends SIGTERM, then SIGKILL after a timeout, and reaps the p
 Lifecycle: unopened -> running -> stopped; ``start()`` again after ``stop()`` is allowed, and
 ``restart()`` keeps the port. A temporary run directory made by ``start()`` is removed by
 ``stop()``; a run directory given by the caller is kept.
+
+The secure broker (:mod:`edgeprune.security`) has only a TLS listener: pass
+``tls_context=`` and the readiness probe handshakes TLS first; its anonymous CONNECT is
+refused, and a refusing CONNACK counts as up. ``reload()`` (SIGHUP) re-reads the password
+and ACL files.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -83,15 +89,23 @@ def _connect_packet(client_id: str) -> bytes:
     return bytes([0x10, remaining]) + variable_header + payload
 
 
-def mqtt_handshake(host: str, port: int, timeout: float = 1.0) -> bool:
+def mqtt_handshake(
+    host: str, port: int, timeout: float = 1.0, ssl_context: ssl.SSLContext | None = None
+) -> bool:
     """Send one MQTT CONNECT to ``host:port`` and report whether a CONNACK came back.
 
     Any CONNACK counts, even one that refuses the connection (a broker that requires a
-    password is still up). Connection errors and timeouts return False; nothing is raised.
+    password is still up). With ``ssl_context`` the CONNECT goes over TLS (a failed TLS
+    handshake, e.g. a plain listener or an untrusted certificate, returns False). Connection
+    errors and timeouts return False; nothing is raised.
     """
     packet = _connect_packet(f"edgeprune-probe-{uuid.uuid4().hex[:8]}")
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = raw
+            if ssl_context is not None:
+                name = host if ssl_context.check_hostname else None
+                sock = ssl_context.wrap_socket(raw, server_hostname=name)
             sock.sendall(packet)
             reply = b""
             while len(reply) < 4:
@@ -144,8 +158,11 @@ def listening_on(pid: int, port: int) -> bool | None:
     return False
 
 
-def wait_for_mqtt(host: str, port: int, timeout: float = 10.0) -> None:
-    """Poll ``host:port`` with MQTT handshakes until one succeeds or ``timeout`` passes.
+def wait_for_mqtt(
+    host: str, port: int, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None
+) -> None:
+    """Poll ``host:port`` with MQTT handshakes (over TLS with ``ssl_context``) until one
+    succeeds or ``timeout`` passes; a refusing CONNACK counts as up.
 
     Raises:
         BrokerError: no CONNACK within ``timeout`` seconds.
@@ -154,7 +171,7 @@ def wait_for_mqtt(host: str, port: int, timeout: float = 10.0) -> None:
     interval = 0.01
     while True:
         remaining = deadline - time.monotonic()
-        if mqtt_handshake(host, port, timeout=max(0.05, min(1.0, remaining))):
+        if mqtt_handshake(host, port, max(0.05, min(1.0, remaining)), ssl_context):
             return
         if time.monotonic() + interval > deadline:
             raise BrokerError(f"no MQTT broker answered on {host}:{port} within {timeout:g} s")
@@ -251,6 +268,8 @@ class MosquittoBroker:
         persistence: keep retained messages and sessions in ``run_dir`` across restarts.
         binary: the ``mosquitto`` executable; None searches PATH and ``/usr/sbin``.
         template: the config to render; default ``broker/dev.conf``.
+        tls_context: set when the template's listener speaks TLS (``broker/secure.conf``, see
+            :mod:`edgeprune.security`): the readiness probe then handshakes TLS with it.
     """
 
     def __init__(
@@ -263,6 +282,7 @@ class MosquittoBroker:
         *,
         binary: str | Path | None = None,
         template: Path = DEV_CONFIG,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise BrokerError(f"port must be in 1..65535 (or None for a free one), got {port}")
@@ -277,6 +297,7 @@ class MosquittoBroker:
         self._persistence = persistence
         self._binary = binary
         self._template = Path(template)
+        self._tls_context = tls_context
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
 
@@ -296,9 +317,9 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        """``mqtt://host:port``, with an IPv6 host in brackets."""
+        """``mqtt://host:port`` (``mqtts://`` for TLS), with an IPv6 host in brackets."""
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self._tls_context else 'mqtt'}://{host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -442,7 +463,7 @@ class MosquittoBroker:
             # Check that the listener is ours first: if another broker holds the port, its
             # CONNACK must not count (our process is about to exit with "Address in use").
             if listening_on(proc.pid, self.port) is not False and mqtt_handshake(
-                self._host, self.port, timeout=max(0.05, min(1.0, remaining))
+                self._host, self.port, max(0.05, min(1.0, remaining)), self._tls_context
             ):
                 return proc
             if time.monotonic() >= deadline:
@@ -474,6 +495,17 @@ class MosquittoBroker:
             raise BrokerError("restart() needs a broker that has been started")
         self._stop_process(timeout=5.0)
         return self.start(timeout=timeout)
+
+    def reload(self) -> None:
+        """Make mosquitto re-read its password and ACL files (SIGHUP), e.g. after a re-plan
+        regenerated the ACL. Listeners and limits are not reloaded: use ``restart()``.
+
+        Raises:
+            BrokerError: the broker is not running.
+        """
+        if self._proc is None or not self.running:
+            raise BrokerError(f"{self!r} is not running: nothing to reload")
+        self._proc.send_signal(signal.SIGHUP)
 
     def _stop_process(self, timeout: float) -> None:
         proc, self._proc = self._proc, None

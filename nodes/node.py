@@ -138,11 +138,12 @@ class SliceNode:
                 if t is not stopper and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
             await self._drain(timeout=5.0)
+            await self._say_goodbye()
         finally:
+            # cancelling the connection task leaves its `async with client` cleanly
             for t in [*tasks, stopper]:
                 t.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
-            await self._say_goodbye()
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self, timeout: float) -> None:
@@ -159,8 +160,6 @@ class SliceNode:
             await asyncio.wait_for(client.publish(
                 self.topics.status(self.config.node_id), self._status("offline", "shutdown"),
                 qos=1, retain=True), timeout=2.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=2.0)
 
     def _status(self, state: str, reason: str = "") -> bytes:
         return codec.encode_json("status", {
