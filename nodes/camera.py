@@ -28,7 +28,7 @@ import numpy as np
 
 from nodes.journal import RequestJournal
 from pipeline import codec
-from pipeline.connection import MqttSettings
+from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import BrokerError, CodecError
 from pipeline.topics import Topics
 
@@ -177,6 +177,7 @@ class Camera:
                     backoff = 0.2
                     await self._listen(client)
             except aiomqtt.MqttError as exc:
+                raise_if_cancelling(exc)
                 self._connected.clear()
                 log.warning("camera: broker %s unreachable (%s); reconnecting in %.1f s",
                             self.mqtt.url, exc, backoff)
@@ -284,3 +285,4 @@ def load_source(dataset: str, data_dir: Path, split: str = "test", *, size: int 
     ds = load_dataset(dataset, data_dir, size=size, channels=channels)
     part = getattr(split_dataset(ds), split) if dataset in ("animal-mnist", "default") else ds
     return ImageSource(part.images, part.labels)
+

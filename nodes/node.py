@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from nodes.inputs import image_to_tensor, tensor_from_message
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.composed import build_prunable
+from pipeline.connection import raise_if_cancelling
 from pipeline.errors import CodecError, ConfigError, EdgepruneError
 from pipeline.models import SliceableResNet
 from pipeline.plan_message import PlanMessage
@@ -48,6 +50,8 @@ from pipeline.slicing import SliceBounds
 from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
+
+PUBLISH_WINDOW = 32  # QoS 1 publishes in flight per node
 
 
 @dataclass
@@ -92,11 +96,13 @@ class SliceNode:
         self._clock0 = config.clock_start if config.clock_start is not None else self._started
         self._plan_version = -1
         self._busy = False
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._subscribed_stage: int | None = None
         self.ready = asyncio.Event()  # placed, built and subscribed
         if config.bounds is not None and config.stage is not None:
             self._place(config.stage, config.bounds)
         torch.set_num_threads(config.threads)
+        gc.freeze()  # the built variants are long-lived: keep them out of every collection
 
     # ----------------------------------------------------------------- placement
     def _build(self, bounds: SliceBounds) -> PrunableSlice:
@@ -149,7 +155,8 @@ class SliceNode:
     async def _drain(self, timeout: float) -> None:
         """On shutdown: let the request in progress finish and its outputs go out."""
         deadline = time.monotonic() + timeout
-        while (self._outbox.qsize() or self._busy) and time.monotonic() < deadline:
+        while (self._outbox.qsize() or self._busy or self._in_flight) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def _say_goodbye(self) -> None:
@@ -184,6 +191,7 @@ class SliceNode:
                     async for message in client.messages:
                         self._dispatch(message)
             except aiomqtt.MqttError as exc:
+                raise_if_cancelling(exc)
                 self._connected.clear()
                 self._subscribed_stage = None
                 log.warning("broker %s unreachable (%s); reconnecting in %.1f s",
@@ -353,7 +361,7 @@ class SliceNode:
             out = slice_(x)
         else:
             x, channels = tensor_from_message(msg, slice_.model_slice.in_shape)
-            out = slice_(x, channels)
+            out = slice_(x, channels, msg.hops[-1].level if msg.hops else None)
         return out, time.perf_counter() - t0
 
     def _emit(self, msg: codec.StageMessage, out: Any, hop: codec.Hop,
@@ -392,21 +400,38 @@ class SliceNode:
                                  codec.encode_stage(nxt, float16=self.config.float16), 1, False))
 
     async def _publisher(self) -> None:
-        """Publishes the outbox in order; waits out disconnections (nothing is dropped)."""
+        """Publishes the outbox in order, up to PUBLISH_WINDOW QoS 1 messages in flight, and
+        waits out disconnections (nothing is dropped)."""
+        window = asyncio.Semaphore(PUBLISH_WINDOW)
+        in_flight = self._in_flight
         while True:
-            topic, payload, qos, retain = await self._outbox.get()
+            item = await self._outbox.get()
+            await window.acquire()
+            # each task hands its message to the client before its first await, so
+            # messages leave in outbox order
+            task = asyncio.create_task(self._publish_one(item, window))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    async def _publish_one(self, item: tuple[str, bytes, int, bool],
+                           window: asyncio.Semaphore) -> None:
+        topic, payload, qos, retain = item
+        try:
             while True:
-                await self._connected.wait()
-                client = self._client
+                client = self._client if self._connected.is_set() else None
+                if client is None:
+                    await self._connected.wait()
+                    continue
                 try:
-                    assert client is not None
                     await client.publish(topic, payload, qos=qos, retain=retain)
-                    break
+                    return
                 except aiomqtt.MqttError as exc:
                     # the connection loop owns the connected flag; a stale client's error
                     # must not clear it
                     log.debug("publish to %s failed (%s); retrying", topic, exc)
                     await asyncio.sleep(0.05)
+        finally:
+            window.release()
 
     # ----------------------------------------------------------------- telemetry
     def metrics(self) -> dict[str, Any]:
@@ -438,3 +463,4 @@ class SliceNode:
                     await self._client.publish(self.topics.metrics(self.config.node_id),
                                                codec.encode_json("metrics", self.metrics()),
                                                qos=0)
+

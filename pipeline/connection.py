@@ -4,6 +4,8 @@ into keyword arguments for an aiomqtt or paho client by the services that connec
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +51,11 @@ class MqttSettings:
 
     def aiomqtt_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``aiomqtt.Client`` (hostname, port, auth, TLS, keepalive)."""
-        kwargs: dict[str, Any] = {"hostname": self.host, "port": self.port,
-                                  "keepalive": self.keepalive}
+        kwargs: dict[str, Any] = {
+            "hostname": self.host, "port": self.port, "keepalive": self.keepalive,
+            # small control and result messages must not wait for delayed ACKs
+            "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        }
         if self.username is not None:
             kwargs["username"] = self.username
             kwargs["password"] = self.password
@@ -59,3 +64,12 @@ class MqttSettings:
             kwargs["tls_context"] = ctx
             kwargs["tls_insecure"] = self.tls_insecure
         return kwargs
+
+
+def raise_if_cancelling(exc: BaseException) -> None:
+    """Call in a reconnect loop's ``except MqttError``: aiomqtt's ``__aexit__`` can turn a
+    cancellation into an MqttError (a timed-out disconnect); when the task is being cancelled,
+    shut down instead of reconnecting forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -128,6 +128,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 array pickles
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol 2 pickles store bytes through it
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -138,6 +141,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if module.startswith("numpy") and name == "_reconstruct":
             from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
             return _reconstruct
+        if module.startswith("numpy") and name == "_frombuffer":
+            from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
+            return _frombuffer
         return super().find_class(module, name)
 
 

@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -236,21 +236,47 @@ class SliceOutput:
 class PrunableSlice:
     """A slice with every pruning level built once; switching level is a reference swap.
 
-    ``calibration_inputs``: full-width inputs to this slice (a few hundred samples). When
-    given, each pruned variant's BatchNorm statistics are re-estimated on them at build time.
+    ``calibration_inputs``: full-width inputs to this slice (a few hundred samples), either one
+    tensor, or a mapping from the UPSTREAM slice's level to the inputs that the upstream
+    prefix, pruned at that level, produces. BatchNorm statistics are re-estimated for every
+    (own level, upstream level) pair and kept as small buffer sets: a downstream slice whose
+    input lost channels upstream needs other statistics than one fed at full width, even at its
+    own level 0. :meth:`forward` loads the set matching the request's upstream level (a copy of
+    a few KB) before running. The unpruned pair keeps the trained statistics.
     """
 
     def __init__(self, model_slice: ModelSlice, ratios: Sequence[float] = DEFAULT_RATIOS, *,
-                 round_to: int = 8, calibration_inputs: torch.Tensor | None = None) -> None:
+                 round_to: int = 8,
+                 calibration_inputs: torch.Tensor | Mapping[int, torch.Tensor] | None = None
+                 ) -> None:
         self.model_slice = model_slice.eval()
         self.ratios = validate_ratios(ratios)
         self.round_to = round_to
+        if isinstance(calibration_inputs, torch.Tensor):
+            calibration_inputs = {0: calibration_inputs}
+        inputs = dict(calibration_inputs or {})
+        self.upstream_levels = tuple(sorted(inputs))
         self.variants: list[PrunedVariant] = []
+        # per own level: upstream level -> BatchNorm (mean, var) buffers
+        self._bn: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._loaded: list[int | None] = []
         for level, ratio in enumerate(self.ratios):
             variant = prune_slice(model_slice, ratio, level=level, round_to=round_to)
-            if calibration_inputs is not None and ratio > 0:
+            stats: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for up, x in inputs.items():
+                if ratio == 0 and up == 0:
+                    continue  # the trained statistics
                 # the variant gathers its own input channels from the full-width inputs
-                recalibrate_batchnorm(variant.module, calibration_inputs)
+                recalibrate_batchnorm(variant.module, x)
+                stats[up] = _bn_buffers(variant.module)
+            loaded: int | None = None
+            if stats:
+                if ratio == 0:
+                    stats[0] = _bn_buffers(model_slice.body)  # the trained statistics
+                loaded = 0 if 0 in stats else min(stats)
+                _load_bn(variant.module, stats[loaded])
+            self._loaded.append(loaded)
+            self._bn.append(stats)
             self.variants.append(variant)
             log.debug("slice %s level %d (ratio %.2f): %d MACs, built in %.1f ms",
                       model_slice.bounds, level, ratio, variant.macs, variant.build_s * 1e3)
@@ -275,13 +301,24 @@ class PrunableSlice:
         self._active = self.variants[level]
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, channels: torch.Tensor | None = None) -> SliceOutput:
+    def forward(self, x: torch.Tensor, channels: torch.Tensor | None = None,
+                upstream_level: int | None = None) -> SliceOutput:
         """Run the active level on ``x`` ([B, k, ...] holding ``channels`` of the input).
 
-        ``channels=None`` means ``x`` is full width. The variant is read once, so a concurrent
-        :meth:`set_level` never mixes two levels within one request.
+        ``channels=None`` means ``x`` is full width; ``upstream_level`` is the level the
+        previous slice ran at (None or unknown: unpruned). The variant is read once, so a
+        concurrent :meth:`set_level` never mixes two levels within one request. Not
+        thread-safe: one thread runs the forward passes (the node's worker).
         """
         variant = self._active
+        stats = self._bn[variant.level]
+        if stats:
+            up = upstream_level if upstream_level in stats else 0
+            if up not in stats:
+                up = min(stats)
+            if self._loaded[variant.level] != up:
+                _load_bn(variant.module, stats[up])
+                self._loaded[variant.level] = up
         if channels is not None:
             x = scatter_channels(x, channels, self.model_slice.in_channels)
         y = variant.module(x)
@@ -289,3 +326,19 @@ class PrunableSlice:
         return SliceOutput(y, variant.out_channels, int(full))
 
     __call__ = forward
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _bn_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(bn.running_mean.clone(), bn.running_var.clone())  # type: ignore[union-attr]
+            for bn in _batchnorms(module)]
+
+
+def _load_bn(module: nn.Module, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for bn, (mean, var) in zip(_batchnorms(module), buffers, strict=True):
+        bn.running_mean.copy_(mean)  # type: ignore[union-attr]
+        bn.running_var.copy_(var)  # type: ignore[union-attr]
+

@@ -22,6 +22,7 @@ from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint
 from pipeline.connection import MqttSettings
+from pipeline.errors import CodecError
 from pipeline.slicing import SliceBounds
 from pipeline.topics import Topics
 
@@ -65,7 +66,10 @@ class Collector:
                 topic = str(message.topic)
                 if "/stage/" in topic and "/control/" not in topic:
                     continue
-                body = codec.decode_json(bytes(message.payload))  # type: ignore[arg-type]
+                try:
+                    body = codec.decode_json(bytes(message.payload))  # type: ignore[arg-type]
+                except CodecError:
+                    continue  # e.g. a deliberately bad control message
                 kind = body.get("kind")
                 target = {"result": self.results, "exit": self.exits, "error": self.errors,
                           "status": self.statuses, "metrics": self.metrics,

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="local queue bound; beyond it requests are shed and reported "
                         "(default 512)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    parser.add_argument("--max-payload-bytes", type=int, default=None,
+                        help="reject stage messages larger than this (default 16 MiB)")
     parser.add_argument("--metrics-interval", type=float, default=None,
                         help="seconds between metrics messages (default 1)")
     parser.add_argument("--no-bn-recalibrate", action="store_true",
@@ -66,6 +68,7 @@ def build_config(args: argparse.Namespace):  # -> NodeConfig
     overrides: dict = {
         "node_id": args.node_id, "checkpoint": args.checkpoint, "float16": args.float16,
         "queue_size": args.queue_size, "threads": args.threads,
+        "max_payload_bytes": args.max_payload_bytes,
         "metrics_interval_s": args.metrics_interval, "clock_start": args.clock_start,
     }
     if args.pipe or not args.config:

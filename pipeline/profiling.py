@@ -1,0 +1,469 @@
+"""Profiling a model block by block on this machine, and device files that may carry a device's
+own measured profile.
+
+A profile measures, for every block of a :class:`~pipeline.models.SliceableResNet` (stem,
+residual blocks, head), what :func:`pipeline.partition.partition` needs:
+
+- ``compute_s``: the median forward time at batch 1 on ONE thread, after warm-up, over many
+  runs. Runs are interleaved across blocks in rounds, so a change in background load shifts
+  every block alike instead of biasing one of them;
+- ``param_bytes``: the bytes of the block's parameters (BatchNorm running statistics, a few
+  floats per channel, are not counted);
+- ``activation_bytes``: an estimate of the peak activation memory at batch 1: the block's
+  input plus twice its largest tensor (output or intermediate: an operation reads one such
+  tensor while it writes the next, and a residual block keeps its input alive for the
+  shortcut);
+- ``output_bytes``: the float32 tensor the block emits at batch 1 (what crosses the wire when
+  the model is cut after it).
+
+A profile file is JSON (``kind: "profile"``) with the model's name and hash, the machine, the
+measurement settings and the time it was made. :func:`load_profile` reads it back.
+
+Device files. ``pipeline.partition.load_devices`` reads ``[[device]]`` tables whose ``speed``
+is relative to the profiling machine. :func:`load_device_specs` reads the same files and also
+accepts ``profile = "file.json"`` in a table: the device's OWN measured profile (made with
+``edgeprune profile`` on the device). Such a device's times come from that file instead of
+from speed scaling; ``speed`` may then be left out. Relative paths are relative to the device
+file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.models import SliceableResNet
+from pipeline.partition import BlockProfile, Device
+
+PROFILE_KIND = "profile"
+PROFILE_VERSION = 1
+FLOAT_BYTES = 4
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """What the numbers were measured on: platform, processor, library versions, threads."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "machine": platform.machine(),
+        "processor": _processor_name(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "torch": str(torch.__version__),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "threads": torch.get_num_threads() if threads is None else threads,
+    }
+    try:
+        import torch_pruning
+
+        info["torch_pruning"] = str(torch_pruning.__version__)
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    return info
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(n)``; the previous count is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+Clock = Literal["wall", "cpu"]
+CLOCKS: tuple[Clock, ...] = ("wall", "cpu")
+
+
+@dataclass(frozen=True)
+class CallTimes:
+    """Per-call times (seconds) of one function on two clocks.
+
+    ``wall``: ``perf_counter``, what a request waits. ``cpu``: the calling thread's CPU time
+    (``thread_time``); with torch on one thread the work runs in the calling thread, so on an
+    idle machine the two agree, and on a shared one ``cpu`` is not inflated when other
+    processes take the core away.
+    """
+
+    wall: np.ndarray
+    cpu: np.ndarray
+
+    def of(self, clock: Clock) -> np.ndarray:
+        if clock not in CLOCKS:
+            raise ConfigError(f"clock must be one of {CLOCKS}, got {clock!r}")
+        return self.wall if clock == "wall" else self.cpu
+
+    def median(self, clock: Clock = "wall") -> float:
+        return float(np.median(self.of(clock)))
+
+    def percentile(self, q: float, clock: Clock = "wall") -> float:
+        return float(np.percentile(self.of(clock), q))
+
+    @property
+    def busy_ratio(self) -> float:
+        """Median wall time over median CPU time: about 1 on an idle machine (1 when the CPU
+        clock saw nothing, so the ratio stays finite in JSON)."""
+        cpu = self.median("cpu")
+        return self.median("wall") / cpu if cpu > 0 else 1.0
+
+
+def time_calls(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int, rounds: int = 5,
+               on_round: Callable[[], None] | None = None) -> list[CallTimes]:
+    """Per-call times of every ``fn``: ``warmup`` untimed calls each, then ``runs`` timed
+    calls each, interleaved in ``rounds`` rounds (round r times a chunk of every fn in turn),
+    so that a change in background load hits every fn alike. ``on_round`` is called after
+    each fn's chunk (for a progress bar: ``rounds * len(fns)`` calls)."""
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ConfigError(f"need runs >= 1, warmup >= 0, rounds >= 1 (got {runs}, {warmup}, "
+                          f"{rounds})")
+    rounds = min(rounds, runs)
+    wall = [np.empty(runs) for _ in fns]
+    cpu = [np.empty(runs) for _ in fns]
+    with torch.inference_mode():
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        edges = [round(r * runs / rounds) for r in range(rounds + 1)]
+        for r in range(rounds):
+            for k, fn in enumerate(fns):
+                w, c = wall[k], cpu[k]
+                for i in range(edges[r], edges[r + 1]):
+                    c0 = time.thread_time()
+                    t0 = time.perf_counter()
+                    fn()
+                    w[i] = time.perf_counter() - t0
+                    c[i] = time.thread_time() - c0
+                if on_round is not None:
+                    on_round()
+    return [CallTimes(w, c) for w, c in zip(wall, cpu, strict=True)]
+
+
+@dataclass(frozen=True)
+class BlockDetail:
+    """What a profile records about a block beyond :class:`BlockProfile`."""
+
+    name: str
+    params: int
+    macs: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    p10_s: float
+    p90_s: float
+    cpu_s: float  # median thread CPU time (see CallTimes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "macs": self.macs, "in_shape": list(self.in_shape),
+                "out_shape": list(self.out_shape), "p10_s": self.p10_s, "p90_s": self.p90_s,
+                "cpu_s": self.cpu_s}
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Every block of one model measured on one machine (see the module docstring)."""
+
+    blocks: tuple[BlockProfile, ...]
+    model_name: str
+    model_hash: str | None = None
+    details: tuple[BlockDetail, ...] = ()
+    machine: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # runs, warmup, threads, batch
+    created: str = ""
+    source: str | None = None  # the checkpoint it was made from
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            raise ConfigError("a profile needs at least one block")
+        if self.details and [d.name for d in self.details] != self.block_names:
+            raise ConfigError("profile details do not match its blocks")
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def block_times(self) -> tuple[float, ...]:
+        return tuple(b.compute_s for b in self.blocks)
+
+    @property
+    def total_s(self) -> float:
+        return math.fsum(self.block_times)
+
+    def to_dict(self) -> dict[str, Any]:
+        detail = {d.name: d.to_dict() for d in self.details}
+        return {
+            "kind": PROFILE_KIND, "version": PROFILE_VERSION,
+            "model": {"name": self.model_name, "hash": self.model_hash, "source": self.source},
+            "machine": self.machine, "settings": self.settings, "created": self.created,
+            "blocks": [{"name": b.name, "compute_s": b.compute_s, "param_bytes": b.param_bytes,
+                        "activation_bytes": b.activation_bytes, "output_bytes": b.output_bytes,
+                        **detail.get(b.name, {})} for b in self.blocks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelProfile:
+        if not isinstance(data, Mapping) or data.get("kind") != PROFILE_KIND:
+            raise ConfigError("not a profile (expected kind 'profile')")
+        if data.get("version") != PROFILE_VERSION:
+            raise ConfigError(f"profile version {data.get('version')!r}, this edgeprune reads "
+                              f"{PROFILE_VERSION}")
+        try:
+            rows = data["blocks"]
+            blocks = tuple(BlockProfile(str(r["name"]), r["compute_s"], r["param_bytes"],
+                                        r["activation_bytes"], r["output_bytes"]) for r in rows)
+            details: tuple[BlockDetail, ...] = ()
+            if all("macs" in r and "cpu_s" in r for r in rows):
+                details = tuple(BlockDetail(str(r["name"]), int(r["params"]), int(r["macs"]),
+                                            tuple(r["in_shape"]), tuple(r["out_shape"]),
+                                            float(r["p10_s"]), float(r["p90_s"]),
+                                            float(r["cpu_s"])) for r in rows)
+            model = data["model"]
+            return cls(blocks=blocks, model_name=str(model["name"]),
+                       model_hash=model.get("hash"), details=details,
+                       machine=dict(data.get("machine", {})),
+                       settings=dict(data.get("settings", {})),
+                       created=str(data.get("created", "")), source=model.get("source"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed profile: {exc!r}") from exc
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+def load_profile(path: str | Path) -> ModelProfile:
+    """A profile written by :meth:`ModelProfile.save` (``edgeprune profile --out``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc}") from exc
+    return ModelProfile.from_dict(data)
+
+
+def _tensor_bytes(shape: Sequence[int]) -> int:
+    return int(np.prod(shape)) * FLOAT_BYTES
+
+
+@torch.no_grad()
+def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tuple[int, ...],
+                                                             int]]:
+    """Per block: input shape, output shape (batch 1) and its largest intermediate (bytes)."""
+    largest: list[int] = [0]
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for block in model.blocks
+               for m in block.modules() if not list(m.children())]
+    try:
+        x = torch.zeros(model.input_shape(1))
+        rows = []
+        for block in model.blocks:
+            largest[0] = 0
+            y = block(x)
+            rows.append((tuple(x.shape), tuple(y.shape), largest[0]))
+            x = y
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def profile_model(model: SliceableResNet, *, model_hash: str | None = None,
+                  source: str | None = None, runs: int = 200, warmup: int = 20,
+                  rounds: int = 5, threads: int = 1, clock: Clock = "wall",
+                  progress: bool = False) -> ModelProfile:
+    """Measure every block of ``model`` on this machine (batch 1, ``threads`` threads).
+
+    ``compute_s`` is the median on ``clock`` (see :class:`CallTimes`; ``"cpu"`` only makes
+    sense with one thread). The other clock's median and the spread go in ``details``.
+    """
+    if clock == "cpu" and threads != 1:
+        raise ConfigError("clock 'cpu' measures the calling thread: use threads=1")
+    from tqdm import tqdm
+
+    from pipeline.pruning import count_macs
+
+    model = model.eval()
+    names = model.block_names()
+    shapes = _shapes_and_peaks(model)
+    inputs = [torch.randn(in_shape, generator=torch.Generator().manual_seed(k))
+              for k, (in_shape, _, _) in enumerate(shapes)]
+    fns = [(lambda b=block, x=x: b(x)) for block, x in zip(model.blocks, inputs, strict=True)]
+    with tqdm(total=rounds * len(fns), desc="profile", unit="chunk", disable=not progress,
+              leave=False) as bar, torch_threads(threads):
+        times = time_calls(fns, runs=runs, warmup=warmup, rounds=rounds,
+                           on_round=lambda: bar.update(1))
+    blocks, details = [], []
+    for k, (block, name) in enumerate(zip(model.blocks, names, strict=True)):
+        in_shape, out_shape, peak = shapes[k]
+        params = sum(p.numel() for p in block.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        in_b, out_b = _tensor_bytes(in_shape), _tensor_bytes(out_shape)
+        blocks.append(BlockProfile(name, times[k].median(clock), int(param_bytes),
+                                   in_b + 2 * max(peak, out_b), out_b))
+        macs, _ = count_macs(block, in_shape[1:])
+        details.append(BlockDetail(name, int(params), macs, in_shape[1:], out_shape[1:],
+                                   times[k].percentile(10, clock),
+                                   times[k].percentile(90, clock), times[k].median("cpu")))
+    return ModelProfile(blocks=tuple(blocks), model_name=model.config.name,
+                        model_hash=model_hash, details=tuple(details),
+                        machine=machine_info(threads),
+                        settings={"runs": runs, "warmup": warmup, "rounds": rounds,
+                                  "threads": threads, "batch": 1, "statistic": "median",
+                                  "clock": clock,
+                                  "busy_ratio": max(t.busy_ratio for t in times)},
+                        created=now_iso(), source=source)
+
+
+def profile_blocks(model: SliceableResNet, **kwargs: Any) -> list[BlockProfile]:
+    """The blocks of :func:`profile_model` (same keyword arguments)."""
+    return list(profile_model(model, **kwargs).blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device files with an optional per-device profile
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One ``[[device]]`` of a device file: a :class:`Device` and, optionally, the device's own
+    measured profile.
+
+    Without a profile, the device runs ``speed`` times as fast as the profiling machine. With
+    one, block times come from that profile; ``device.speed`` is then the ``speed`` written in
+    the file, or 1.0 when none was (``speed_given`` is False): use :meth:`resolve` (for
+    partitioning) or :meth:`time_factor` (for one block range), which take the profile into
+    account.
+    """
+
+    device: Device
+    profile: ModelProfile | None = None
+    profile_path: str | None = None
+    speed_given: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+    def time_factor(self, start: int, end: int, reference_s: float) -> float:
+        """How many times longer blocks ``[start, end)`` take on this device than on the
+        reference machine, where they take ``reference_s`` seconds."""
+        if self.profile is None:
+            return 1.0 / self.device.speed
+        if end > len(self.profile.blocks):
+            raise ConfigError(f"device {self.name}: its profile has {len(self.profile.blocks)} "
+                              f"blocks, blocks [{start}, {end}) were asked for")
+        own = math.fsum(b.compute_s for b in self.profile.blocks[start:end])
+        if reference_s <= 0:
+            raise ConfigError(f"reference time of blocks [{start}, {end}) must be > 0")
+        return own / reference_s
+
+    def resolve(self, reference: Sequence[BlockProfile]) -> Device:
+        """The :class:`Device` to partition ``reference``'s model with: with an own profile,
+        ``speed`` is the ratio of the two profiles' total block times."""
+        if self.profile is None:
+            return self.device
+        names = [b.name for b in reference]
+        if self.profile.block_names != names:
+            raise ConfigError(f"device {self.name}: its profile ({self.profile_path}) has "
+                              f"blocks {self.profile.block_names}, the model has {names}")
+        speed = math.fsum(b.compute_s for b in reference) / self.profile.total_s
+        return replace(self.device, speed=speed)
+
+    def describe(self) -> str:
+        if self.profile is not None:
+            return f"own profile {self.profile_path}"
+        return f"speed x{self.device.speed:g} of the profiling machine"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.device.to_dict()
+        if self.profile_path is not None:
+            out["profile"] = self.profile_path
+            if not self.speed_given:
+                del out["speed"]
+        return out
+
+
+def device_specs_from_toml(text: str, source: str = "<string>",
+                           base_dir: Path | None = None) -> tuple[DeviceSpec, ...]:
+    """Device specs from TOML with one ``[[device]]`` table per device, in pipeline order.
+
+    Keys are those of :class:`Device`, plus an optional ``profile`` (a profile JSON path,
+    relative to ``base_dir``); with a profile, ``speed`` is optional.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    unknown = sorted(set(doc) - {"device"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {unknown} (expected [[device]])")
+    tables = doc.get("device")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{source}: no [[device]] tables")
+    specs = []
+    for table in tables:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: a device must be a table, got {table!r}")
+        table = dict(table)
+        path = table.pop("profile", None)
+        profile, speed_given = None, "speed" in table
+        if path is not None:
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"{source}: device {table.get('name', '?')!r}: profile must "
+                                  f"be a file name, got {path!r}")
+            full = Path(path) if Path(path).is_absolute() else (base_dir or Path()) / path
+            profile = load_profile(full)
+            path = str(full)
+            table.setdefault("speed", 1.0)
+        specs.append(DeviceSpec(Device.from_dict(table), profile, path, speed_given))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: duplicate device names in {names}")
+    return tuple(specs)
+
+
+def load_device_specs(path: str | Path) -> tuple[DeviceSpec, ...]:
+    """:func:`device_specs_from_toml` on a file (profile paths relative to its folder)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read device file {p}: {exc}") from exc
+    return device_specs_from_toml(text, source=str(p), base_dir=p.parent)
+
+
+def resolve_devices(specs: Sequence[DeviceSpec],
+                    reference: Sequence[BlockProfile]) -> tuple[Device, ...]:
+    """The devices to hand to :func:`pipeline.partition.partition` for ``reference``."""
+    return tuple(s.resolve(reference) for s in specs)
