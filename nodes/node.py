@@ -329,12 +329,14 @@ class SliceNode:
         started = time.perf_counter()
         t_sched = time.time() - self._clock0
         try:
-            out, compute_s = await loop.run_in_executor(self._executor, self._compute,
-                                                        slice_, req.msg)
+            out, compute_s, cpu_s = await loop.run_in_executor(self._executor, self._compute,
+                                                               slice_, req.msg)
         except (CodecError, ConfigError) as exc:
             self._reject(str(exc), req.msg.request_id, self.topics.stage(self.stage or 0), 0)
             return
-        wait = self.config.emulation.extra_wait(t_sched, compute_s)
+        # scale the thread's CPU time, not wall time: on a shared host, preemption of this
+        # process must not be multiplied by the emulated factor
+        wait = self.config.emulation.extra_wait(t_sched, cpu_s)
         if wait > 0:
             await asyncio.sleep(wait)
         service_s = time.perf_counter() - started
@@ -354,15 +356,16 @@ class SliceNode:
         return {"request_id": request_id, "node": self.config.node_id, "stage": self.stage,
                 "pipe": self.config.pipe}
 
-    def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage) -> tuple[Any, float]:
-        t0 = time.perf_counter()
+    def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage
+                 ) -> tuple[Any, float, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         if slice_.model_slice.is_first:
             x = image_to_tensor(msg, self.ckpt.preprocess)
             out = slice_(x)
         else:
             x, channels = tensor_from_message(msg, slice_.model_slice.in_shape)
             out = slice_(x, channels, msg.hops[-1].level if msg.hops else None)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, time.thread_time() - c0
 
     def _emit(self, msg: codec.StageMessage, out: Any, hop: codec.Hop,
               slice_: PrunableSlice) -> None:

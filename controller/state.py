@@ -1,0 +1,466 @@
+"""The controller's pure core: what it knows about the pipeline, and its decisions.
+
+:class:`ControllerState` ingests decoded messages (``exits``, node ``metrics``, node
+``status``, retained ``control/stage/<i>``) with the time they arrived, and
+:meth:`ControllerState.decide` returns a :class:`ControlDecision` or None. It reads no clock
+and does no I/O, so tests drive it with a synthetic timeline; :mod:`controller.service` wires
+it to MQTT.
+
+Per stage it keeps the commanded level (learned from the retained control messages at start-up,
+then set by its own decisions), the node serving it, its queue depth and its live slowdown
+(:mod:`controller.live`). Per node it keeps the last status (online / offline, the Last Will)
+and returns a :class:`NodeEvent` when a node is lost or comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from controller.config import ControllerConfig
+from controller.live import ArrivalTracker, StageSlowdown
+from controller.planning import Plan, PlanInputs, plan_prune, plan_restore
+from controller.policy import (
+    Action,
+    ActionKind,
+    LatencyWindow,
+    ProactivePolicy,
+    ReactivePolicy,
+)
+from pipeline.calibration import Calibration
+from pipeline.errors import CodecError
+
+log = logging.getLogger(__name__)
+
+MAX_DECISIONS = 10_000  # kept in memory for the report
+MAX_LATENCIES = 100_000
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """A node was lost (offline status, e.g. its Last Will) or came back online."""
+
+    kind: Literal["lost", "online"]
+    node: str
+    stage: int | None
+    reason: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "node": self.node, "stage": self.stage,
+                "reason": self.reason, "at": self.at}
+
+
+@dataclass
+class NodeInfo:
+    node: str
+    state: str = "unknown"
+    stage: int | None = None
+    since: float = 0.0
+    reason: str = ""
+    level: int | None = None
+    level_changes: int | None = None
+    level_stable_since: float = 0.0
+    metrics_at: float | None = None
+    # the previous metrics report (node clock, processed, queue depth): backlog throughput
+    last_report: tuple[float, int, float] | None = None
+
+
+@dataclass
+class StageState:
+    index: int
+    slowdown: StageSlowdown
+    level: int = 0
+    level_since: float = 0.0
+    seq: int | None = None
+    node: str | None = None
+    queue_depth: float | None = None
+    metrics_at: float | None = None
+    time_at_level: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ControlDecision:
+    """One PRUNE or RESTORE: the trigger, the chosen levels and every input behind them."""
+
+    seq: int
+    at: float
+    ts: float | None
+    policy: str
+    objective: str
+    action: Action
+    plan: Plan
+    levels_before: tuple[int, ...]
+    ratios: tuple[float, ...]
+    inputs: dict[str, Any]
+
+    @property
+    def kind(self) -> ActionKind:
+        return self.action.kind
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.plan.levels
+
+    @property
+    def changed(self) -> tuple[int, ...]:
+        return tuple(i for i, (a, b) in enumerate(zip(self.levels_before, self.levels,
+                                                      strict=True)) if a != b)
+
+    def level_messages(self) -> list[tuple[int, dict[str, Any]]]:
+        """``(stage, body)`` of the ``level`` message of every stage whose level changed."""
+        return [(i, {"stage": i, "level": self.levels[i], "ratio": self.ratios[self.levels[i]],
+                     "seq": self.seq, "reason": f"{self.kind.value}: {self.action.reason}"})
+                for i in self.changed]
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.plan.predicted
+        return _finite({
+            "seq": self.seq, "at": self.at, "ts": self.ts, "policy": self.policy,
+            "objective": self.objective, "action": self.kind.value,
+            "reason": self.action.reason, "how": self.plan.how,
+            "levels_before": list(self.levels_before), "levels": list(self.levels),
+            "changed": list(self.changed), "target_s": self.plan.target_s,
+            "predicted": {"latency_s": p.predicted_latency_s,
+                          "bottleneck_s": p.predicted_bottleneck_s,
+                          "accuracy": p.predicted_accuracy, "stage_s": list(p.stage_s),
+                          "feasible": p.feasible},
+            "feasible": p.feasible, "trigger": self.action.to_dict(), **self.inputs})
+
+    def log_line(self) -> str:
+        p = self.plan.predicted
+        moves = ", ".join(f"stage {i} {self.levels_before[i]}->{self.levels[i]}"
+                          for i in self.changed)
+        rate = self.inputs["arrival"]["rate"]
+        slow = "/".join(f"{s['slowdown']:.2f}" for s in self.inputs["stages"])
+        return (f"decision {self.seq}: {self.kind.value} {moves} ({self.plan.how}); "
+                f"{self.action.reason}; rate "
+                f"{'?' if rate is None else f'{rate:.1f}'}/s ({self.inputs['arrival']['source']}),"
+                f" slowdowns {slow}, predicted bottleneck {p.predicted_bottleneck_s * 1e3:.1f} ms,"
+                f" sum {p.predicted_latency_s * 1e3:.1f} ms, accuracy "
+                f"{p.predicted_accuracy:.3f}{'' if p.feasible else ' (below A_min)'}")
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become None (the codec refuses NaN and infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _optional_number(body: dict[str, Any], key: str) -> float | None:
+    return None if body.get(key) is None else _number(body, key)
+
+
+def _number(body: dict[str, Any], key: str) -> float:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CodecError(f"{body.get('kind', 'message')} field {key!r} must be a finite number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CodecError(f"{body.get('kind', 'message')} field {key!r} must be an integer, "
+                         f"got {value!r}")
+    return value
+
+
+class ControllerState:
+    """Everything the controller knows, and the decision logic (no clock, no I/O)."""
+
+    def __init__(self, config: ControllerConfig, calibration: Calibration, *,
+                 now: float) -> None:
+        self.config = config
+        self.calibration = calibration
+        self.ratios = tuple(calibration.ratios)
+        self.n_stages = len(calibration.slices)
+        self.started = now
+        self.stages = [
+            StageState(i, StageSlowdown(s.fit, self.ratios, window_s=config.slowdown_window_s,
+                                        tau_s=config.slowdown_tau_s, lo=config.slowdown_min,
+                                        hi=config.slowdown_max),
+                       level_since=now, time_at_level=[0.0] * len(self.ratios))
+            for i, s in enumerate(calibration.slices)]
+        self.nodes: dict[str, NodeInfo] = {}
+        self.observed = LatencyWindow(config.window_s)
+        self.arrivals = ArrivalTracker(config.rate_tau_s, now, config.metrics_max_age_s)
+        self.reactive = ReactivePolicy(config.reactive_config()) \
+            if config.policy == "reactive" else None
+        self.proactive = ProactivePolicy(config.proactive_config(), self.n_stages) \
+            if config.policy == "proactive" else None
+        self.decisions: deque[ControlDecision] = deque(maxlen=MAX_DECISIONS)
+        self.events: list[NodeEvent] = []
+        self.counts: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=MAX_LATENCIES)
+        self.seq = 0
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ intake
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(s.level for s in self.stages)
+
+    def on_exit(self, now: float, body: dict[str, Any]) -> None:
+        """A finished request: its end-to-end latency and per-stage busy times."""
+        latency = _number(body, "latency_s")
+        if latency < 0:
+            raise CodecError(f"exit latency must be >= 0, got {latency}")
+        hops = body.get("stages", [])
+        if not isinstance(hops, list):
+            raise CodecError("exit field 'stages' must be a list")
+        self.counts["exits"] += 1
+        self.latencies.append(latency)
+        self.observed.add(now, latency)
+        self.arrivals.on_exit(now)
+        if self.reactive is not None:
+            self.reactive.observe(now, latency)
+        for hop in hops:
+            if not isinstance(hop, dict):
+                raise CodecError("each exit stage must be an object")
+            stage, level = _int(hop, "stage"), _int(hop, "level")
+            service = _number(hop, "compute_s")
+            if stage is None or level is None:
+                raise CodecError("an exit stage needs stage, level and compute_s")
+            if 0 <= stage < self.n_stages:
+                self.stages[stage].slowdown.add_hop(now, level, service)
+            else:
+                self._warn_once(f"hop-stage-{stage}", "exit reports stage %d; the calibration "
+                                "has %d stages", stage, self.n_stages)
+
+    def on_metrics(self, now: float, body: dict[str, Any]) -> None:
+        """A node's periodic metrics: queue depth, service time, level, counters."""
+        node = body.get("node")
+        if not isinstance(node, str) or not node:
+            raise CodecError("metrics need a node name")
+        stage, level = _int(body, "stage"), _int(body, "level")
+        info = self.nodes.setdefault(node, NodeInfo(node, since=now))
+        changes = _int(body, "level_changes")
+        if info.metrics_at is None or level != info.level or changes != info.level_changes:
+            info.level_stable_since = now
+        info.level, info.level_changes, info.metrics_at = level, changes, now
+        if stage is None:
+            return
+        info.stage = stage
+        if not 0 <= stage < self.n_stages:
+            self._warn_once(f"metrics-stage-{stage}", "node %s serves stage %d; the calibration "
+                            "has %d stages", node, stage, self.n_stages)
+            return
+        st = self.stages[stage]
+        st.node, st.metrics_at = node, now
+        st.queue_depth = _optional_number(body, "queue_depth")
+        service = _optional_number(body, "service_s")
+        if service is not None and level is not None \
+                and now - info.level_stable_since >= self.config.slowdown_window_s:
+            st.slowdown.add_metrics(now, level, service)
+        self._backlog_throughput(now, info, st, body)
+        self._check_placement(node, stage, body)
+        received = _int(body, "received")
+        if stage == 0 and received is not None:
+            delta = self.arrivals.on_stage0_metrics(now, node, received)
+            if self.proactive is not None:
+                self.proactive.observe_arrival(now, delta)
+
+    def _backlog_throughput(self, now: float, info: NodeInfo, st: StageState,
+                            body: dict[str, Any]) -> None:
+        """A cycle-time sample when the node stayed backlogged (queue >= 2 at both reports)
+        at one level since its previous report; times from the node's own clock."""
+        processed, ts = _int(body, "processed"), _optional_number(body, "ts")
+        previous, queue = info.last_report, st.queue_depth
+        if processed is None or queue is None:
+            return
+        t = now if ts is None else ts
+        info.last_report = (t, processed, queue)
+        # the level changed with this report (or it is the first one): no clean interval
+        if previous is None or info.level is None or info.level_stable_since >= now:
+            return
+        t0, processed0, queue0 = previous
+        done, dt = processed - processed0, t - t0
+        if done > 0 and dt > 0 and queue >= 2 and queue0 >= 2:
+            st.slowdown.add_busy(now, info.level, dt, done)
+
+    def _check_placement(self, node: str, stage: int, body: dict[str, Any]) -> None:
+        s = self.calibration.slices[stage]
+        bounds = body.get("bounds")
+        if isinstance(bounds, list) and bounds != [s.start, s.end]:
+            self._warn_once(f"bounds-{node}-{bounds}", "node %s runs blocks %s for stage %d but "
+                            "the calibration is for [%d, %d): stale calibration?", node, bounds,
+                            stage, s.start, s.end)
+        level, ratio = body.get("level"), body.get("ratio")
+        if isinstance(level, int) and isinstance(ratio, int | float) \
+                and 0 <= level < len(self.ratios) and abs(self.ratios[level] - ratio) > 1e-6:
+            self._warn_once(f"ratios-{node}", "node %s has ratio %.3f at level %d, the "
+                            "calibration %.3f: the level sets differ", node, ratio, level,
+                            self.ratios[level])
+
+    def on_status(self, now: float, body: dict[str, Any]) -> NodeEvent | None:
+        """A node's status (online, or offline from its Last Will or shutdown)."""
+        node, state = body.get("node"), body.get("state")
+        if not isinstance(node, str) or state not in ("online", "offline"):
+            raise CodecError(f"bad status message: node {node!r}, state {state!r}")
+        info = self.nodes.setdefault(node, NodeInfo(node, since=now))
+        previous = info.state
+        stage = _int(body, "stage")
+        info.state, info.since, info.reason = state, now, str(body.get("reason", ""))
+        if stage is not None:
+            info.stage = stage
+        event: NodeEvent | None = None
+        if state == "offline" and previous != "offline":
+            event = NodeEvent("lost", node, info.stage, info.reason or "offline", now)
+        elif state == "online" and previous == "offline":
+            event = NodeEvent("online", node, info.stage, info.reason, now)
+        if event is not None:
+            self.events.append(event)
+        return event
+
+    def on_level(self, now: float, stage: int, body: dict[str, Any] | None) -> bool:
+        """A retained ``control/stage/<i>`` message (None: cleared). Adopts a level set by
+        someone else (a previous controller, an operator); ignores the echo of our own and
+        anything older than what we applied. Returns whether the level changed."""
+        if not 0 <= stage < self.n_stages:
+            return False
+        level: int | None = 0
+        seq: int | None = None
+        if body is not None:
+            level, seq = _int(body, "level"), _int(body, "seq")
+        if level is None or not 0 <= level < len(self.ratios):
+            raise CodecError(f"control/stage/{stage}: level {level!r} out of range")
+        st = self.stages[stage]
+        if seq is not None:
+            self.seq = max(self.seq, seq)
+            if st.seq is not None and seq < st.seq:
+                return False
+        st.seq = seq
+        if level == st.level:
+            return False
+        self._set_level(now, stage, level)
+        return True
+
+    # ------------------------------------------------------------------ deciding
+    def refresh(self, now: float) -> None:
+        """Advance the live estimates to ``now`` (called by :meth:`decide`)."""
+        for st in self.stages:
+            st.slowdown.update(now)
+        self.observed.prune(now)
+
+    def plan_inputs(self, now: float) -> PlanInputs:
+        rate, _ = self.arrivals.rate(now)
+        return PlanInputs(
+            fits=tuple(s.fit for s in self.calibration.slices),
+            accuracy=self.calibration.accuracy_fit, a_min=self.config.a_min,
+            ratios=self.ratios, slowdowns=tuple(st.slowdown.value for st in self.stages),
+            current=self.levels, rate=rate, rho_target=self.config.rho_target,
+            objective=self.config.objective, rho_low=self.config.rho_low,
+            rho_restore=self.config.rho_low if self.config.policy == "proactive" else None)
+
+    def decide(self, now: float, *, wall: float | None = None) -> ControlDecision | None:
+        """Run the policy at ``now``; apply and return its decision, if any. ``wall`` is the
+        epoch time recorded in the decision."""
+        self.refresh(now)
+        if self.reactive is None and self.proactive is None:
+            return None  # static: observe only
+        inputs = self.plan_inputs(now)
+        prune, restore = plan_prune(inputs), plan_restore(inputs)
+        action: Action | None
+        if self.reactive is not None:
+            action = self.reactive.decide(now, can_prune=prune is not None,
+                                          can_restore=restore is not None)
+        elif self.proactive is not None:
+            for st in self.stages:
+                if st.metrics_at is not None and st.queue_depth is not None:
+                    self.proactive.observe_stage(st.metrics_at, st.index, st.queue_depth,
+                                                 st.slowdown.live_s(st.level))
+            action = self.proactive.decide(
+                now, restore_service_s=restore.predicted.stage_s if restore else None,
+                can_prune=prune is not None, can_restore=restore is not None)
+        else:
+            return None
+        plan = prune if action is not None and action.kind is ActionKind.PRUNE else restore
+        if action is None or plan is None:
+            return None
+        self.seq += 1
+        decision = ControlDecision(
+            seq=self.seq, at=now, ts=wall, policy=self.config.policy,
+            objective=self.config.objective, action=action, plan=plan,
+            levels_before=inputs.current, ratios=self.ratios,
+            inputs=self._inputs(now, inputs))
+        for i in decision.changed:
+            self._set_level(now, i, plan.levels[i])
+            self.stages[i].seq = self.seq
+        self.decisions.append(decision)
+        self.counts[action.kind.value] += 1
+        return decision
+
+    def _inputs(self, now: float, inputs: PlanInputs) -> dict[str, Any]:
+        rate, source = self.arrivals.rate(now)
+        q = self.config.quantile
+        return {
+            "slo_s": self.config.slo_s, "a_min": self.config.a_min,
+            "window": {"quantile": q, "latency_s": self.observed.quantile(q),
+                       "samples": self.observed.count, "window_s": self.observed.window_s},
+            "arrival": {"rate": rate, "source": source},
+            "stages": [self._stage_view(st) for st in self.stages]}
+
+    def _stage_view(self, st: StageState) -> dict[str, Any]:
+        sd = st.slowdown
+        return {"stage": st.index, "node": st.node, "level": st.level,
+                "service_s": sd.live_s(st.level), "calibrated_s": sd.calibrated_s(st.level),
+                "slowdown": sd.value, "slowdown_source": sd.source,
+                "queue_depth": st.queue_depth}
+
+    def _set_level(self, now: float, stage: int, level: int) -> None:
+        st = self.stages[stage]
+        st.time_at_level[st.level] += max(0.0, now - st.level_since)
+        st.level, st.level_since = level, now
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    # ------------------------------------------------------------------ reporting
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """What the controller sees now (for the status log and the report)."""
+        rate, source = self.arrivals.rate(now)
+        q = self.config.quantile
+        return _finite({
+            "levels": list(self.levels), "latency_quantile_s": self.observed.quantile(q),
+            "samples": self.observed.count, "arrival_rate": rate, "arrival_source": source,
+            "stages": [self._stage_view(st) for st in self.stages],
+            "nodes": {n.node: n.state for n in self.nodes.values()}})
+
+    def report(self, now: float) -> dict[str, Any]:
+        """A JSON summary: decisions, time at each level per stage, counts, latency."""
+        time_at: dict[str, dict[str, float]] = {}
+        for st in self.stages:
+            spent = list(st.time_at_level)
+            spent[st.level] += max(0.0, now - st.level_since)
+            time_at[str(st.index)] = {str(lv): t for lv, t in enumerate(spent) if t > 0}
+        lat = np.asarray(self.latencies, dtype=np.float64)
+        return _finite({
+            "kind": "controller-report", "duration_s": now - self.started,
+            "config": self.config.to_dict(),
+            "calibration": {"model_hash": self.calibration.model_hash,
+                            "plan_hash": self.calibration.plan_hash,
+                            "ratios": list(self.ratios)},
+            "counts": {"prune": self.counts["prune"], "restore": self.counts["restore"],
+                       "exits": self.counts["exits"], "decisions": len(self.decisions)},
+            "latency": {"count": int(lat.size),
+                        "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+                        "p95_s": float(np.percentile(lat, 95)) if lat.size else None},
+            "time_at_level_s": time_at, "final_levels": list(self.levels),
+            "node_events": [e.to_dict() for e in self.events],
+            "decisions": [d.to_dict() for d in self.decisions]})
