@@ -34,7 +34,7 @@ from controller.config import ControllerConfig
 from controller.state import ControlDecision, ControllerState, NodeEvent
 from pipeline import codec
 from pipeline.calibration import Calibration
-from pipeline.connection import MqttSettings
+from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import CodecError
 from pipeline.topics import Topics
 
@@ -131,6 +131,7 @@ class Controller:
                     async for message in client.messages:
                         self._dispatch(message)
             except aiomqtt.MqttError as exc:
+                raise_if_cancelling(exc)
                 self._connected.clear()
                 self.ready.clear()
                 log.warning("broker %s unreachable (%s); reconnecting in %.1f s",
