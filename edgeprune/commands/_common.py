@@ -24,14 +24,14 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
-    from pipeline.checkpoint import DEFAULT_CHECKPOINT
-
+    # the default is pipeline.checkpoint.DEFAULT_CHECKPOINT; not imported here (torch) so that
+    # --help stays fast
     if multiple:
         parser.add_argument("checkpoints", nargs="*", type=Path,
-                            help=f"checkpoints to compare (default: {DEFAULT_CHECKPOINT.name})")
+                            help="checkpoints to compare (default: models/resnet-s.pt)")
     else:
         parser.add_argument("--checkpoint", type=Path, default=None,
-                            help=f"model checkpoint (default: models/{DEFAULT_CHECKPOINT.name})")
+                            help="model checkpoint (default: models/resnet-s.pt)")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
