@@ -1,0 +1,100 @@
+"""The calibration an experiment's controller loads: reused when it matches, measured otherwise.
+
+A calibration file belongs to one model (its weight hash) and one placement (slice bounds and
+node names: the plan hash) at one set of levels. :func:`ensure_calibration` reuses the file at
+the experiment's calibration path when all three match, and otherwise runs
+:func:`pipeline.calibrate.calibrate` (on this machine, one thread, the validation split) and
+writes it there, so a replaced checkpoint or a changed plan never feeds the controller stale
+curves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprune.experiment.config import ExperimentConfig
+from pipeline.calibration import Calibration
+from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.pruning import DEFAULT_RATIOS
+from pipeline.slicing import SliceBounds
+
+log = logging.getLogger(__name__)
+
+TRAIN_HINT = ("train it with `edgeprune train` (about 4 minutes on 2 cores; it writes "
+              "models/resnet-s.pt), or point [model] checkpoint at an existing one")
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    path: Path
+    created: bool  # measured by this run (else reused)
+    model_hash: str
+    plan_hash: str
+    unpruned_accuracy: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": str(self.path), "created": self.created, "model_hash": self.model_hash,
+                "plan_hash": self.plan_hash, "unpruned_accuracy": self.unpruned_accuracy}
+
+
+def checkpoint_path(config: ExperimentConfig) -> Path:
+    return Path(config.checkpoint) if config.checkpoint else DEFAULT_CHECKPOINT
+
+
+def load_model(config: ExperimentConfig) -> Checkpoint:
+    """The experiment's checkpoint; a missing file gets an error that says how to make one."""
+    path = checkpoint_path(config)
+    if not path.is_file():
+        raise ConfigError(f"no model checkpoint at {path}: {TRAIN_HINT}")
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot load the checkpoint {path}: {exc}; {TRAIN_HINT}") from exc
+
+
+def _matches(cal: Calibration, model_hash: str, plan_hash: str,
+             ratios: tuple[float, ...]) -> str | None:
+    """Why ``cal`` does not fit (None when it does)."""
+    if cal.model_hash != model_hash:
+        return f"it is for model {cal.model_hash}, the checkpoint is {model_hash}"
+    if cal.plan_hash != plan_hash:
+        return f"it is for plan {cal.plan_hash}, this experiment's is {plan_hash}"
+    if tuple(cal.ratios) != ratios:
+        return f"its levels {list(cal.ratios)} differ from {list(ratios)}"
+    return None
+
+
+def ensure_calibration(config: ExperimentConfig, ckpt: Checkpoint, data_dir: Path, *,
+                       progress: bool = True) -> CalibrationInfo:
+    """Reuse or (re)create the calibration at ``config.calibration_path``."""
+    from pipeline.calibrate import CalibrationSettings, calibrate, plan_hash_of
+
+    bounds = [SliceBounds(n.start, n.end) for n in config.nodes]
+    names = [n.name for n in config.nodes]
+    ratios = tuple(config.ratios or DEFAULT_RATIOS)
+    model_hash = ckpt.model_hash()
+    plan_hash = plan_hash_of(bounds, names)
+    path = config.calibration_path
+    if path.is_file():
+        try:
+            cal = Calibration.load(path)
+            why = _matches(cal, model_hash, plan_hash, ratios)
+        except ConfigError as exc:
+            why = str(exc)
+        if why is None:
+            log.info("reusing the calibration %s", path)
+            return CalibrationInfo(path, False, model_hash, plan_hash, cal.unpruned_accuracy)
+        log.warning("recalibrating: %s does not fit (%s)", path, why)
+    else:
+        log.info("no calibration at %s: measuring one (about a minute)", path)
+    from pipeline.data import load_dataset, split_dataset
+
+    data = split_dataset(load_dataset("animal-mnist", data_dir)).val
+    cal = calibrate(ckpt, data, bounds=bounds, nodes=names,
+                    settings=CalibrationSettings(ratios=ratios), split="val", progress=progress)
+    cal.save(path)
+    log.info("calibration written to %s", path)
+    return CalibrationInfo(path, True, model_hash, plan_hash, cal.unpruned_accuracy)
