@@ -1,0 +1,281 @@
+"""Failure resilience: detect a lost node, re-plan the pipeline on the survivors, publish it.
+
+**Detection** (:class:`LivenessTracker`, pure; the caller passes the clock):
+
+- *Last Will.* Every node connects with the retained Will ``status = offline, "connection
+  lost"``. The broker publishes it as soon as it sees the connection gone: at once when the TCP
+  connection closes (process killed, host rebooted: the kernel closes the socket), within
+  1.5 x the MQTT keepalive (15 s by default) when the link dies silently. A graceful
+  ``offline, "shutdown"`` counts as lost too (the node left).
+- *Heartbeats.* Every node publishes ``metrics`` every ``metrics_interval_s`` (1 s). A node
+  silent for ``heartbeat_timeout_s`` is lost. With checks every ``check_interval_s``, a node
+  that stops (hung, frozen, partitioned) is detected at most ``heartbeat_timeout_s +
+  check_interval_s`` after its last message, whatever the keepalive (a stall of the checker
+  itself is not counted as the nodes' silence).
+
+**Re-planning** (:class:`FailoverMonitor`). When a node of the current plan is lost, the
+SlimEdge planner (:class:`~controller.planner.Planner`) plans again on the survivors (devices
+of the table seen alive and not lost): a survivor takes over the lost blocks (every node holds
+the full model: the checkpoint, 7.9 MB for resnet-s, and builds the variants of its new slice
+from it: see ``docs/slimedge.md``), and levels rise so that the memory caps, the accuracy
+floor and, with ``slo_s``, the SLO hold on fewer devices. The new plan is a
+:class:`~pipeline.plan_message.PlanMessage` with the next version, published retained,
+followed by the level of every stage (retained ``control/stage/<i>``). Nodes apply it without
+restarting. Requests lost with the node are re-sent by the camera's journal.
+
+A node that comes back is alive again and is a candidate at the next re-plan; the monitor
+does not move work back to it by itself.
+
+:func:`run_failover` is the thin MQTT seam that drives a monitor (for the controller service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from controller.planner import Objective, Planner, SlimPlan
+from pipeline import codec
+from pipeline.connection import MqttSettings
+from pipeline.errors import CodecError, ConfigError
+from pipeline.partition import Device
+from pipeline.plan_message import PlanMessage
+from pipeline.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailoverSettings:
+    """``heartbeat_timeout_s``: silence after which a node is lost (a few metrics intervals);
+    ``check_interval_s``: how often the monitor looks."""
+
+    heartbeat_timeout_s: float = 3.0
+    check_interval_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.check_interval_s < self.heartbeat_timeout_s:
+            raise ConfigError("need 0 < check_interval_s < heartbeat_timeout_s")
+
+    @property
+    def detection_bound_s(self) -> float:
+        """Longest time from a node's last message to its detection by heartbeat."""
+        return self.heartbeat_timeout_s + self.check_interval_s
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A node found lost: why (``"last will"``, ``"shutdown"``, ``"heartbeat"``) and when."""
+
+    node: str
+    reason: str
+    at: float
+
+
+class LivenessTracker:
+    """Which nodes are alive, from their status and metrics messages (see module docstring)."""
+
+    def __init__(self, settings: FailoverSettings) -> None:
+        self.settings = settings
+        self._last: dict[str, float] = {}
+        self._lost: dict[str, Loss] = {}
+        self._checked: float | None = None
+
+    def heard(self, node: str, now: float) -> None:
+        """Any sign of life (metrics, an ``online`` status)."""
+        self._last[node] = now
+        if node in self._lost:
+            log.info("node %s is back", node)
+            del self._lost[node]
+
+    def status(self, node: str, state: str, reason: str, now: float) -> Loss | None:
+        if state == "online":
+            self.heard(node, now)
+            return None
+        if state != "offline" or node in self._lost:
+            return None
+        why = "shutdown" if reason == "shutdown" else "last will"
+        return self._lose(node, why, now)
+
+    def check(self, now: float) -> list[Loss]:
+        """Nodes newly lost by silence. If the checker itself stalled (no check for several
+        intervals: its process was busy or descheduled), the stall is not counted as the
+        nodes' silence: their messages may be waiting, unread, behind it."""
+        gap = 0.0 if self._checked is None else now - self._checked - \
+            self.settings.check_interval_s
+        self._checked = now
+        if gap > 2 * self.settings.check_interval_s:
+            log.info("failover checks stalled for %.2f s; not counted as silence", gap)
+            self._last = {n: t + gap for n, t in self._last.items()}
+        limit = self.settings.heartbeat_timeout_s
+        return [self._lose(n, "heartbeat", now) for n, t in list(self._last.items())
+                if n not in self._lost and now - t > limit]
+
+    def is_alive(self, node: str, now: float) -> bool:
+        t = self._last.get(node)
+        return node not in self._lost and t is not None and \
+            now - t <= self.settings.heartbeat_timeout_s
+
+    def loss(self, node: str) -> Loss | None:
+        return self._lost.get(node)
+
+    def _lose(self, node: str, reason: str, now: float) -> Loss:
+        loss = Loss(node, reason, now)
+        self._lost[node] = loss
+        log.warning("node %s lost (%s)", node, reason)
+        return loss
+
+
+@dataclass(frozen=True)
+class FailoverDecision:
+    """A re-plan: what was lost, the new plan, its message and the retained level messages."""
+
+    lost: tuple[Loss, ...]
+    survivors: tuple[str, ...]
+    plan: SlimPlan
+    message: PlanMessage
+    levels: tuple[tuple[int, bytes], ...]  # (stage, control/stage JSON)
+    decided_at: float
+    planning_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lost": [{"node": x.node, "reason": x.reason} for x in self.lost],
+                "survivors": list(self.survivors), "version": self.message.version,
+                "plan": self.plan.to_dict(), "planning_s": self.planning_s,
+                "detection_delay_s": [self.decided_at - x.at for x in self.lost]}
+
+
+@dataclass
+class FailoverMonitor:
+    """Watches the nodes of the current plan and re-plans when one is lost (pure logic)."""
+
+    planner: Planner
+    devices: Sequence[Device]  # node id = device name
+    floor: float
+    settings: FailoverSettings = field(default_factory=FailoverSettings)
+    objective: Objective = "bottleneck"
+    slo_s: float | None = None
+    current: PlanMessage | None = None
+    decisions: list[FailoverDecision] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tracker = LivenessTracker(self.settings)
+        self._failed: frozenset[str] | None = None  # survivors no plan fits
+
+    def on_plan(self, message: PlanMessage) -> None:
+        if self.current is None or message.version > self.current.version:
+            self.current = message
+
+    def on_status(self, node: str, body: dict[str, Any], now: float) -> None:
+        self.tracker.status(node, str(body.get("state")), str(body.get("reason", "")), now)
+
+    def on_metrics(self, node: str, now: float) -> None:
+        self.tracker.heard(node, now)
+
+    def check(self, now: float) -> FailoverDecision | None:
+        """Look for lost nodes of the current plan; re-plan on the survivors if any."""
+        self.tracker.check(now)
+        if self.current is None:
+            return None
+        lost = [x for n in self.current.nodes if (x := self.tracker.loss(n)) is not None]
+        if not lost:
+            return None
+        survivors = [d for d in self.devices if self.tracker.is_alive(d.name, now)]
+        key = frozenset(d.name for d in survivors)
+        if not survivors or key == self._failed:
+            return None
+        started = time.perf_counter()
+        result = self.planner.plan(survivors, self.floor, objective=self.objective,
+                                   slo_s=self.slo_s)
+        if result.best is None:
+            log.error("no plan on survivors %s meets memory and accuracy >= %.3f; keeping "
+                      "plan v%d", sorted(key), self.floor, self.current.version)
+            self._failed = key
+            return None
+        self._failed = None
+        version = self.current.version + 1
+        reason = "failover: " + ", ".join(f"{x.node} lost ({x.reason})" for x in lost)
+        message = result.best.to_message(version, reason)
+        levels = tuple((i, codec.encode_json("level", {
+            "stage": i, "level": st.level, "ratio": st.ratio, "seq": version,
+            "reason": reason})) for i, st in enumerate(result.best.stages))
+        decision = FailoverDecision(tuple(lost), tuple(sorted(key)), result.best, message,
+                                    levels, now, time.perf_counter() - started)
+        self.current = message
+        self.decisions.append(decision)
+        log.info("plan v%d: %s on %s, levels %s (bottleneck %.2f ms, accuracy %.3f)", version,
+                 [(b.start, b.end) for b in message.bounds], message.nodes,
+                 list(result.best.levels), result.best.bottleneck_s * 1e3,
+                 result.best.accuracy)
+        return decision
+
+
+async def publish_decision(client: aiomqtt.Client, topics: Topics,
+                           decision: FailoverDecision) -> None:
+    """The plan (retained), then every stage's level (retained): a node that keeps its stage
+    index gets the level after it applied the plan; one that moves subscribes and gets the
+    retained level."""
+    await client.publish(topics.plan, decision.message.to_json(), qos=1, retain=True)
+    for stage, body in decision.levels:
+        await client.publish(topics.control_stage(stage), body, qos=1, retain=True)
+
+
+async def run_failover(mqtt: MqttSettings, pipe: str, monitor: FailoverMonitor,
+                       stop: asyncio.Event | None = None,
+                       on_decision: Callable[[FailoverDecision], None] | None = None,
+                       ready: asyncio.Event | None = None) -> list[FailoverDecision]:
+    """Drive ``monitor`` from the broker until ``stop``: statuses, metrics and the retained
+    plan in, new plans out. Returns the decisions taken."""
+    stop = stop or asyncio.Event()
+    topics = Topics(pipe)
+    taken: list[FailoverDecision] = []
+    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        await client.subscribe(topics.status_all, qos=1)
+        await client.subscribe(topics.metrics_all, qos=0)
+        await client.subscribe(topics.plan, qos=1)
+        reader = asyncio.create_task(_read(client, topics, monitor))
+        if ready is not None:
+            ready.set()
+        try:
+            while not stop.is_set():
+                decision = monitor.check(time.monotonic())
+                if decision is not None:
+                    await publish_decision(client, topics, decision)
+                    taken.append(decision)
+                    if on_decision is not None:
+                        on_decision(decision)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), monitor.settings.check_interval_s)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    return taken
+
+
+async def _read(client: aiomqtt.Client, topics: Topics, monitor: FailoverMonitor) -> None:
+    async for message in client.messages:
+        topic, now = str(message.topic), time.monotonic()
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        if not payload:
+            continue  # a cleared retained message
+        try:
+            if topic == topics.plan:
+                monitor.on_plan(PlanMessage.from_json(bytes(payload)))
+                continue
+            node = topics.node_of(topic)
+            if node is None:
+                continue
+            if topic == topics.status(node):
+                monitor.on_status(node, codec.decode_json(bytes(payload), expect_kind="status"),
+                                  now)
+            elif topic == topics.metrics(node):
+                monitor.on_metrics(node, now)
+        except (CodecError, ConfigError) as exc:
+            log.warning("failover: ignoring a bad message on %s: %s", topic, exc)

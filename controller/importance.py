@@ -1,0 +1,489 @@
+"""What every block and every slice of a model costs at each pruning level, how much accuracy
+pruning it alone loses (its importance), and the accuracy model for arbitrary partitions.
+
+Measured once per model on this machine (:func:`measure`, cached as JSON by
+:func:`load_or_measure`), with the real run-time variants (:class:`PrunableSlice`, BatchNorm
+re-estimated, exactly what a node builds):
+
+- **Per block, per level** (single-block slices ``[b, b+1)``): the median latency at batch 1
+  on one thread, parameters, peak activation bytes (full-width input + 2 x the largest
+  intermediate or output, as ``pipeline.profiling``), and the bytes the block sends when a cut
+  follows it (kept channels + their int32 indices). The planner adds these up per slice.
+- **Per contiguous range, per level** (every slice any partition can make): the measured
+  latency (to check that per-block sums predict slices; see ``docs/slimedge.md``) and the
+  accuracy when ONLY that range is pruned, as one slice (its *importance*:
+  ``unpruned - accuracy``). Units of length one are the per-block importances.
+- **Combos**: seeded random partitions with random per-slice levels (at least two pruned),
+  measured end to end (:func:`sample_combos`).
+
+Accuracy model (:class:`AccuracyModel`). With ``u(a) = (a - lo) / (hi - lo)`` (``lo`` =
+chance, ``hi`` = 1) and ``z = logit(u)``, a unit's importance in logit units is
+``delta[r, l] = z(unpruned) - z(acc[r, l])`` (clipped at 0, non-decreasing in l). A
+configuration with slices ``(r_t, l_t)`` is predicted by
+
+    z = z(unpruned) - kappa * sum_t delta[r_t, l_t]
+
+``kappa`` (how pruning several slices compounds) is fitted on the measured combos and
+validated by leave-one-out. A configuration with one pruned slice is predicted exactly when
+``kappa = 1``. The same model serves per-view levels of a multi-view model (units = views).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from scipy.optimize import minimize_scalar
+from torch import nn
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.composed import build_prunable
+from pipeline.data import ArrayDataset
+from pipeline.errors import ConfigError
+from pipeline.models import SliceableResNet
+from pipeline.partition import BlockProfile
+from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
+from pipeline.slicing import SliceBounds
+
+log = logging.getLogger(__name__)
+
+KIND = "slimedge-measurements"
+VERSION = 1
+FLOAT_BYTES = 4
+Range = tuple[int, int]
+_COST_KEYS = ("time_s", "param_bytes", "activation_bytes", "output_bytes")
+
+
+def contiguous_ranges(n: int) -> list[Range]:
+    """Every block range ``[i, j)`` of an ``n``-block model, in lexicographic order."""
+    return [(i, j) for i in range(n) for j in range(i + 1, n + 1)]
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Per block, per level (``[n, L]``): reference time (s), parameter bytes, peak activation
+    bytes and the bytes sent when a cut follows the block."""
+
+    block_names: tuple[str, ...]
+    ratios: tuple[float, ...]
+    time_s: NDArray[np.float64]
+    param_bytes: NDArray[np.float64]
+    activation_bytes: NDArray[np.float64]
+    output_bytes: NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        shape = (len(self.block_names), len(self.ratios))
+        for name in ("time_s", "param_bytes", "activation_bytes", "output_bytes"):
+            if np.shape(getattr(self, name)) != shape:
+                raise ConfigError(f"cost table {name} must have shape {shape}")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_names)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.ratios)
+
+    def profile(self, level: int) -> list[BlockProfile]:
+        """Every block at one level, for :func:`pipeline.partition.partition`."""
+        return [BlockProfile(name, float(self.time_s[b, level]), int(self.param_bytes[b, level]),
+                             int(self.activation_bytes[b, level]),
+                             int(self.output_bytes[b, level]))
+                for b, name in enumerate(self.block_names)]
+
+    def footprint(self, level: int = 0) -> float:
+        """Bytes to hold the whole model as one slice at ``level``."""
+        return float(self.param_bytes[:, level].sum() + self.activation_bytes[:, level].max())
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One measured configuration: slice bounds, a level per slice, end-to-end accuracy."""
+
+    bounds: tuple[Range, ...]
+    levels: tuple[int, ...]
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything :func:`measure` records (arrays are ``[blocks or ranges, levels]``)."""
+
+    model_name: str
+    model_hash: str
+    num_classes: int
+    costs: CostTable
+    ranges: tuple[Range, ...]
+    range_time_s: NDArray[np.float64]
+    range_accuracy: NDArray[np.float64]
+    combos: tuple[Combo, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.costs.n_blocks
+
+    @property
+    def unpruned_accuracy(self) -> float:
+        return float(self.range_accuracy[0, 0])
+
+    def range_index(self) -> dict[Range, int]:
+        return {r: k for k, r in enumerate(self.ranges)}
+
+    def block_importance(self) -> NDArray[np.float64]:
+        """Accuracy lost when only block b is pruned at level l: ``[n, L]``."""
+        idx = self.range_index()
+        rows = [self.range_accuracy[idx[(b, b + 1)]] for b in range(self.n_blocks)]
+        return self.unpruned_accuracy - np.asarray(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": KIND, "version": VERSION, "model": self.model_name,
+            "model_hash": self.model_hash, "num_classes": self.num_classes,
+            "ratios": list(self.costs.ratios), "block_names": list(self.costs.block_names),
+            "blocks": {k: getattr(self.costs, k).tolist() for k in _COST_KEYS},
+            "ranges": [list(r) for r in self.ranges],
+            "range_time_s": self.range_time_s.tolist(),
+            "range_accuracy": self.range_accuracy.tolist(),
+            "combos": [{"bounds": [list(b) for b in c.bounds], "levels": list(c.levels),
+                        "accuracy": c.accuracy} for c in self.combos],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurements:
+        if d.get("kind") != KIND or d.get("version") != VERSION:
+            raise ConfigError(f"not a version-{VERSION} {KIND} file")
+        try:
+            arr = lambda v: np.asarray(v, dtype=np.float64)  # noqa: E731
+            costs = CostTable(tuple(str(n) for n in d["block_names"]),
+                              tuple(float(r) for r in d["ratios"]),
+                              *(arr(d["blocks"][k]) for k in _COST_KEYS))
+            return cls(
+                model_name=str(d["model"]), model_hash=str(d["model_hash"]),
+                num_classes=int(d["num_classes"]), costs=costs, ranges=tuple((int(r[0]), int(r[1])) for r in d["ranges"]),
+                range_time_s=arr(d["range_time_s"]), range_accuracy=arr(d["range_accuracy"]),
+                combos=tuple(Combo(tuple((int(x[0]), int(x[1])) for x in c["bounds"]),
+                                   tuple(int(v) for v in c["levels"]), float(c["accuracy"]))
+                             for c in d["combos"]),
+                meta=dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"malformed measurements: {exc!r}") from exc
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Measurements:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read measurements {path}: {exc}") from exc
+
+
+class SliceBank:
+    """Prunable slices of one checkpoint, built once per range and reused."""
+
+    def __init__(self, ckpt: Checkpoint, ratios: Sequence[float] = DEFAULT_RATIOS,
+                 round_to: int = 8) -> None:
+        self.ckpt = ckpt
+        self.model = ckpt.build()
+        self.ratios = validate_ratios(ratios)
+        self.round_to = round_to
+        self._slices: dict[Range, PrunableSlice] = {}
+
+    def get(self, i: int, j: int) -> PrunableSlice:
+        if (i, j) not in self._slices:
+            with torch.enable_grad():  # Torch-Pruning traces the slice with autograd
+                self._slices[(i, j)] = build_prunable(
+                    self.ckpt, SliceBounds(i, j), ratios=self.ratios, round_to=self.round_to,
+                    recalibrate_bn=self.ckpt.calibration_images is not None, model=self.model)
+        return self._slices[(i, j)]
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, bounds: Sequence[Range], levels: Sequence[int],
+            channels: torch.Tensor | None = None, upstream: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slices ``bounds`` at ``levels`` back to back on ``x``, as the nodes run them: kept
+        channels and the upstream level (BatchNorm statistics) pass on."""
+        for (i, j), level in zip(bounds, levels, strict=True):
+            s = self.get(i, j)
+            s.set_level(level)
+            out = s(x, channels, upstream)
+            x, channels, upstream = out.tensor, out.channels, level
+        return x, channels
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             batch: int = 500) -> torch.Tensor:
+    return torch.cat([fn(x[k:k + batch]) for k in range(0, len(x), batch)])
+
+
+def _peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Largest tensor a leaf module of ``module`` produces on ``x``, and the output."""
+    largest = [0]
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if not list(m.children())]
+    try:
+        with torch.no_grad():
+            y = module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0], y
+
+
+def measure_costs(bank: SliceBank, inputs: Sequence[torch.Tensor], *, runs: int,
+                  warmup: int, ranges: bool = True
+                  ) -> tuple[CostTable, NDArray[np.float64] | None]:
+    """The per-block cost table of ``bank``'s model and, with ``ranges``, the measured latency
+    of every contiguous range ``[R, L]``. ``inputs[b]``: a full-width input of block b
+    (batch 1); times are medians of the thread's CPU time at batch 1 on one thread (on a
+    shared machine, wall time also counts other processes' turns on the core)."""
+    from pipeline.multiview import median_times
+    from pipeline.profiling import torch_threads
+
+    n, n_levels = bank.model.num_blocks, len(bank.ratios)
+    params, activation, output = (np.zeros((n, n_levels)) for _ in range(3))
+    for b in range(n):
+        x = inputs[b][:1]
+        for lv, v in enumerate(bank.get(b, b + 1).variants):
+            peak, y = _peak_bytes(v.module, x)
+            out_b = y.numel() * FLOAT_BYTES
+            params[b, lv] = v.params * FLOAT_BYTES
+            activation[b, lv] = x.numel() * FLOAT_BYTES + 2 * max(peak, out_b)
+            output[b, lv] = out_b + (0 if v.out_channels is None else len(v.out_channels) * 4)
+    todo = contiguous_ranges(n) if ranges else [(b, b + 1) for b in range(n)]
+    times = np.zeros((len(todo), n_levels))
+    with torch_threads(1):
+        for k, (i, j) in enumerate(todo):
+            x = inputs[i][:1]
+            fns = [(lambda m=v.module, x=x: m(x)) for v in bank.get(i, j).variants]
+            times[k] = median_times(fns, runs=runs, warmup=warmup)[1]
+    idx = {r: k for k, r in enumerate(todo)}
+    block_time = np.asarray([times[idx[(b, b + 1)]] for b in range(n)])
+    table = CostTable(tuple(bank.model.block_names()), bank.ratios, block_time, params,
+                      activation, output)
+    return table, times if ranges else None
+
+
+def block_inputs(model: SliceableResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The full-width input of every block (and the logits last) for inputs ``x``."""
+    act = [x]
+    with torch.no_grad():
+        for block in model.blocks:
+            act.append(_batched(block, act[-1]))
+    return act
+
+
+def accuracy_of(bank: SliceBank, x: torch.Tensor, y: torch.Tensor,
+                bounds: Sequence[Range], levels: Sequence[int]) -> float:
+    """End-to-end accuracy of slices ``bounds`` at ``levels`` on ``(x, y)``."""
+    logits = _batched(lambda xb: bank.run(xb, bounds, levels)[0], x)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def sample_combos(base: AccuracyModel, n: int, count: int, seed: int = 0,
+                  region: float = 0.8) -> list[tuple[tuple[Range, ...], tuple[int, ...]]]:
+    """Seeded random partitions with random levels, at least two slices pruned, whose
+    additive prediction (``kappa = 1``, the most pessimistic) is at least ``region``: the
+    combos that say how pruning compounds where the planner works."""
+    rng = np.random.default_rng(seed)
+    index = {r: k for k, r in enumerate(contiguous_ranges(n))}
+    out: list[tuple[tuple[Range, ...], tuple[int, ...]]] = []
+    for _ in range(2000 * count):
+        if len(out) == count:
+            break
+        cuts = [c for c in range(1, n) if rng.random() < 0.5]
+        bounds = tuple(itertools.pairwise([0, *cuts, n]))
+        levels = tuple(int(v) for v in rng.integers(0, base.delta.shape[1], len(bounds)))
+        units = [index[b] for b in bounds]
+        if sum(lv > 0 for lv in levels) >= 2 and (bounds, levels) not in out and \
+                base.predict_one(units, levels) >= region:
+            out.append((bounds, levels))
+    return out
+
+
+def measure(ckpt: Checkpoint, data: ArrayDataset, *, ratios: Sequence[float] = DEFAULT_RATIOS,
+            round_to: int = 8, runs: int = 60, warmup: int = 10, combos: int = 40,
+            seed: int = 0, split: str = "val", progress: bool = True) -> Measurements:
+    """Measure costs, importance and combos (see the module docstring) on ``data``."""
+    from tqdm import tqdm
+
+    from pipeline.profiling import machine_info, now_iso
+
+    started = time.perf_counter()
+    bank = SliceBank(ckpt, ratios, round_to)
+    n, n_levels = bank.model.num_blocks, len(bank.ratios)
+    ranges = contiguous_ranges(n)
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    steps = len(ranges) * n_levels + combos
+    with tqdm(total=steps, desc="measure", unit="step", disable=not progress,
+              leave=False) as bar:
+        act = block_inputs(bank.model, x)
+        for i, j in ranges:  # build every range (BatchNorm re-estimated per level)
+            bank.get(i, j)
+            bar.update(1)
+        t0 = time.perf_counter()
+        costs, range_time = measure_costs(bank, act, runs=runs, warmup=warmup)
+        latency_s = time.perf_counter() - t0
+        unpruned = float((act[-1].argmax(1) == y).float().mean())
+        range_acc = np.full((len(ranges), n_levels), unpruned)
+        for k, (i, j) in enumerate(ranges):
+            tail = [(j, n)] if j < n else []
+            for level in range(1, n_levels):  # only [i, j) pruned: from its cached input
+                range_acc[k, level] = _tail_accuracy(bank, act[i], y, (i, j), level, tail)
+                bar.update(1)
+        base = AccuracyModel.from_importance(unpruned, range_acc, ckpt.config.num_classes)
+        measured = []
+        for bounds, levels in sample_combos(base, n, combos, seed):
+            measured.append(Combo(bounds, levels, accuracy_of(bank, x, y, bounds, levels)))
+            bar.update(1)
+    meta = {"created": now_iso(), "machine": machine_info(1), "split": split,
+            "dataset": data.name, "samples": len(data), "round_to": round_to,
+            "latency": {"threads": 1, "batch": 1, "statistic": "median", "runs": runs,
+                        "warmup": warmup, "seconds": latency_s},
+            "checkpoint": str(ckpt.path) if ckpt.path else None, "combo_seed": seed,
+            "seconds": time.perf_counter() - started}
+    log.info("measured %d blocks x %d levels, %d ranges, %d combos in %.0f s", n, n_levels,
+             len(ranges), len(measured), meta["seconds"])
+    return Measurements(ckpt.config.name, ckpt.model_hash(), ckpt.config.num_classes, costs,
+                        tuple(ranges), range_time if range_time is not None else
+                        np.zeros_like(range_acc), range_acc, tuple(measured), meta)
+
+
+def _tail_accuracy(bank: SliceBank, x: torch.Tensor, y: torch.Tensor, r: Range, level: int,
+                   tail: list[Range]) -> float:
+    """Accuracy with only ``r`` pruned, fed the unpruned activation ``x`` at its start."""
+    def fwd(xb: torch.Tensor) -> torch.Tensor:
+        out, ch = bank.run(xb, [r], [level])
+        return bank.run(out, tail, [0] * len(tail), ch, level)[0] if tail else out
+
+    return float((_batched(fwd, x).argmax(1) == y).float().mean())
+
+
+def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
+    return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
+
+
+def load_or_measure(ckpt: Checkpoint, data: ArrayDataset, cache: Path | None = None,
+                    **kwargs: Any) -> Measurements:
+    """The cached measurements of this checkpoint (by weight hash), measured if missing."""
+    path = cache or default_cache(ckpt)
+    if path.exists():
+        m = Measurements.load(path)
+        if m.model_hash == ckpt.model_hash():
+            return m
+        log.info("%s belongs to another model; measuring again", path)
+    m = measure(ckpt, data, **kwargs)
+    m.save(path)
+    log.info("measurements cached at %s", path)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# The accuracy model
+
+
+def _logit(a: NDArray[np.float64], lo: float, hi: float) -> NDArray[np.float64]:
+    u = np.clip((np.asarray(a, dtype=np.float64) - lo) / (hi - lo), 1e-4, 1 - 1e-4)
+    return np.asarray(np.log(u / (1 - u)))
+
+
+@dataclass(frozen=True)
+class AccuracyModel:
+    """``a = lo + (hi - lo) sigmoid(z0 - (max_t d_t + kappa (sum_t d_t - max_t d_t)))`` with
+    ``d_t = delta[unit_t, level_t]``.
+
+    ``delta`` is ``[units, levels]`` (logit units, >= 0, non-decreasing in the level);
+    ``validation`` holds the leave-one-out errors on the measured combos.
+    """
+
+    z0: float
+    delta: NDArray[np.float64]
+    kappa: float
+    lo: float
+    hi: float = 1.0
+    validation: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_importance(cls, unpruned: float, accuracy: NDArray[np.float64],
+                        num_classes: int, kappa: float = 1.0) -> AccuracyModel:
+        """From measured accuracies ``[units, levels]`` (level 0 = unpruned)."""
+        lo = 1.0 / num_classes
+        z0 = float(_logit(np.asarray([unpruned]), lo, 1.0)[0])
+        delta = np.maximum(z0 - _logit(accuracy, lo, 1.0), 0.0)
+        delta[:, 0] = 0.0
+        delta = np.maximum.accumulate(delta, axis=1)
+        return cls(z0=z0, delta=delta, kappa=kappa, lo=lo)
+
+    def predict(self, units: NDArray[np.intp], levels: NDArray[np.intp]) -> NDArray[np.float64]:
+        """Accuracy of configurations ``[C, s]`` (unit index and level of each of s slices)."""
+        d = self.delta[units, levels]
+        top = d.max(axis=-1)
+        z = self.z0 - (top + self.kappa * (d.sum(axis=-1) - top))
+        return np.asarray(self.lo + (self.hi - self.lo) / (1.0 + np.exp(-z)))
+
+    def predict_views(self, levels: NDArray[np.intp]) -> NDArray[np.float64]:
+        """Accuracy of per-unit level vectors ``[C, units]`` (every unit present: views)."""
+        return self.predict(np.broadcast_to(np.arange(levels.shape[-1]), levels.shape), levels)
+
+    def predict_one(self, units: Sequence[int], levels: Sequence[int]) -> float:
+        return float(self.predict(np.asarray([units]), np.asarray([levels]))[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"z0": self.z0, "kappa": self.kappa, "lo": self.lo, "hi": self.hi,
+                "delta": self.delta.tolist(), "validation": self.validation}
+
+
+def fit_accuracy_model(m: Measurements) -> AccuracyModel:
+    """The range-importance model with ``kappa`` fitted on the combos (leave-one-out errors
+    in ``validation``; with fewer than 3 combos, ``kappa = 1`` unvalidated)."""
+    base = AccuracyModel.from_importance(m.unpruned_accuracy, m.range_accuracy, m.num_classes)
+    idx = m.range_index()
+    # per combo, the largest importance of its slices and the sum of the others
+    ds = [np.asarray([base.delta[idx[b], lv] for b, lv in zip(c.bounds, c.levels, strict=True)])
+          for c in m.combos]
+    top = np.asarray([d.max() for d in ds])
+    rest = np.asarray([d.sum() - d.max() for d in ds])
+    acc = np.asarray([c.accuracy for c in m.combos])
+    if len(acc) < 3:
+        return base
+
+    def predict(k: float, where: Any = slice(None)) -> NDArray[np.float64]:
+        z = base.z0 - top[where] - k * rest[where]
+        return np.asarray(base.lo + (base.hi - base.lo) / (1 + np.exp(-z)))
+
+    def fit(where: Any) -> float:
+        res = minimize_scalar(lambda k: float(np.sum((predict(k, where) - acc[where]) ** 2)),
+                              bounds=(0.0, 5.0), method="bounded")
+        return float(res.x)
+
+    loo = np.asarray([predict(fit(np.arange(len(acc)) != k), k) - acc[k]
+                      for k in range(len(acc))])
+    err, add = np.abs(loo), np.abs(predict(1.0) - acc)
+    validation = {"combos": float(len(acc)), "loo_mae": float(err.mean()),
+                  "loo_max_abs": float(err.max()), "loo_bias": float(loo.mean()),
+                  "additive_mae": float(add.mean()), "additive_max_abs": float(add.max())}
+    return replace(base, kappa=fit(slice(None)), validation=validation)

@@ -1,0 +1,140 @@
+"""Failover logic without a broker: detection by Last Will and by heartbeats within the bound,
+re-planning on the survivors with a higher version, levels rising under an SLO."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from controller.failover import FailoverMonitor, FailoverSettings, LivenessTracker
+from controller.planner import Planner
+from pipeline import codec
+from pipeline.errors import ConfigError
+from pipeline.partition import MIB, Device
+from pipeline.plan_message import PlanMessage
+from tests.unit.test_planner import _accuracy, _table
+
+SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25)
+
+
+def _setup(cap_fraction: float = 2.0, slo_factor: float | None = None
+           ) -> tuple[FailoverMonitor, PlanMessage]:
+    rng = random.Random(17)
+    table, acc = _table(rng), _accuracy(rng)
+    cap = cap_fraction * table.footprint(0) / MIB
+    devices = [Device(f"n{k}", 1.0, cap, 1000.0, 0.5) for k in range(3)]
+    planner = Planner(table, acc)
+    slo = None
+    if slo_factor is not None:  # an SLO three devices meet unpruned, two only pruned
+        slo = slo_factor * planner.plan(devices, 0.0, levels=0).best.bottleneck_s  # type: ignore[union-attr]
+    first = planner.plan(devices, 0.8, slo_s=slo).best
+    assert first is not None and len(first.stages) == 3
+    plan = first.to_message(1)
+    monitor = FailoverMonitor(planner, devices, 0.8, SETTINGS, slo_s=slo, current=plan)
+    for d in devices:
+        monitor.on_status(d.name, {"state": "online"}, 0.0)
+    return monitor, plan
+
+
+def _beat(monitor: FailoverMonitor, nodes: list[str], t: float) -> None:
+    for n in nodes:
+        monitor.on_metrics(n, t)
+
+
+def test_tracker_last_will_shutdown_heartbeat_and_return() -> None:
+    tr = LivenessTracker(SETTINGS)
+    for n in ("a", "b", "c"):
+        tr.heard(n, 0.0)
+    assert tr.status("a", "offline", "connection lost", 1.0).reason == "last will"  # type: ignore[union-attr]
+    assert tr.status("b", "offline", "shutdown", 1.0).reason == "shutdown"  # type: ignore[union-attr]
+    assert tr.check(3.0) == []  # c was heard at 0: not silent for more than 3 s yet
+    lost = tr.check(3.01)
+    assert [(x.node, x.reason) for x in lost] == [("c", "heartbeat")]
+    assert not tr.is_alive("a", 1.0) and not tr.is_alive("c", 3.1)
+    tr.heard("d", 3.0)
+    tr.check(3.1)
+    assert tr.check(10.0) == []  # the checker stalled 6.9 s: not d's silence
+    t, lost = 10.0, []
+    while not lost:
+        t += SETTINGS.check_interval_s
+        lost = tr.check(t)
+    # d is found lost a full timeout after the stall ended (less the allowed interval)
+    assert lost[0].node == "d" and 10.0 + SETTINGS.heartbeat_timeout_s - 0.5 < t < 14.0
+    tr.status("a", "online", "", 5.0)
+    assert tr.is_alive("a", 5.0) and tr.loss("a") is None
+    with pytest.raises(ConfigError):
+        FailoverSettings(heartbeat_timeout_s=1.0, check_interval_s=1.0)
+
+
+def test_last_will_triggers_a_new_plan_on_the_survivors() -> None:
+    monitor, plan = _setup()
+    victim = plan.nodes[1]
+    _beat(monitor, ["n0", "n1", "n2"], 0.5)
+    assert monitor.check(0.6) is None
+    monitor.on_status(victim, {"state": "offline", "reason": "connection lost"}, 1.0)
+    decision = monitor.check(1.0)
+    assert decision is not None
+    assert decision.message.version == plan.version + 1
+    assert victim not in decision.message.nodes and victim not in decision.survivors
+    assert decision.lost[0].reason == "last will" and decision.decided_at - 1.0 == 0
+    assert "failover" in decision.message.reason and victim in decision.message.reason
+    for st in decision.plan.stages:
+        assert st.memory_bytes <= st.cap_bytes
+    assert decision.plan.accuracy >= 0.8
+    for (stage, body), st in zip(decision.levels, decision.plan.stages, strict=True):
+        level = codec.decode_json(body, expect_kind="level")
+        assert level["stage"] == stage and level["level"] == st.level
+        assert level["seq"] == decision.message.version
+    assert monitor.current is decision.message
+    assert monitor.check(1.1) is None  # nothing new: no second plan
+
+
+def test_silent_node_is_found_within_the_heartbeat_bound() -> None:
+    monitor, plan = _setup()
+    victim = plan.nodes[0]
+    alive = [n for n in plan.nodes if n != victim]
+    t, last = 0.0, 0.0
+    _beat(monitor, list(plan.nodes), 0.0)
+    decision = None
+    while decision is None and t < 10:
+        t += SETTINGS.check_interval_s
+        _beat(monitor, alive, t)  # the others keep their 1 s heartbeats (here: every check)
+        decision = monitor.check(t)
+    assert decision is not None and decision.lost[0].reason == "heartbeat"
+    assert SETTINGS.heartbeat_timeout_s < t - last <= SETTINGS.detection_bound_s
+    assert victim not in decision.message.nodes
+
+
+def test_levels_rise_to_keep_the_slo_on_fewer_devices() -> None:
+    monitor, plan = _setup(slo_factor=1.02)
+    first = monitor.planner.plan(monitor.devices, 0.8, slo_s=monitor.slo_s).best
+    assert first is not None and sum(first.levels) == 0  # three devices: unpruned meets it
+    _beat(monitor, ["n0", "n1", "n2"], 0.1)
+    monitor.on_status(plan.nodes[2], {"state": "offline", "reason": "connection lost"}, 0.2)
+    decision = monitor.check(0.2)
+    assert decision is not None
+    slo = monitor.slo_s
+    assert slo is not None and decision.plan.objective_s <= slo
+    assert sum(decision.plan.levels) > 0  # two devices meet the SLO only pruned
+
+
+def test_no_feasible_plan_keeps_the_old_one_until_a_node_returns() -> None:
+    monitor, plan = _setup(cap_fraction=0.4)  # three small devices: nothing fits on two
+    monitor.floor = 0.99
+    victim = plan.nodes[0]
+    _beat(monitor, list(plan.nodes), 0.1)
+    monitor.on_status(victim, {"state": "offline", "reason": "connection lost"}, 0.2)
+    assert monitor.check(0.2) is None and monitor.current is plan
+    assert monitor.check(0.3) is None  # the same survivors are not tried again
+    monitor.floor = 0.8
+    monitor.on_status(victim, {"state": "online"}, 0.4)  # back: the plan is whole again
+    assert monitor.check(0.4) is None
+
+
+def test_losing_a_node_outside_the_plan_changes_nothing() -> None:
+    monitor, plan = _setup()
+    monitor.devices = [*monitor.devices, Device("spare", 1.0, 1e6, 1000.0, 0.5)]
+    monitor.on_status("spare", {"state": "online"}, 0.0)
+    monitor.on_status("spare", {"state": "offline", "reason": "connection lost"}, 0.5)
+    assert monitor.check(0.5) is None and monitor.current is plan
