@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up on a fresh Debian machine:
-#   - Mosquitto and its clients from Debian when `mosquitto` is missing,
+#   - Mosquitto and its clients from Debian when `mosquitto` is missing (and docker-compose,
+#     which the tests use to check docker-compose.yml),
 #   - a virtual environment in .venv with torch==2.13.0 (CPU) installed first,
 #   - edgeprune in editable mode with its dev extras,
 #   - the default dataset (Animal-MNIST, taken from its PyPI wheel).
@@ -15,10 +16,20 @@ TORCH_VERSION=2.13.0
 
 need_root() { if [ "$(id -u)" -ne 0 ]; then echo sudo; fi; }
 
+# Debian packages: the broker and its clients; docker-compose only to check docker-compose.yml
+# in the tests (no Docker engine is needed). EDGEPRUNE_NO_APT=1 skips this step.
+packages=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "setup: installing mosquitto and mosquitto-clients from Debian"
+    packages+=(mosquitto mosquitto-clients)
+fi
+if ! command -v docker-compose >/dev/null 2>&1; then
+    packages+=(docker-compose)
+fi
+if [ ${#packages[@]} -gt 0 ] && [ "${EDGEPRUNE_NO_APT:-0}" != 1 ]; then
+    echo "setup: installing ${packages[*]} from Debian"
     $(need_root) apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $(need_root) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    DEBIAN_FRONTEND=noninteractive $(need_root) apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
 fi
 
 # The stamp records the hash of pyproject.toml: a changed dependency list re-runs pip.

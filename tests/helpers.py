@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -121,6 +123,34 @@ async def clear_retained(mqtt: MqttSettings, pipe: str, topics: Sequence[str]) -
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
         for topic in topics:
             await client.publish(topic, b"", qos=1, retain=True)
+
+
+class LineReader:
+    """Reads a text stream's lines in a thread, so a test can wait for one with a deadline
+    (``select`` on a buffered text pipe misses lines already read into the buffer)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in iter(stream.readline, ""):
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def until(self, predicate: Callable[[str], bool], timeout: float) -> list[str]:
+        """Collect lines until one satisfies ``predicate``; fail on timeout or end of stream."""
+        deadline = time.monotonic() + timeout
+        while not any(predicate(line) for line in self.lines):
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"timed out after {timeout} s; printed: {self.lines}") from None
+            if line is None:
+                raise AssertionError(f"the stream ended; printed: {self.lines}")
+            self.lines.append(line)
+        return self.lines
 
 
 def node_process(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:

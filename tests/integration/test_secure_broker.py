@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import selectors
 import signal
 import ssl
 import stat
@@ -44,7 +43,7 @@ from pipeline.errors import ConfigError
 from pipeline.slicing import parse_cuts
 from pipeline.topics import Topics
 from tests.conftest import BrokerFactory
-from tests.helpers import REPO, collecting, wait_until
+from tests.helpers import REPO, LineReader, collecting, wait_until
 
 TIMEOUT = 10.0
 
@@ -356,14 +355,7 @@ async def test_cli_secure_prints_where_the_credentials_are(
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        lines: list[str] = []
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while not any("stop with Ctrl-C" in line for line in lines):
-                assert sel.select(timeout=30.0), f"edgeprune broker printed only {lines}"
-                line = proc.stdout.readline()
-                assert line, f"edgeprune broker exited: {lines}"
-                lines.append(line)
+        lines = LineReader(proc.stdout).until(lambda line: "stop with Ctrl-C" in line, 30.0)
         out = "".join(lines)
         match = re.search(r"Mosquitto listening on mqtts://127\.0\.0\.1:(\d+)", out)
         assert match, out
