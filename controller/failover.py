@@ -12,6 +12,12 @@
   that stops (hung, frozen, partitioned) is detected at most ``heartbeat_timeout_s +
   check_interval_s`` after its last message, whatever the keepalive (a stall of the checker
   itself is not counted as the nodes' silence).
+- *Build grace.* A node given a slice by a new plan builds its pruned variants before it
+  serves (seconds on a small device: 1-9 s for resnet-s here, under load); it sends no metrics
+  meanwhile. For ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does
+  not count (their Last Will does), so a takeover is not mistaken for a second failure. A node
+  that dies silently during that window is found by heartbeat at most ``build_grace_s +
+  check_interval_s`` after the plan.
 
 **Re-planning** (:class:`FailoverMonitor`). When a node of the current plan is lost, the
 SlimEdge planner (:class:`~controller.planner.Planner`) plans again on the survivors (devices
@@ -43,7 +49,7 @@ import aiomqtt
 
 from controller.planner import Objective, Planner, SlimPlan
 from pipeline import codec
-from pipeline.connection import MqttSettings
+from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import CodecError, ConfigError
 from pipeline.partition import Device
 from pipeline.plan_message import PlanMessage
@@ -55,14 +61,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FailoverSettings:
     """``heartbeat_timeout_s``: silence after which a node is lost (a few metrics intervals);
-    ``check_interval_s``: how often the monitor looks."""
+    ``check_interval_s``: how often the monitor looks; ``build_grace_s``: silence tolerated
+    from the nodes of a new plan while they build their slices (module docstring)."""
 
     heartbeat_timeout_s: float = 3.0
     check_interval_s: float = 0.2
+    build_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 < self.check_interval_s < self.heartbeat_timeout_s:
             raise ConfigError("need 0 < check_interval_s < heartbeat_timeout_s")
+        if self.build_grace_s < 0:
+            raise ConfigError("build_grace_s must be >= 0")
 
     @property
     def detection_bound_s(self) -> float:
@@ -86,6 +96,7 @@ class LivenessTracker:
         self.settings = settings
         self._last: dict[str, float] = {}
         self._lost: dict[str, Loss] = {}
+        self._grace: dict[str, float] = {}  # node -> silence does not count before this
         self._checked: float | None = None
 
     def heard(self, node: str, now: float) -> None:
@@ -94,6 +105,15 @@ class LivenessTracker:
         if node in self._lost:
             log.info("node %s is back", node)
             del self._lost[node]
+
+    def grace(self, node: str, until: float) -> None:
+        """Silence of ``node`` does not count before ``until`` (it is building a slice)."""
+        self._grace[node] = max(self._grace.get(node, until), until)
+
+    def _silent(self, node: str, now: float) -> bool:
+        t = self._last.get(node)
+        return t is not None and now - t > self.settings.heartbeat_timeout_s and \
+            now >= self._grace.get(node, now)
 
     def status(self, node: str, state: str, reason: str, now: float) -> Loss | None:
         if state == "online":
@@ -114,14 +134,11 @@ class LivenessTracker:
         if gap > 2 * self.settings.check_interval_s:
             log.info("failover checks stalled for %.2f s; not counted as silence", gap)
             self._last = {n: t + gap for n, t in self._last.items()}
-        limit = self.settings.heartbeat_timeout_s
-        return [self._lose(n, "heartbeat", now) for n, t in list(self._last.items())
-                if n not in self._lost and now - t > limit]
+        return [self._lose(n, "heartbeat", now) for n in list(self._last)
+                if n not in self._lost and self._silent(n, now)]
 
     def is_alive(self, node: str, now: float) -> bool:
-        t = self._last.get(node)
-        return node not in self._lost and t is not None and \
-            now - t <= self.settings.heartbeat_timeout_s
+        return node not in self._lost and node in self._last and not self._silent(node, now)
 
     def loss(self, node: str) -> Loss | None:
         return self._lost.get(node)
@@ -169,9 +186,16 @@ class FailoverMonitor:
         self.tracker = LivenessTracker(self.settings)
         self._failed: frozenset[str] | None = None  # survivors no plan fits
 
-    def on_plan(self, message: PlanMessage) -> None:
+    def on_plan(self, message: PlanMessage, now: float | None = None) -> None:
+        """A plan seen on ``control/plan``; with ``now``, its nodes get the build grace."""
         if self.current is None or message.version > self.current.version:
             self.current = message
+            if now is not None:
+                self._grant_grace(message, now)
+
+    def _grant_grace(self, message: PlanMessage, now: float) -> None:
+        for node in message.nodes:
+            self.tracker.grace(node, now + self.settings.build_grace_s)
 
     def on_status(self, node: str, body: dict[str, Any], now: float) -> None:
         self.tracker.status(node, str(body.get("state")), str(body.get("reason", "")), now)
@@ -209,6 +233,7 @@ class FailoverMonitor:
         decision = FailoverDecision(tuple(lost), tuple(sorted(key)), result.best, message,
                                     levels, now, time.perf_counter() - started)
         self.current = message
+        self._grant_grace(message, now)
         self.decisions.append(decision)
         log.info("plan v%d: %s on %s, levels %s (bottleneck %.2f ms, accuracy %.3f)", version,
                  [(b.start, b.end) for b in message.bounds], message.nodes,
@@ -230,32 +255,59 @@ async def publish_decision(client: aiomqtt.Client, topics: Topics,
 async def run_failover(mqtt: MqttSettings, pipe: str, monitor: FailoverMonitor,
                        stop: asyncio.Event | None = None,
                        on_decision: Callable[[FailoverDecision], None] | None = None,
-                       ready: asyncio.Event | None = None) -> list[FailoverDecision]:
+                       ready: asyncio.Event | None = None,
+                       reconnect_max_s: float = 5.0) -> list[FailoverDecision]:
     """Drive ``monitor`` from the broker until ``stop``: statuses, metrics and the retained
-    plan in, new plans out. Returns the decisions taken."""
+    plan in, new plans out. Returns the decisions taken (``on_decision`` is called after each
+    is published).
+
+    When the broker goes away it reconnects with exponential backoff (up to
+    ``reconnect_max_s``); the monitor keeps its state, the stall is not counted as the nodes'
+    silence (:meth:`LivenessTracker.check`), and a decision whose publication failed is
+    published again, as it is, before any new check."""
     stop = stop or asyncio.Event()
     topics = Topics(pipe)
     taken: list[FailoverDecision] = []
-    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-        await client.subscribe(topics.status_all, qos=1)
-        await client.subscribe(topics.metrics_all, qos=0)
-        await client.subscribe(topics.plan, qos=1)
-        reader = asyncio.create_task(_read(client, topics, monitor))
-        if ready is not None:
-            ready.set()
+    unpublished: FailoverDecision | None = None
+    backoff = 0.2
+    while not stop.is_set():
         try:
-            while not stop.is_set():
-                decision = monitor.check(time.monotonic())
-                if decision is not None:
-                    await publish_decision(client, topics, decision)
-                    taken.append(decision)
-                    if on_decision is not None:
-                        on_decision(decision)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), monitor.settings.check_interval_s)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+                await client.subscribe(topics.status_all, qos=1)
+                await client.subscribe(topics.metrics_all, qos=0)
+                await client.subscribe(topics.plan, qos=1)
+                reader = asyncio.create_task(_read(client, topics, monitor))
+                backoff = 0.2
+                log.info("failover watching the nodes of %s (heartbeat timeout %.1f s)",
+                         topics.base, monitor.settings.heartbeat_timeout_s)
+                if ready is not None:
+                    ready.set()
+                try:
+                    while not stop.is_set():
+                        if reader.done():
+                            reader.result()  # the connection's error: reconnect
+                            raise aiomqtt.MqttError("disconnected")
+                        if unpublished is None:
+                            unpublished = monitor.check(time.monotonic())
+                        if unpublished is not None:
+                            await publish_decision(client, topics, unpublished)
+                            taken.append(unpublished)
+                            if on_decision is not None:
+                                on_decision(unpublished)
+                            unpublished = None
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(),
+                                                   monitor.settings.check_interval_s)
+                finally:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+        except aiomqtt.MqttError as exc:
+            raise_if_cancelling(exc)
+            log.warning("failover: broker %s unreachable (%s); reconnecting in %.1f s",
+                        mqtt.url, exc, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, reconnect_max_s)
     return taken
 
 
@@ -267,7 +319,7 @@ async def _read(client: aiomqtt.Client, topics: Topics, monitor: FailoverMonitor
             continue  # a cleared retained message
         try:
             if topic == topics.plan:
-                monitor.on_plan(PlanMessage.from_json(bytes(payload)))
+                monitor.on_plan(PlanMessage.from_json(bytes(payload)), now)
                 continue
             node = topics.node_of(topic)
             if node is None:

@@ -207,6 +207,7 @@ class ControllerState:
         self.counts: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=MAX_LATENCIES)
         self.seq = 0
+        self.held: str | None = None  # why the policy no longer acts (see hold())
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ intake
@@ -372,6 +373,8 @@ class ControllerState:
         self.refresh(now)
         if self.reactive is None and self.proactive is None:
             return None  # static: observe only
+        if self.held is not None:
+            return None  # the calibration no longer describes the pipeline
         inputs = self.plan_inputs(now)
         prune, restore = plan_prune(inputs), plan_restore(inputs)
         action: Action | None
@@ -403,6 +406,14 @@ class ControllerState:
         self.decisions.append(decision)
         self.counts[action.kind.value] += 1
         return decision
+
+    def hold(self, reason: str) -> None:
+        """Stop pruning and restoring (observe only) from now on: e.g. a failover re-plan
+        moved the slice bounds, so the calibrated per-slice curves describe slices that no
+        longer exist. Calibrate the new partition and restart the controller to resume."""
+        if self.held is None:
+            self.held = reason
+            log.warning("controller policy on hold: %s", reason)
 
     def _inputs(self, now: float, inputs: PlanInputs) -> dict[str, Any]:
         rate, source = self.arrivals.rate(now)
@@ -461,6 +472,6 @@ class ControllerState:
             "latency": {"count": int(lat.size),
                         "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
                         "p95_s": float(np.percentile(lat, 95)) if lat.size else None},
-            "time_at_level_s": time_at, "final_levels": list(self.levels),
+            "time_at_level_s": time_at, "final_levels": list(self.levels), "held": self.held,
             "node_events": [e.to_dict() for e in self.events],
             "decisions": [d.to_dict() for d in self.decisions]})

@@ -1,4 +1,5 @@
-"""`edgeprune controller`: watch a running pipeline and prune / restore its slices at run time."""
+"""`edgeprune controller`: watch a running pipeline and prune / restore its slices at run time;
+with ``--failover``, also re-plan it on the surviving nodes when one is lost (SlimEdge)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from edgeprune.commands._common import add_mqtt, mqtt_settings, pipe_name, run_service
+from edgeprune.commands._common import (
+    add_mqtt,
+    data_dir,
+    mqtt_settings,
+    pipe_name,
+    run_service,
+)
 
 log = logging.getLogger("edgeprune.controller")
 
@@ -61,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chooses per-slice pruning levels with the optimizer (calibrated curves x live "
         "slowdowns) and publishes them RETAINED on control/stage/<i>, each decision with its "
         "inputs on control/decisions. Settings: defaults < --config [controller] < flags. "
-        "See docs/controller.md.")
+        "With --failover, it also watches the nodes of the retained plan (control/plan) and, "
+        "when one is lost (its Last Will, or no message for --heartbeat-timeout s), re-plans "
+        "the pipeline on the survivors with the SlimEdge planner and publishes the new plan "
+        "and levels RETAINED; nodes apply it without restarting. "
+        "See docs/controller.md and docs/slimedge.md.")
     parser.add_argument("--calibration", type=Path, required=True,
                         help="calibration file (from `edgeprune calibrate`)")
     parser.add_argument("--config", type=Path, default=None,
@@ -86,6 +97,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         shown = "" if default is None or "default:" in text else f"; default {default:g}"
         g.add_argument(flag, dest=key, type=kind, default=None, metavar=kind.__name__.upper(),
                        help=f"{text}{shown} [{key}]")
+    f = parser.add_argument_group(
+        "failover (SlimEdge re-planning when a node is lost; docs/slimedge.md)")
+    f.add_argument("--failover", type=Path, default=None, metavar="DEVICES.toml",
+                   help="enable failover: TOML with one [[device]] per node that may run a "
+                   "slice (name = node id, speed, memory_mb, bandwidth_mbps, latency_ms, "
+                   "failure_prob; as `edgeprune plan --devices`). The plan to watch is the "
+                   "retained control/plan (e.g. from `edgeprune plan --publish`); nodes placed "
+                   "with --stage/--start/--end are not re-planned")
+    f.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S",
+                   help="a node silent this long (no metrics, which nodes send every "
+                   "--metrics-interval, 1 s by default) is lost; a Last Will is acted on at "
+                   "once. Detection bound: this + --failover-check-interval (default 3.0)")
+    f.add_argument("--failover-check-interval", type=float, default=0.2, metavar="S",
+                   help="how often liveness is checked, s (default 0.2)")
+    f.add_argument("--build-grace", type=float, default=30.0, metavar="S",
+                   help="after a new plan, its nodes may be silent this long while they build "
+                   "their slices (a Last Will still counts at once) (default 30)")
+    fl = f.add_mutually_exclusive_group()
+    fl.add_argument("--failover-floor", type=float, default=None, metavar="ACC",
+                    help="accuracy floor of the re-plan (absolute, predicted from the measured "
+                    "importance)")
+    fl.add_argument("--failover-max-drop", type=float, default=0.02, metavar="ACC",
+                    help="floor = measured unpruned accuracy - this (default 0.02)")
+    f.add_argument("--failover-objective", choices=["bottleneck", "expected"],
+                   default="bottleneck",
+                   help="planner objective: bottleneck stage time, or its expectation over "
+                   "further single failures (default bottleneck)")
+    f.add_argument("--failover-slo-ms", type=float, default=None, metavar="MS",
+                   help="re-plan to the most accurate plan whose objective (bottleneck stage "
+                   "time with transfers) is at most this; default: the fastest plan above "
+                   "the floor")
+    f.add_argument("--checkpoint", type=Path, default=None,
+                   help="model checkpoint the nodes run: its measured per-block costs and "
+                   "importance drive the re-plan (default: models/resnet-s.pt)")
+    f.add_argument("--measurements", type=Path, default=None,
+                   help="measurements JSON (default runs/slimedge/measurements-<model>-<hash>"
+                   ".json; measured once, a few minutes, if missing)")
+    f.add_argument("--data-dir", default=None,
+                   help="dataset cache folder, only to measure (default: $EDGEPRUNE_DATA_DIR "
+                   "or ./data)")
     add_mqtt(parser)
     parser.set_defaults(func=run)
 
@@ -101,19 +152,84 @@ def build_config(args: argparse.Namespace) -> Any:  # -> ControllerConfig
     return ControllerConfig.from_mapping({}, **overrides)
 
 
+def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | None
+    """The failover monitor of ``--failover`` (None without it): devices, planner on the
+    checkpoint's measured costs and importance, floor, detection settings."""
+    if args.failover is None:
+        return None
+    from controller.failover import FailoverMonitor, FailoverSettings
+    from controller.importance import (
+        Measurements,
+        default_cache,
+        fit_accuracy_model,
+        load_or_measure,
+    )
+    from controller.planner import Planner
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.partition import load_devices
+
+    settings = FailoverSettings(heartbeat_timeout_s=args.heartbeat_timeout,
+                                check_interval_s=args.failover_check_interval,
+                                build_grace_s=args.build_grace)
+    devices = list(load_devices(args.failover))
+    ckpt = load_checkpoint(args.checkpoint)
+    path = args.measurements or default_cache(ckpt)
+    m = Measurements.load(path) if path.exists() else None
+    if m is None or m.model_hash != ckpt.model_hash():
+        from pipeline.data import load_animal_mnist, split_dataset
+
+        log.info("failover: measuring per-block costs and importance of %s (once; cached at "
+                 "%s)", ckpt.config.name, path)
+        m = load_or_measure(ckpt, split_dataset(load_animal_mnist(data_dir(args))).val, path,
+                            progress=False)
+    floor = args.failover_floor if args.failover_floor is not None \
+        else m.unpruned_accuracy - args.failover_max_drop
+    planner = Planner(m.costs, fit_accuracy_model(m))
+    slo = None if args.failover_slo_ms is None else args.failover_slo_ms / 1e3
+    log.info("failover armed: devices %s, floor %.3f, objective %s%s, detection within "
+             "%.1f s of a node's last message (Last Will: at once)", [d.name for d in devices],
+             floor, args.failover_objective, "" if slo is None else f", SLO {slo * 1e3:g} ms",
+             settings.detection_bound_s)
+    return FailoverMonitor(planner, devices, floor, settings,
+                           objective=args.failover_objective, slo_s=slo)
+
+
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from controller.service import Controller
     from pipeline.calibration import Calibration
 
     config = build_config(args)
     calibration = Calibration.load(args.calibration)
     pipe = pipe_name(args)
-    controller = Controller(config, calibration, mqtt_settings(args), pipe=pipe)
+    monitor = build_failover(args)
+    mqtt = mqtt_settings(args)
+    controller = Controller(config, calibration, mqtt, pipe=pipe)
+    calibrated = [(s.start, s.end) for s in calibration.slices]
+
+    def on_failover(decision: Any) -> None:
+        bounds = [(b.start, b.end) for b in decision.message.bounds]
+        log.warning("failover: published plan v%d %s on %s at levels %s (%s)",
+                    decision.message.version, bounds, decision.message.nodes,
+                    list(decision.plan.levels), decision.message.reason)
+        if bounds != calibrated:
+            controller.state.hold(f"failover plan v{decision.message.version} runs slices "
+                                  f"{bounds}, the calibration is for {calibrated}")
 
     async def serve(stop: Any) -> None:
-        report = await controller.run(stop)
+        decisions: list[Any] = []
+        if monitor is None:
+            report = await controller.run(stop)
+        else:
+            from controller.failover import run_failover
+
+            report, decisions = await asyncio.gather(
+                controller.run(stop), run_failover(mqtt, pipe, monitor, stop, on_failover))
         if args.report is not None:
             report = {**report, "pipe": pipe, "calibration_path": str(args.calibration)}
+            if monitor is not None:
+                report["failover"] = [d.to_dict() for d in decisions]
             args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_text(json.dumps(report, indent=1))
             log.info("report written to %s", args.report)

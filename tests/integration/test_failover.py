@@ -1,20 +1,29 @@
 """Failover on a real Mosquitto: three nodes started from a retained plan, one SIGKILLed
 mid-trace; its Last Will triggers a SlimEdge re-plan on the two survivors (levels rise to keep
 the SLO), the new plan is published retained and applied without restarts, and every image
-gets exactly one result (the camera's journal re-sends what was lost)."""
+gets exactly one result (the camera's journal re-sends what was lost).
+
+Also the product path: `edgeprune controller --failover DEVICES.toml` as a process re-plans
+when a node process is killed, publishes the plan retained, and reports it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiomqtt
 import numpy as np
+import pytest
 
 from controller.failover import FailoverMonitor, FailoverSettings, run_failover
 from controller.importance import (
     AccuracyModel,
+    Measurements,
     SliceBank,
     block_inputs,
     contiguous_ranges,
@@ -25,9 +34,15 @@ from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.calibration import Calibration, SliceLatency
+from pipeline.checkpoint import Checkpoint
+from pipeline.connection import MqttSettings
+from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.partition import MIB, Device
+from pipeline.plan_message import PlanMessage
+from pipeline.slicing import SliceBounds
 from pipeline.topics import Topics
-from tests.helpers import collecting, node_process, stop_process, wait_until
+from tests.helpers import REPO, collecting, node_process, stop_process, wait_until
 
 RESEND_S = 2.0
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.1)
@@ -125,3 +140,122 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(checkpoint, test_ima
     assert detect_s < SETTINGS.detection_bound_s
     assert report.sent == 100 and report.completed == report.sent and report.lost == 0
     assert len(report.results) == report.sent
+
+
+def _measurements(checkpoint: Checkpoint) -> Measurements:
+    """Real per-block costs (briefly timed) and the stand-in importance of ``_planner``, as the
+    measurements file the controller loads (no combos: kappa = 1)."""
+    bank = SliceBank(checkpoint)
+    costs, _ = measure_costs(bank, block_inputs(bank.model, checkpoint.calibration_tensor(2)),
+                             runs=5, warmup=1, ranges=False)
+    ranges = contiguous_ranges(costs.n_blocks)
+    acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
+    return Measurements(checkpoint.config.name, checkpoint.model_hash(),
+                        checkpoint.config.num_classes, costs, tuple(ranges),
+                        np.zeros_like(acc), acc, ())
+
+
+def _calibration(checkpoint: Checkpoint, bounds: list[tuple[int, int]],
+                 ratios: tuple[float, ...]) -> Calibration:
+    """A nominal calibration of the initial partition (the controller runs --policy static
+    here: it only observes; the re-planning side uses the measurements)."""
+    fit = LinearFit(a=-0.01, b=0.01, r2=1.0)
+    slices = tuple(SliceLatency(i, a, b, "test", tuple((r, fit.predict(r)) for r in ratios), fit)
+                   for i, (a, b) in enumerate(bounds))
+    accuracy = LogisticAccuracyFit(g=tuple(-2.0 for _ in bounds), d=-4.0, max_abs_error=0.0)
+    return Calibration(ratios, slices, (), accuracy, checkpoint.model_hash(), "test",
+                       checkpoint.config.num_classes)
+
+
+async def _retained_plan(mqtt: MqttSettings, topics: Topics) -> PlanMessage | None:
+    """What a node connecting now gets on control/plan (the retained message), if any."""
+    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        await client.subscribe(topics.plan, qos=1)
+        try:
+            async with asyncio.timeout(1.0):
+                async for msg in client.messages:
+                    if isinstance(msg.payload, bytes) and msg.payload:
+                        return PlanMessage.from_json(msg.payload)
+        except TimeoutError:
+            return None
+    return None
+
+
+@pytest.mark.timeout(120)
+async def test_controller_cli_failover_publishes_a_retained_plan_without_the_killed_node(
+        checkpoint, mqtt, topic_prefix, tmp_path: Path):
+    m = _measurements(checkpoint)
+    m_path = m.save(tmp_path / "measurements.json")
+    n = m.costs.n_blocks
+    bounds = [(0, 2), (2, 4), (4, n)]
+    cal_path = _calibration(checkpoint, bounds, m.costs.ratios).save(tmp_path / "cal.json")
+    names = ["n0", "n1", "n2"]
+    (tmp_path / "devices.toml").write_text("".join(
+        f'[[device]]\nname = "{d}"\nspeed = 1.0\nmemory_mb = 4096\nbandwidth_mbps = 5000\n'
+        f"latency_ms = 0.2\nfailure_prob = 0.1\n\n" for d in names))
+    topics = Topics(topic_prefix)
+    plan = PlanMessage.build(1, n, [SliceBounds(a, b) for a, b in bounds], names, "initial")
+    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        await client.publish(topics.plan, plan.to_json(), qos=1, retain=True)
+    victim = "n1"
+    log_path, report_path = tmp_path / "controller.log", tmp_path / "report.json"
+    broker = ["--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix]
+    with open(log_path, "wb") as out:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "edgeprune", "controller", "--calibration", str(cal_path),
+             "--slo-ms", "1000", "--policy", "static", "--report", str(report_path),
+             "--failover", str(tmp_path / "devices.toml"), "--measurements", str(m_path),
+             "--failover-floor", "0.9", "--heartbeat-timeout", "2",
+             "--failover-check-interval", "0.1", *broker],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    # every node a process, as deployed (an in-process node would block this test's event
+    # loop while it builds its slice)
+    procs = {name: node_process(["--node-id", name, *broker, "--metrics-interval", "0.2"],
+                                tmp_path / f"{name}.log") for name in names}
+    try:
+        async with collecting(mqtt, topic_prefix) as col:
+            await wait_until(lambda: all(any(x["node"] == name and x["stage"] == i
+                                             for x in col.metrics)
+                                         for i, name in enumerate(names)), 60, "nodes placed")
+            await wait_until(lambda: "failover watching" in log_path.read_text(), 60,
+                             "the controller's failover monitor")
+            killed = time.monotonic()
+            procs[victim].send_signal(signal.SIGKILL)
+            procs[victim].wait(10)
+            new: list[PlanMessage] = []
+
+            async def replanned() -> bool:
+                got = await _retained_plan(mqtt, topics)
+                if got is not None and got.version > plan.version:
+                    new.append(got)
+                return bool(new)
+
+            deadline = time.monotonic() + 15
+            while not await replanned():
+                assert time.monotonic() < deadline, log_path.read_text()
+                await asyncio.sleep(0.05)
+            seen_s = time.monotonic() - killed
+            replan = new[0]
+            assert replan.version == 2 and victim not in replan.nodes
+            assert set(replan.nodes) <= {"n0", "n2"}
+            # the survivors apply it without restarting: each reports its new stage
+            await wait_until(lambda: all(any(
+                x["node"] == node and x["stage"] == i and x["bounds"] == [b.start, b.end]
+                for x in col.metrics) for i, (node, b) in enumerate(
+                    zip(replan.nodes, replan.bounds, strict=True))), 30, "the plan applied")
+    finally:  # the controller first: nodes shutting down are losses too
+        rc = stop_process(controller)
+        for proc in procs.values():
+            stop_process(proc)
+    text = log_path.read_text()
+    assert rc == 0, text
+    report = json.loads(report_path.read_text())
+    [decision] = report["failover"]
+    assert decision["version"] == 2 and decision["lost"] == [
+        {"node": victim, "reason": "last will"}]
+    assert decision["detection_delay_s"][0] < 2.1
+    if [(b.start, b.end) for b in replan.bounds] != bounds:
+        assert report["held"] and "controller policy on hold" in text
+    print(f"\ncontroller --failover: {victim} SIGKILLed; retained plan v{replan.version} "
+          f"{[(b.start, b.end) for b in replan.bounds]} on {replan.nodes} seen after "
+          f"{seen_s:.2f} s (planning {decision['planning_s'] * 1e3:.1f} ms)")

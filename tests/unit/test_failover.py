@@ -138,3 +138,27 @@ def test_losing_a_node_outside_the_plan_changes_nothing() -> None:
     monitor.on_status("spare", {"state": "online"}, 0.0)
     monitor.on_status("spare", {"state": "offline", "reason": "connection lost"}, 0.5)
     assert monitor.check(0.5) is None and monitor.current is plan
+
+
+def test_nodes_of_a_new_plan_may_be_silent_while_they_build() -> None:
+    """After a re-plan, the survivors build their new slices and send nothing for seconds:
+    within ``build_grace_s`` that is not a second failure (a Last Will still is)."""
+    monitor, plan = _setup()
+    grace = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25, build_grace_s=10.0)
+    monitor.settings = monitor.tracker.settings = grace
+    _beat(monitor, ["n0", "n1", "n2"], 0.5)
+    monitor.on_status(plan.nodes[1], {"state": "offline", "reason": "connection lost"}, 1.0)
+    decision = monitor.check(1.0)
+    assert decision is not None
+    t = 1.0
+    while t < 10.5:  # the survivors are silent (building): no new loss, no new plan
+        t += 0.25
+        assert monitor.check(t) is None
+        assert all(monitor.tracker.is_alive(n, t) for n in decision.message.nodes)
+    monitor.check(11.0)  # the grace (1 + 10 s) is over and they were silent: lost
+    assert all(monitor.tracker.loss(n) is not None for n in decision.message.nodes)
+    # a plan seen on control/plan (with its arrival time) grants the same grace
+    fresh, _ = _setup()
+    fresh.settings = fresh.tracker.settings = grace
+    fresh.on_plan(PlanMessage(plan.version + 5, plan.num_blocks, plan.stages), now=0.0)
+    assert fresh.check(9.0) is None and fresh.tracker.is_alive("n0", 9.0)
