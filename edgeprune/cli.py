@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "plan",
     "broker",
     "node",
+    "multiview",
     "camera",
     "controller",
     "tap",

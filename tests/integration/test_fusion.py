@@ -6,6 +6,8 @@ fused prediction over the views that arrived; when the view returns it is fused 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import aiomqtt
@@ -106,3 +108,51 @@ async def test_fusion_drops_a_silent_view_and_goes_on(mqtt, topic_prefix):
           f"before dropping it, then {np.median([r['waited_s'] for r in first[FAIL_AFTER:]]) * 1e3:.1f}"
           f" ms; late views {fusion.stats.late}")
     assert accuracy > 0.5
+
+
+@pytest.mark.timeout(90)
+async def test_branch_and_fusion_commands_serve_the_topology(mqtt, topic_prefix, tmp_path):
+    """Smoke of the CLI: `edgeprune fusion` as a process, three branch nodes built from parsed
+    `edgeprune branch` arguments (in-process, sharing one model); every request gets one
+    result fused from all three views, at the retained per-view levels."""
+    from edgeprune.cli import build_parser
+    from edgeprune.commands.multiview import build_branch
+    from tests.helpers import REPO, collecting, stop_process
+
+    broker = ["--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix]
+    log_path = tmp_path / "fusion.log"
+    with open(log_path, "wb") as out:
+        fusion = subprocess.Popen([sys.executable, "-m", "edgeprune", "fusion", "--checkpoint",
+                                   str(CHECKPOINT), "--timeout", "2", *broker],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    pm = PrunedMultiView(MultiViewCheckpoint.load(CHECKPOINT))
+    parser = build_parser()
+    branches = [build_branch(parser.parse_args(["branch", "--view", str(v), "--checkpoint",
+                                                str(CHECKPOINT), *broker]), pm)
+                for v in range(3)]
+    assert [b.node_id for b in branches] == ["view0", "view1", "view2"]
+    levels = (0, 2, 1)
+    test = split_dataset(load_animal_mnist(DATA_DIR)).test
+    crops = [v.crop(test.images[:5]) for v in pm.ckpt.config.views]
+    topics = ViewTopics(topic_prefix)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(b.run(stop)) for b in branches]
+    try:
+        async with collecting(mqtt, topic_prefix) as col, \
+                aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+            await publish_view_levels(client, topic_prefix, levels, pm.ratios)
+            await wait_until(lambda: [b.level for b in branches] == list(levels), 20, "levels")
+            await wait_until(lambda: any(s["node"] == "fusion" and s["state"] == "online"
+                                         for s in col.statuses), 60, "the fusion node")
+            for i in range(5):
+                for v in range(3):
+                    await client.publish(topics.view(v), view_message(
+                        f"s{i}", "cam", crops[v][i], int(test.labels[i])), qos=1)
+            await wait_until(lambda: len(col.results) >= 5, 30, "five results")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        rc = stop_process(fusion)
+    assert rc == 0, log_path.read_text()
+    assert sorted(r["request_id"] for r in col.results) == [f"s{i}" for i in range(5)]
+    assert all(r["views"] == [0, 1, 2] and r["levels"] == list(levels) for r in col.results)
