@@ -56,6 +56,7 @@ class ControllerConfig:
     rate_tau_s: float = 5.0
     metrics_max_age_s: float = 5.0
     min_arrivals: int = 5
+    escalate_after_s: float = 2.0  # proactive: a further prune within the cooldown after this
     # live slowdown of each stage: measured service time / calibrated t_i(level)
     slowdown_window_s: float = 2.0
     slowdown_tau_s: float = 1.0
@@ -123,7 +124,7 @@ class ControllerConfig:
             restore_sustain_s=_pick(self.restore_sustain_s,
                                     PROACTIVE_DEFAULTS["restore_sustain_s"]),
             rate_tau_s=self.rate_tau_s, metrics_max_age_s=self.metrics_max_age_s,
-            min_arrivals=self.min_arrivals)
+            min_arrivals=self.min_arrivals, escalate_after_s=self.escalate_after_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

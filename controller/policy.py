@@ -243,7 +243,10 @@ class ReactivePolicy:
             return None
         q = self.window.quantile(cfg.quantile)
         if q is None or self.window.count < cfg.min_samples:
-            state.reset()
+            # Too few exits to judge. Pressure must be seen without a break, so a prune
+            # condition starts over; a quiet spell (camera traps are idle most of the time) is
+            # no pressure, so it does not break a restore condition that held before it.
+            state.high_since = None
             return None
         result = state.step(now, q > cfg.trigger_s, q < cfg.restore_threshold_s,
                             can_prune, can_restore)
@@ -317,16 +320,17 @@ class ProactiveConfig:
     rate_tau_s: float = 5.0
     metrics_max_age_s: float = 5.0
     min_arrivals: int = 5
+    escalate_after_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("slo_s", "rho_high", "rho_target", "rho_low", "sustain_s", "cooldown_s",
-                     "restore_sustain_s", "rate_tau_s", "metrics_max_age_s"):
+                     "restore_sustain_s", "rate_tau_s", "metrics_max_age_s", "escalate_after_s"):
             _finite(getattr(self, name), name)
         _check(self.slo_s > 0, f"slo_s must be > 0, got {self.slo_s}")
         _check(0 < self.rho_low < self.rho_target < self.rho_high <= 1,
                f"need 0 < rho_low < rho_target < rho_high <= 1, got {self.rho_low}, "
                f"{self.rho_target}, {self.rho_high}")
-        for name in ("sustain_s", "cooldown_s", "restore_sustain_s"):
+        for name in ("sustain_s", "cooldown_s", "restore_sustain_s", "escalate_after_s"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.rate_tau_s > 0, f"rate_tau_s must be > 0, got {self.rate_tau_s}")
         _check(self.metrics_max_age_s > 0,
@@ -377,7 +381,14 @@ class ProactivePolicy:
         levels a RESTORE would set (from the calibration fits and live slowdowns); without it
         the policy never restores."""
         cfg, state = self.config, self._state
-        if state.in_cooldown(now):
+        # Within the cooldown only one thing may happen: a further PRUNE, once the levels just
+        # set have been seen for escalate_after_s, if they still cannot carry the load even
+        # with empty queues (the backlog left by the slowdown drains by itself). A first
+        # decision taken on a half-converged slowdown estimate is corrected without waiting
+        # out the cooldown; a restore always waits for it.
+        escalating = state.in_cooldown(now)
+        if escalating and (not can_prune or state.last_action_at is None
+                           or now - state.last_action_at < cfg.escalate_after_s):
             return None
         rate = self.arrivals.rate(now)
         fresh = [m for m in self._metrics if m is not None and now - m[0] <= cfg.metrics_max_age_s]
@@ -387,9 +398,11 @@ class ProactivePolicy:
         service = [m[2] for m in fresh]
         queues = [m[1] for m in fresh]
         latency, rhos = predicted_latency(rate, service, queues)
+        if escalating:
+            latency, rhos = predicted_latency(rate, service, [0.0] * len(service))
         high = latency > cfg.slo_s or max(rhos) > cfg.rho_high
         low = False
-        if restore_service_s is not None:
+        if restore_service_s is not None and not escalating:
             _check(len(restore_service_s) == self.n_stages,
                    f"need {self.n_stages} restore service times, got {len(restore_service_s)}")
             restored_latency, restored_rhos = predicted_latency(rate, restore_service_s, queues)
@@ -399,7 +412,11 @@ class ProactivePolicy:
             return None
         kind, since = result
         worst = max(range(self.n_stages), key=lambda i: rhos[i])
-        if kind is ActionKind.PRUNE:
+        if kind is ActionKind.PRUNE and escalating:
+            reason = (f"escalate: the levels just set still predict {latency:.3f} s with empty "
+                      f"queues (SLO {cfg.slo_s:.3f} s), stage {worst} utilisation "
+                      f"{rhos[worst]:.2f} at {rate:.2f} req/s for {now - since:.1f} s")
+        elif kind is ActionKind.PRUNE:
             reason = (f"predicted latency {latency:.3f} s (SLO {cfg.slo_s:.3f} s), stage {worst} "
                       f"utilisation {rhos[worst]:.2f} (high {cfg.rho_high:.2f}) at "
                       f"{rate:.2f} req/s for {now - since:.1f} s")

@@ -41,6 +41,9 @@ THRESHOLDS: tuple[tuple[str, str, type, str], ...] = (
     ("--rate-tau", "rate_tau_s", float, "time constant of the arrival-rate average, s"),
     ("--metrics-max-age", "metrics_max_age_s", float, "older node metrics count as missing, s"),
     ("--min-arrivals", "min_arrivals", int, "proactive: arrivals needed before deciding"),
+    ("--escalate-after", "escalate_after_s", float,
+     "proactive: within the cooldown, prune further after this long if the new levels still "
+     "cannot carry the load with empty queues, s"),
     ("--slowdown-window", "slowdown_window_s", float,
      "live slowdown: median of the service samples of this window, s"),
     ("--slowdown-tau", "slowdown_tau_s", float, "live slowdown: EWMA time constant, s"),

@@ -3,7 +3,8 @@
     [experiment]                 name, description, seed, policy, startup_timeout_s,
                                  startup_budget_s, warmup_images
     [model]                      checkpoint, calibration (created when missing or stale), ratios
-    [plan]                       cuts (block indices), nodes (one name per slice), threads
+    [plan]                       cuts (block indices), nodes (one name per slice), threads,
+                                 pin_cpus, metrics_interval_s (nodes' metrics period)
     [trace]                      names, compression, max_idle_s, window, max_images, format,
                                  drain_s, resend_after_s
     [emulation.<node>]           factor, windows = [[start_s, end_s, factor], ...], cpu_hog,
@@ -116,6 +117,7 @@ class ExperimentConfig:
     calibration: Path | None = None  # None: runs/calibration/<name>.json
     ratios: tuple[float, ...] | None = None  # None: the nodes' default levels
     threads: int = 1
+    metrics_interval_s: float = 1.0  # how often nodes publish metrics (the controller's eyes)
     pin_cpus: bool = False  # pin node i (and its CPU hog) to core i mod the core count
     startup_timeout_s: float = 180.0  # give up when a process is not up after this long
     startup_budget_s: float = 45.0  # first run: launch -> shared clock start (then learnt)
@@ -129,8 +131,10 @@ class ExperimentConfig:
         if len(self.nodes) != len(self.cuts) + 1:
             raise ConfigError(f"{len(self.cuts)} cut(s) make {len(self.cuts) + 1} slices, "
                               f"but {len(self.nodes)} node(s) are named")
-        if self.threads < 1 or self.startup_timeout_s <= 0 or self.startup_budget_s <= 0:
-            raise ConfigError("threads, startup_timeout_s and startup_budget_s must be > 0")
+        if self.threads < 1 or self.startup_timeout_s <= 0 or self.startup_budget_s <= 0 \
+                or not self.metrics_interval_s > 0:
+            raise ConfigError("threads, startup_timeout_s, startup_budget_s and "
+                              "metrics_interval_s must be > 0")
         if self.warmup_images < 0:
             raise ConfigError("warmup_images must be >= 0")
         self.controller_config()  # validate early: a bad threshold fails before any process
@@ -181,6 +185,7 @@ class ExperimentConfig:
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "calibration": str(self.calibration_path), "cuts": list(self.cuts),
             "ratios": list(self.ratios) if self.ratios else None, "threads": self.threads,
+            "metrics_interval_s": self.metrics_interval_s,
             "pin_cpus": self.pin_cpus,
             "trace": {"names": list(self.trace.names), "compression": self.trace.compression,
                       "max_idle_s": self.trace.max_idle_s,
@@ -253,7 +258,7 @@ def config_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> 
                                       "startup_timeout_s", "startup_budget_s",
                                       "warmup_images"})
     model = _table(data, "model", {"checkpoint", "calibration", "ratios"})
-    plan = _table(data, "plan", {"cuts", "nodes", "threads", "pin_cpus"})
+    plan = _table(data, "plan", {"cuts", "nodes", "threads", "pin_cpus", "metrics_interval_s"})
     trace = _table(data, "trace", {"names", "compression", "max_idle_s", "window",
                                    "max_images", "format", "drain_s", "resend_after_s"})
     emulation = data.get("emulation", {})
@@ -296,7 +301,8 @@ def config_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> 
         checkpoint=Path(model["checkpoint"]) if model.get("checkpoint") else None,
         calibration=Path(model["calibration"]) if model.get("calibration") else None,
         ratios=tuple(float(r) for r in model["ratios"]) if "ratios" in model else None,
-        threads=int(plan.get("threads", 1)), pin_cpus=bool(plan.get("pin_cpus", False)),
+        threads=int(plan.get("threads", 1)),
+        metrics_interval_s=float(plan.get("metrics_interval_s", 1.0)), pin_cpus=bool(plan.get("pin_cpus", False)),
         startup_timeout_s=float(exp.get("startup_timeout_s", 180.0)),
         startup_budget_s=float(exp.get("startup_budget_s", 45.0)),
         warmup_images=int(exp.get("warmup_images", 10)), source=source)

@@ -290,6 +290,7 @@ class ExperimentRunner:
         args = ["--log-level", self.log_level, "node", "--node-id", node.name,
                 "--stage", str(node.stage), "--start", str(node.start), "--end", str(node.end),
                 "--threads", str(cfg.threads), "--queue-size", str(_QUEUE_SIZE),
+                "--metrics-interval", f"{cfg.metrics_interval_s:g}",
                 "--clock-start", f"{clock_start:.6f}", *self._common(mqtt, pipe)]
         if cfg.checkpoint:
             args += ["--checkpoint", str(cfg.checkpoint)]

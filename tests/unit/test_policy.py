@@ -129,6 +129,23 @@ def test_too_few_samples_means_no_decision() -> None:
     assert _run(policy, lambda t: 0.1 if round(t / SAMPLE_DT) % 40 == 0 else None, until=60) == []
 
 
+def test_a_quiet_spell_does_not_break_a_restore_condition() -> None:
+    # low latency, but sparse: bursts of 1 s (20 exits) every 4 s, so most 2 s windows hold
+    # too few exits; the restore condition holds across the quiet spells
+    def sparse_low(t: float) -> float | None:
+        return 0.1 if t % 4.0 < 1.0 else None
+
+    actions = _run(ReactivePolicy(_config(min_samples=10)), sparse_low, until=60)
+    assert [a.kind for a in actions] == [ActionKind.RESTORE]
+    assert actions[0].at - actions[0].since >= 30.0
+    # a prune condition does not survive a gap: high only in the same sparse bursts -> no prune
+    def sparse_high(t: float) -> float | None:
+        return 5.0 if t % 4.0 < 1.0 else None
+
+    assert _run(ReactivePolicy(_config(min_samples=10, sustain_s=3.0)), sparse_high,
+                until=60) == []
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.sampled_from([0.2, 0.8, 1.5, 4.0]), min_size=5, max_size=40))
 def test_actions_respect_thresholds_and_cooldown(levels: list[float]) -> None:
@@ -228,7 +245,7 @@ def test_proactive_holds_at_moderate_load_and_restores_at_low_load() -> None:
 def test_proactive_needs_fresh_metrics_from_every_stage() -> None:
     cfg = ProactiveConfig(slo_s=1.0, sustain_s=10.0)
     policy = ProactivePolicy(cfg, n_stages=2, start=0.0)
-    overloaded = _proactive_run(policy, 20.0, [0.05, 0.08], until=30.0)
+    overloaded = _proactive_run(policy, 20.0, [0.05, 0.08], until=20.0)
     assert [a.at for a in overloaded] == [pytest.approx(10.5)]
     # metrics stop after t = 1: from t = 6.5 on they are stale, and the condition is dropped
     policy = ProactivePolicy(cfg, n_stages=2, start=0.0)
@@ -244,3 +261,36 @@ def test_proactive_needs_fresh_metrics_from_every_stage() -> None:
 def test_proactive_config_validation(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ProactiveConfig(**{"slo_s": 1.0, **overrides})  # type: ignore[arg-type]
+
+
+def test_proactive_escalates_within_the_cooldown_when_the_new_levels_fall_short() -> None:
+    cfg = ProactiveConfig(slo_s=0.5, cooldown_s=10.0, escalate_after_s=2.0)
+    policy = ProactivePolicy(cfg, n_stages=1, start=0.0)
+    # overloaded: rho = 10 x 0.12 = 1.2 -> PRUNE after sustain_s
+    first = _proactive_run(policy, 10.0, [0.12], until=3.0)
+    assert [a.kind for a in first] == [ActionKind.PRUNE]
+    t0 = first[0].at
+    # the first prune fell short (rho 0.95 with empty queues, deep queue still draining):
+    # a second PRUNE comes escalate_after_s + sustain_s later, well inside the cooldown
+    more = _proactive_run(policy, 10.0, [0.095], until=t0 + 6.0, start=3.0)
+    assert [a.kind for a in more] == [ActionKind.PRUNE]
+    assert t0 + cfg.escalate_after_s + cfg.sustain_s - 0.3 <= more[0].at < t0 + cfg.cooldown_s
+    assert more[0].reason.startswith("escalate")
+
+
+def test_proactive_does_not_escalate_on_a_draining_backlog_alone() -> None:
+    cfg = ProactiveConfig(slo_s=0.5, cooldown_s=10.0, escalate_after_s=2.0)
+    policy = ProactivePolicy(cfg, n_stages=1, start=0.0)
+    first = _proactive_run(policy, 10.0, [0.12], until=3.0)
+    assert len(first) == 1
+    # the new level has capacity (rho 0.5) but 30 requests still wait: no action in the
+    # cooldown (the queue drains by itself); without escalation the old rule would prune again
+    # as soon as the cooldown ends if the queue were still there
+    t0 = first[0].at
+
+    def deep_queue(t: float) -> bool:
+        policy.observe_stage(t, 0, queue_depth=30, service_s=0.05)
+        return False
+
+    assert _proactive_run(policy, 10.0, [0.05], until=t0 + cfg.cooldown_s - 0.1, start=3.0,
+                          report=deep_queue) == []
