@@ -7,14 +7,19 @@ from pathlib import Path
 
 from edgeprune.commands._common import add_data_dir, data_dir
 
+# Known here without importing torch (--help stays fast); a unit test checks them against
+# pipeline.training.REGIMES and pipeline.models.PRESETS.
+DEFAULT_REGIME = "paper-robust"
+REGIME_NAMES = ("paper-robust", "standard", "width-robust")
+MODEL_PRESETS = ("resnet-s", "resnet-xs", "resnet18-cifar")
+REGIME_SUMMARY = ("standard: 15 epochs, batch 64, weight decay 0.0005; paper-robust: 20 epochs, "
+                  "batch 16, weight decay 0.005; width-robust: 15 epochs, batch 64, weight "
+                  "decay 0.0005, width-robust")
+
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.models import PRESETS
-    from pipeline.training import DEFAULT_REGIME, REGIMES
-
-    regimes = "; ".join(
-        f"{name}: {c.epochs} epochs, batch {c.batch_size}, weight decay {c.weight_decay:g}"
-        + (", width-robust" if c.width_robust else "") for name, c in REGIMES.items())
+    regimes = REGIME_SUMMARY
     parser = sub.add_parser(
         "train", help="train a model and write a checkpoint",
         description="Train a sliceable ResNet on the default dataset (Animal-MNIST) or on a "
@@ -26,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "reproduces models/resnet-s.pt. The width-robust regime also trains, at every step, "
         "sub-networks pruned the way the nodes prune (sandwich rule, in-place distillation).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=sorted(REGIMES),
+    parser.add_argument("--regime", default=DEFAULT_REGIME, choices=REGIME_NAMES,
                         help="training preset")
-    parser.add_argument("--model", default="resnet-s", choices=sorted(PRESETS),
+    parser.add_argument("--model", default="resnet-s", choices=MODEL_PRESETS,
                         help="model preset")
     parser.add_argument("--widths", default=None,
                         help="override stage widths, comma separated (e.g. 80,160,320)")

@@ -191,3 +191,27 @@ def test_bench_prune_json_has_the_headline_and_a_row_per_slice_and_level(trained
     assert report["startup"]["total_with_bn_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads(out.with_suffix(".json").read_text())["switch_ms"] == report["switch_ms"]
+
+
+def test_train_help_constants_match_the_training_code() -> None:
+    from edgeprune.commands import train
+    from pipeline.models import PRESETS
+    from pipeline.training import DEFAULT_REGIME, REGIMES
+
+    assert train.DEFAULT_REGIME == DEFAULT_REGIME
+    assert tuple(sorted(REGIMES)) == train.REGIME_NAMES
+    assert tuple(sorted(PRESETS)) == train.MODEL_PRESETS
+    assert "; ".join(
+        f"{name}: {c.epochs} epochs, batch {c.batch_size}, weight decay {c.weight_decay:g}"
+        + (", width-robust" if c.width_robust else "") for name, c in REGIMES.items()) == train.REGIME_SUMMARY
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgeprune.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
