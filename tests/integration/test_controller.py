@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,15 @@ from pipeline.fitting import fit_linear, fit_logistic_accuracy
 from pipeline.slicing import parse_cuts
 from pipeline.topics import Topics
 from pipeline.training import predict
-from tests.helpers import REPO, clear_retained, collecting, stop_process, wait_until
+from tests.helpers import (
+    REPO,
+    clear_retained,
+    collecting,
+    publish_level,
+    running_nodes,
+    stop_process,
+    wait_until,
+)
 
 CUTS = "2"  # stage 0 = blocks [0, 2), stage 1 = blocks [2, 5)
 # Both nodes emulate a small device (6x this machine: a slice of a few ms becomes tens of ms,
@@ -361,3 +370,55 @@ async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
     assert report["config"]["policy"] == "static" and report["config"]["slo_ms"] == 150
     assert [(e["kind"], e["node"]) for e in report["node_events"]] == [("lost", "n9")]
     assert report["latency"]["p95_s"] == pytest.approx(0.05)
+
+
+async def test_kill_and_restart_the_controller_mid_burst_loses_nothing(
+        mqtt: MqttSettings, topic_prefix: str, checkpoint: Checkpoint,
+        test_images: ImageSource, calibration: Calibration, tmp_path: Path) -> None:
+    """The controller is not on the data path: SIGKILL it mid-burst and start it again; every
+    image gets exactly one result, and the new controller adopts the retained levels instead of
+    resetting the nodes to level 0."""
+    cal_path = calibration.save(tmp_path / "calibration.json")
+    config_path = tmp_path / "controller.toml"
+    config_path.write_text("[controller]\nslo_ms = 60000\nstatus_interval_s = 0.2\n")
+    logs = [tmp_path / "controller-1.log", tmp_path / "controller-2.log"]
+    topics = Topics(topic_prefix)
+
+    def start(log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "edgeprune", "controller", "--calibration",
+                 str(cal_path), "--config", str(config_path), "--policy", "reactive",
+                 "--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    await publish_level(mqtt, topic_prefix, 1, 2, RATIOS[2], seq=3)
+    bounds = parse_cuts(CUTS, checkpoint.build().num_blocks)
+    proc = start(logs[0])
+    try:
+        async with running_nodes(checkpoint, mqtt, topic_prefix, bounds, ratios=RATIOS,
+                                 metrics_interval_s=0.2), \
+                collecting(mqtt, topic_prefix) as col:
+            await wait_until(lambda: "adopted from control/stage/1" in logs[0].read_text(), 30,
+                             "the first controller learns the retained level")
+            cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(30.0, 90, n_images=500),
+                         resend_after_s=2.0, drain_s=90)
+            task = asyncio.create_task(cam.run())
+            await wait_until(lambda: cam.report.completed >= 15, 60, "first results")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            proc = start(logs[1])
+            await wait_until(lambda: "adopted from control/stage/1" in logs[1].read_text(), 30,
+                             "the restarted controller learns the retained level")
+            report = await task
+            stage1_levels = {s["level"] for e in col.exits for s in e["stages"]
+                             if s["stage"] == 1}
+    finally:
+        rc = stop_process(proc)
+        await clear_retained(mqtt, topic_prefix, [topics.control_stage(1)])
+    print(f"\ncontroller SIGKILL + restart: sent {report.sent}, results {report.completed}, "
+          f"re-sent {report.resent}, duplicates suppressed {report.duplicates}")
+    assert rc == 0, logs[1].read_text()
+    assert report.sent == 90 and report.completed == report.sent and report.lost == 0
+    assert len(report.results) == report.sent
+    assert stage1_levels == {2}  # never reset to 0 by either controller
