@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from edgeprune.experiment.config import ExperimentConfig
 from edgeprune.experiment.monitor import Events
@@ -115,11 +116,7 @@ def plot_timeline(config: ExperimentConfig, policy: str, events: Events, clock_s
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     axes[0].set_xlim(min(0.0, float(sends[0]) if sends.size else 0.0) - 1, end)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_cdf(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
@@ -141,11 +138,7 @@ def plot_cdf(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
            title=f"{config.name}: latency CDF", ylim=(0, 1.01))
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_compare_timelines(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
@@ -179,6 +172,10 @@ def plot_compare_timelines(config: ExperimentConfig, runs: Mapping[str, tuple[Ev
     axes[0, 0].set_title(f"{config.name}: latency (dots, rolling p95) and levels per policy; "
                          f"dashed: SLO {config.slo_ms:g} ms")
     axes[-1, 0].set_xlabel("seconds on the experiment clock")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

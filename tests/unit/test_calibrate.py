@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +52,6 @@ def toy_dataset(n: int, seed: int) -> ArrayDataset:
         images[i, h * r + 2:h * r + h - 2, h * c + 2:h * c + h - 2] = 220
     return ArrayDataset(images, labels.astype(np.int64), CLASSES, "toy")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The machine is shared: every test here runs torch on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

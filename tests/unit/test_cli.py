@@ -33,16 +33,6 @@ def _restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One thread: on a shared, busy machine OpenMP threads wait on each other for ages."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _run(*argv: str) -> int:
     return main(["--log-level", "WARNING", *argv])

@@ -21,15 +21,6 @@ from pipeline.robust import (
 from pipeline.slicing import ModelSlice, SliceBounds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(name: str = "resnet-xs", seed: int = 0) -> SliceableResNet:
     """A model whose BatchNorm parameters and statistics are all distinct (identifiable)."""
     torch.manual_seed(seed)

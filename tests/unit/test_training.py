@@ -23,15 +23,6 @@ from pipeline.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _toy_dataset(n: int = 300, seed: int = 0) -> ArrayDataset:
     """4 classes: a bright square in one quadrant of a noisy 28x28 grey image."""
     rng = np.random.default_rng(seed)
