@@ -88,6 +88,7 @@ class SliceNode:
         self._placed = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice")
+        self._placing: set[asyncio.Task[None]] = set()  # plans being applied
         self._lock = threading.Lock()
         self._counters = _Counters()
         self._service_s: deque[float] = deque(maxlen=50)
@@ -147,9 +148,10 @@ class SliceNode:
             await self._say_goodbye()
         finally:
             # cancelling the connection task leaves its `async with client` cleanly
-            for t in [*tasks, stopper]:
+            placing = list(self._placing)
+            for t in [*tasks, stopper, *placing]:
                 t.cancel()
-            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            await asyncio.gather(*tasks, stopper, *placing, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self, timeout: float) -> None:
@@ -288,17 +290,33 @@ class SliceNode:
         if self.slice is not None and stage == self.stage and \
                 bounds == self.slice.model_slice.bounds:
             return
+        # Build off the event loop (in the slice thread, after the request it is computing):
+        # metrics, heartbeats, control messages and SIGTERM are served meanwhile, and the
+        # requests already queued for the old slice are still computed by it.
+        task = asyncio.get_running_loop().create_task(
+            self._apply_placement(plan.version, stage, bounds, len(payload)))
+        self._placing.add(task)
+        task.add_done_callback(self._placing.discard)
+
+    async def _apply_placement(self, version: int, stage: int, bounds: SliceBounds,
+                               size: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
+            if bounds.end > self.num_blocks:
+                raise ConfigError(f"slice {bounds} exceeds the model's {self.num_blocks} blocks")
+            await loop.run_in_executor(self._executor, self._build, bounds)
+            if version != self._plan_version:
+                return  # a newer plan came while building; it places the node
             self._place(stage, bounds)
         except EdgepruneError as exc:
-            self._reject(f"cannot apply plan v{plan.version}: {exc}", None, self.topics.plan,
-                         len(payload))
+            self._reject(f"cannot apply plan v{version}: {exc}", None, self.topics.plan, size)
             return
         self._counters.plan_changes += 1
-        log.info("plan v%d applied: stage %d, blocks [%d, %d)", plan.version, stage,
+        log.info("plan v%d applied: stage %d, blocks [%d, %d)", version, stage,
                  bounds.start, bounds.end)
         if self._client is not None and self._connected.is_set():
-            asyncio.get_running_loop().create_task(self._subscribe_stage(self._client))
+            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect subscribes again
+                await self._subscribe_stage(self._client)
 
     def _reject(self, reason: str, request_id: str | None, topic: str, size: int,
                 shed: bool = False) -> None:
