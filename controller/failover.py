@@ -13,8 +13,8 @@
   check_interval_s`` after its last message, whatever the keepalive (a stall of the checker
   itself is not counted as the nodes' silence).
 - *Build grace.* A node given a slice by a new plan builds its pruned variants before it
-  serves (seconds on a small device: 1-9 s for resnet-s here, under load); it sends no metrics
-  meanwhile. For ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does
+  serves (seconds on a small device: 1-9 s for resnet-s here, under load); it builds them in
+  its slice thread, but a loaded device may still send no metrics meanwhile. For ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does
   not count (their Last Will does), so a takeover is not mistaken for a second failure. A node
   that dies silently during that window is found by heartbeat at most ``build_grace_s +
   check_interval_s`` after the plan.

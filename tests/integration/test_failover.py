@@ -127,8 +127,8 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(checkpoint, test_ima
     levels = [codec.decode_json(b)["level"] for _, b in decision.levels]
     assert levels == list(decision.plan.levels)
     # detection: from the kill to the decision (the monitor's clock); the publication can lag
-    # it here because the in-process survivors share this event loop and build their new
-    # slice in it (see docs/slimedge.md)
+    # it here because the in-process survivors share this process (and its CPU) while they
+    # build their new slices (see docs/slimedge.md)
     detect_s, recover_s = decision.decided_at - killed_mono, recovered()
     print(f"\nfailover: {victim} SIGKILLed; detected and re-planned in {detect_s * 1e3:.0f} ms "
           f"(planning {decision.planning_s * 1e3:.1f} ms), published after "
