@@ -171,8 +171,12 @@ def broker_cli(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         assert ready, "edgeprune broker printed nothing"
         yield proc, proc.stdout.readline()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # SIGTERM first: the CLI stops its mosquitto on the way out
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:

@@ -377,8 +377,12 @@ async def test_cli_secure_prints_where_the_credentials_are(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # SIGTERM first: the CLI stops its mosquitto on the way out
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
