@@ -160,7 +160,7 @@ def node_process(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]
                             stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> int:
     """SIGTERM (after SIGCONT, in case it is stopped), then SIGKILL if it does not exit."""
     import signal
 

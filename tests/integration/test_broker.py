@@ -39,6 +39,7 @@ from edgeprune.broker import (
     wait_for_mqtt,
 )
 from pipeline.errors import BrokerError
+from tests.helpers import stop_process
 
 BrokerFactory = Callable[..., MosquittoBroker]  # the broker_factory fixture (tests/conftest.py)
 REPO = Path(__file__).resolve().parents[2]
@@ -171,13 +172,7 @@ def broker_cli(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         assert ready, "edgeprune broker printed nothing"
         yield proc, proc.stdout.readline()
     finally:
-        if proc.poll() is None:  # SIGTERM first: the CLI stops its mosquitto on the way out
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        stop_process(proc, timeout=15)  # SIGTERM first: the CLI stops its mosquitto
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()

@@ -43,7 +43,7 @@ from pipeline.errors import ConfigError
 from pipeline.slicing import parse_cuts
 from pipeline.topics import Topics
 from tests.conftest import BrokerFactory
-from tests.helpers import REPO, LineReader, collecting, wait_until
+from tests.helpers import REPO, LineReader, collecting, stop_process, wait_until
 
 TIMEOUT = 10.0
 
@@ -377,13 +377,7 @@ async def test_cli_secure_prints_where_the_credentials_are(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
     finally:
-        if proc.poll() is None:  # SIGTERM first: the CLI stops its mosquitto on the way out
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        stop_process(proc, timeout=15)  # SIGTERM first: the CLI stops its mosquitto
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
