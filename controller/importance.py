@@ -387,16 +387,17 @@ def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
     return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
 
 
-def load_or_measure(ckpt: Checkpoint, data: ArrayDataset, cache: Path | None = None,
-                    **kwargs: Any) -> Measurements:
-    """The cached measurements of this checkpoint (by weight hash), measured if missing."""
+def load_or_measure(ckpt: Checkpoint, data: ArrayDataset | Callable[[], ArrayDataset],
+                    cache: Path | None = None, **kwargs: Any) -> Measurements:
+    """The cached measurements of this checkpoint (by weight hash), measured if missing.
+    ``data`` may be a function that loads the held-out data: called only to measure."""
     path = cache or default_cache(ckpt)
     if path.exists():
         m = Measurements.load(path)
         if m.model_hash == ckpt.model_hash():
             return m
         log.info("%s belongs to another model; measuring again", path)
-    m = measure(ckpt, data, **kwargs)
+    m = measure(ckpt, data() if callable(data) else data, **kwargs)
     m.save(path)
     log.info("measurements cached at %s", path)
     return m

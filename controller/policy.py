@@ -156,6 +156,12 @@ class _Sustain:
     def reset(self) -> None:
         self.high_since = self.low_since = None
 
+    def quiet(self) -> None:
+        """Too little data to judge: pressure must be seen without a break, so a prune
+        condition starts over; a quiet spell is no pressure, so a restore condition that held
+        before it still holds."""
+        self.high_since = None
+
     def step(self, now: float, high: bool, low: bool, can_prune: bool,
              can_restore: bool) -> tuple[ActionKind, float] | None:
         """Update the trackers; return the action and since when its condition held."""
@@ -243,10 +249,7 @@ class ReactivePolicy:
             return None
         q = self.window.quantile(cfg.quantile)
         if q is None or self.window.count < cfg.min_samples:
-            # Too few exits to judge. Pressure must be seen without a break, so a prune
-            # condition starts over; a quiet spell (camera traps are idle most of the time) is
-            # no pressure, so it does not break a restore condition that held before it.
-            state.high_since = None
+            state.quiet()  # camera traps are idle most of the time
             return None
         result = state.step(now, q > cfg.trigger_s, q < cfg.restore_threshold_s,
                             can_prune, can_restore)
@@ -397,9 +400,9 @@ class ProactivePolicy:
             return None
         service = [m[2] for m in fresh]
         queues = [m[1] for m in fresh]
-        latency, rhos = predicted_latency(rate, service, queues)
-        if escalating:
-            latency, rhos = predicted_latency(rate, service, [0.0] * len(service))
+        # escalating: judge the new levels' capacity, not the backlog that drains by itself
+        latency, rhos = predicted_latency(rate, service,
+                                          [0.0] * len(service) if escalating else queues)
         high = latency > cfg.slo_s or max(rhos) > cfg.rho_high
         low = False
         if restore_service_s is not None and not escalating:

@@ -107,6 +107,8 @@ class SliceNode:
 
     # ----------------------------------------------------------------- placement
     def _build(self, bounds: SliceBounds) -> PrunableSlice:
+        if bounds.end > self.num_blocks:
+            raise ConfigError(f"slice {bounds} exceeds the model's {self.num_blocks} blocks")
         if bounds not in self._built:
             started = time.perf_counter()
             self._built[bounds] = build_prunable(
@@ -118,9 +120,7 @@ class SliceNode:
         return self._built[bounds]
 
     def _place(self, stage: int, bounds: SliceBounds) -> None:
-        if bounds.end > self.num_blocks:
-            raise ConfigError(f"slice {bounds} exceeds the model's {self.num_blocks} blocks")
-        new = self._build(bounds)
+        new = self._build(bounds)  # already built when the plan was applied off the loop
         if self.slice is not None and new is not self.slice:
             new.set_level(0)
         self.slice, self.stage = new, stage
@@ -302,8 +302,6 @@ class SliceNode:
                                size: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            if bounds.end > self.num_blocks:
-                raise ConfigError(f"slice {bounds} exceeds the model's {self.num_blocks} blocks")
             await loop.run_in_executor(self._executor, self._build, bounds)
             if version != self._plan_version:
                 return  # a newer plan came while building; it places the node

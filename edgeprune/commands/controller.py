@@ -161,12 +161,7 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     if args.failover is None:
         return None
     from controller.failover import FailoverMonitor, FailoverSettings
-    from controller.importance import (
-        Measurements,
-        default_cache,
-        fit_accuracy_model,
-        load_or_measure,
-    )
+    from controller.importance import default_cache, fit_accuracy_model, load_or_measure
     from controller.planner import Planner
     from pipeline.checkpoint import load_checkpoint
     from pipeline.partition import load_devices
@@ -176,15 +171,16 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
                                 build_grace_s=args.build_grace)
     devices = list(load_devices(args.failover))
     ckpt = load_checkpoint(args.checkpoint)
-    path = args.measurements or default_cache(ckpt)
-    m = Measurements.load(path) if path.exists() else None
-    if m is None or m.model_hash != ckpt.model_hash():
-        from pipeline.data import load_animal_mnist, split_dataset
+    from pipeline.data import load_animal_mnist, split_dataset
 
+    path = args.measurements or default_cache(ckpt)
+
+    def held_out() -> Any:  # loaded only when the measurements must be taken
         log.info("failover: measuring per-block costs and importance of %s (once; cached at "
                  "%s)", ckpt.config.name, path)
-        m = load_or_measure(ckpt, split_dataset(load_animal_mnist(data_dir(args))).val, path,
-                            progress=False)
+        return split_dataset(load_animal_mnist(data_dir(args))).val
+
+    m = load_or_measure(ckpt, held_out, path, progress=False)
     floor = args.failover_floor if args.failover_floor is not None \
         else m.unpruned_accuracy - args.failover_max_drop
     planner = Planner(m.costs, fit_accuracy_model(m))

@@ -66,7 +66,7 @@ def quick_checkpoint(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.commands.experiment import print_outcome
+    from edgeprune.commands.experiment import policies_of, print_outcome
     from edgeprune.experiment.calibration import checkpoint_path
     from edgeprune.experiment.config import load_config
     from edgeprune.experiment.session import run_session
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint_path(config).is_file():
         config = config.with_overrides(checkpoint=quick_checkpoint(args),
                                        calibration=Path("runs/calibration/demo-quick.json"))
-    policies = [args.policy] if args.policy else \
-        [p.strip() for p in args.compare.split(",") if p.strip()]
+    policies = [args.policy] if args.policy else policies_of(args, config.policy)
     out = args.out or Path("runs") / "experiments" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"edgeprune demo: {config.description}\npolicies: {', '.join(policies)}; output: "
           f"{out}\n", file=sys.stderr, flush=True)
