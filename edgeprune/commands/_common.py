@@ -18,12 +18,14 @@ def data_dir(args: argparse.Namespace) -> Path:
     return Path(value)
 
 
-def add_data_dir(parser: argparse.ArgumentParser) -> None:
+def add_data_dir(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
+                 help: str = "dataset cache folder") -> None:
     parser.add_argument("--data-dir", default=None,
-                        help="dataset cache folder (default: $EDGEPRUNE_DATA_DIR or ./data)")
+                        help=f"{help} (default: $EDGEPRUNE_DATA_DIR or ./data)")
 
 
-def add_checkpoint(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
+def add_checkpoint(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
+                   multiple: bool = False, help: str = "model checkpoint") -> None:
     # the default is pipeline.checkpoint.DEFAULT_CHECKPOINT; not imported here (torch) so that
     # --help stays fast
     if multiple:
@@ -31,7 +33,7 @@ def add_checkpoint(parser: argparse.ArgumentParser, *, multiple: bool = False) -
                             help="checkpoints to compare (default: models/resnet-s.pt)")
     else:
         parser.add_argument("--checkpoint", type=Path, default=None,
-                            help="model checkpoint (default: models/resnet-s.pt)")
+                            help=f"{help} (default: models/resnet-s.pt)")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

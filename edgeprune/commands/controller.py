@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.commands._common import (
+    add_checkpoint,
+    add_data_dir,
     add_mqtt,
     data_dir,
     mqtt_settings,
@@ -131,15 +133,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-plan to the most accurate plan whose objective (bottleneck stage "
                    "time with transfers) is at most this; default: the fastest plan above "
                    "the floor")
-    f.add_argument("--checkpoint", type=Path, default=None,
-                   help="model checkpoint the nodes run: its measured per-block costs and "
-                   "importance drive the re-plan (default: models/resnet-s.pt)")
+    add_checkpoint(f, help="model checkpoint the nodes run: its measured per-block costs and "
+                   "importance drive the re-plan")
     f.add_argument("--measurements", type=Path, default=None,
                    help="measurements JSON (default runs/slimedge/measurements-<model>-<hash>"
                    ".json; measured once, a few minutes, if missing)")
-    f.add_argument("--data-dir", default=None,
-                   help="dataset cache folder, only to measure (default: $EDGEPRUNE_DATA_DIR "
-                   "or ./data)")
+    add_data_dir(f, help="dataset cache folder, only to measure")
     add_mqtt(parser)
     parser.set_defaults(func=run)
 
