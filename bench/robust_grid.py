@@ -44,7 +44,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     name, base = parts[0], parts[1]
     types = {f.name: f.type for f in fields(TrainConfig)}
     overrides: dict[str, Any] = {}
-    for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+    for item in parts[2].split(",") if len(parts) == 3 and parts[2] else []:
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if key not in types:
@@ -74,29 +74,48 @@ def train(name: str, config: Any, out: Path, data_dir: Path) -> Path:
 
     ds = load_dataset("animal-mnist", data_dir)
     splits = split_dataset(ds)
-    model_config = preset("resnet-s", num_classes=len(ds.class_names),
-                          class_names=ds.class_names, in_channels=ds.channels)
+    model_config = preset(
+        "resnet-s",
+        num_classes=len(ds.class_names),
+        class_names=ds.class_names,
+        in_channels=ds.channels,
+    )
     log.info("training %s: %s", name, config.to_dict())
     ckpt = train_model(model_config, splits, config, progress=False)
-    ckpt.metrics["test_acc"] = accuracy(ckpt.build(), ckpt.preprocess(splits.test.images),
-                                        torch.from_numpy(splits.test.labels))
+    ckpt.metrics["test_acc"] = accuracy(
+        ckpt.build(), ckpt.preprocess(splits.test.images), torch.from_numpy(splits.test.labels)
+    )
     path = save_checkpoint(ckpt, out / f"{name}.pt")
-    log.info("%s: test acc %.4f, %.0f s wall, %.0f s CPU", name, ckpt.metrics["test_acc"],
-             ckpt.train["seconds"], ckpt.train.get("cpu_seconds", float("nan")))
+    log.info(
+        "%s: test acc %.4f, %.0f s wall, %.0f s CPU",
+        name,
+        ckpt.metrics["test_acc"],
+        ckpt.train["seconds"],
+        ckpt.train.get("cpu_seconds", float("nan")),
+    )
     return path
 
 
-def evaluate(name: str, path: Path, ratios: tuple[float, ...], cuts: list[str],
-             data_dir: Path, fit_cuts: list[str]) -> dict[str, Any]:
+def evaluate(
+    name: str,
+    path: Path,
+    ratios: tuple[float, ...],
+    cuts: list[str],
+    data_dir: Path,
+    fit_cuts: list[str],
+) -> dict[str, Any]:
     from edgeprune.commands.prune_curve import curve
     from pipeline.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     row: dict[str, Any] = {
-        "name": name, "checkpoint": str(path), "train_config": ckpt.train.get("config", {}),
+        "name": name,
+        "checkpoint": str(path),
+        "train_config": ckpt.train.get("config", {}),
         "train_seconds": ckpt.train.get("seconds"),
         "train_cpu_seconds": ckpt.train.get("cpu_seconds"),
-        "threads": ckpt.train.get("threads"), "val_acc": ckpt.metrics.get("val_acc"),
+        "threads": ckpt.train.get("threads"),
+        "val_acc": ckpt.metrics.get("val_acc"),
         "size_bytes": path.stat().st_size,
     }
     started = time.perf_counter()
@@ -107,18 +126,30 @@ def evaluate(name: str, path: Path, ratios: tuple[float, ...], cuts: list[str],
         row[f"accuracy_by_ratio_no_bn{suffix}"] = result["accuracy_by_ratio_no_bn"]
     for c in fit_cuts:
         row.setdefault("fit", {})[c] = fit_check(path, ratios, c, data_dir, bn="per-slice")
-        row.setdefault("fit_per_vector_bn", {})[c] = fit_check(path, ratios, c, data_dir,
-                                                              bn="per-vector")
+        row.setdefault("fit_per_vector_bn", {})[c] = fit_check(
+            path, ratios, c, data_dir, bn="per-vector"
+        )
     acc = row["accuracy_by_ratio"]
     base = acc["0"]
     row["relative"] = {k: v / base for k, v in acc.items()} if base else {}
-    log.info("%s evaluated in %.0f s: %s", name, time.perf_counter() - started,
-             {k: round(v, 4) for k, v in acc.items()})
+    log.info(
+        "%s evaluated in %.0f s: %s",
+        name,
+        time.perf_counter() - started,
+        {k: round(v, 4) for k, v in acc.items()},
+    )
     return row
 
 
-def fit_check(path: Path, ratios: tuple[float, ...], cuts: str, data_dir: Path, *,
-              bn: str = "per-slice", split: str = "test") -> dict[str, Any]:
+def fit_check(
+    path: Path,
+    ratios: tuple[float, ...],
+    cuts: str,
+    data_dir: Path,
+    *,
+    bn: str = "per-slice",
+    split: str = "test",
+) -> dict[str, Any]:
     """Accuracy at every per-slice level vector on ``cuts`` and the logistic fit's error.
 
     ``bn="per-slice"``: :class:`~pipeline.composed.ComposedPipeline`, i.e. what the nodes do:
@@ -154,8 +185,10 @@ def fit_check(path: Path, ratios: tuple[float, ...], cuts: str, data_dir: Path, 
         pipe.slices = [PrunableSlice(ModelSlice(model, b), ratios) for b in bounds]
     elif bn != "per-slice":
         raise SystemExit(f"unknown BN mode {bn!r}")
-    stored = [[{k: v.clone() for k, v in var.module.state_dict().items()} for var in s.variants]
-              for s in pipe.slices]
+    stored = [
+        [{k: v.clone() for k, v in var.module.state_dict().items()} for var in s.variants]
+        for s in pipe.slices
+    ]
     points, accs = [], []
     for levels in itertools.product(range(len(ratios)), repeat=len(bounds)):
         pipe.set_levels(list(levels))
@@ -164,7 +197,7 @@ def fit_check(path: Path, ratios: tuple[float, ...], cuts: str, data_dir: Path, 
             for j, (s, level, saved) in enumerate(zip(pipe.slices, levels, stored, strict=True)):
                 variant = s.variants[level]
                 variant.module.load_state_dict(saved[level])
-                if any(levels[:j + 1]):  # this slice or one upstream of it is pruned
+                if any(levels[: j + 1]):  # this slice or one upstream of it is pruned
                     full = scatter_channels(h, channels, s.model_slice.in_channels)
                     recalibrate_batchnorm(variant.module, full)
                 out = s(h, channels)
@@ -172,64 +205,98 @@ def fit_check(path: Path, ratios: tuple[float, ...], cuts: str, data_dir: Path, 
         points.append([ratios[i] for i in levels])
         accs.append(accuracy(pipe, x, y))
     fit = fit_logistic_accuracy(points, accs, num_classes=ckpt.config.num_classes)
-    return {"cuts": cuts, "bn": bn, "split": split, "points": points, "accuracies": accs,
-            "fit": fit.to_dict(), "max_abs_error": fit.max_abs_error}
+    return {
+        "cuts": cuts,
+        "bn": bn,
+        "split": split,
+        "points": points,
+        "accuracies": accs,
+        "fit": fit.to_dict(),
+        "max_abs_error": fit.max_abs_error,
+    }
 
 
 def table(rows: list[dict[str, Any]], ratios: tuple[float, ...], cuts: list[str]) -> str:
     keys = [f"{r:g}" for r in ratios]
-    lines = ["Test accuracy (%) per pruning ratio, whole model as one slice, L1-ranked "
-             "structured pruning, no fine-tuning.", ""]
+    lines = [
+        "Test accuracy (%) per pruning ratio, whole model as one slice, L1-ranked "
+        "structured pruning, no fine-tuning.",
+        "",
+    ]
     head = "| regime | train | BN | " + " | ".join(keys) + " | 0.3 / 0 | 0.5 / 0 |"
     sep = "|" + "---|" * (len(keys) + 5)
     lines += [head, sep]
     for row in rows:
         cfg = row["train_config"]
-        train_desc = (f"{cfg.get('epochs')} ep, b{cfg.get('batch_size')}, "
-                      f"wd {cfg.get('weight_decay'):g}"
-                      + (", width-robust" if cfg.get("width_robust") else ""))
-        for label, key in (("re-estimated", "accuracy_by_ratio"),
-                           ("stored", "accuracy_by_ratio_no_bn")):
+        train_desc = (
+            f"{cfg.get('epochs')} ep, b{cfg.get('batch_size')}, "
+            f"wd {cfg.get('weight_decay'):g}"
+            + (", width-robust" if cfg.get("width_robust") else "")
+        )
+        for label, key in (
+            ("re-estimated", "accuracy_by_ratio"),
+            ("stored", "accuracy_by_ratio_no_bn"),
+        ):
             acc = row[key]
             base = acc["0"]
             rel = [100 * acc[k] / base if base else 0.0 for k in ("0.3", "0.5")]
-            lines.append(f"| {row['name']} | {train_desc} | {label} | "
-                         + " | ".join(f"{100 * acc[k]:.1f}" for k in keys)
-                         + f" | {rel[0]:.1f}% | {rel[1]:.1f}% |")
+            lines.append(
+                f"| {row['name']} | {train_desc} | {label} | "
+                + " | ".join(f"{100 * acc[k]:.1f}" for k in keys)
+                + f" | {rel[0]:.1f}% | {rel[1]:.1f}% |"
+            )
     for c in cuts:
         suffix = f"_cuts_{c.replace(',', '-')}"
-        lines += ["", f"Same, model cut at blocks {c} (every slice at the same ratio; BN "
-                      "re-estimated):", "", "| regime | " + " | ".join(keys) + " |",
-                  "|" + "---|" * (len(keys) + 1)]
+        lines += [
+            "",
+            f"Same, model cut at blocks {c} (every slice at the same ratio; BN re-estimated):",
+            "",
+            "| regime | " + " | ".join(keys) + " |",
+            "|" + "---|" * (len(keys) + 1),
+        ]
         for row in rows:
             acc = row[f"accuracy_by_ratio{suffix}"]
-            lines.append(f"| {row['name']} | " + " | ".join(f"{100 * acc[k]:.1f}" for k in keys)
-                         + " |")
+            lines.append(
+                f"| {row['name']} | " + " | ".join(f"{100 * acc[k]:.1f}" for k in keys) + " |"
+            )
     fitted = [r for r in rows if r.get("fit")]
     if fitted:
-        lines += ["", "Every per-slice level vector on the cuts, test split, and the "
-                      "controller's logistic accuracy fit (pipeline.fitting, default form). BN "
-                      "'nodes': ComposedPipeline, what the nodes do (statistics per own level x "
-                      "upstream level, upstream prefix pruned uniformly). BN 'exact': every "
-                      "slice re-estimated on the upstream's actual output for each vector "
-                      "(reference; equal to 'nodes' for two slices).", "",
-                  "| regime | cuts | BN | points | fit max abs error (points) | min acc | "
-                  "mean acc |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Every per-slice level vector on the cuts, test split, and the "
+            "controller's logistic accuracy fit (pipeline.fitting, default form). BN "
+            "'nodes': ComposedPipeline, what the nodes do (statistics per own level x "
+            "upstream level, upstream prefix pruned uniformly). BN 'exact': every "
+            "slice re-estimated on the upstream's actual output for each vector "
+            "(reference; equal to 'nodes' for two slices).",
+            "",
+            "| regime | cuts | BN | points | fit max abs error (points) | min acc | mean acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in fitted:
             for key, label in (("fit", "nodes"), ("fit_per_vector_bn", "exact")):
                 for c, f in row.get(key, {}).items():
                     accs = f["accuracies"]
-                    lines.append(f"| {row['name']} | {c} | {label} | {len(f['points'])} | "
-                                 f"{100 * f['max_abs_error']:.2f} | "
-                                 f"{100 * min(accs):.1f} | {100 * sum(accs) / len(accs):.1f} |")
-    lines += ["", "Training time (2-core machine shared with other work; CPU seconds are the "
-                  "process's own):", "", "| regime | wall s | CPU s | threads | checkpoint MB |",
-              "|---|---|---|---|---|"]
+                    lines.append(
+                        f"| {row['name']} | {c} | {label} | {len(f['points'])} | "
+                        f"{100 * f['max_abs_error']:.2f} | "
+                        f"{100 * min(accs):.1f} | {100 * sum(accs) / len(accs):.1f} |"
+                    )
+    lines += [
+        "",
+        "Training time (2-core machine shared with other work; CPU seconds are the process's own):",
+        "",
+        "| regime | wall s | CPU s | threads | checkpoint MB |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         wall, cpu = row.get("train_seconds"), row.get("train_cpu_seconds")
-        cells = [f"{wall:.0f}" if wall is not None else "n/a",
-                 f"{cpu:.0f}" if cpu is not None else "n/a",
-                 str(row.get("threads") or "n/a"), f"{row['size_bytes'] / 1e6:.1f}"]
+        cells = [
+            f"{wall:.0f}" if wall is not None else "n/a",
+            f"{cpu:.0f}" if cpu is not None else "n/a",
+            str(row.get("threads") or "n/a"),
+            f"{row['size_bytes'] / 1e6:.1f}",
+        ]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -241,12 +308,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, key, title in ((axes[0], "accuracy_by_ratio", "BN re-estimated per level"),
-                           (axes[1], "accuracy_by_ratio_no_bn", "stored BN statistics")):
+    for ax, key, title in (
+        (axes[0], "accuracy_by_ratio", "BN re-estimated per level"),
+        (axes[1], "accuracy_by_ratio_no_bn", "stored BN statistics"),
+    ):
         for row in rows:
             acc = row[key]
-            ax.plot([float(k) for k in acc], [100 * v for v in acc.values()], "o-",
-                    label=row["name"])
+            ax.plot(
+                [float(k) for k in acc], [100 * v for v in acc.values()], "o-", label=row["name"]
+            )
         ax.axhline(10, color="grey", lw=0.8, ls=":", label="chance")
         ax.set_title(title)
         ax.set_xlabel("pruning ratio (every prunable layer, one slice)")
@@ -264,28 +334,49 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.training import REGIMES, regime
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regimes", default=",".join(REGIMES),
-                        help="regimes to train (from pipeline.training.REGIMES); '' for none")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="an extra row NAME:REGIME:key=value,... (TrainConfig fields; "
-                        "tuples as 0/0.25/0.5)")
-    parser.add_argument("--checkpoint", action="append", default=[],
-                        help="evaluate an existing checkpoint instead of training: NAME=PATH")
-    parser.add_argument("--reuse", action="store_true",
-                        help="do not retrain a row whose OUT/<name>.pt exists")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--regimes",
+        default=",".join(REGIMES),
+        help="regimes to train (from pipeline.training.REGIMES); '' for none",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="an extra row NAME:REGIME:key=value,... (TrainConfig fields; tuples as 0/0.25/0.5)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="evaluate an existing checkpoint instead of training: NAME=PATH",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="do not retrain a row whose OUT/<name>.pt exists"
+    )
     parser.add_argument("--ratios", default="0,0.1,0.2,0.3,0.4,0.5")
-    parser.add_argument("--cuts", action="append", default=[],
-                        help="also evaluate with the model cut here, e.g. 2 (repeatable)")
-    parser.add_argument("--fit-cuts", action="append", default=[],
-                        help="also measure every per-slice level vector on these cuts and "
-                        "fit the controller's logistic accuracy model (repeatable)")
+    parser.add_argument(
+        "--cuts",
+        action="append",
+        default=[],
+        help="also evaluate with the model cut here, e.g. 2 (repeatable)",
+    )
+    parser.add_argument(
+        "--fit-cuts",
+        action="append",
+        default=[],
+        help="also measure every per-slice level vector on these cuts and "
+        "fit the controller's logistic accuracy model (repeatable)",
+    )
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "robust-grid")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     ratios = tuple(float(r) for r in args.ratios.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -301,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = {r["name"]: r for r in json.loads(results_path.read_text())["rows"]}
     done: dict[str, dict[str, Any]] = dict(previous)
     for name, path_text in existing.items():
-        done[name] = evaluate(name, Path(path_text), ratios, args.cuts, args.data_dir,
-                              args.fit_cuts)
+        done[name] = evaluate(
+            name, Path(path_text), ratios, args.cuts, args.data_dir, args.fit_cuts
+        )
     for name, config in jobs:
         path = args.out / f"{name}.pt"
         if not (args.reuse and path.exists()):
@@ -315,17 +407,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write(out: Path, done: dict[str, dict[str, Any]], ratios: tuple[float, ...],
-           cuts: list[str]) -> list[dict[str, Any]]:
+def _write(
+    out: Path, done: dict[str, dict[str, Any]], ratios: tuple[float, ...], cuts: list[str]
+) -> list[dict[str, Any]]:
     from pipeline.training import REGIMES
 
     order = list(REGIMES)
-    rows = sorted(done.values(), key=lambda r: (order.index(r["name"]) if r["name"] in order
-                                                else len(order)))
-    usable_cuts = [c for c in cuts
-                   if all(f"accuracy_by_ratio_cuts_{c.replace(',', '-')}" in r for r in rows)]
-    (out / "results.json").write_text(json.dumps({"ratios": list(ratios), "rows": rows},
-                                                 indent=2))
+    rows = sorted(
+        done.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)
+    )
+    usable_cuts = [
+        c for c in cuts if all(f"accuracy_by_ratio_cuts_{c.replace(',', '-')}" in r for r in rows)
+    ]
+    (out / "results.json").write_text(json.dumps({"ratios": list(ratios), "rows": rows}, indent=2))
     (out / "table.md").write_text(table(rows, ratios, usable_cuts))
     plot(rows, out / "plot.png")
     return rows

@@ -78,8 +78,11 @@ class ControllerConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
@@ -87,16 +90,18 @@ class ControllerConfig:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 <= self.a_min < 1.0:
             raise ConfigError(f"a_min must be in [0, 1), got {self.a_min}")
-        for name in ("slowdown_window_s", "slowdown_tau_s", "decide_interval_s",
-                     "reconnect_max_s"):
+        for name in ("slowdown_window_s", "slowdown_tau_s", "decide_interval_s", "reconnect_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.status_interval_s < 0:
-            raise ConfigError(f"status_interval_s must be >= 0 (0: off), got "
-                              f"{self.status_interval_s}")
+            raise ConfigError(
+                f"status_interval_s must be >= 0 (0: off), got {self.status_interval_s}"
+            )
         if not 0 < self.slowdown_min <= 1.0 <= self.slowdown_max:
-            raise ConfigError(f"need 0 < slowdown_min <= 1 <= slowdown_max, got "
-                              f"{self.slowdown_min}, {self.slowdown_max}")
+            raise ConfigError(
+                f"need 0 < slowdown_min <= 1 <= slowdown_max, got "
+                f"{self.slowdown_min}, {self.slowdown_max}"
+            )
         # the policies validate the rest (SLO, quantile, windows, rho ordering ...)
         self.reactive_config()
         self.proactive_config()
@@ -107,24 +112,33 @@ class ControllerConfig:
 
     def reactive_config(self) -> ReactiveConfig:
         return ReactiveConfig(
-            slo_s=self.slo_s, margin_s=self.margin_ms / 1e3, quantile=self.quantile,
-            window_s=self.window_s, cooldown_s=self.cooldown_s,
+            slo_s=self.slo_s,
+            margin_s=self.margin_ms / 1e3,
+            quantile=self.quantile,
+            window_s=self.window_s,
+            cooldown_s=self.cooldown_s,
             sustain_s=_pick(self.sustain_s, REACTIVE_DEFAULTS["sustain_s"]),
-            restore_sustain_s=_pick(self.restore_sustain_s,
-                                    REACTIVE_DEFAULTS["restore_sustain_s"]),
-            restore_below_s=None if self.restore_below_ms is None
-            else self.restore_below_ms / 1e3,
-            min_samples=self.min_samples)
+            restore_sustain_s=_pick(self.restore_sustain_s, REACTIVE_DEFAULTS["restore_sustain_s"]),
+            restore_below_s=None if self.restore_below_ms is None else self.restore_below_ms / 1e3,
+            min_samples=self.min_samples,
+        )
 
     def proactive_config(self) -> ProactiveConfig:
         return ProactiveConfig(
-            slo_s=self.slo_s, rho_high=self.rho_high, rho_target=self.rho_target,
-            rho_low=self.rho_low, cooldown_s=self.cooldown_s,
+            slo_s=self.slo_s,
+            rho_high=self.rho_high,
+            rho_target=self.rho_target,
+            rho_low=self.rho_low,
+            cooldown_s=self.cooldown_s,
             sustain_s=_pick(self.sustain_s, PROACTIVE_DEFAULTS["sustain_s"]),
-            restore_sustain_s=_pick(self.restore_sustain_s,
-                                    PROACTIVE_DEFAULTS["restore_sustain_s"]),
-            rate_tau_s=self.rate_tau_s, metrics_max_age_s=self.metrics_max_age_s,
-            min_arrivals=self.min_arrivals, escalate_after_s=self.escalate_after_s)
+            restore_sustain_s=_pick(
+                self.restore_sustain_s, PROACTIVE_DEFAULTS["restore_sustain_s"]
+            ),
+            rate_tau_s=self.rate_tau_s,
+            metrics_max_age_s=self.metrics_max_age_s,
+            min_arrivals=self.min_arrivals,
+            escalate_after_s=self.escalate_after_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,8 +157,9 @@ class ControllerConfig:
         values = dict(table)
         unknown = set(values) - set(cls.keys())
         if unknown:
-            raise ConfigError(f"unknown [controller] keys: {sorted(unknown)} "
-                              f"(known: {', '.join(cls.keys())})")
+            raise ConfigError(
+                f"unknown [controller] keys: {sorted(unknown)} (known: {', '.join(cls.keys())})"
+            )
         bad = set(overrides) - set(cls.keys())
         if bad:
             raise ConfigError(f"unknown controller settings: {sorted(bad)}")

@@ -112,8 +112,11 @@ class LivenessTracker:
 
     def _silent(self, node: str, now: float) -> bool:
         t = self._last.get(node)
-        return t is not None and now - t > self.settings.heartbeat_timeout_s and \
-            now >= self._grace.get(node, now)
+        return (
+            t is not None
+            and now - t > self.settings.heartbeat_timeout_s
+            and now >= self._grace.get(node, now)
+        )
 
     def status(self, node: str, state: str, reason: str, now: float) -> Loss | None:
         if state == "online":
@@ -128,14 +131,16 @@ class LivenessTracker:
         """Nodes newly lost by silence. If the checker itself stalled (no check for several
         intervals: its process was busy or descheduled), the stall is not counted as the
         nodes' silence: their messages may be waiting, unread, behind it."""
-        gap = 0.0 if self._checked is None else now - self._checked - \
-            self.settings.check_interval_s
+        gap = 0.0 if self._checked is None else now - self._checked - self.settings.check_interval_s
         self._checked = now
         if gap > 2 * self.settings.check_interval_s:
             log.info("failover checks stalled for %.2f s; not counted as silence", gap)
             self._last = {n: t + gap for n, t in self._last.items()}
-        return [self._lose(n, "heartbeat", now) for n in list(self._last)
-                if n not in self._lost and self._silent(n, now)]
+        return [
+            self._lose(n, "heartbeat", now)
+            for n in list(self._last)
+            if n not in self._lost and self._silent(n, now)
+        ]
 
     def is_alive(self, node: str, now: float) -> bool:
         return node not in self._lost and node in self._last and not self._silent(node, now)
@@ -163,10 +168,14 @@ class FailoverDecision:
     planning_s: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lost": [{"node": x.node, "reason": x.reason} for x in self.lost],
-                "survivors": list(self.survivors), "version": self.message.version,
-                "plan": self.plan.to_dict(), "planning_s": self.planning_s,
-                "detection_delay_s": [self.decided_at - x.at for x in self.lost]}
+        return {
+            "lost": [{"node": x.node, "reason": x.reason} for x in self.lost],
+            "survivors": list(self.survivors),
+            "version": self.message.version,
+            "plan": self.plan.to_dict(),
+            "planning_s": self.planning_s,
+            "detection_delay_s": [self.decided_at - x.at for x in self.lost],
+        }
 
 
 @dataclass
@@ -216,34 +225,65 @@ class FailoverMonitor:
         if not survivors or key == self._failed:
             return None
         started = time.perf_counter()
-        result = self.planner.plan(survivors, self.floor, objective=self.objective,
-                                   slo_s=self.slo_s)
+        result = self.planner.plan(
+            survivors, self.floor, objective=self.objective, slo_s=self.slo_s
+        )
         if result.best is None:
-            log.error("no plan on survivors %s meets memory and accuracy >= %.3f; keeping "
-                      "plan v%d", sorted(key), self.floor, self.current.version)
+            log.error(
+                "no plan on survivors %s meets memory and accuracy >= %.3f; keeping plan v%d",
+                sorted(key),
+                self.floor,
+                self.current.version,
+            )
             self._failed = key
             return None
         self._failed = None
         version = self.current.version + 1
         reason = "failover: " + ", ".join(f"{x.node} lost ({x.reason})" for x in lost)
         message = result.best.to_message(version, reason)
-        levels = tuple((i, codec.encode_json("level", {
-            "stage": i, "level": st.level, "ratio": st.ratio, "seq": version,
-            "reason": reason})) for i, st in enumerate(result.best.stages))
-        decision = FailoverDecision(tuple(lost), tuple(sorted(key)), result.best, message,
-                                    levels, now, time.perf_counter() - started)
+        levels = tuple(
+            (
+                i,
+                codec.encode_json(
+                    "level",
+                    {
+                        "stage": i,
+                        "level": st.level,
+                        "ratio": st.ratio,
+                        "seq": version,
+                        "reason": reason,
+                    },
+                ),
+            )
+            for i, st in enumerate(result.best.stages)
+        )
+        decision = FailoverDecision(
+            tuple(lost),
+            tuple(sorted(key)),
+            result.best,
+            message,
+            levels,
+            now,
+            time.perf_counter() - started,
+        )
         self.current = message
         self._grant_grace(message, now)
         self.decisions.append(decision)
-        log.info("plan v%d: %s on %s, levels %s (bottleneck %.2f ms, accuracy %.3f)", version,
-                 [(b.start, b.end) for b in message.bounds], message.nodes,
-                 list(result.best.levels), result.best.bottleneck_s * 1e3,
-                 result.best.accuracy)
+        log.info(
+            "plan v%d: %s on %s, levels %s (bottleneck %.2f ms, accuracy %.3f)",
+            version,
+            [(b.start, b.end) for b in message.bounds],
+            message.nodes,
+            list(result.best.levels),
+            result.best.bottleneck_s * 1e3,
+            result.best.accuracy,
+        )
         return decision
 
 
-async def publish_decision(client: aiomqtt.Client, topics: Topics,
-                           decision: FailoverDecision) -> None:
+async def publish_decision(
+    client: aiomqtt.Client, topics: Topics, decision: FailoverDecision
+) -> None:
     """The plan (retained), then every stage's level (retained): a node that keeps its stage
     index gets the level after it applied the plan; one that moves subscribes and gets the
     retained level."""
@@ -252,11 +292,15 @@ async def publish_decision(client: aiomqtt.Client, topics: Topics,
         await client.publish(topics.control_stage(stage), body, qos=1, retain=True)
 
 
-async def run_failover(mqtt: MqttSettings, pipe: str, monitor: FailoverMonitor,
-                       stop: asyncio.Event | None = None,
-                       on_decision: Callable[[FailoverDecision], None] | None = None,
-                       ready: asyncio.Event | None = None,
-                       reconnect_max_s: float = 5.0) -> list[FailoverDecision]:
+async def run_failover(
+    mqtt: MqttSettings,
+    pipe: str,
+    monitor: FailoverMonitor,
+    stop: asyncio.Event | None = None,
+    on_decision: Callable[[FailoverDecision], None] | None = None,
+    ready: asyncio.Event | None = None,
+    reconnect_max_s: float = 5.0,
+) -> list[FailoverDecision]:
     """Drive ``monitor`` from the broker until ``stop``: statuses, metrics and the retained
     plan in, new plans out. Returns the decisions taken (``on_decision`` is called after each
     is published).
@@ -278,8 +322,11 @@ async def run_failover(mqtt: MqttSettings, pipe: str, monitor: FailoverMonitor,
                 await client.subscribe(topics.plan, qos=1)
                 reader = asyncio.create_task(_read(client, topics, monitor))
                 backoff = 0.2
-                log.info("failover watching the nodes of %s (heartbeat timeout %.1f s)",
-                         topics.base, monitor.settings.heartbeat_timeout_s)
+                log.info(
+                    "failover watching the nodes of %s (heartbeat timeout %.1f s)",
+                    topics.base,
+                    monitor.settings.heartbeat_timeout_s,
+                )
                 if ready is not None:
                     ready.set()
                 try:
@@ -296,15 +343,18 @@ async def run_failover(mqtt: MqttSettings, pipe: str, monitor: FailoverMonitor,
                                 on_decision(unpublished)
                             unpublished = None
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(),
-                                                   monitor.settings.check_interval_s)
+                            await asyncio.wait_for(stop.wait(), monitor.settings.check_interval_s)
                 finally:
                     reader.cancel()
                     await asyncio.gather(reader, return_exceptions=True)
         except aiomqtt.MqttError as exc:
             raise_if_cancelling(exc)
-            log.warning("failover: broker %s unreachable (%s); reconnecting in %.1f s",
-                        mqtt.url, exc, backoff)
+            log.warning(
+                "failover: broker %s unreachable (%s); reconnecting in %.1f s",
+                mqtt.url,
+                exc,
+                backoff,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, reconnect_max_s)
@@ -325,8 +375,9 @@ async def _read(client: aiomqtt.Client, topics: Topics, monitor: FailoverMonitor
             if node is None:
                 continue
             if topic == topics.status(node):
-                monitor.on_status(node, codec.decode_json(bytes(payload), expect_kind="status"),
-                                  now)
+                monitor.on_status(
+                    node, codec.decode_json(bytes(payload), expect_kind="status"), now
+                )
             elif topic == topics.metrics(node):
                 monitor.on_metrics(node, now)
         except (CodecError, ConfigError) as exc:

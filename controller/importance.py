@@ -96,10 +96,16 @@ class CostTable:
 
     def profile(self, level: int) -> list[BlockProfile]:
         """Every block at one level, for :func:`pipeline.partition.partition`."""
-        return [BlockProfile(name, float(self.time_s[b, level]), int(self.param_bytes[b, level]),
-                             int(self.activation_bytes[b, level]),
-                             int(self.output_bytes[b, level]))
-                for b, name in enumerate(self.block_names)]
+        return [
+            BlockProfile(
+                name,
+                float(self.time_s[b, level]),
+                int(self.param_bytes[b, level]),
+                int(self.activation_bytes[b, level]),
+                int(self.output_bytes[b, level]),
+            )
+            for b, name in enumerate(self.block_names)
+        ]
 
     def footprint(self, level: int = 0) -> float:
         """Bytes to hold the whole model as one slice at ``level``."""
@@ -148,15 +154,25 @@ class Measurements:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": KIND, "version": VERSION, "model": self.model_name,
-            "model_hash": self.model_hash, "num_classes": self.num_classes,
-            "ratios": list(self.costs.ratios), "block_names": list(self.costs.block_names),
+            "kind": KIND,
+            "version": VERSION,
+            "model": self.model_name,
+            "model_hash": self.model_hash,
+            "num_classes": self.num_classes,
+            "ratios": list(self.costs.ratios),
+            "block_names": list(self.costs.block_names),
             "blocks": {k: getattr(self.costs, k).tolist() for k in _COST_KEYS},
             "ranges": [list(r) for r in self.ranges],
             "range_time_s": self.range_time_s.tolist(),
             "range_accuracy": self.range_accuracy.tolist(),
-            "combos": [{"bounds": [list(b) for b in c.bounds], "levels": list(c.levels),
-                        "accuracy": c.accuracy} for c in self.combos],
+            "combos": [
+                {
+                    "bounds": [list(b) for b in c.bounds],
+                    "levels": list(c.levels),
+                    "accuracy": c.accuracy,
+                }
+                for c in self.combos
+            ],
             "meta": self.meta,
         }
 
@@ -166,17 +182,29 @@ class Measurements:
             raise ConfigError(f"not a version-{VERSION} {KIND} file")
         try:
             arr = lambda v: np.asarray(v, dtype=np.float64)  # noqa: E731
-            costs = CostTable(tuple(str(n) for n in d["block_names"]),
-                              tuple(float(r) for r in d["ratios"]),
-                              *(arr(d["blocks"][k]) for k in _COST_KEYS))
+            costs = CostTable(
+                tuple(str(n) for n in d["block_names"]),
+                tuple(float(r) for r in d["ratios"]),
+                *(arr(d["blocks"][k]) for k in _COST_KEYS),
+            )
             return cls(
-                model_name=str(d["model"]), model_hash=str(d["model_hash"]),
-                num_classes=int(d["num_classes"]), costs=costs, ranges=tuple((int(r[0]), int(r[1])) for r in d["ranges"]),
-                range_time_s=arr(d["range_time_s"]), range_accuracy=arr(d["range_accuracy"]),
-                combos=tuple(Combo(tuple((int(x[0]), int(x[1])) for x in c["bounds"]),
-                                   tuple(int(v) for v in c["levels"]), float(c["accuracy"]))
-                             for c in d["combos"]),
-                meta=dict(d.get("meta", {})))
+                model_name=str(d["model"]),
+                model_hash=str(d["model_hash"]),
+                num_classes=int(d["num_classes"]),
+                costs=costs,
+                ranges=tuple((int(r[0]), int(r[1])) for r in d["ranges"]),
+                range_time_s=arr(d["range_time_s"]),
+                range_accuracy=arr(d["range_accuracy"]),
+                combos=tuple(
+                    Combo(
+                        tuple((int(x[0]), int(x[1])) for x in c["bounds"]),
+                        tuple(int(v) for v in c["levels"]),
+                        float(c["accuracy"]),
+                    )
+                    for c in d["combos"]
+                ),
+                meta=dict(d.get("meta", {})),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConfigError(f"malformed measurements: {exc!r}") from exc
 
@@ -199,8 +227,9 @@ class Measurements:
 class SliceBank:
     """Prunable slices of one checkpoint, built once per range and reused."""
 
-    def __init__(self, ckpt: Checkpoint, ratios: Sequence[float] = DEFAULT_RATIOS,
-                 round_to: int = 8) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, ratios: Sequence[float] = DEFAULT_RATIOS, round_to: int = 8
+    ) -> None:
         self.ckpt = ckpt
         self.model = ckpt.build()
         self.ratios = validate_ratios(ratios)
@@ -211,14 +240,24 @@ class SliceBank:
         if (i, j) not in self._slices:
             with torch.enable_grad():  # Torch-Pruning traces the slice with autograd
                 self._slices[(i, j)] = build_prunable(
-                    self.ckpt, SliceBounds(i, j), ratios=self.ratios, round_to=self.round_to,
-                    recalibrate_bn=self.ckpt.calibration_images is not None, model=self.model)
+                    self.ckpt,
+                    SliceBounds(i, j),
+                    ratios=self.ratios,
+                    round_to=self.round_to,
+                    recalibrate_bn=self.ckpt.calibration_images is not None,
+                    model=self.model,
+                )
         return self._slices[(i, j)]
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, bounds: Sequence[Range], levels: Sequence[int],
-            channels: torch.Tensor | None = None, upstream: int | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(
+        self,
+        x: torch.Tensor,
+        bounds: Sequence[Range],
+        levels: Sequence[int],
+        channels: torch.Tensor | None = None,
+        upstream: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slices ``bounds`` at ``levels`` back to back on ``x``, as the nodes run them: kept
         channels and the upstream level (BatchNorm statistics) pass on."""
         for (i, j), level in zip(bounds, levels, strict=True):
@@ -230,9 +269,10 @@ class SliceBank:
 
 
 @torch.no_grad()
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             batch: int = 500) -> torch.Tensor:
-    return torch.cat([fn(x[k:k + batch]) for k in range(0, len(x), batch)])
+def _batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 500
+) -> torch.Tensor:
+    return torch.cat([fn(x[k : k + batch]) for k in range(0, len(x), batch)])
 
 
 def _peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -243,8 +283,7 @@ def _peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
         if isinstance(out, torch.Tensor):
             largest[0] = max(largest[0], out.numel() * out.element_size())
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
         with torch.no_grad():
             y = module(x)
@@ -254,9 +293,9 @@ def _peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     return largest[0], y
 
 
-def measure_costs(bank: SliceBank, inputs: Sequence[torch.Tensor], *, runs: int,
-                  warmup: int, ranges: bool = True
-                  ) -> tuple[CostTable, NDArray[np.float64] | None]:
+def measure_costs(
+    bank: SliceBank, inputs: Sequence[torch.Tensor], *, runs: int, warmup: int, ranges: bool = True
+) -> tuple[CostTable, NDArray[np.float64] | None]:
     """The per-block cost table of ``bank``'s model and, with ``ranges``, the measured latency
     of every contiguous range ``[R, L]``. ``inputs[b]``: a full-width input of block b
     (batch 1); times are medians of the thread's CPU time at batch 1 on one thread (on a
@@ -283,8 +322,9 @@ def measure_costs(bank: SliceBank, inputs: Sequence[torch.Tensor], *, runs: int,
             times[k] = median_times(fns, runs=runs, warmup=warmup)[1]
     idx = {r: k for k, r in enumerate(todo)}
     block_time = np.asarray([times[idx[(b, b + 1)]] for b in range(n)])
-    table = CostTable(tuple(bank.model.block_names()), bank.ratios, block_time, params,
-                      activation, output)
+    table = CostTable(
+        tuple(bank.model.block_names()), bank.ratios, block_time, params, activation, output
+    )
     return table, times if ranges else None
 
 
@@ -297,15 +337,21 @@ def block_inputs(model: SliceableResNet, x: torch.Tensor) -> list[torch.Tensor]:
     return act
 
 
-def accuracy_of(bank: SliceBank, x: torch.Tensor, y: torch.Tensor,
-                bounds: Sequence[Range], levels: Sequence[int]) -> float:
+def accuracy_of(
+    bank: SliceBank,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bounds: Sequence[Range],
+    levels: Sequence[int],
+) -> float:
     """End-to-end accuracy of slices ``bounds`` at ``levels`` on ``(x, y)``."""
     logits = _batched(lambda xb: bank.run(xb, bounds, levels)[0], x)
     return float((logits.argmax(1) == y).float().mean())
 
 
-def sample_combos(base: AccuracyModel, n: int, count: int, seed: int = 0,
-                  region: float = 0.8) -> list[tuple[tuple[Range, ...], tuple[int, ...]]]:
+def sample_combos(
+    base: AccuracyModel, n: int, count: int, seed: int = 0, region: float = 0.8
+) -> list[tuple[tuple[Range, ...], tuple[int, ...]]]:
     """Seeded random partitions with random levels, at least two slices pruned, whose
     additive prediction (``kappa = 1``, the most pessimistic) is at least ``region``: the
     combos that say how pruning compounds where the planner works."""
@@ -319,15 +365,28 @@ def sample_combos(base: AccuracyModel, n: int, count: int, seed: int = 0,
         bounds = tuple(itertools.pairwise([0, *cuts, n]))
         levels = tuple(int(v) for v in rng.integers(0, base.delta.shape[1], len(bounds)))
         units = [index[b] for b in bounds]
-        if sum(lv > 0 for lv in levels) >= 2 and (bounds, levels) not in out and \
-                base.predict_one(units, levels) >= region:
+        if (
+            sum(lv > 0 for lv in levels) >= 2
+            and (bounds, levels) not in out
+            and base.predict_one(units, levels) >= region
+        ):
             out.append((bounds, levels))
     return out
 
 
-def measure(ckpt: Checkpoint, data: ArrayDataset, *, ratios: Sequence[float] = DEFAULT_RATIOS,
-            round_to: int = 8, runs: int = 60, warmup: int = 10, combos: int = 40,
-            seed: int = 0, split: str = "val", progress: bool = True) -> Measurements:
+def measure(
+    ckpt: Checkpoint,
+    data: ArrayDataset,
+    *,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    round_to: int = 8,
+    runs: int = 60,
+    warmup: int = 10,
+    combos: int = 40,
+    seed: int = 0,
+    split: str = "val",
+    progress: bool = True,
+) -> Measurements:
     """Measure costs, importance and combos (see the module docstring) on ``data``."""
     from tqdm import tqdm
 
@@ -339,8 +398,7 @@ def measure(ckpt: Checkpoint, data: ArrayDataset, *, ratios: Sequence[float] = D
     ranges = contiguous_ranges(n)
     x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
     steps = len(ranges) * n_levels + combos
-    with tqdm(total=steps, desc="measure", unit="step", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=steps, desc="measure", unit="step", disable=not progress, leave=False) as bar:
         act = block_inputs(bank.model, x)
         for i, j in ranges:  # build every range (BatchNorm re-estimated per level)
             bank.get(i, j)
@@ -360,22 +418,51 @@ def measure(ckpt: Checkpoint, data: ArrayDataset, *, ratios: Sequence[float] = D
         for bounds, levels in sample_combos(base, n, combos, seed):
             measured.append(Combo(bounds, levels, accuracy_of(bank, x, y, bounds, levels)))
             bar.update(1)
-    meta = {"created": now_iso(), "machine": machine_info(1), "split": split,
-            "dataset": data.name, "samples": len(data), "round_to": round_to,
-            "latency": {"threads": 1, "batch": 1, "statistic": "median", "runs": runs,
-                        "warmup": warmup, "seconds": latency_s},
-            "checkpoint": str(ckpt.path) if ckpt.path else None, "combo_seed": seed,
-            "seconds": time.perf_counter() - started}
-    log.info("measured %d blocks x %d levels, %d ranges, %d combos in %.0f s", n, n_levels,
-             len(ranges), len(measured), meta["seconds"])
-    return Measurements(ckpt.config.name, ckpt.model_hash(), ckpt.config.num_classes, costs,
-                        tuple(ranges), range_time if range_time is not None else
-                        np.zeros_like(range_acc), range_acc, tuple(measured), meta)
+    meta = {
+        "created": now_iso(),
+        "machine": machine_info(1),
+        "split": split,
+        "dataset": data.name,
+        "samples": len(data),
+        "round_to": round_to,
+        "latency": {
+            "threads": 1,
+            "batch": 1,
+            "statistic": "median",
+            "runs": runs,
+            "warmup": warmup,
+            "seconds": latency_s,
+        },
+        "checkpoint": str(ckpt.path) if ckpt.path else None,
+        "combo_seed": seed,
+        "seconds": time.perf_counter() - started,
+    }
+    log.info(
+        "measured %d blocks x %d levels, %d ranges, %d combos in %.0f s",
+        n,
+        n_levels,
+        len(ranges),
+        len(measured),
+        meta["seconds"],
+    )
+    return Measurements(
+        ckpt.config.name,
+        ckpt.model_hash(),
+        ckpt.config.num_classes,
+        costs,
+        tuple(ranges),
+        range_time if range_time is not None else np.zeros_like(range_acc),
+        range_acc,
+        tuple(measured),
+        meta,
+    )
 
 
-def _tail_accuracy(bank: SliceBank, x: torch.Tensor, y: torch.Tensor, r: Range, level: int,
-                   tail: list[Range]) -> float:
+def _tail_accuracy(
+    bank: SliceBank, x: torch.Tensor, y: torch.Tensor, r: Range, level: int, tail: list[Range]
+) -> float:
     """Accuracy with only ``r`` pruned, fed the unpruned activation ``x`` at its start."""
+
     def fwd(xb: torch.Tensor) -> torch.Tensor:
         out, ch = bank.run(xb, [r], [level])
         return bank.run(out, tail, [0] * len(tail), ch, level)[0] if tail else out
@@ -387,8 +474,12 @@ def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
     return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
 
 
-def load_or_measure(ckpt: Checkpoint, data: ArrayDataset | Callable[[], ArrayDataset],
-                    cache: Path | None = None, **kwargs: Any) -> Measurements:
+def load_or_measure(
+    ckpt: Checkpoint,
+    data: ArrayDataset | Callable[[], ArrayDataset],
+    cache: Path | None = None,
+    **kwargs: Any,
+) -> Measurements:
     """The cached measurements of this checkpoint (by weight hash), measured if missing.
     ``data`` may be a function that loads the held-out data: called only to measure."""
     path = cache or default_cache(ckpt)
@@ -429,8 +520,9 @@ class AccuracyModel:
     validation: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_importance(cls, unpruned: float, accuracy: NDArray[np.float64],
-                        num_classes: int, kappa: float = 1.0) -> AccuracyModel:
+    def from_importance(
+        cls, unpruned: float, accuracy: NDArray[np.float64], num_classes: int, kappa: float = 1.0
+    ) -> AccuracyModel:
         """From measured accuracies ``[units, levels]`` (level 0 = unpruned)."""
         lo = 1.0 / num_classes
         z0 = float(_logit(np.asarray([unpruned]), lo, 1.0)[0])
@@ -454,8 +546,14 @@ class AccuracyModel:
         return float(self.predict(np.asarray([units]), np.asarray([levels]))[0])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"z0": self.z0, "kappa": self.kappa, "lo": self.lo, "hi": self.hi,
-                "delta": self.delta.tolist(), "validation": self.validation}
+        return {
+            "z0": self.z0,
+            "kappa": self.kappa,
+            "lo": self.lo,
+            "hi": self.hi,
+            "delta": self.delta.tolist(),
+            "validation": self.validation,
+        }
 
 
 def fit_accuracy_model(m: Measurements) -> AccuracyModel:
@@ -464,8 +562,10 @@ def fit_accuracy_model(m: Measurements) -> AccuracyModel:
     base = AccuracyModel.from_importance(m.unpruned_accuracy, m.range_accuracy, m.num_classes)
     idx = m.range_index()
     # per combo, the largest importance of its slices and the sum of the others
-    ds = [np.asarray([base.delta[idx[b], lv] for b, lv in zip(c.bounds, c.levels, strict=True)])
-          for c in m.combos]
+    ds = [
+        np.asarray([base.delta[idx[b], lv] for b, lv in zip(c.bounds, c.levels, strict=True)])
+        for c in m.combos
+    ]
     top = np.asarray([d.max() for d in ds])
     rest = np.asarray([d.sum() - d.max() for d in ds])
     acc = np.asarray([c.accuracy for c in m.combos])
@@ -477,14 +577,21 @@ def fit_accuracy_model(m: Measurements) -> AccuracyModel:
         return np.asarray(base.lo + (base.hi - base.lo) / (1 + np.exp(-z)))
 
     def fit(where: Any) -> float:
-        res = minimize_scalar(lambda k: float(np.sum((predict(k, where) - acc[where]) ** 2)),
-                              bounds=(0.0, 5.0), method="bounded")
+        res = minimize_scalar(
+            lambda k: float(np.sum((predict(k, where) - acc[where]) ** 2)),
+            bounds=(0.0, 5.0),
+            method="bounded",
+        )
         return float(res.x)
 
-    loo = np.asarray([predict(fit(np.arange(len(acc)) != k), k) - acc[k]
-                      for k in range(len(acc))])
+    loo = np.asarray([predict(fit(np.arange(len(acc)) != k), k) - acc[k] for k in range(len(acc))])
     err, add = np.abs(loo), np.abs(predict(1.0) - acc)
-    validation = {"combos": float(len(acc)), "loo_mae": float(err.mean()),
-                  "loo_max_abs": float(err.max()), "loo_bias": float(loo.mean()),
-                  "additive_mae": float(add.mean()), "additive_max_abs": float(add.max())}
+    validation = {
+        "combos": float(len(acc)),
+        "loo_mae": float(err.mean()),
+        "loo_max_abs": float(err.max()),
+        "loo_bias": float(loo.mean()),
+        "additive_mae": float(add.mean()),
+        "additive_max_abs": float(add.max()),
+    }
     return replace(base, kappa=fit(slice(None)), validation=validation)

@@ -49,8 +49,16 @@ _MIN_TIME_S = 1e-6  # a calibrated time at or below this cannot be divided by
 class StageSlowdown:
     """The live slowdown of one stage (see the module docstring)."""
 
-    def __init__(self, fit: LinearFit, ratios: Sequence[float], *, window_s: float,
-                 tau_s: float, lo: float, hi: float) -> None:
+    def __init__(
+        self,
+        fit: LinearFit,
+        ratios: Sequence[float],
+        *,
+        window_s: float,
+        tau_s: float,
+        lo: float,
+        hi: float,
+    ) -> None:
         self.fit = fit
         self.ratios = tuple(float(r) for r in ratios)
         self.window_s = window_s
@@ -160,7 +168,10 @@ class ArrivalTracker:
     def rate(self, now: float) -> tuple[float | None, str]:
         """(requests per second, source): ``stage0`` while its metrics are fresh, else
         ``exits``."""
-        if self.from_stage0 is not None and self._stage0_at is not None \
-                and now - self._stage0_at <= self.max_age_s:
+        if (
+            self.from_stage0 is not None
+            and self._stage0_at is not None
+            and now - self._stage0_at <= self.max_age_s
+        ):
             return self.from_stage0.rate(now), "stage0"
         return self.from_exits.rate(now), "exits"

@@ -76,11 +76,16 @@ class Decision:
     feasible: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"levels": list(self.levels), "ratios": list(self.ratios),
-                "stage_s": list(self.stage_s), "predicted_latency_s": self.predicted_latency_s,
-                "predicted_bottleneck_s": self.predicted_bottleneck_s,
-                "predicted_accuracy": self.predicted_accuracy, "objective": self.objective,
-                "feasible": self.feasible}
+        return {
+            "levels": list(self.levels),
+            "ratios": list(self.ratios),
+            "stage_s": list(self.stage_s),
+            "predicted_latency_s": self.predicted_latency_s,
+            "predicted_bottleneck_s": self.predicted_bottleneck_s,
+            "predicted_accuracy": self.predicted_accuracy,
+            "objective": self.objective,
+            "feasible": self.feasible,
+        }
 
 
 @dataclass(frozen=True)
@@ -94,17 +99,25 @@ class _Tables:
     accuracy: LogisticAccuracyFit
 
 
-def _tables(latency: Sequence[LinearFit], accuracy: LogisticAccuracyFit, a_min: float,
-            ratios: Sequence[float], slowdowns: Sequence[float] | None) -> _Tables:
+def _tables(
+    latency: Sequence[LinearFit],
+    accuracy: LogisticAccuracyFit,
+    a_min: float,
+    ratios: Sequence[float],
+    slowdowns: Sequence[float] | None,
+) -> _Tables:
     n = len(latency)
     if n == 0:
         raise ConfigError("need at least one slice")
     if accuracy.n_slices != n:
-        raise ConfigError(f"{n} latency fits but the accuracy fit covers {accuracy.n_slices} slices")
+        raise ConfigError(
+            f"{n} latency fits but the accuracy fit covers {accuracy.n_slices} slices"
+        )
     r = np.asarray(ratios, dtype=np.float64)
     if r.ndim != 1 or r.size == 0 or r[0] != 0.0 or np.any(np.diff(r) <= 0) or r[-1] >= 1.0:
-        raise ConfigError(f"ratios must start at 0, increase strictly and stay below 1, got "
-                          f"{list(ratios)}")
+        raise ConfigError(
+            f"ratios must start at 0, increase strictly and stay below 1, got {list(ratios)}"
+        )
     if not math.isfinite(a_min):
         raise ConfigError(f"A_min must be finite, got {a_min}")
     s = np.ones(n) if slowdowns is None else np.asarray(slowdowns, dtype=np.float64)
@@ -117,18 +130,23 @@ def _tables(latency: Sequence[LinearFit], accuracy: LogisticAccuracyFit, a_min: 
     return _Tables(t=t, w=w, c=accuracy.score_threshold(a_min), ratios=r, accuracy=accuracy)
 
 
-def _decision(tab: _Tables, levels: Sequence[int], objective: Objective,
-              feasible: bool) -> Decision:
+def _decision(
+    tab: _Tables, levels: Sequence[int], objective: Objective, feasible: bool
+) -> Decision:
     idx = np.arange(len(levels))
     lv = np.asarray(levels, dtype=np.intp)
     stage = tab.t[idx, lv]
     p = tab.ratios[lv]
-    return Decision(levels=tuple(int(v) for v in lv), ratios=tuple(float(v) for v in p),
-                    stage_s=tuple(float(v) for v in stage),
-                    predicted_latency_s=float(stage.sum()),
-                    predicted_bottleneck_s=float(stage.max()),
-                    predicted_accuracy=float(tab.accuracy.predict(p)),
-                    objective=objective, feasible=feasible)
+    return Decision(
+        levels=tuple(int(v) for v in lv),
+        ratios=tuple(float(v) for v in p),
+        stage_s=tuple(float(v) for v in stage),
+        predicted_latency_s=float(stage.sum()),
+        predicted_bottleneck_s=float(stage.max()),
+        predicted_accuracy=float(tab.accuracy.predict(p)),
+        objective=objective,
+        feasible=feasible,
+    )
 
 
 def _best_levels(tab: _Tables, allowed: NDArray[np.bool_]) -> NDArray[np.intp]:

@@ -75,9 +75,16 @@ class PlannedStage:
     cap_bytes: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end, "device": self.device, "level": self.level,
-                "ratio": self.ratio, "time_s": self.time_s, "memory_mb": self.memory_bytes / 2**20,
-                "cap_mb": self.cap_bytes / 2**20}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "device": self.device,
+            "level": self.level,
+            "ratio": self.ratio,
+            "time_s": self.time_s,
+            "memory_mb": self.memory_bytes / 2**20,
+            "cap_mb": self.cap_bytes / 2**20,
+        }
 
 
 @dataclass(frozen=True)
@@ -104,13 +111,19 @@ class SlimPlan:
 
     def to_message(self, version: int, reason: str = "") -> PlanMessage:
         """The retained plan nodes follow (node id = device name)."""
-        return PlanMessage.build(version, self.stages[-1].end, self.bounds, list(self.devices),
-                                 reason)
+        return PlanMessage.build(
+            version, self.stages[-1].end, self.bounds, list(self.devices), reason
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.stages], "levels": list(self.levels),
-                "bottleneck_s": self.bottleneck_s, "total_s": self.total_s,
-                "objective_s": self.objective_s, "accuracy": self.accuracy}
+        return {
+            "stages": [s.to_dict() for s in self.stages],
+            "levels": list(self.levels),
+            "bottleneck_s": self.bottleneck_s,
+            "total_s": self.total_s,
+            "objective_s": self.objective_s,
+            "accuracy": self.accuracy,
+        }
 
 
 @dataclass(frozen=True)
@@ -128,19 +141,28 @@ class PlanResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"best": self.best.to_dict() if self.best else None,
-                "front": [p.to_dict() for p in self.front], "method": self.method,
-                "configurations": self.configurations, "evaluated": self.evaluated,
-                "seconds": self.seconds, "objective": self.objective, "slo_met": self.slo_met,
-                **self.meta}
+        return {
+            "best": self.best.to_dict() if self.best else None,
+            "front": [p.to_dict() for p in self.front],
+            "method": self.method,
+            "configurations": self.configurations,
+            "evaluated": self.evaluated,
+            "seconds": self.seconds,
+            "objective": self.objective,
+            "slo_met": self.slo_met,
+            **self.meta,
+        }
 
 
-def configuration_count(n_blocks: int, n_devices: int, n_levels: int,
-                        max_stages: int | None = None) -> int:
+def configuration_count(
+    n_blocks: int, n_devices: int, n_levels: int, max_stages: int | None = None
+) -> int:
     """Partitions x ordered device choices x levels: what exact enumeration visits."""
     top = min(n_blocks, n_devices, max_stages or n_devices)
-    return sum(math.comb(n_blocks - 1, s - 1) * math.comb(n_devices, s) * n_levels ** s
-               for s in range(1, top + 1))
+    return sum(
+        math.comb(n_blocks - 1, s - 1) * math.comb(n_devices, s) * n_levels**s
+        for s in range(1, top + 1)
+    )
 
 
 def failure_weights(devices: Sequence[Device]) -> NDArray[np.float64]:
@@ -165,10 +187,18 @@ class _Space:
         self.ranges = contiguous_ranges(n)
         self.index = {r: k for k, r in enumerate(self.ranges)}
         t = np.asarray([table.time_s[i:j].sum(axis=0) for i, j in self.ranges])
-        mem = np.asarray([table.param_bytes[i:j].sum(axis=0) + table.activation_bytes[i:j].max(0)
-                          for i, j in self.ranges])
-        out = np.asarray([table.output_bytes[j - 1] if j < n else np.zeros(table.n_levels)
-                          for _, j in self.ranges])
+        mem = np.asarray(
+            [
+                table.param_bytes[i:j].sum(axis=0) + table.activation_bytes[i:j].max(0)
+                for i, j in self.ranges
+            ]
+        )
+        out = np.asarray(
+            [
+                table.output_bytes[j - 1] if j < n else np.zeros(table.n_levels)
+                for _, j in self.ranges
+            ]
+        )
         speed = np.asarray([d.speed for d in devices])[:, None, None]
         bits = np.asarray([d.bandwidth_mbps * 1e6 for d in devices])[:, None, None]
         lat = np.asarray([d.latency_ms / 1e3 for d in devices])[:, None, None]
@@ -181,14 +211,24 @@ class _Space:
         self.devices = list(devices)
         self.table = table
 
-    def stages(self, edges: Sequence[int], devs: Sequence[int], levels: Sequence[int]
-               ) -> tuple[PlannedStage, ...]:
+    def stages(
+        self, edges: Sequence[int], devs: Sequence[int], levels: Sequence[int]
+    ) -> tuple[PlannedStage, ...]:
         out = []
         for t, (k, lv) in enumerate(zip(devs, levels, strict=True)):
             r = self.index[(edges[t], edges[t + 1])]
-            out.append(PlannedStage(edges[t], edges[t + 1], self.devices[k].name, int(lv),
-                                    self.table.ratios[lv], float(self.stage[k, r, lv]),
-                                    float(self.memory[r, lv]), float(self.caps[k])))
+            out.append(
+                PlannedStage(
+                    edges[t],
+                    edges[t + 1],
+                    self.devices[k].name,
+                    int(lv),
+                    self.table.ratios[lv],
+                    float(self.stage[k, r, lv]),
+                    float(self.memory[r, lv]),
+                    float(self.caps[k]),
+                )
+            )
         return tuple(out)
 
 
@@ -211,33 +251,50 @@ class _Evaluated:
 class Planner:
     """Chooses partitions and per-slice levels (see the module docstring)."""
 
-    def __init__(self, table: CostTable, accuracy: AccuracyModel, *,
-                 exact_limit: int = EXACT_LIMIT, max_stages: int | None = None,
-                 outage_factor: float = 10.0, recovery_s: float = 3.0,
-                 horizon_s: float = 3600.0, population: int = 80,
-                 generations: int = 60,
-                 measured: Callable[[tuple[tuple[int, int], ...], tuple[int, ...]], float]
-                 | None = None) -> None:
+    def __init__(
+        self,
+        table: CostTable,
+        accuracy: AccuracyModel,
+        *,
+        exact_limit: int = EXACT_LIMIT,
+        max_stages: int | None = None,
+        outage_factor: float = 10.0,
+        recovery_s: float = 3.0,
+        horizon_s: float = 3600.0,
+        population: int = 80,
+        generations: int = 60,
+        measured: Callable[[tuple[tuple[int, int], ...], tuple[int, ...]], float] | None = None,
+    ) -> None:
         ranges = contiguous_ranges(table.n_blocks)
         if accuracy.delta.shape != (len(ranges), table.n_levels):
-            raise ConfigError(f"the accuracy model covers {accuracy.delta.shape}, the cost table "
-                              f"{len(ranges)} ranges x {table.n_levels} levels")
+            raise ConfigError(
+                f"the accuracy model covers {accuracy.delta.shape}, the cost table "
+                f"{len(ranges)} ranges x {table.n_levels} levels"
+            )
         self.table, self.accuracy = table, accuracy
         self.exact_limit, self.max_stages = exact_limit, max_stages
         self.outage_factor = outage_factor
-        self.stall_s = recovery_s ** 2 / (2.0 * horizon_s)
+        self.stall_s = recovery_s**2 / (2.0 * horizon_s)
         self.population, self.generations = population, generations
         self.measured = measured  # real accuracy of (slice bounds, levels): vetoes the model
         self._memo: dict[tuple[Any, ...], PlanResult] = {}  # plans are pure: reuse them
 
     def count(self, n_devices: int, n_levels: int | None = None) -> int:
-        return configuration_count(self.table.n_blocks, n_devices,
-                                   n_levels or self.table.n_levels, self.max_stages)
+        return configuration_count(
+            self.table.n_blocks, n_devices, n_levels or self.table.n_levels, self.max_stages
+        )
 
-    def plan(self, devices: Sequence[Device], floor: float, *,
-             objective: Objective = "bottleneck", slo_s: float | None = None,
-             levels: Literal["any"] | int = "any", method: Method = "auto",
-             seed: int = 0) -> PlanResult:
+    def plan(
+        self,
+        devices: Sequence[Device],
+        floor: float,
+        *,
+        objective: Objective = "bottleneck",
+        slo_s: float | None = None,
+        levels: Literal["any"] | int = "any",
+        method: Method = "auto",
+        seed: int = 0,
+    ) -> PlanResult:
         """The best plan on ``devices`` (None when no configuration meets memory and the
         floor), with the front. ``levels=l`` forces every slice to level l (baselines)."""
         key = (tuple(devices), floor, objective, slo_s, levels, method, seed)
@@ -245,21 +302,33 @@ class Planner:
             return self._memo[key]
         if len(self._memo) > 4096:
             self._memo.clear()
-        self._memo[key] = result = self._plan(devices, floor, objective, slo_s, levels, method,
-                                              seed)
+        self._memo[key] = result = self._plan(
+            devices, floor, objective, slo_s, levels, method, seed
+        )
         return result
 
-    def _plan(self, devices: Sequence[Device], floor: float, objective: Objective,
-              slo_s: float | None, levels: Literal["any"] | int, method: Method,
-              seed: int) -> PlanResult:
+    def _plan(
+        self,
+        devices: Sequence[Device],
+        floor: float,
+        objective: Objective,
+        slo_s: float | None,
+        levels: Literal["any"] | int,
+        method: Method,
+        seed: int,
+    ) -> PlanResult:
         started = time.perf_counter()
         space = _Space(self.table, devices)
         count = self.count(len(devices), None if levels == "any" else 1)
         exposure = self._exposure(devices, floor) if objective == "expected" else None
-        exact = method == "exact" or levels != "any" or (method == "auto"
-                                                         and count <= self.exact_limit)
-        ev = self._enumerate(space, exposure, levels) if exact else \
-            self._nsga(space, exposure, floor, seed)
+        exact = (
+            method == "exact" or levels != "any" or (method == "auto" and count <= self.exact_limit)
+        )
+        ev = (
+            self._enumerate(space, exposure, levels)
+            if exact
+            else self._nsga(space, exposure, floor, seed)
+        )
         accept = None
         if self.measured is not None:
             measured = self.measured
@@ -273,21 +342,37 @@ class Planner:
         front = ok[_front(ev.objective[ok], ev.accuracy[ok], ev.total[ok])]
 
         def to_plan(i: int) -> SlimPlan:
-            return SlimPlan(space.stages(*ev.decode(i)), float(ev.bottleneck[i]),
-                            float(ev.total[i]), float(ev.objective[i]), float(ev.accuracy[i]))
+            return SlimPlan(
+                space.stages(*ev.decode(i)),
+                float(ev.bottleneck[i]),
+                float(ev.total[i]),
+                float(ev.objective[i]),
+                float(ev.accuracy[i]),
+            )
 
-        meta: dict[str, Any] = {"devices": [d.name for d in devices], "floor": floor,
-                                "slo_s": slo_s}
+        meta: dict[str, Any] = {
+            "devices": [d.name for d in devices],
+            "floor": floor,
+            "slo_s": slo_s,
+        }
         if exposure is not None:
             meta["failure_weights"] = exposure[0].tolist()
             meta["replanned_bottleneck_s"] = exposure[1].tolist()
-        return PlanResult(None if best is None else to_plan(best),
-                          tuple(to_plan(int(i)) for i in front), "exact" if exact else "nsga2",
-                          count, len(ev.stages), time.perf_counter() - started, objective,
-                          slo_met, meta)
+        return PlanResult(
+            None if best is None else to_plan(best),
+            tuple(to_plan(int(i)) for i in front),
+            "exact" if exact else "nsga2",
+            count,
+            len(ev.stages),
+            time.perf_counter() - started,
+            objective,
+            slo_met,
+            meta,
+        )
 
-    def _exposure(self, devices: Sequence[Device], floor: float
-                  ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    def _exposure(
+        self, devices: Sequence[Device], floor: float
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """``(q_k, B*_k)`` for the expected objective."""
         q = failure_weights(devices)
         base = self.plan(devices, floor).best
@@ -302,18 +387,21 @@ class Planner:
     def _max_stages(self, m: int) -> int:
         return min(self.table.n_blocks, m, self.max_stages or m)
 
-    def _objective(self, bottleneck: NDArray[np.float64], devs: NDArray[np.intp],
-                   exposure: tuple[NDArray[np.float64], NDArray[np.float64]] | None
-                   ) -> NDArray[np.float64]:
+    def _objective(
+        self,
+        bottleneck: NDArray[np.float64],
+        devs: NDArray[np.intp],
+        exposure: tuple[NDArray[np.float64], NDArray[np.float64]] | None,
+    ) -> NDArray[np.float64]:
         """Bottleneck, or the expected bottleneck of plans using ``devs`` (``[..., s]``)."""
         if exposure is None:
             return bottleneck
         q, after = exposure
-        return bottleneck * (1.0 - 0.5 * q[devs].sum(-1)) + \
-            (q * (0.5 * after + self.stall_s))[devs].sum(-1)
+        return bottleneck * (1.0 - 0.5 * q[devs].sum(-1)) + (q * (0.5 * after + self.stall_s))[
+            devs
+        ].sum(-1)
 
-    def _enumerate(self, space: _Space, exposure: Any, levels: Literal["any"] | int
-                   ) -> _Evaluated:
+    def _enumerate(self, space: _Space, exposure: Any, levels: Literal["any"] | int) -> _Evaluated:
         n, m, n_levels = self.table.n_blocks, len(space.devices), self.table.n_levels
         blocks: list[tuple[int, list[tuple[int, ...]], NDArray[np.intp], NDArray[np.intp]]] = []
         cols: list[list[NDArray[Any]]] = [[], [], [], [], [], []]
@@ -322,19 +410,34 @@ class Planner:
             edges = [(0, *c, n) for c in itertools.combinations(range(1, n), s - 1)]
             parts = np.asarray([[space.index[(e[t], e[t + 1])] for t in range(s)] for e in edges])
             devs = np.asarray(list(itertools.combinations(range(m), s)))
-            lev = np.asarray(list(itertools.product(range(n_levels), repeat=s))) \
-                if levels == "any" else np.full((1, s), int(levels))
+            lev = (
+                np.asarray(list(itertools.product(range(n_levels), repeat=s)))
+                if levels == "any"
+                else np.full((1, s), int(levels))
+            )
             ix = (devs[None, :, None, :], parts[:, None, None, :], lev[None, None, :, :])
             stage, fits = space.stage[ix], space.fits[ix].all(-1)  # [P, D, Q(, s)]
             bott = stage.max(-1)
             shape = bott.shape
-            acc = self.accuracy.predict(np.broadcast_to(parts[:, None, :], (*shape[::2], s)),
-                                        np.broadcast_to(lev[None], (*shape[::2], s)))
-            obj = self._objective(bott, np.broadcast_to(devs[None, :, None, :], (*shape, s)),
-                                  exposure)
-            for col, arr in zip(cols, (obj, bott, stage.sum(-1),
-                                       np.broadcast_to(acc[:, None, :], shape), fits,
-                                       np.full(shape, s)), strict=True):
+            acc = self.accuracy.predict(
+                np.broadcast_to(parts[:, None, :], (*shape[::2], s)),
+                np.broadcast_to(lev[None], (*shape[::2], s)),
+            )
+            obj = self._objective(
+                bott, np.broadcast_to(devs[None, :, None, :], (*shape, s)), exposure
+            )
+            for col, arr in zip(
+                cols,
+                (
+                    obj,
+                    bott,
+                    stage.sum(-1),
+                    np.broadcast_to(acc[:, None, :], shape),
+                    fits,
+                    np.full(shape, s),
+                ),
+                strict=True,
+            ):
                 col.append(np.asarray(arr).ravel())
             blocks.append((offset, edges, devs, lev))
             offset += bott.size
@@ -365,12 +468,12 @@ class Planner:
                 acc = self.accuracy.predict_one(r, levels)
                 b = float(stage.max())
                 obj = float(self._objective(np.asarray(b), np.asarray(devs), exposure))
-                cache[key] = (obj, b, float(stage.sum()), acc, over,
-                              over + max(0.0, floor - acc))
+                cache[key] = (obj, b, float(stage.sum()), acc, over, over + max(0.0, floor - acc))
             return cache[key]
 
-        def evaluate(cuts: NDArray[np.bool_], keys: NDArray[np.float64],
-                     lev: NDArray[np.intp]) -> tuple[float, float, float]:
+        def evaluate(
+            cuts: NDArray[np.bool_], keys: NDArray[np.float64], lev: NDArray[np.intp]
+        ) -> tuple[float, float, float]:
             on = np.flatnonzero(cuts)
             if len(on) + 1 > top:  # repair: too many stages for the devices
                 cuts[rng.choice(on, len(on) + 1 - top, replace=False)] = False
@@ -395,8 +498,9 @@ class Planner:
         for _ in range(self.generations):
             rank, crowd = _rank_crowd(fit)
             a, b = rng.integers(0, size, (2, size))
-            win = np.where((rank[a] < rank[b]) | ((rank[a] == rank[b]) & (crowd[a] > crowd[b])),
-                           a, b)
+            win = np.where(
+                (rank[a] < rank[b]) | ((rank[a] == rank[b]) & (crowd[a] > crowd[b])), a, b
+            )
             mates = np.roll(win, 1)
             swap_c = rng.random((size, n - 1)) < 0.5
             swap_k = rng.random((size, m)) < 0.5
@@ -414,6 +518,7 @@ class Planner:
             rank, crowd = _rank_crowd(fit)
             keep = np.lexsort((-crowd, rank))[:size]
             cuts, keys, lev, fit = cuts[keep], keys[keep], lev[keep], fit[keep]
+
         # polish: hill-climb from the best configuration over one-step neighbours
         def order(key: Key) -> tuple[Any, ...]:
             obj, _, total, acc, _, cv = score(key)
@@ -427,8 +532,15 @@ class Planner:
                     best, improved = cand, True
         ks = list(cache)
         vals = np.asarray([cache[k] for k in ks])
-        return _Evaluated(lambda i: ks[i], np.asarray([len(k[1]) for k in ks]), vals[:, 0],
-                          vals[:, 1], vals[:, 2], vals[:, 3], vals[:, 4] <= 0)
+        return _Evaluated(
+            lambda i: ks[i],
+            np.asarray([len(k[1]) for k in ks]),
+            vals[:, 0],
+            vals[:, 1],
+            vals[:, 2],
+            vals[:, 3],
+            vals[:, 4] <= 0,
+        )
 
 
 def _neighbours(key: Key, m: int, n_levels: int) -> list[Key]:
@@ -436,14 +548,21 @@ def _neighbours(key: Key, m: int, n_levels: int) -> list[Key]:
     edges, devs, levels = key
     s, out = len(devs), []
     for t in range(s):
-        out += [(edges, devs, (*levels[:t], levels[t] + d, *levels[t + 1:])) for d in (-1, 1)
-                if 0 <= levels[t] + d < n_levels]
+        out += [
+            (edges, devs, (*levels[:t], levels[t] + d, *levels[t + 1 :]))
+            for d in (-1, 1)
+            if 0 <= levels[t] + d < n_levels
+        ]
         lo, hi = (devs[t - 1] + 1 if t else 0), (devs[t + 1] if t + 1 < s else m)
-        out += [(edges, (*devs[:t], k, *devs[t + 1:]), levels) for k in range(lo, hi)
-                if k != devs[t]]
+        out += [
+            (edges, (*devs[:t], k, *devs[t + 1 :]), levels) for k in range(lo, hi) if k != devs[t]
+        ]
         if t:
-            out += [((*edges[:t], edges[t] + d, *edges[t + 1:]), devs, levels) for d in (-1, 1)
-                    if edges[t - 1] < edges[t] + d < edges[t + 1]]
+            out += [
+                ((*edges[:t], edges[t] + d, *edges[t + 1 :]), devs, levels)
+                for d in (-1, 1)
+                if edges[t - 1] < edges[t] + d < edges[t + 1]
+            ]
     return out
 
 
@@ -453,8 +572,11 @@ def _rank_crowd(fit: NDArray[np.float64]) -> tuple[NDArray[np.intp], NDArray[np.
     f, cv = fit[:, :2], fit[:, 2]
     feas = cv <= 0
     better = (f[:, None, :] <= f[None, :, :]).all(-1) & (f[:, None, :] < f[None, :, :]).any(-1)
-    dom = (feas[:, None] & feas[None, :] & better) | (feas[:, None] & ~feas[None, :]) | \
-        (~feas[:, None] & ~feas[None, :] & (cv[:, None] < cv[None, :]))
+    dom = (
+        (feas[:, None] & feas[None, :] & better)
+        | (feas[:, None] & ~feas[None, :])
+        | (~feas[:, None] & ~feas[None, :] & (cv[:, None] < cv[None, :]))
+    )
     rank = np.full(len(f), -1)
     count = dom.sum(0)
     r = 0
@@ -476,27 +598,42 @@ def _rank_crowd(fit: NDArray[np.float64]) -> tuple[NDArray[np.intp], NDArray[np.
     return rank, crowd
 
 
-def _choose(ev: _Evaluated, floor: float, slo_s: float | None,
-            accept: Callable[[int], bool] | None = None, tries: int = 25
-            ) -> tuple[int | None, bool | None]:
+def _choose(
+    ev: _Evaluated,
+    floor: float,
+    slo_s: float | None,
+    accept: Callable[[int], bool] | None = None,
+    tries: int = 25,
+) -> tuple[int | None, bool | None]:
     """Index of the best configuration (module docstring) and whether the SLO is met.
     ``accept`` (the measured-accuracy check) may veto candidates, at most ``tries`` times."""
     ok = np.flatnonzero(ev.fits & (ev.accuracy >= floor - _TOL))
     stages = ev.stages[ok]
-    within = np.zeros(len(ok), dtype=bool) if slo_s is None else \
-        ev.objective[ok] <= slo_s * (1 + 1e-9)
+    within = (
+        np.zeros(len(ok), dtype=bool) if slo_s is None else ev.objective[ok] <= slo_s * (1 + 1e-9)
+    )
     # SLO met first (most accurate, then fastest); then the fastest
-    order = ok[np.lexsort((stages, ev.total[ok], np.where(within, ev.objective[ok], 0.0),
-                           -np.where(within, ev.accuracy[ok], 0.0), ev.objective[ok] *
-                           ~within, ~within))]
+    order = ok[
+        np.lexsort(
+            (
+                stages,
+                ev.total[ok],
+                np.where(within, ev.objective[ok], 0.0),
+                -np.where(within, ev.accuracy[ok], 0.0),
+                ev.objective[ok] * ~within,
+                ~within,
+            )
+        )
+    ]
     for i in order[:tries] if accept is not None else order[:1]:
         if accept is None or accept(int(i)):
             return int(i), None if slo_s is None else bool(within[np.searchsorted(ok, i)])
     return None, None if slo_s is None else False
 
 
-def _front(obj: NDArray[np.float64], acc: NDArray[np.float64],
-           total: NDArray[np.float64]) -> NDArray[np.intp]:
+def _front(
+    obj: NDArray[np.float64], acc: NDArray[np.float64], total: NDArray[np.float64]
+) -> NDArray[np.intp]:
     """Indices of the non-dominated points (lower objective, higher accuracy), fastest first."""
     order = np.lexsort((total, -acc, obj))
     best = np.maximum.accumulate(np.concatenate([[-np.inf], acc[order][:-1]]))

@@ -83,23 +83,42 @@ class Plan:
 def evaluate(inputs: PlanInputs, levels: Sequence[int]) -> Decision:
     """The models' prediction for ``levels`` (live slowdowns applied)."""
     ratios = tuple(inputs.ratios[lv] for lv in levels)
-    stage = tuple(max(0.0, f.predict(r)) * s
-                  for f, r, s in zip(inputs.fits, ratios, inputs.slowdowns, strict=True))
+    stage = tuple(
+        max(0.0, f.predict(r)) * s
+        for f, r, s in zip(inputs.fits, ratios, inputs.slowdowns, strict=True)
+    )
     accuracy = float(inputs.accuracy.predict(list(ratios)))
-    return Decision(levels=tuple(int(v) for v in levels), ratios=ratios, stage_s=stage,
-                    predicted_latency_s=float(sum(stage)),
-                    predicted_bottleneck_s=float(max(stage)), predicted_accuracy=accuracy,
-                    objective=inputs.objective, feasible=accuracy >= inputs.a_min)
+    return Decision(
+        levels=tuple(int(v) for v in levels),
+        ratios=ratios,
+        stage_s=stage,
+        predicted_latency_s=float(sum(stage)),
+        predicted_bottleneck_s=float(max(stage)),
+        predicted_accuracy=accuracy,
+        objective=inputs.objective,
+        feasible=accuracy >= inputs.a_min,
+    )
 
 
 def plan_prune(inputs: PlanInputs) -> Plan | None:
     """Levels for a PRUNE (at least one stage goes up), or None if nothing can be pruned."""
     if inputs.objective == "bottleneck":
-        d = solve_bottleneck(inputs.fits, inputs.accuracy, inputs.a_min, ratios=inputs.ratios,
-                             slowdowns=inputs.slowdowns, target_s=inputs.target_s)
+        d = solve_bottleneck(
+            inputs.fits,
+            inputs.accuracy,
+            inputs.a_min,
+            ratios=inputs.ratios,
+            slowdowns=inputs.slowdowns,
+            target_s=inputs.target_s,
+        )
     else:
-        d = solve_sum(inputs.fits, inputs.accuracy, inputs.a_min, ratios=inputs.ratios,
-                      slowdowns=inputs.slowdowns)
+        d = solve_sum(
+            inputs.fits,
+            inputs.accuracy,
+            inputs.a_min,
+            ratios=inputs.ratios,
+            slowdowns=inputs.slowdowns,
+        )
     if d.feasible and any(new > old for new, old in zip(d.levels, inputs.current, strict=True)):
         return Plan(d.levels, evaluate(inputs, d.levels), inputs.target_s, "optimizer")
     levels = escalate(inputs)
@@ -134,8 +153,14 @@ def plan_restore(inputs: PlanInputs) -> Plan | None:
     if target is None:
         levels = tuple(max(0, lv - 1) for lv in current)
         return Plan(levels, evaluate(inputs, levels), None, "step-down")
-    d = solve_bottleneck(inputs.fits, inputs.accuracy, inputs.a_min, ratios=inputs.ratios,
-                         slowdowns=inputs.slowdowns, target_s=target)
+    d = solve_bottleneck(
+        inputs.fits,
+        inputs.accuracy,
+        inputs.a_min,
+        ratios=inputs.ratios,
+        slowdowns=inputs.slowdowns,
+        target_s=target,
+    )
     levels = tuple(min(new, old) for new, old in zip(d.levels, current, strict=True))
     if levels != current:
         return Plan(levels, evaluate(inputs, levels), target, "capacity")

@@ -69,10 +69,16 @@ class Action:
     utilisation: tuple[float, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "at": self.at, "reason": self.reason,
-                "latency_s": _json_float(self.latency_s), "samples": self.samples,
-                "since": self.since, "required_capacity_s": self.required_capacity_s,
-                "utilisation": [_json_float(r) for r in self.utilisation]}
+        return {
+            "kind": self.kind.value,
+            "at": self.at,
+            "reason": self.reason,
+            "latency_s": _json_float(self.latency_s),
+            "samples": self.samples,
+            "since": self.since,
+            "required_capacity_s": self.required_capacity_s,
+            "utilisation": [_json_float(r) for r in self.utilisation],
+        }
 
 
 def _json_float(x: float) -> float | None:
@@ -162,8 +168,9 @@ class _Sustain:
         before it still holds."""
         self.high_since = None
 
-    def step(self, now: float, high: bool, low: bool, can_prune: bool,
-             can_restore: bool) -> tuple[ActionKind, float] | None:
+    def step(
+        self, now: float, high: bool, low: bool, can_prune: bool, can_restore: bool
+    ) -> tuple[ActionKind, float] | None:
         """Update the trackers; return the action and since when its condition held."""
         if high:
             self.low_since = None
@@ -199,23 +206,35 @@ class ReactiveConfig:
     min_samples: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("slo_s", "margin_s", "quantile", "window_s", "sustain_s", "cooldown_s",
-                     "restore_sustain_s"):
+        for name in (
+            "slo_s",
+            "margin_s",
+            "quantile",
+            "window_s",
+            "sustain_s",
+            "cooldown_s",
+            "restore_sustain_s",
+        ):
             _finite(getattr(self, name), name)
         _check(self.slo_s > 0, f"slo_s must be > 0, got {self.slo_s}")
         _check(0 < self.quantile <= 1, f"quantile must be in (0, 1], got {self.quantile}")
         _check(self.window_s > 0, f"window_s must be > 0, got {self.window_s}")
         for name in ("sustain_s", "cooldown_s", "restore_sustain_s"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _check(isinstance(self.min_samples, int) and not isinstance(self.min_samples, bool)
-               and self.min_samples >= 1, f"min_samples must be a positive integer, got "
-               f"{self.min_samples!r}")
+        _check(
+            isinstance(self.min_samples, int)
+            and not isinstance(self.min_samples, bool)
+            and self.min_samples >= 1,
+            f"min_samples must be a positive integer, got {self.min_samples!r}",
+        )
         if self.restore_below_s is not None:
             _finite(self.restore_below_s, "restore_below_s")
         _check(self.trigger_s > 0, f"LAT_trigger (slo + margin) must be > 0, got {self.trigger_s}")
-        _check(0 <= self.restore_threshold_s < self.trigger_s,
-               f"the restore threshold ({self.restore_threshold_s}) must be in [0, LAT_trigger "
-               f"= {self.trigger_s}) so that pruning and restoring do not chase each other")
+        _check(
+            0 <= self.restore_threshold_s < self.trigger_s,
+            f"the restore threshold ({self.restore_threshold_s}) must be in [0, LAT_trigger "
+            f"= {self.trigger_s}) so that pruning and restoring do not chase each other",
+        )
 
     @property
     def trigger_s(self) -> float:
@@ -239,8 +258,9 @@ class ReactivePolicy:
         """One finished request's end-to-end latency, observed at ``now``."""
         self.window.add(now, latency_s)
 
-    def decide(self, now: float, *, can_prune: bool = True,
-               can_restore: bool = True) -> Action | None:
+    def decide(
+        self, now: float, *, can_prune: bool = True, can_restore: bool = True
+    ) -> Action | None:
         """An action, or None. ``can_prune`` / ``can_restore`` say whether the levels are not
         already at their maximum / at zero (the condition is still tracked when they are)."""
         cfg, state = self.config, self._state
@@ -251,20 +271,26 @@ class ReactivePolicy:
         if q is None or self.window.count < cfg.min_samples:
             state.quiet()  # camera traps are idle most of the time
             return None
-        result = state.step(now, q > cfg.trigger_s, q < cfg.restore_threshold_s,
-                            can_prune, can_restore)
+        result = state.step(
+            now, q > cfg.trigger_s, q < cfg.restore_threshold_s, can_prune, can_restore
+        )
         if result is None:
             return None
         kind, since = result
         pct = f"p{cfg.quantile * 100:g}"
         if kind is ActionKind.PRUNE:
-            reason = (f"{pct} latency {q:.3f} s above LAT_trigger {cfg.trigger_s:.3f} s "
-                      f"for {now - since:.1f} s")
+            reason = (
+                f"{pct} latency {q:.3f} s above LAT_trigger {cfg.trigger_s:.3f} s "
+                f"for {now - since:.1f} s"
+            )
         else:
-            reason = (f"{pct} latency {q:.3f} s below {cfg.restore_threshold_s:.3f} s "
-                      f"for {now - since:.1f} s")
-        action = Action(kind=kind, at=now, reason=reason, latency_s=q,
-                        samples=self.window.count, since=since)
+            reason = (
+                f"{pct} latency {q:.3f} s below {cfg.restore_threshold_s:.3f} s "
+                f"for {now - since:.1f} s"
+            )
+        action = Action(
+            kind=kind, at=now, reason=reason, latency_s=q, samples=self.window.count, since=since
+        )
         state.acted(now)
         self.window.clear()
         return action
@@ -326,25 +352,43 @@ class ProactiveConfig:
     escalate_after_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("slo_s", "rho_high", "rho_target", "rho_low", "sustain_s", "cooldown_s",
-                     "restore_sustain_s", "rate_tau_s", "metrics_max_age_s", "escalate_after_s"):
+        for name in (
+            "slo_s",
+            "rho_high",
+            "rho_target",
+            "rho_low",
+            "sustain_s",
+            "cooldown_s",
+            "restore_sustain_s",
+            "rate_tau_s",
+            "metrics_max_age_s",
+            "escalate_after_s",
+        ):
             _finite(getattr(self, name), name)
         _check(self.slo_s > 0, f"slo_s must be > 0, got {self.slo_s}")
-        _check(0 < self.rho_low < self.rho_target < self.rho_high <= 1,
-               f"need 0 < rho_low < rho_target < rho_high <= 1, got {self.rho_low}, "
-               f"{self.rho_target}, {self.rho_high}")
+        _check(
+            0 < self.rho_low < self.rho_target < self.rho_high <= 1,
+            f"need 0 < rho_low < rho_target < rho_high <= 1, got {self.rho_low}, "
+            f"{self.rho_target}, {self.rho_high}",
+        )
         for name in ("sustain_s", "cooldown_s", "restore_sustain_s", "escalate_after_s"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check(self.rate_tau_s > 0, f"rate_tau_s must be > 0, got {self.rate_tau_s}")
-        _check(self.metrics_max_age_s > 0,
-               f"metrics_max_age_s must be > 0, got {self.metrics_max_age_s}")
-        _check(isinstance(self.min_arrivals, int) and not isinstance(self.min_arrivals, bool)
-               and self.min_arrivals >= 1,
-               f"min_arrivals must be a positive integer, got {self.min_arrivals!r}")
+        _check(
+            self.metrics_max_age_s > 0,
+            f"metrics_max_age_s must be > 0, got {self.metrics_max_age_s}",
+        )
+        _check(
+            isinstance(self.min_arrivals, int)
+            and not isinstance(self.min_arrivals, bool)
+            and self.min_arrivals >= 1,
+            f"min_arrivals must be a positive integer, got {self.min_arrivals!r}",
+        )
 
 
-def predicted_latency(rate: float, service_s: Sequence[float],
-                      queue_depth: Sequence[float]) -> tuple[float, tuple[float, ...]]:
+def predicted_latency(
+    rate: float, service_s: Sequence[float], queue_depth: Sequence[float]
+) -> tuple[float, tuple[float, ...]]:
     """(predicted end-to-end latency, utilisations) for stages with these service times and
     queues at arrival rate ``rate``: ``sum_i S_i + max(q_i S_i, M/D/1 wait)``."""
     total, rhos = 0.0, []
@@ -378,8 +422,14 @@ class ProactivePolicy:
         _check(q >= 0 and s >= 0, f"queue depth and service time must be >= 0, got {q}, {s}")
         self._metrics[stage] = (now, q, s)
 
-    def decide(self, now: float, *, restore_service_s: Sequence[float] | None = None,
-               can_prune: bool = True, can_restore: bool = True) -> Action | None:
+    def decide(
+        self,
+        now: float,
+        *,
+        restore_service_s: Sequence[float] | None = None,
+        can_prune: bool = True,
+        can_restore: bool = True,
+    ) -> Action | None:
         """An action, or None. ``restore_service_s``: predicted per-stage service times at the
         levels a RESTORE would set (from the calibration fits and live slowdowns); without it
         the policy never restores."""
@@ -390,8 +440,11 @@ class ProactivePolicy:
         # decision taken on a half-converged slowdown estimate is corrected without waiting
         # out the cooldown; a restore always waits for it.
         escalating = state.in_cooldown(now)
-        if escalating and (not can_prune or state.last_action_at is None
-                           or now - state.last_action_at < cfg.escalate_after_s):
+        if escalating and (
+            not can_prune
+            or state.last_action_at is None
+            or now - state.last_action_at < cfg.escalate_after_s
+        ):
             return None
         rate = self.arrivals.rate(now)
         fresh = [m for m in self._metrics if m is not None and now - m[0] <= cfg.metrics_max_age_s]
@@ -401,13 +454,16 @@ class ProactivePolicy:
         service = [m[2] for m in fresh]
         queues = [m[1] for m in fresh]
         # escalating: judge the new levels' capacity, not the backlog that drains by itself
-        latency, rhos = predicted_latency(rate, service,
-                                          [0.0] * len(service) if escalating else queues)
+        latency, rhos = predicted_latency(
+            rate, service, [0.0] * len(service) if escalating else queues
+        )
         high = latency > cfg.slo_s or max(rhos) > cfg.rho_high
         low = False
         if restore_service_s is not None and not escalating:
-            _check(len(restore_service_s) == self.n_stages,
-                   f"need {self.n_stages} restore service times, got {len(restore_service_s)}")
+            _check(
+                len(restore_service_s) == self.n_stages,
+                f"need {self.n_stages} restore service times, got {len(restore_service_s)}",
+            )
             restored_latency, restored_rhos = predicted_latency(rate, restore_service_s, queues)
             low = max(restored_rhos) < cfg.rho_low and restored_latency <= cfg.slo_s
         result = state.step(now, high, low, can_prune, can_restore)
@@ -416,19 +472,31 @@ class ProactivePolicy:
         kind, since = result
         worst = max(range(self.n_stages), key=lambda i: rhos[i])
         if kind is ActionKind.PRUNE and escalating:
-            reason = (f"escalate: the levels just set still predict {latency:.3f} s with empty "
-                      f"queues (SLO {cfg.slo_s:.3f} s), stage {worst} utilisation "
-                      f"{rhos[worst]:.2f} at {rate:.2f} req/s for {now - since:.1f} s")
+            reason = (
+                f"escalate: the levels just set still predict {latency:.3f} s with empty "
+                f"queues (SLO {cfg.slo_s:.3f} s), stage {worst} utilisation "
+                f"{rhos[worst]:.2f} at {rate:.2f} req/s for {now - since:.1f} s"
+            )
         elif kind is ActionKind.PRUNE:
-            reason = (f"predicted latency {latency:.3f} s (SLO {cfg.slo_s:.3f} s), stage {worst} "
-                      f"utilisation {rhos[worst]:.2f} (high {cfg.rho_high:.2f}) at "
-                      f"{rate:.2f} req/s for {now - since:.1f} s")
+            reason = (
+                f"predicted latency {latency:.3f} s (SLO {cfg.slo_s:.3f} s), stage {worst} "
+                f"utilisation {rhos[worst]:.2f} (high {cfg.rho_high:.2f}) at "
+                f"{rate:.2f} req/s for {now - since:.1f} s"
+            )
         else:
-            reason = (f"restored levels would keep every stage below utilisation "
-                      f"{cfg.rho_low:.2f} at {rate:.2f} req/s for {now - since:.1f} s")
-        action = Action(kind=kind, at=now, reason=reason, latency_s=latency,
-                        samples=self.arrivals.total, since=since,
-                        required_capacity_s=cfg.rho_target / rate if rate > 0 else None,
-                        utilisation=rhos)
+            reason = (
+                f"restored levels would keep every stage below utilisation "
+                f"{cfg.rho_low:.2f} at {rate:.2f} req/s for {now - since:.1f} s"
+            )
+        action = Action(
+            kind=kind,
+            at=now,
+            reason=reason,
+            latency_s=latency,
+            samples=self.arrivals.total,
+            since=since,
+            required_capacity_s=cfg.rho_target / rate if rate > 0 else None,
+            utilisation=rhos,
+        )
         state.acted(now)
         return action

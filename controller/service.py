@@ -49,11 +49,18 @@ _MAX_BAD_LOGGED = 10
 class Controller:
     """The controller of one pipeline (``edgeprune/<pipe>/...``) as an MQTT service."""
 
-    def __init__(self, config: ControllerConfig, calibration: Calibration, mqtt: MqttSettings,
-                 *, pipe: str = "default", client_id: str | None = None,
-                 on_node_lost: NodeHook | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        calibration: Calibration,
+        mqtt: MqttSettings,
+        *,
+        pipe: str = "default",
+        client_id: str | None = None,
+        on_node_lost: NodeHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.mqtt = mqtt
         self.topics = Topics(pipe)
@@ -77,9 +84,11 @@ class Controller:
             raise RuntimeError("this Controller is already running")
         self._running = True
         stop = stop or asyncio.Event()
-        tasks = [asyncio.create_task(self._connection_loop(), name="controller-connection"),
-                 asyncio.create_task(self._decision_loop(), name="controller-decisions"),
-                 asyncio.create_task(self._publisher(), name="controller-publisher")]
+        tasks = [
+            asyncio.create_task(self._connection_loop(), name="controller-connection"),
+            asyncio.create_task(self._decision_loop(), name="controller-decisions"),
+            asyncio.create_task(self._publisher(), name="controller-publisher"),
+        ]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -94,16 +103,18 @@ class Controller:
             self._connected.clear()
             self._running = False
         report = self.state.report(self._clock())
-        log.info("controller stopped: %d prune and %d restore decisions, %d exits seen",
-                 report["counts"]["prune"], report["counts"]["restore"],
-                 report["counts"]["exits"])
+        log.info(
+            "controller stopped: %d prune and %d restore decisions, %d exits seen",
+            report["counts"]["prune"],
+            report["counts"]["restore"],
+            report["counts"]["exits"],
+        )
         return report
 
     async def _drain(self, timeout: float) -> None:
         """On shutdown: let queued control messages go out."""
         deadline = time.monotonic() + timeout
-        while self._outbox.qsize() and self._connected.is_set() \
-                and time.monotonic() < deadline:
+        while self._outbox.qsize() and self._connected.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def _connection_loop(self) -> None:
@@ -111,8 +122,12 @@ class Controller:
         while True:
             kwargs = self.mqtt.aiomqtt_kwargs()
             kwargs.setdefault("socket_options", NODELAY)
-            client = aiomqtt.Client(**kwargs, identifier=self.client_id, clean_session=True,
-                                    logger=logging.getLogger("aiomqtt"))
+            client = aiomqtt.Client(
+                **kwargs,
+                identifier=self.client_id,
+                clean_session=True,
+                logger=logging.getLogger("aiomqtt"),
+            )
             try:
                 async with client:
                     self._client = client
@@ -124,18 +139,28 @@ class Controller:
                     await client.subscribe(self.topics.exits, qos=1)
                     self._connected.set()
                     self.ready.set()
-                    log.info("controller connected to %s (pipe %s, policy %s, objective %s, "
-                             "SLO %.0f ms, A_min %.3f)", self.mqtt.url, self.topics.pipe,
-                             self.config.policy, self.config.objective, self.config.slo_ms,
-                             self.config.a_min)
+                    log.info(
+                        "controller connected to %s (pipe %s, policy %s, objective %s, "
+                        "SLO %.0f ms, A_min %.3f)",
+                        self.mqtt.url,
+                        self.topics.pipe,
+                        self.config.policy,
+                        self.config.objective,
+                        self.config.slo_ms,
+                        self.config.a_min,
+                    )
                     async for message in client.messages:
                         self._dispatch(message)
             except aiomqtt.MqttError as exc:
                 raise_if_cancelling(exc)
                 self._connected.clear()
                 self.ready.clear()
-                log.warning("broker %s unreachable (%s); reconnecting in %.1f s",
-                            self.mqtt.url, exc, backoff)
+                log.warning(
+                    "broker %s unreachable (%s); reconnecting in %.1f s",
+                    self.mqtt.url,
+                    exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.reconnect_max_s)
 
@@ -143,8 +168,7 @@ class Controller:
     def _dispatch(self, message: aiomqtt.Message) -> None:
         now = self._clock()
         topic = str(message.topic)
-        payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) \
-            else b""
+        payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
         try:
             if topic == self.topics.exits:
                 self.state.on_exit(now, codec.decode_json(payload, expect_kind="exit"))
@@ -153,7 +177,8 @@ class Controller:
             elif self.topics.node_of(topic) is not None and topic.endswith("/status"):
                 if payload:
                     event = self.state.on_status(
-                        now, codec.decode_json(payload, expect_kind="status"))
+                        now, codec.decode_json(payload, expect_kind="status")
+                    )
                     if event is not None:
                         self._on_node_event(event)
             else:
@@ -169,10 +194,14 @@ class Controller:
     def _on_level(self, now: float, stage: int, payload: bytes) -> None:
         body = codec.decode_json(payload, expect_kind="level") if payload else None
         if self.state.on_level(now, stage, body):
-            log.info("stage %d: level %d adopted from control/stage/%d (seq %s, reason: %s)",
-                     stage, self.state.levels[stage], stage,
-                     None if body is None else body.get("seq"),
-                     "cleared" if body is None else body.get("reason", ""))
+            log.info(
+                "stage %d: level %d adopted from control/stage/%d (seq %s, reason: %s)",
+                stage,
+                self.state.levels[stage],
+                stage,
+                None if body is None else body.get("seq"),
+                "cleared" if body is None else body.get("reason", ""),
+            )
 
     def _on_node_event(self, event: NodeEvent) -> None:
         if event.kind == "online":
@@ -213,10 +242,12 @@ class Controller:
     def _publish_decision(self, decision: ControlDecision) -> None:
         log.info("%s", decision.log_line())
         for stage, body in decision.level_messages():
-            self._outbox.put_nowait((self.topics.control_stage(stage),
-                                     codec.encode_json("level", body), 1, True))
-        self._outbox.put_nowait((self.topics.decisions,
-                                 codec.encode_json("decision", decision.to_dict()), 1, False))
+            self._outbox.put_nowait(
+                (self.topics.control_stage(stage), codec.encode_json("level", body), 1, True)
+            )
+        self._outbox.put_nowait(
+            (self.topics.decisions, codec.encode_json("decision", decision.to_dict()), 1, False)
+        )
 
     async def _publisher(self) -> None:
         """Publishes the outbox in order; waits out disconnections (nothing is dropped)."""
@@ -240,7 +271,10 @@ def _status_line(snap: dict[str, Any]) -> str:
     stages = "; ".join(
         f"stage {s['stage']} level {s['level']} service {s['service_s'] * 1e3:.1f} ms "
         f"(x{s['slowdown']:.2f}) queue {s['queue_depth'] if s['queue_depth'] is not None else '?'}"
-        for s in snap["stages"])
-    return (f"latency quantile {'?' if q is None else f'{q * 1e3:.0f} ms'} over "
-            f"{snap['samples']} exits, rate {'?' if rate is None else f'{rate:.1f}'}/s "
-            f"({snap['arrival_source']}); {stages}")
+        for s in snap["stages"]
+    )
+    return (
+        f"latency quantile {'?' if q is None else f'{q * 1e3:.0f} ms'} over "
+        f"{snap['samples']} exits, rate {'?' if rate is None else f'{rate:.1f}'}/s "
+        f"({snap['arrival_source']}); {stages}"
+    )

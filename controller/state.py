@@ -52,8 +52,13 @@ class NodeEvent:
     at: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "node": self.node, "stage": self.stage,
-                "reason": self.reason, "at": self.at}
+        return {
+            "kind": self.kind,
+            "node": self.node,
+            "stage": self.stage,
+            "reason": self.reason,
+            "at": self.at,
+        }
 
 
 @dataclass
@@ -109,41 +114,72 @@ class ControlDecision:
 
     @property
     def changed(self) -> tuple[int, ...]:
-        return tuple(i for i, (a, b) in enumerate(zip(self.levels_before, self.levels,
-                                                      strict=True)) if a != b)
+        return tuple(
+            i
+            for i, (a, b) in enumerate(zip(self.levels_before, self.levels, strict=True))
+            if a != b
+        )
 
     def level_messages(self) -> list[tuple[int, dict[str, Any]]]:
         """``(stage, body)`` of the ``level`` message of every stage whose level changed."""
-        return [(i, {"stage": i, "level": self.levels[i], "ratio": self.ratios[self.levels[i]],
-                     "seq": self.seq, "reason": f"{self.kind.value}: {self.action.reason}"})
-                for i in self.changed]
+        return [
+            (
+                i,
+                {
+                    "stage": i,
+                    "level": self.levels[i],
+                    "ratio": self.ratios[self.levels[i]],
+                    "seq": self.seq,
+                    "reason": f"{self.kind.value}: {self.action.reason}",
+                },
+            )
+            for i in self.changed
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         p = self.plan.predicted
-        return _finite({
-            "seq": self.seq, "at": self.at, "ts": self.ts, "policy": self.policy,
-            "objective": self.objective, "action": self.kind.value,
-            "reason": self.action.reason, "how": self.plan.how,
-            "levels_before": list(self.levels_before), "levels": list(self.levels),
-            "changed": list(self.changed), "target_s": self.plan.target_s,
-            "predicted": {"latency_s": p.predicted_latency_s,
-                          "bottleneck_s": p.predicted_bottleneck_s,
-                          "accuracy": p.predicted_accuracy, "stage_s": list(p.stage_s),
-                          "feasible": p.feasible},
-            "feasible": p.feasible, "trigger": self.action.to_dict(), **self.inputs})
+        return _finite(
+            {
+                "seq": self.seq,
+                "at": self.at,
+                "ts": self.ts,
+                "policy": self.policy,
+                "objective": self.objective,
+                "action": self.kind.value,
+                "reason": self.action.reason,
+                "how": self.plan.how,
+                "levels_before": list(self.levels_before),
+                "levels": list(self.levels),
+                "changed": list(self.changed),
+                "target_s": self.plan.target_s,
+                "predicted": {
+                    "latency_s": p.predicted_latency_s,
+                    "bottleneck_s": p.predicted_bottleneck_s,
+                    "accuracy": p.predicted_accuracy,
+                    "stage_s": list(p.stage_s),
+                    "feasible": p.feasible,
+                },
+                "feasible": p.feasible,
+                "trigger": self.action.to_dict(),
+                **self.inputs,
+            }
+        )
 
     def log_line(self) -> str:
         p = self.plan.predicted
-        moves = ", ".join(f"stage {i} {self.levels_before[i]}->{self.levels[i]}"
-                          for i in self.changed)
+        moves = ", ".join(
+            f"stage {i} {self.levels_before[i]}->{self.levels[i]}" for i in self.changed
+        )
         rate = self.inputs["arrival"]["rate"]
         slow = "/".join(f"{s['slowdown']:.2f}" for s in self.inputs["stages"])
-        return (f"decision {self.seq}: {self.kind.value} {moves} ({self.plan.how}); "
-                f"{self.action.reason}; rate "
-                f"{'?' if rate is None else f'{rate:.1f}'}/s ({self.inputs['arrival']['source']}),"
-                f" slowdowns {slow}, predicted bottleneck {p.predicted_bottleneck_s * 1e3:.1f} ms,"
-                f" sum {p.predicted_latency_s * 1e3:.1f} ms, accuracy "
-                f"{p.predicted_accuracy:.3f}{'' if p.feasible else ' (below A_min)'}")
+        return (
+            f"decision {self.seq}: {self.kind.value} {moves} ({self.plan.how}); "
+            f"{self.action.reason}; rate "
+            f"{'?' if rate is None else f'{rate:.1f}'}/s ({self.inputs['arrival']['source']}),"
+            f" slowdowns {slow}, predicted bottleneck {p.predicted_bottleneck_s * 1e3:.1f} ms,"
+            f" sum {p.predicted_latency_s * 1e3:.1f} ms, accuracy "
+            f"{p.predicted_accuracy:.3f}{'' if p.feasible else ' (below A_min)'}"
+        )
 
 
 def _finite(obj: Any) -> Any:
@@ -164,8 +200,9 @@ def _optional_number(body: dict[str, Any], key: str) -> float | None:
 def _number(body: dict[str, Any], key: str) -> float:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise CodecError(f"{body.get('kind', 'message')} field {key!r} must be a finite number, "
-                         f"got {value!r}")
+        raise CodecError(
+            f"{body.get('kind', 'message')} field {key!r} must be a finite number, got {value!r}"
+        )
     return float(value)
 
 
@@ -174,34 +211,48 @@ def _int(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(f"{body.get('kind', 'message')} field {key!r} must be an integer, "
-                         f"got {value!r}")
+        raise CodecError(
+            f"{body.get('kind', 'message')} field {key!r} must be an integer, got {value!r}"
+        )
     return value
 
 
 class ControllerState:
     """Everything the controller knows, and the decision logic (no clock, no I/O)."""
 
-    def __init__(self, config: ControllerConfig, calibration: Calibration, *,
-                 now: float) -> None:
+    def __init__(self, config: ControllerConfig, calibration: Calibration, *, now: float) -> None:
         self.config = config
         self.calibration = calibration
         self.ratios = tuple(calibration.ratios)
         self.n_stages = len(calibration.slices)
         self.started = now
         self.stages = [
-            StageState(i, StageSlowdown(s.fit, self.ratios, window_s=config.slowdown_window_s,
-                                        tau_s=config.slowdown_tau_s, lo=config.slowdown_min,
-                                        hi=config.slowdown_max),
-                       level_since=now, time_at_level=[0.0] * len(self.ratios))
-            for i, s in enumerate(calibration.slices)]
+            StageState(
+                i,
+                StageSlowdown(
+                    s.fit,
+                    self.ratios,
+                    window_s=config.slowdown_window_s,
+                    tau_s=config.slowdown_tau_s,
+                    lo=config.slowdown_min,
+                    hi=config.slowdown_max,
+                ),
+                level_since=now,
+                time_at_level=[0.0] * len(self.ratios),
+            )
+            for i, s in enumerate(calibration.slices)
+        ]
         self.nodes: dict[str, NodeInfo] = {}
         self.observed = LatencyWindow(config.window_s)
         self.arrivals = ArrivalTracker(config.rate_tau_s, now, config.metrics_max_age_s)
-        self.reactive = ReactivePolicy(config.reactive_config()) \
-            if config.policy == "reactive" else None
-        self.proactive = ProactivePolicy(config.proactive_config(), self.n_stages) \
-            if config.policy == "proactive" else None
+        self.reactive = (
+            ReactivePolicy(config.reactive_config()) if config.policy == "reactive" else None
+        )
+        self.proactive = (
+            ProactivePolicy(config.proactive_config(), self.n_stages)
+            if config.policy == "proactive"
+            else None
+        )
         self.decisions: deque[ControlDecision] = deque(maxlen=MAX_DECISIONS)
         self.events: list[NodeEvent] = []
         self.counts: Counter[str] = Counter()
@@ -239,8 +290,12 @@ class ControllerState:
             if 0 <= stage < self.n_stages:
                 self.stages[stage].slowdown.add_hop(now, level, service)
             else:
-                self._warn_once(f"hop-stage-{stage}", "exit reports stage %d; the calibration "
-                                "has %d stages", stage, self.n_stages)
+                self._warn_once(
+                    f"hop-stage-{stage}",
+                    "exit reports stage %d; the calibration has %d stages",
+                    stage,
+                    self.n_stages,
+                )
 
     def on_metrics(self, now: float, body: dict[str, Any]) -> None:
         """A node's periodic metrics: queue depth, service time, level, counters."""
@@ -257,15 +312,23 @@ class ControllerState:
             return
         info.stage = stage
         if not 0 <= stage < self.n_stages:
-            self._warn_once(f"metrics-stage-{stage}", "node %s serves stage %d; the calibration "
-                            "has %d stages", node, stage, self.n_stages)
+            self._warn_once(
+                f"metrics-stage-{stage}",
+                "node %s serves stage %d; the calibration has %d stages",
+                node,
+                stage,
+                self.n_stages,
+            )
             return
         st = self.stages[stage]
         st.node, st.metrics_at = node, now
         st.queue_depth = _optional_number(body, "queue_depth")
         service = _optional_number(body, "service_s")
-        if service is not None and level is not None \
-                and now - info.level_stable_since >= self.config.slowdown_window_s:
+        if (
+            service is not None
+            and level is not None
+            and now - info.level_stable_since >= self.config.slowdown_window_s
+        ):
             st.slowdown.add_metrics(now, level, service)
         self._backlog_throughput(now, info, st, body)
         self._check_placement(node, stage, body)
@@ -275,8 +338,9 @@ class ControllerState:
             if self.proactive is not None:
                 self.proactive.observe_arrival(now, delta)
 
-    def _backlog_throughput(self, now: float, info: NodeInfo, st: StageState,
-                            body: dict[str, Any]) -> None:
+    def _backlog_throughput(
+        self, now: float, info: NodeInfo, st: StageState, body: dict[str, Any]
+    ) -> None:
         """A cycle-time sample when the node stayed backlogged (queue >= 2 at both reports)
         at one level since its previous report; times from the node's own clock."""
         processed, ts = _int(body, "processed"), _optional_number(body, "ts")
@@ -297,15 +361,31 @@ class ControllerState:
         s = self.calibration.slices[stage]
         bounds = body.get("bounds")
         if isinstance(bounds, list) and bounds != [s.start, s.end]:
-            self._warn_once(f"bounds-{node}-{bounds}", "node %s runs blocks %s for stage %d but "
-                            "the calibration is for [%d, %d): stale calibration?", node, bounds,
-                            stage, s.start, s.end)
+            self._warn_once(
+                f"bounds-{node}-{bounds}",
+                "node %s runs blocks %s for stage %d but "
+                "the calibration is for [%d, %d): stale calibration?",
+                node,
+                bounds,
+                stage,
+                s.start,
+                s.end,
+            )
         level, ratio = body.get("level"), body.get("ratio")
-        if isinstance(level, int) and isinstance(ratio, int | float) \
-                and 0 <= level < len(self.ratios) and abs(self.ratios[level] - ratio) > 1e-6:
-            self._warn_once(f"ratios-{node}", "node %s has ratio %.3f at level %d, the "
-                            "calibration %.3f: the level sets differ", node, ratio, level,
-                            self.ratios[level])
+        if (
+            isinstance(level, int)
+            and isinstance(ratio, int | float)
+            and 0 <= level < len(self.ratios)
+            and abs(self.ratios[level] - ratio) > 1e-6
+        ):
+            self._warn_once(
+                f"ratios-{node}",
+                "node %s has ratio %.3f at level %d, the calibration %.3f: the level sets differ",
+                node,
+                ratio,
+                level,
+                self.ratios[level],
+            )
 
     def on_status(self, now: float, body: dict[str, Any]) -> NodeEvent | None:
         """A node's status (online, or offline from its Last Will or shutdown)."""
@@ -361,11 +441,17 @@ class ControllerState:
         rate, _ = self.arrivals.rate(now)
         return PlanInputs(
             fits=tuple(s.fit for s in self.calibration.slices),
-            accuracy=self.calibration.accuracy_fit, a_min=self.config.a_min,
-            ratios=self.ratios, slowdowns=tuple(st.slowdown.value for st in self.stages),
-            current=self.levels, rate=rate, rho_target=self.config.rho_target,
-            objective=self.config.objective, rho_low=self.config.rho_low,
-            rho_restore=self.config.rho_low if self.config.policy == "proactive" else None)
+            accuracy=self.calibration.accuracy_fit,
+            a_min=self.config.a_min,
+            ratios=self.ratios,
+            slowdowns=tuple(st.slowdown.value for st in self.stages),
+            current=self.levels,
+            rate=rate,
+            rho_target=self.config.rho_target,
+            objective=self.config.objective,
+            rho_low=self.config.rho_low,
+            rho_restore=self.config.rho_low if self.config.policy == "proactive" else None,
+        )
 
     def decide(self, now: float, *, wall: float | None = None) -> ControlDecision | None:
         """Run the policy at ``now``; apply and return its decision, if any. ``wall`` is the
@@ -379,16 +465,21 @@ class ControllerState:
         prune, restore = plan_prune(inputs), plan_restore(inputs)
         action: Action | None
         if self.reactive is not None:
-            action = self.reactive.decide(now, can_prune=prune is not None,
-                                          can_restore=restore is not None)
+            action = self.reactive.decide(
+                now, can_prune=prune is not None, can_restore=restore is not None
+            )
         elif self.proactive is not None:
             for st in self.stages:
                 if st.metrics_at is not None and st.queue_depth is not None:
-                    self.proactive.observe_stage(st.metrics_at, st.index, st.queue_depth,
-                                                 st.slowdown.live_s(st.level))
+                    self.proactive.observe_stage(
+                        st.metrics_at, st.index, st.queue_depth, st.slowdown.live_s(st.level)
+                    )
             action = self.proactive.decide(
-                now, restore_service_s=restore.predicted.stage_s if restore else None,
-                can_prune=prune is not None, can_restore=restore is not None)
+                now,
+                restore_service_s=restore.predicted.stage_s if restore else None,
+                can_prune=prune is not None,
+                can_restore=restore is not None,
+            )
         else:
             return None
         plan = prune if action is not None and action.kind is ActionKind.PRUNE else restore
@@ -396,10 +487,17 @@ class ControllerState:
             return None
         self.seq += 1
         decision = ControlDecision(
-            seq=self.seq, at=now, ts=wall, policy=self.config.policy,
-            objective=self.config.objective, action=action, plan=plan,
-            levels_before=inputs.current, ratios=self.ratios,
-            inputs=self._inputs(now, inputs))
+            seq=self.seq,
+            at=now,
+            ts=wall,
+            policy=self.config.policy,
+            objective=self.config.objective,
+            action=action,
+            plan=plan,
+            levels_before=inputs.current,
+            ratios=self.ratios,
+            inputs=self._inputs(now, inputs),
+        )
         for i in decision.changed:
             self._set_level(now, i, plan.levels[i])
             self.stages[i].seq = self.seq
@@ -419,18 +517,30 @@ class ControllerState:
         rate, source = self.arrivals.rate(now)
         q = self.config.quantile
         return {
-            "slo_s": self.config.slo_s, "a_min": self.config.a_min,
-            "window": {"quantile": q, "latency_s": self.observed.quantile(q),
-                       "samples": self.observed.count, "window_s": self.observed.window_s},
+            "slo_s": self.config.slo_s,
+            "a_min": self.config.a_min,
+            "window": {
+                "quantile": q,
+                "latency_s": self.observed.quantile(q),
+                "samples": self.observed.count,
+                "window_s": self.observed.window_s,
+            },
             "arrival": {"rate": rate, "source": source},
-            "stages": [self._stage_view(st) for st in self.stages]}
+            "stages": [self._stage_view(st) for st in self.stages],
+        }
 
     def _stage_view(self, st: StageState) -> dict[str, Any]:
         sd = st.slowdown
-        return {"stage": st.index, "node": st.node, "level": st.level,
-                "service_s": sd.live_s(st.level), "calibrated_s": sd.calibrated_s(st.level),
-                "slowdown": sd.value, "slowdown_source": sd.source,
-                "queue_depth": st.queue_depth}
+        return {
+            "stage": st.index,
+            "node": st.node,
+            "level": st.level,
+            "service_s": sd.live_s(st.level),
+            "calibrated_s": sd.calibrated_s(st.level),
+            "slowdown": sd.value,
+            "slowdown_source": sd.source,
+            "queue_depth": st.queue_depth,
+        }
 
     def _set_level(self, now: float, stage: int, level: int) -> None:
         st = self.stages[stage]
@@ -447,11 +557,17 @@ class ControllerState:
         """What the controller sees now (for the status log and the report)."""
         rate, source = self.arrivals.rate(now)
         q = self.config.quantile
-        return _finite({
-            "levels": list(self.levels), "latency_quantile_s": self.observed.quantile(q),
-            "samples": self.observed.count, "arrival_rate": rate, "arrival_source": source,
-            "stages": [self._stage_view(st) for st in self.stages],
-            "nodes": {n.node: n.state for n in self.nodes.values()}})
+        return _finite(
+            {
+                "levels": list(self.levels),
+                "latency_quantile_s": self.observed.quantile(q),
+                "samples": self.observed.count,
+                "arrival_rate": rate,
+                "arrival_source": source,
+                "stages": [self._stage_view(st) for st in self.stages],
+                "nodes": {n.node: n.state for n in self.nodes.values()},
+            }
+        )
 
     def report(self, now: float) -> dict[str, Any]:
         """A JSON summary: decisions, time at each level per stage, counts, latency."""
@@ -461,17 +577,31 @@ class ControllerState:
             spent[st.level] += max(0.0, now - st.level_since)
             time_at[str(st.index)] = {str(lv): t for lv, t in enumerate(spent) if t > 0}
         lat = np.asarray(self.latencies, dtype=np.float64)
-        return _finite({
-            "kind": "controller-report", "duration_s": now - self.started,
-            "config": self.config.to_dict(),
-            "calibration": {"model_hash": self.calibration.model_hash,
-                            "plan_hash": self.calibration.plan_hash,
-                            "ratios": list(self.ratios)},
-            "counts": {"prune": self.counts["prune"], "restore": self.counts["restore"],
-                       "exits": self.counts["exits"], "decisions": len(self.decisions)},
-            "latency": {"count": int(lat.size),
-                        "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
-                        "p95_s": float(np.percentile(lat, 95)) if lat.size else None},
-            "time_at_level_s": time_at, "final_levels": list(self.levels), "held": self.held,
-            "node_events": [e.to_dict() for e in self.events],
-            "decisions": [d.to_dict() for d in self.decisions]})
+        return _finite(
+            {
+                "kind": "controller-report",
+                "duration_s": now - self.started,
+                "config": self.config.to_dict(),
+                "calibration": {
+                    "model_hash": self.calibration.model_hash,
+                    "plan_hash": self.calibration.plan_hash,
+                    "ratios": list(self.ratios),
+                },
+                "counts": {
+                    "prune": self.counts["prune"],
+                    "restore": self.counts["restore"],
+                    "exits": self.counts["exits"],
+                    "decisions": len(self.decisions),
+                },
+                "latency": {
+                    "count": int(lat.size),
+                    "p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+                    "p95_s": float(np.percentile(lat, 95)) if lat.size else None,
+                },
+                "time_at_level_s": time_at,
+                "final_levels": list(self.levels),
+                "held": self.held,
+                "node_events": [e.to_dict() for e in self.events],
+                "decisions": [d.to_dict() for d in self.decisions],
+            }
+        )

@@ -68,8 +68,9 @@ def configure_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s: %(message)s",
-                                      datefmt="%H:%M:%S")
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
         formatter.converter = time.localtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -94,11 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-                        help="log verbosity (default INFO)")
-    parser.add_argument("--log-format", default=os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text"),
-                        choices=["text", "json"], help="text for people, json for log shippers")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log verbosity (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text for people, json for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -126,4 +135,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgepruneError as exc:
         print(f"edgeprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
-

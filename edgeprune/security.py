@@ -64,7 +64,7 @@ class BrokerUser:
         """
         check_name("user", name)
         if name.startswith("node-") and len(name) > len("node-"):
-            return cls(name, "node", check_name("node", name[len("node-"):]))
+            return cls(name, "node", check_name("node", name[len("node-") :]))
         for role in ("camera", "observer"):
             if name == role or name.startswith(role + "-"):
                 return cls(name, role)
@@ -136,8 +136,11 @@ def render_acl(
         if user.role == "camera":
             rules = [("write", f"{base}/stage/0"), ("read", f"{base}/results")]
         elif user.role == "controller":
-            rules = [("read", everything), ("write", f"{base}/control/#"),
-                     ("write", f"{base}/errors")]
+            rules = [
+                ("read", everything),
+                ("write", f"{base}/control/#"),
+                ("write", f"{base}/errors"),
+            ]
         elif user.role == "observer":
             rules = [("read", everything), ("read", "$SYS/#")]
         else:
@@ -147,11 +150,19 @@ def render_acl(
 
 
 def _node_rules(base: str, node: str, placement: Placement | None) -> list[tuple[str, str]]:
-    rules = [("read", f"{base}/control/plan"), ("readwrite", f"{base}/nodes/{node}/#"),
-             ("write", f"{base}/errors")]
+    rules = [
+        ("read", f"{base}/control/plan"),
+        ("readwrite", f"{base}/nodes/{node}/#"),
+        ("write", f"{base}/errors"),
+    ]
     if placement is None:
-        return [*rules, ("readwrite", f"{base}/stage/+"), ("read", f"{base}/control/stage/+"),
-                ("write", f"{base}/results"), ("write", f"{base}/exits")]
+        return [
+            *rules,
+            ("readwrite", f"{base}/stage/+"),
+            ("read", f"{base}/control/stage/+"),
+            ("write", f"{base}/results"),
+            ("write", f"{base}/exits"),
+        ]
     i = placement.stage
     rules += [("read", f"{base}/stage/{i}"), ("read", f"{base}/control/stage/{i}")]
     if placement.is_last:
@@ -168,8 +179,7 @@ def _run(cmd: Sequence[str], what: str) -> None:
     except FileNotFoundError as exc:
         raise BrokerError(f"{what}: {cmd[0]} is not installed") from exc
     except subprocess.CalledProcessError as exc:
-        raise BrokerError(f"{what} failed ({' '.join(cmd[:3])} ...): {exc.stderr.strip()}") \
-            from exc
+        raise BrokerError(f"{what} failed ({' '.join(cmd[:3])} ...): {exc.stderr.strip()}") from exc
     except subprocess.TimeoutExpired as exc:
         raise BrokerError(f"{what}: {cmd[0]} did not finish in 60 s") from exc
 
@@ -214,8 +224,19 @@ def _openssl() -> str:
 
 def _new_key(key: Path) -> None:
     """An EC P-256 private key (fast to make and use on a Raspberry Pi), 0600."""
-    _run([_openssl(), "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-          "-out", str(key)], f"making the key {key.name}")
+    _run(
+        [
+            _openssl(),
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            str(key),
+        ],
+        f"making the key {key.name}",
+    )
     os.chmod(key, 0o600)
 
 
@@ -226,16 +247,41 @@ def make_ca(cert_dir: Path, days: int = 3650) -> tuple[Path, Path]:
         return crt, key
     cert_dir.mkdir(parents=True, exist_ok=True)
     _new_key(key)
-    _run([_openssl(), "req", "-x509", "-new", "-key", str(key), "-out", str(crt),
-          "-days", str(days), "-sha256", "-subj", "/CN=edgeprune local CA",
-          "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-          "-addext", "subjectKeyIdentifier=hash"], "making the local CA")
+    _run(
+        [
+            _openssl(),
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            str(days),
+            "-sha256",
+            "-subj",
+            "/CN=edgeprune local CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext",
+            "subjectKeyIdentifier=hash",
+        ],
+        "making the local CA",
+    )
     return crt, key
 
 
-def issue_certificate(cert_dir: Path, name: str, *, server_names: Sequence[str] = (),
-                      client: bool = False, days: int = CERT_DAYS) -> tuple[Path, Path]:
+def issue_certificate(
+    cert_dir: Path,
+    name: str,
+    *,
+    server_names: Sequence[str] = (),
+    client: bool = False,
+    days: int = CERT_DAYS,
+) -> tuple[Path, Path]:
     """Sign ``<name>.crt`` / ``<name>.key`` with the CA in ``cert_dir`` (made if missing).
 
     A server certificate lists ``server_names`` (IP addresses and DNS names) as subject
@@ -245,21 +291,47 @@ def issue_certificate(cert_dir: Path, name: str, *, server_names: Sequence[str] 
     crt, key, csr = (cert_dir / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
     ext = cert_dir / f"{name}.ext"
     sans = ",".join(f"IP:{n}" if _is_ip(n) else f"DNS:{n}" for n in server_names)
-    ext.write_text("\n".join([
-        "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyEncipherment",
-        f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
-        "subjectKeyIdentifier=hash",
-        "authorityKeyIdentifier=keyid,issuer",
-        *([f"subjectAltName={sans}"] if sans else []),
-    ]) + "\n")
+    ext.write_text(
+        "\n".join(
+            [
+                "basicConstraints=critical,CA:FALSE",
+                "keyUsage=critical,digitalSignature,keyEncipherment",
+                f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
+                "subjectKeyIdentifier=hash",
+                "authorityKeyIdentifier=keyid,issuer",
+                *([f"subjectAltName={sans}"] if sans else []),
+            ]
+        )
+        + "\n"
+    )
     _new_key(key)
     try:
-        _run([_openssl(), "req", "-new", "-key", str(key), "-out", str(csr),
-              "-subj", f"/CN={name}"], f"making the request for {name}")
-        _run([_openssl(), "x509", "-req", "-in", str(csr), "-CA", str(ca_crt),
-              "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(crt), "-days", str(days),
-              "-sha256", "-extfile", str(ext)], f"signing the certificate of {name}")
+        _run(
+            [_openssl(), "req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={name}"],
+            f"making the request for {name}",
+        )
+        _run(
+            [
+                _openssl(),
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(ca_crt),
+                "-CAkey",
+                str(ca_key),
+                "-CAcreateserial",
+                "-out",
+                str(crt),
+                "-days",
+                str(days),
+                "-sha256",
+                "-extfile",
+                str(ext),
+            ],
+            f"signing the certificate of {name}",
+        )
     finally:
         csr.unlink(missing_ok=True)
         ext.unlink(missing_ok=True)
@@ -324,18 +396,31 @@ class SecureSetup:
         cert = key = None
         if self.client_certs:
             cert, key = self.cert_dir / f"{user}.crt", self.cert_dir / f"{user}.key"
-        return MqttSettings(host=host, port=port, username=user, password=self.passwords[user],
-                            tls_ca=self.ca_cert, tls_cert=cert, tls_key=key)
+        return MqttSettings(
+            host=host,
+            port=port,
+            username=user,
+            password=self.passwords[user],
+            tls_ca=self.ca_cert,
+            tls_cert=cert,
+            tls_key=key,
+        )
 
     def env(self, user: str, host: str, port: int) -> dict[str, str]:
         """The ``EDGEPRUNE_MQTT_*`` variables that make a component log in as ``user``."""
         s = self.settings(user, host, port)
-        env = {"EDGEPRUNE_MQTT_HOST": s.host, "EDGEPRUNE_MQTT_PORT": str(s.port),
-               "EDGEPRUNE_MQTT_USERNAME": user, "EDGEPRUNE_MQTT_PASSWORD": str(s.password),
-               "EDGEPRUNE_MQTT_TLS_CA": str(s.tls_ca)}
+        env = {
+            "EDGEPRUNE_MQTT_HOST": s.host,
+            "EDGEPRUNE_MQTT_PORT": str(s.port),
+            "EDGEPRUNE_MQTT_USERNAME": user,
+            "EDGEPRUNE_MQTT_PASSWORD": str(s.password),
+            "EDGEPRUNE_MQTT_TLS_CA": str(s.tls_ca),
+        }
         if s.tls_cert is not None and s.tls_key is not None:
-            env |= {"EDGEPRUNE_MQTT_TLS_CERT": str(s.tls_cert),
-                    "EDGEPRUNE_MQTT_TLS_KEY": str(s.tls_key)}
+            env |= {
+                "EDGEPRUNE_MQTT_TLS_CERT": str(s.tls_cert),
+                "EDGEPRUNE_MQTT_TLS_KEY": str(s.tls_key),
+            }
         return env
 
     def write_env_files(self, host: str, port: int) -> dict[str, Path]:
@@ -346,8 +431,9 @@ class SecureSetup:
         paths = {}
         for user in self.passwords:
             path = self.env_dir / f"{user}.env"
-            _write_private(path, "".join(f"{k}={v}\n" for k, v in self.env(user, host, port)
-                                         .items()))
+            _write_private(
+                path, "".join(f"{k}={v}\n" for k, v in self.env(user, host, port).items())
+            )
             paths[user] = path
         return paths
 
@@ -358,8 +444,9 @@ class SecureSetup:
         ctx.check_hostname = False
         if self.client_certs:
             probe = self.users[0].name
-            ctx.load_cert_chain(str(self.cert_dir / f"{probe}.crt"),
-                                str(self.cert_dir / f"{probe}.key"))
+            ctx.load_cert_chain(
+                str(self.cert_dir / f"{probe}.crt"), str(self.cert_dir / f"{probe}.key")
+            )
         return ctx
 
 
@@ -388,8 +475,11 @@ def prepare_secure_broker(
     cert_dir.mkdir(mode=0o700, exist_ok=True)
     names_file = cert_dir / "server.names"
     names = "\n".join(dict.fromkeys(server_names)) + "\n"
-    if not (cert_dir / "server.crt").exists() or not names_file.exists() \
-            or names_file.read_text() != names:
+    if (
+        not (cert_dir / "server.crt").exists()
+        or not names_file.exists()
+        or names_file.read_text() != names
+    ):
         issue_certificate(cert_dir, "server", server_names=list(dict.fromkeys(server_names)))
         names_file.write_text(names)
     if client_certs:
@@ -400,15 +490,27 @@ def prepare_secure_broker(
     old = _read_credentials(run_dir / "credentials.json")
     passwords = {u.name: old.get(u.name) or secrets.token_urlsafe(18) for u in users}
     setup = SecureSetup(run_dir, users, passwords, client_certs)
-    _write_private(setup.credentials_file, json.dumps({
-        "users": {u.name: {"role": u.role, "password": passwords[u.name]} for u in users},
-        "ca": str(setup.ca_cert)}, indent=2) + "\n")
+    _write_private(
+        setup.credentials_file,
+        json.dumps(
+            {
+                "users": {u.name: {"role": u.role, "password": passwords[u.name]} for u in users},
+                "ca": str(setup.ca_cert),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     write_password_file(setup.password_file, passwords)
     _write_private(setup.acl_file, render_acl(users, pipe=pipe, placements=placements))
-    tokens = {"CA_FILE": setup.ca_cert, "CERT_FILE": cert_dir / "server.crt",
-              "KEY_FILE": cert_dir / "server.key", "PASSWORD_FILE": setup.password_file,
-              "ACL_FILE": setup.acl_file,
-              "REQUIRE_CERTIFICATE": "true" if client_certs else "false"}
+    tokens = {
+        "CA_FILE": setup.ca_cert,
+        "CERT_FILE": cert_dir / "server.crt",
+        "KEY_FILE": cert_dir / "server.key",
+        "PASSWORD_FILE": setup.password_file,
+        "ACL_FILE": setup.acl_file,
+        "REQUIRE_CERTIFICATE": "true" if client_certs else "false",
+    }
     try:
         text = Path(template).read_text(encoding="utf-8")
     except OSError as exc:
@@ -426,5 +528,4 @@ def _read_credentials(path: Path) -> dict[str, str]:
         users = json.loads(path.read_text(encoding="utf-8"))["users"]
         return {name: str(entry["password"]) for name, entry in users.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BrokerError(f"cannot read {path} (delete it to make new passwords): {exc}") \
-            from exc
+        raise BrokerError(f"cannot read {path} (delete it to make new passwords): {exc}") from exc

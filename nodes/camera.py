@@ -69,8 +69,9 @@ def encode_image(pixels: np.ndarray, fmt: str) -> tuple[bytes, tuple[int, ...] |
     return buf.getvalue(), None
 
 
-def rate_schedule(rate_hz: float, count: int, cameras: Sequence[str] = ("cam0",),
-                  n_images: int = 1, seed: int = 0) -> list[Shot]:
+def rate_schedule(
+    rate_hz: float, count: int, cameras: Sequence[str] = ("cam0",), n_images: int = 1, seed: int = 0
+) -> list[Shot]:
     """``count`` shots at a fixed rate, cameras in turn, images in a seeded order."""
     order = np.random.default_rng(seed).permutation(max(count, n_images)) % max(n_images, 1)
     return [Shot(i / rate_hz, cameras[i % len(cameras)], int(order[i])) for i in range(count)]
@@ -96,9 +97,13 @@ class CameraReport:
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_s) if self.latencies_s else None
         return {
-            "sent": self.sent, "completed": self.completed, "lost": self.lost,
-            "resent": self.resent, "duplicates_suppressed": self.duplicates,
-            "accuracy": self.accuracy, "duration_s": self.duration_s,
+            "sent": self.sent,
+            "completed": self.completed,
+            "lost": self.lost,
+            "resent": self.resent,
+            "duplicates_suppressed": self.duplicates,
+            "accuracy": self.accuracy,
+            "duration_s": self.duration_s,
             "p50_ms": float(np.percentile(lat, 50) * 1e3) if lat is not None else None,
             "p95_ms": float(np.percentile(lat, 95) * 1e3) if lat is not None else None,
         }
@@ -107,11 +112,21 @@ class CameraReport:
 class Camera:
     """Publishes shots on schedule and tracks their results until all are in."""
 
-    def __init__(self, mqtt: MqttSettings, pipe: str, source: ImageSource,
-                 shots: Sequence[Shot], *, image_format: str = "png",
-                 journal: RequestJournal | None = None, resend_after_s: float | None = 10.0,
-                 drain_s: float = 30.0, track_results: bool = True, run_id: str | None = None,
-                 on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        pipe: str,
+        source: ImageSource,
+        shots: Sequence[Shot],
+        *,
+        image_format: str = "png",
+        journal: RequestJournal | None = None,
+        resend_after_s: float | None = 10.0,
+        drain_s: float = 30.0,
+        track_results: bool = True,
+        run_id: str | None = None,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         if image_format not in ("png", "jpeg", "raw"):
             raise ValueError(f"image format must be png, jpeg or raw, not {image_format!r}")
         self.mqtt = mqtt
@@ -132,8 +147,9 @@ class Camera:
         self._sent_all = False
         self.client_id = f"edgeprune-camera-{pipe}-{self.run_id}"[:64]
 
-    async def run(self, stop: asyncio.Event | None = None,
-                  connect_timeout_s: float = 30.0) -> CameraReport:
+    async def run(
+        self, stop: asyncio.Event | None = None, connect_timeout_s: float = 30.0
+    ) -> CameraReport:
         stop = stop or asyncio.Event()
         started = time.monotonic()
         connection = asyncio.create_task(self._connection_loop(), name="camera-connection")
@@ -142,8 +158,10 @@ class Camera:
             try:
                 await asyncio.wait_for(self._connected.wait(), connect_timeout_s)
             except TimeoutError as exc:
-                raise BrokerError(f"camera could not reach the broker at {self.mqtt.url} "
-                                  f"within {connect_timeout_s:.0f} s") from exc
+                raise BrokerError(
+                    f"camera could not reach the broker at {self.mqtt.url} "
+                    f"within {connect_timeout_s:.0f} s"
+                ) from exc
             await self._send_all(stop)
             self._sent_all = True
             self._check_done()
@@ -166,8 +184,12 @@ class Camera:
         sent while the camera reconnects are delivered when it is back)."""
         backoff = 0.2
         while True:
-            client = aiomqtt.Client(**self.mqtt.aiomqtt_kwargs(), identifier=self.client_id,
-                                    clean_session=False, logger=logging.getLogger("aiomqtt"))
+            client = aiomqtt.Client(
+                **self.mqtt.aiomqtt_kwargs(),
+                identifier=self.client_id,
+                clean_session=False,
+                logger=logging.getLogger("aiomqtt"),
+            )
             try:
                 async with client:
                     self._client = client
@@ -179,8 +201,12 @@ class Camera:
             except aiomqtt.MqttError as exc:
                 raise_if_cancelling(exc)
                 self._connected.clear()
-                log.warning("camera: broker %s unreachable (%s); reconnecting in %.1f s",
-                            self.mqtt.url, exc, backoff)
+                log.warning(
+                    "camera: broker %s unreachable (%s); reconnecting in %.1f s",
+                    self.mqtt.url,
+                    exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -219,8 +245,12 @@ class Camera:
             await self._send(seq, shot)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
-                log.info("camera: sent %d/%d, results %d", self.report.sent, len(self.shots),
-                         self.report.completed)
+                log.info(
+                    "camera: sent %d/%d, results %d",
+                    self.report.sent,
+                    len(self.shots),
+                    self.report.completed,
+                )
 
     async def _send(self, seq: int, shot: Shot) -> None:
         i = shot.index % len(self.source)
@@ -228,9 +258,17 @@ class Camera:
         now = time.time()
         request_id = f"{shot.camera}-{self.run_id}-{seq:06d}"
         msg = codec.StageMessage(
-            request_id=request_id, camera=shot.camera, stage=0, entry_ts=now, capture_ts=now,
-            label=self.source.label(i), hops=(), image=image, image_format=self.image_format,
-            image_shape=shape)
+            request_id=request_id,
+            camera=shot.camera,
+            stage=0,
+            entry_ts=now,
+            capture_ts=now,
+            label=self.source.label(i),
+            hops=(),
+            image=image,
+            image_format=self.image_format,
+            image_shape=shape,
+        )
         payload = codec.encode_stage(msg)
         self.journal.add(request_id, shot.camera, payload, now)
         await self._publish(self.topics.stage(0), payload)
@@ -242,8 +280,12 @@ class Camera:
         while True:
             await asyncio.sleep(min(1.0, self.resend_after_s / 4))
             for req in self.journal.due(self.resend_after_s):
-                log.info("re-sending %s (attempt %d): no result after %.1f s", req.request_id,
-                         req.attempts + 1, self.resend_after_s)
+                log.info(
+                    "re-sending %s (attempt %d): no result after %.1f s",
+                    req.request_id,
+                    req.attempts + 1,
+                    self.resend_after_s,
+                )
                 self.journal.mark_resent(req.request_id)
                 await self._publish(self.topics.stage(0), req.payload)
 
@@ -277,12 +319,12 @@ class Camera:
             self._all_done.set()
 
 
-def load_source(dataset: str, data_dir: Path, split: str = "test", *, size: int = 28,
-                channels: int = 1) -> ImageSource:
+def load_source(
+    dataset: str, data_dir: Path, split: str = "test", *, size: int = 28, channels: int = 1
+) -> ImageSource:
     """Images with labels from the default dataset's split, or from a folder of images."""
     from pipeline.data import load_dataset, split_dataset
 
     ds = load_dataset(dataset, data_dir, size=size, channels=channels)
     part = getattr(split_dataset(ds), split) if dataset in ("animal-mnist", "default") else ds
     return ImageSource(part.images, part.labels)
-

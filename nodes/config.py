@@ -49,8 +49,10 @@ class NodeConfig:
         check_name("pipe", self.pipe)
         validate_ratios(self.ratios)
         if (self.stage is None) != (self.bounds is None):
-            raise ConfigError("give both stage and slice bounds, or neither (then the node "
-                              "waits for the retained plan)")
+            raise ConfigError(
+                "give both stage and slice bounds, or neither (then the node "
+                "waits for the retained plan)"
+            )
         if self.stage is not None and self.stage < 0:
             raise ConfigError("stage must be >= 0")
         if self.queue_size < 1 or self.threads < 1 or self.metrics_interval_s <= 0:

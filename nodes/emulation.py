@@ -60,8 +60,11 @@ class Emulation:
         return ", ".join(parts) if parts else "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"factor": self.factor, "cpu_hog": self.cpu_hog,
-                "windows": [[w.start_s, w.end_s, w.factor] for w in self.windows]}
+        return {
+            "factor": self.factor,
+            "cpu_hog": self.cpu_hog,
+            "windows": [[w.start_s, w.end_s, w.factor] for w in self.windows],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Emulation:
@@ -69,8 +72,9 @@ class Emulation:
         return cls(float(data.get("factor", 1.0)), windows, bool(data.get("cpu_hog", False)))
 
     @classmethod
-    def parse(cls, factor: float = 1.0, windows: Iterable[str] = (),
-              cpu_hog: bool = False) -> Emulation:
+    def parse(
+        cls, factor: float = 1.0, windows: Iterable[str] = (), cpu_hog: bool = False
+    ) -> Emulation:
         """Windows as ``START:END:FACTOR`` strings (seconds), e.g. ``20:40:3``."""
         parsed = []
         for text in windows:

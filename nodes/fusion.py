@@ -69,19 +69,28 @@ class ViewTopics:
         return f"{self.base.base}/control/view/{v}"
 
 
-def view_message(request_id: str, camera: str, crop: np.ndarray, label: int | None = None
-                 ) -> bytes:
+def view_message(request_id: str, camera: str, crop: np.ndarray, label: int | None = None) -> bytes:
     """A camera's stage-0 message carrying one view (raw uint8 pixels)."""
     now = time.time()
-    return codec.encode_stage(codec.StageMessage(
-        request_id=request_id, camera=camera, stage=0, entry_ts=now, capture_ts=now,
-        label=label, image=np.ascontiguousarray(crop, dtype=np.uint8).tobytes(),
-        image_format="raw", image_shape=tuple(int(s) for s in crop.shape)))
+    return codec.encode_stage(
+        codec.StageMessage(
+            request_id=request_id,
+            camera=camera,
+            stage=0,
+            entry_ts=now,
+            capture_ts=now,
+            label=label,
+            image=np.ascontiguousarray(crop, dtype=np.uint8).tobytes(),
+            image_format="raw",
+            image_shape=tuple(int(s) for s in crop.shape),
+        )
+    )
 
 
 def level_message(view: int, level: int, ratio: float, reason: str = "") -> bytes:
-    return codec.encode_json("level", {"view": view, "level": level, "ratio": ratio,
-                                       "reason": reason})
+    return codec.encode_json(
+        "level", {"view": view, "level": level, "ratio": ratio, "reason": reason}
+    )
 
 
 class _Service:
@@ -101,8 +110,9 @@ class _Service:
         raise NotImplementedError
 
     def _status(self, state: str, reason: str) -> bytes:
-        return codec.encode_json("status", {"node": self.node_id, "state": state,
-                                            "reason": reason, "ts": time.time()})
+        return codec.encode_json(
+            "status", {"node": self.node_id, "state": state, "reason": reason, "ts": time.time()}
+        )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; reconnects with backoff when the broker goes away.
@@ -112,8 +122,7 @@ class _Service:
         (inside aiomqtt's publish) can swallow a cancellation that races its result."""
         stop = stop or asyncio.Event()
         status = self.topics.base.status(self.node_id)
-        will = aiomqtt.Will(status, self._status("offline", "connection lost"), qos=1,
-                            retain=True)
+        will = aiomqtt.Will(status, self._status("offline", "connection lost"), qos=1, retain=True)
         backoff = 0.2
         while not stop.is_set():
             tasks: list[asyncio.Task[Any]] = []
@@ -122,24 +131,27 @@ class _Service:
                     self.client, backoff = client, 0.2
                     for topic, qos in self.subscriptions():
                         await client.subscribe(topic, qos=qos)
-                    await client.publish(status, self._status("online", ""), qos=1,
-                                         retain=True)
+                    await client.publish(status, self._status("online", ""), qos=1, retain=True)
                     self.ready.set()
-                    tasks = [asyncio.create_task(self._listen(client)),
-                             asyncio.create_task(stop.wait())]
+                    tasks = [
+                        asyncio.create_task(self._listen(client)),
+                        asyncio.create_task(stop.wait()),
+                    ]
                     try:
                         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                         if tasks[0].done():
                             tasks[0].result()  # the listener's error: reconnect
                         with contextlib.suppress(aiomqtt.MqttError):
-                            await client.publish(status, self._status("offline", "shutdown"),
-                                                 qos=1, retain=True)
+                            await client.publish(
+                                status, self._status("offline", "shutdown"), qos=1, retain=True
+                            )
                     finally:
                         for t in tasks:
                             t.cancel()
             except aiomqtt.MqttError as exc:
-                log.warning("%s: broker unreachable (%s); retrying in %.1f s", self.node_id,
-                            exc, backoff)
+                log.warning(
+                    "%s: broker unreachable (%s); retrying in %.1f s", self.node_id, exc, backoff
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -160,8 +172,14 @@ class _Service:
 class BranchNode(_Service):
     """Runs view ``view``'s branch at its level (``control/view/<v>``, retained)."""
 
-    def __init__(self, mqtt: MqttSettings, pipe: str, view: int, model: PrunedMultiView,
-                 node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        pipe: str,
+        view: int,
+        model: PrunedMultiView,
+        node_id: str | None = None,
+    ) -> None:
         super().__init__(mqtt, pipe, node_id or f"view{view}")
         self.view, self.model, self.level = view, model, 0
         self.served = 0
@@ -181,26 +199,44 @@ class BranchNode(_Service):
                 log.info("view %d: level %d", self.view, level)
                 return []
             msg = codec.decode_stage(payload)
-            if msg.image is None or msg.image_format != "raw" or \
-                    msg.image_shape != (self.spec.size, self.spec.size):
-                raise CodecError(f"view {self.view} expects raw {self.spec.size}x"
-                                 f"{self.spec.size} pixels", msg.request_id)
+            if (
+                msg.image is None
+                or msg.image_format != "raw"
+                or msg.image_shape != (self.spec.size, self.spec.size)
+            ):
+                raise CodecError(
+                    f"view {self.view} expects raw {self.spec.size}x{self.spec.size} pixels",
+                    msg.request_id,
+                )
         except CodecError as exc:
             self.errors += 1
             log.warning("view %d: rejected a message on %s: %s", self.view, topic, exc)
             return []
         pixels = np.frombuffer(msg.image, dtype=np.uint8).reshape(msg.image_shape)
         started = time.perf_counter()
-        feat, channels = self.model.branch(self.view, self.model.ckpt.preprocess(pixels[None]),
-                                           self.level)
-        hop = codec.Hop(stage=0, node=self.node_id, queue_s=0.0,
-                        compute_s=time.perf_counter() - started, level=self.level)
+        feat, channels = self.model.branch(
+            self.view, self.model.ckpt.preprocess(pixels[None]), self.level
+        )
+        hop = codec.Hop(
+            stage=0,
+            node=self.node_id,
+            queue_s=0.0,
+            compute_s=time.perf_counter() - started,
+            level=self.level,
+        )
         out = codec.StageMessage(
-            request_id=msg.request_id, camera=msg.camera, stage=1, entry_ts=msg.entry_ts,
-            capture_ts=msg.capture_ts, label=msg.label, hops=(hop,),
+            request_id=msg.request_id,
+            camera=msg.camera,
+            stage=1,
+            entry_ts=msg.entry_ts,
+            capture_ts=msg.capture_ts,
+            label=msg.label,
+            hops=(hop,),
             tensor=feat.numpy().astype(np.float32),
             channels=None if channels is None else channels.to(torch.int32).numpy(),
-            full_channels=self.model.width, meta={"view": self.view, "level": self.level})
+            full_channels=self.model.width,
+            meta={"view": self.view, "level": self.level},
+        )
         self.served += 1
         return [(self.topics.features(self.view), codec.encode_stage(out))]
 
@@ -226,9 +262,17 @@ class FusionStats:
 class FusionNode(_Service):
     """Max-fuses the views of each request (module docstring)."""
 
-    def __init__(self, mqtt: MqttSettings, pipe: str, model: PrunedMultiView, *,
-                 timeout_s: float = 0.5, fail_after: int = 3, node_id: str = "fusion",
-                 remember: int = 10_000) -> None:
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        pipe: str,
+        model: PrunedMultiView,
+        *,
+        timeout_s: float = 0.5,
+        fail_after: int = 3,
+        node_id: str = "fusion",
+        remember: int = 10_000,
+    ) -> None:
         super().__init__(mqtt, pipe, node_id)
         self.model, self.timeout_s, self.fail_after = model, timeout_s, fail_after
         self.n_views = len(model.branches)
@@ -250,10 +294,13 @@ class FusionNode(_Service):
         try:
             msg = codec.decode_stage(payload)
             v = msg.meta.get("view")
-            if not isinstance(v, int) or not 0 <= v < self.n_views or msg.tensor is None or \
-                    topic != self.topics.features(v):
-                raise CodecError("features must name their view and carry a tensor",
-                                 msg.request_id)
+            if (
+                not isinstance(v, int)
+                or not 0 <= v < self.n_views
+                or msg.tensor is None
+                or topic != self.topics.features(v)
+            ):
+                raise CodecError("features must name their view and carry a tensor", msg.request_id)
         except CodecError as exc:
             self.stats.errors += 1
             log.warning("fusion: rejected a message on %s: %s", topic, exc)
@@ -267,15 +314,14 @@ class FusionNode(_Service):
             return []
         p = self.pending.get(rid)
         if p is None:
-            p = self.pending[rid] = _Pending(time.monotonic(), [None] * self.n_views,
-                                             [None] * self.n_views, msg)
-        channels = None if msg.channels is None else torch.from_numpy(
-            msg.channels.astype(np.int64))
+            p = self.pending[rid] = _Pending(
+                time.monotonic(), [None] * self.n_views, [None] * self.n_views, msg
+            )
+        channels = None if msg.channels is None else torch.from_numpy(msg.channels.astype(np.int64))
         p.outputs[v] = (torch.from_numpy(np.array(msg.tensor, copy=True)), channels)
         level = msg.meta.get("level")
         p.levels[v] = int(level) if isinstance(level, int) else None
-        waiting = [u for u in range(self.n_views) if p.outputs[u] is None
-                   and u not in self.failed]
+        waiting = [u for u in range(self.n_views) if p.outputs[u] is None and u not in self.failed]
         if not waiting:
             whole = all(o is not None for o in p.outputs)
             return self._fuse(rid, "all views" if whole else "failed views dropped")
@@ -304,35 +350,52 @@ class FusionNode(_Service):
             self.misses[v] += 1
             self.stats.missed[v] += 1
             if self.misses[v] == self.fail_after:
-                log.warning("fusion: view %d failed (missed %d in a row); dropped", v,
-                            self.fail_after)
+                log.warning(
+                    "fusion: view %d failed (missed %d in a row); dropped", v, self.fail_after
+                )
                 newly_failed = True
         probs = torch.softmax(self.model.fuse(p.outputs)[0], dim=0)
         index = int(probs.argmax())
         names = self.model.ckpt.config.trunk.class_names
         self.stats.fused += 1
         self.stats.partial += bool(missing)
-        body = {"request_id": rid, "camera": p.msg.camera,
-                "label": names[index] if names else str(index), "label_index": index,
-                "score": round(float(probs.max()), 5), "true_label": p.msg.label,
-                "correct": None if p.msg.label is None else p.msg.label == index,
-                "views": present, "missing": missing, "levels": p.levels,
-                "fused_on": why, "waited_s": time.monotonic() - p.first,
-                "entry_ts": p.msg.entry_ts}
+        body = {
+            "request_id": rid,
+            "camera": p.msg.camera,
+            "label": names[index] if names else str(index),
+            "label_index": index,
+            "score": round(float(probs.max()), 5),
+            "true_label": p.msg.label,
+            "correct": None if p.msg.label is None else p.msg.label == index,
+            "views": present,
+            "missing": missing,
+            "levels": p.levels,
+            "fused_on": why,
+            "waited_s": time.monotonic() - p.first,
+            "entry_ts": p.msg.entry_ts,
+        }
         self.results.append(body)
         out = [(self.topics.base.results, codec.encode_json("result", body))]
         if newly_failed:  # requests that now only wait for failed views go at once
-            for other in [r for r, q in self.pending.items()
-                          if all(q.outputs[u] is not None or u in self.failed
-                                 for u in range(self.n_views))]:
+            for other in [
+                r
+                for r, q in self.pending.items()
+                if all(q.outputs[u] is not None or u in self.failed for u in range(self.n_views))
+            ]:
                 out += self._fuse(other, "failed views dropped")
         return out
 
 
-async def publish_view_levels(client: aiomqtt.Client, pipe: str, levels: Sequence[int],
-                              ratios: Sequence[float], reason: str = "planner") -> None:
+async def publish_view_levels(
+    client: aiomqtt.Client,
+    pipe: str,
+    levels: Sequence[int],
+    ratios: Sequence[float],
+    reason: str = "planner",
+) -> None:
     """Retained per-view levels (e.g. from :func:`controller.planner.view_levels`)."""
     topics = ViewTopics(pipe)
     for v, level in enumerate(levels):
-        await client.publish(topics.control(v), level_message(v, level, ratios[level], reason),
-                             qos=1, retain=True)
+        await client.publish(
+            topics.control(v), level_message(v, level, ratios[level], reason), qos=1, retain=True
+        )

@@ -50,8 +50,9 @@ def burn_until(deadline: float, stop: threading.Event) -> int:
     return spins
 
 
-def run(clock_start: float, windows: Sequence[tuple[float, float]],
-        stop: threading.Event | None = None) -> list[tuple[float, float]]:
+def run(
+    clock_start: float, windows: Sequence[tuple[float, float]], stop: threading.Event | None = None
+) -> list[tuple[float, float]]:
     """Burn during each window (seconds after ``clock_start``), sleep in between.
 
     Returns the wall-clock spans actually burnt (a window already over is skipped, one already
@@ -76,14 +77,23 @@ def run(clock_start: float, windows: Sequence[tuple[float, float]],
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nodes.hog", description="Burn one CPU core during the given windows "
-        "of the experiment clock (seconds after --clock-start).")
-    parser.add_argument("--clock-start", type=float, required=True,
-                        help="epoch seconds the windows count from")
-    parser.add_argument("--window", action="append", required=True, metavar="START:END",
-                        help="burn from START to END seconds (repeatable)")
-    parser.add_argument("--cpu", type=int, default=None,
-                        help="pin the hog to this CPU core (Linux)")
+        prog="python -m nodes.hog",
+        description="Burn one CPU core during the given windows "
+        "of the experiment clock (seconds after --clock-start).",
+    )
+    parser.add_argument(
+        "--clock-start", type=float, required=True, help="epoch seconds the windows count from"
+    )
+    parser.add_argument(
+        "--window",
+        action="append",
+        required=True,
+        metavar="START:END",
+        help="burn from START to END seconds (repeatable)",
+    )
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="pin the hog to this CPU core (Linux)"
+    )
     args = parser.parse_args(argv)
     try:
         windows = [parse_window(w) for w in args.window]

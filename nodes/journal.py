@@ -50,8 +50,9 @@ class RequestJournal:
     def __init__(self, path: Path | str = ":memory:") -> None:
         self.path = str(path)
         self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else
-                         "PRAGMA journal_mode=MEMORY")
+        self._db.execute(
+            "PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY"
+        )
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self.duplicates = 0
@@ -70,38 +71,52 @@ class RequestJournal:
         now = time.time() if now is None else now
         self._db.execute(
             "INSERT OR IGNORE INTO requests (request_id, camera, payload, first_sent, last_sent)"
-            " VALUES (?, ?, ?, ?, ?)", (request_id, camera, payload, now, now))
+            " VALUES (?, ?, ?, ?, ?)",
+            (request_id, camera, payload, now, now),
+        )
 
-    def due(self, timeout_s: float, now: float | None = None,
-            limit: int = 1000) -> list[PendingRequest]:
+    def due(
+        self, timeout_s: float, now: float | None = None, limit: int = 1000
+    ) -> list[PendingRequest]:
         """Requests without a result whose last send is older than ``timeout_s``."""
         now = time.time() if now is None else now
         rows = self._db.execute(
             "SELECT request_id, camera, payload, attempts, first_sent FROM requests "
             "WHERE done_ts IS NULL AND last_sent <= ? ORDER BY first_sent LIMIT ?",
-            (now - timeout_s, limit)).fetchall()
+            (now - timeout_s, limit),
+        ).fetchall()
         return [PendingRequest(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
     def mark_resent(self, request_id: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        self._db.execute("UPDATE requests SET last_sent = ?, attempts = attempts + 1 "
-                         "WHERE request_id = ?", (now, request_id))
+        self._db.execute(
+            "UPDATE requests SET last_sent = ?, attempts = attempts + 1 WHERE request_id = ?",
+            (now, request_id),
+        )
 
     def complete(self, request_id: str, now: float | None = None) -> bool:
         """Mark a request done; True on its first result, False for a duplicate or unknown."""
         now = time.time() if now is None else now
-        cur = self._db.execute("UPDATE requests SET done_ts = ?, payload = x'' "
-                               "WHERE request_id = ? AND done_ts IS NULL", (now, request_id))
+        cur = self._db.execute(
+            "UPDATE requests SET done_ts = ?, payload = x'' "
+            "WHERE request_id = ? AND done_ts IS NULL",
+            (now, request_id),
+        )
         if cur.rowcount == 1:
             return True
-        if self._db.execute("SELECT 1 FROM requests WHERE request_id = ?",
-                            (request_id,)).fetchone():
+        if self._db.execute(
+            "SELECT 1 FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone():
             self.duplicates += 1
         return False
 
     def pending_ids(self) -> list[str]:
-        return [r[0] for r in self._db.execute(
-            "SELECT request_id FROM requests WHERE done_ts IS NULL ORDER BY first_sent")]
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT request_id FROM requests WHERE done_ts IS NULL ORDER BY first_sent"
+            )
+        ]
 
     def stats(self) -> JournalStats:
         accepted, done, resent = self._db.execute(

@@ -112,11 +112,21 @@ class SliceNode:
         if bounds not in self._built:
             started = time.perf_counter()
             self._built[bounds] = build_prunable(
-                self.ckpt, bounds, ratios=self.config.ratios, round_to=self.config.round_to,
-                recalibrate_bn=self.config.recalibrate_bn and
-                self.ckpt.calibration_images is not None, model=self.model)
-            log.info("built slice [%d, %d) at %d levels in %.0f ms", bounds.start, bounds.end,
-                     len(self.config.ratios), (time.perf_counter() - started) * 1e3)
+                self.ckpt,
+                bounds,
+                ratios=self.config.ratios,
+                round_to=self.config.round_to,
+                recalibrate_bn=self.config.recalibrate_bn
+                and self.ckpt.calibration_images is not None,
+                model=self.model,
+            )
+            log.info(
+                "built slice [%d, %d) at %d levels in %.0f ms",
+                bounds.start,
+                bounds.end,
+                len(self.config.ratios),
+                (time.perf_counter() - started) * 1e3,
+            )
         return self._built[bounds]
 
     def _place(self, stage: int, bounds: SliceBounds) -> None:
@@ -134,10 +144,12 @@ class SliceNode:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or the task is cancelled)."""
         stop = stop or asyncio.Event()
-        tasks = [asyncio.create_task(self._connection_loop(), name="connection"),
-                 asyncio.create_task(self._worker(), name="worker"),
-                 asyncio.create_task(self._publisher(), name="publisher"),
-                 asyncio.create_task(self._metrics_loop(), name="metrics")]
+        tasks = [
+            asyncio.create_task(self._connection_loop(), name="connection"),
+            asyncio.create_task(self._worker(), name="worker"),
+            asyncio.create_task(self._publisher(), name="publisher"),
+            asyncio.create_task(self._metrics_loop(), name="metrics"),
+        ]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -157,8 +169,9 @@ class SliceNode:
     async def _drain(self, timeout: float) -> None:
         """On shutdown: let the request in progress finish and its outputs go out."""
         deadline = time.monotonic() + timeout
-        while (self._outbox.qsize() or self._busy or self._in_flight) \
-                and time.monotonic() < deadline:
+        while (
+            self._outbox.qsize() or self._busy or self._in_flight
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def _say_goodbye(self) -> None:
@@ -166,24 +179,47 @@ class SliceNode:
         if client is None or not self._connected.is_set():
             return
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-            await asyncio.wait_for(client.publish(
-                self.topics.status(self.config.node_id), self._status("offline", "shutdown"),
-                qos=1, retain=True), timeout=2.0)
+            await asyncio.wait_for(
+                client.publish(
+                    self.topics.status(self.config.node_id),
+                    self._status("offline", "shutdown"),
+                    qos=1,
+                    retain=True,
+                ),
+                timeout=2.0,
+            )
 
     def _status(self, state: str, reason: str = "") -> bytes:
-        return codec.encode_json("status", {
-            "node": self.config.node_id, "state": state, "reason": reason, "stage": self.stage,
-            "bounds": [self.slice.model_slice.bounds.start, self.slice.model_slice.bounds.end]
-            if self.slice else None, "ts": time.time()})
+        return codec.encode_json(
+            "status",
+            {
+                "node": self.config.node_id,
+                "state": state,
+                "reason": reason,
+                "stage": self.stage,
+                "bounds": [self.slice.model_slice.bounds.start, self.slice.model_slice.bounds.end]
+                if self.slice
+                else None,
+                "ts": time.time(),
+            },
+        )
 
     async def _connection_loop(self) -> None:
         backoff = 0.2
-        will = aiomqtt.Will(self.topics.status(self.config.node_id),
-                            self._status("offline", "connection lost"), qos=1, retain=True)
+        will = aiomqtt.Will(
+            self.topics.status(self.config.node_id),
+            self._status("offline", "connection lost"),
+            qos=1,
+            retain=True,
+        )
         while True:
             client = aiomqtt.Client(
-                **self.config.mqtt.aiomqtt_kwargs(), identifier=self._client_id(),
-                clean_session=False, will=will, logger=logging.getLogger("aiomqtt"))
+                **self.config.mqtt.aiomqtt_kwargs(),
+                identifier=self._client_id(),
+                clean_session=False,
+                will=will,
+                logger=logging.getLogger("aiomqtt"),
+            )
             try:
                 async with client:
                     self._client = client
@@ -196,8 +232,12 @@ class SliceNode:
                 raise_if_cancelling(exc)
                 self._connected.clear()
                 self._subscribed_stage = None
-                log.warning("broker %s unreachable (%s); reconnecting in %.1f s",
-                            self.config.mqtt.url, exc, backoff)
+                log.warning(
+                    "broker %s unreachable (%s); reconnecting in %.1f s",
+                    self.config.mqtt.url,
+                    exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.reconnect_max_s)
 
@@ -209,8 +249,9 @@ class SliceNode:
         await client.subscribe(self.topics.plan, qos=1)
         if self.stage is not None:
             await self._subscribe_stage(client)
-        await client.publish(self.topics.status(self.config.node_id), self._status("online"),
-                             qos=1, retain=True)
+        await client.publish(
+            self.topics.status(self.config.node_id), self._status("online"), qos=1, retain=True
+        )
 
     async def _subscribe_stage(self, client: aiomqtt.Client) -> None:
         if self.stage is None or self._subscribed_stage == self.stage:
@@ -221,9 +262,13 @@ class SliceNode:
         await client.subscribe(self.topics.control_stage(self.stage), qos=1)
         await client.subscribe(self.topics.stage(self.stage), qos=1)
         self._subscribed_stage = self.stage
-        log.info("node %s serves stage %d, blocks [%d, %d)", self.config.node_id, self.stage,
-                 self.slice.model_slice.bounds.start if self.slice else -1,
-                 self.slice.model_slice.bounds.end if self.slice else -1)
+        log.info(
+            "node %s serves stage %d, blocks [%d, %d)",
+            self.config.node_id,
+            self.stage,
+            self.slice.model_slice.bounds.start if self.slice else -1,
+            self.slice.model_slice.bounds.end if self.slice else -1,
+        )
         self.ready.set()
 
     # ----------------------------------------------------------------- intake
@@ -242,15 +287,21 @@ class SliceNode:
         try:
             msg = codec.decode_stage(payload, max_bytes=self.config.max_payload_bytes)
             if msg.stage != self.stage:
-                raise CodecError(f"message for stage {msg.stage} arrived on stage {self.stage}",
-                                 msg.request_id)
+                raise CodecError(
+                    f"message for stage {msg.stage} arrived on stage {self.stage}", msg.request_id
+                )
         except CodecError as exc:
             self._reject(exc.reason, exc.request_id, topic, len(payload))
             return
         if self._queue.qsize() >= self.config.queue_size:
             self._counters.shed += 1
-            self._reject(f"queue full ({self.config.queue_size}): request shed", msg.request_id,
-                         topic, len(payload), shed=True)
+            self._reject(
+                f"queue full ({self.config.queue_size}): request shed",
+                msg.request_id,
+                topic,
+                len(payload),
+                shed=True,
+            )
             return
         self._queue.put_nowait(_Request(msg, time.perf_counter()))
 
@@ -264,12 +315,22 @@ class SliceNode:
                 return
             self.slice.set_level(level)
         except (CodecError, KeyError, ConfigError) as exc:
-            self._reject(f"bad control message: {exc}", None, self.topics.control_stage(
-                self.stage or 0), len(payload))
+            self._reject(
+                f"bad control message: {exc}",
+                None,
+                self.topics.control_stage(self.stage or 0),
+                len(payload),
+            )
             return
         self._counters.level_changes += 1
-        log.info("stage %s: level %d (ratio %.2f), seq %s, reason: %s", self.stage, level,
-                 self.slice.ratios[level], body.get("seq"), body.get("reason", ""))
+        log.info(
+            "stage %s: level %d (ratio %.2f), seq %s, reason: %s",
+            self.stage,
+            level,
+            self.slice.ratios[level],
+            body.get("seq"),
+            body.get("reason", ""),
+        )
 
     def _on_plan(self, payload: bytes) -> None:
         try:
@@ -283,23 +344,29 @@ class SliceNode:
         placement = plan.placement_of(self.config.node_id)
         if placement is None:
             if self.config.stage is None:
-                log.info("plan v%d has no stage for node %s; idle", plan.version,
-                         self.config.node_id)
+                log.info(
+                    "plan v%d has no stage for node %s; idle", plan.version, self.config.node_id
+                )
             return
         stage, bounds = placement
-        if self.slice is not None and stage == self.stage and \
-                bounds == self.slice.model_slice.bounds:
+        if (
+            self.slice is not None
+            and stage == self.stage
+            and bounds == self.slice.model_slice.bounds
+        ):
             return
         # Build off the event loop (in the slice thread, after the request it is computing):
         # metrics, heartbeats, control messages and SIGTERM are served meanwhile, and the
         # requests already queued for the old slice are still computed by it.
         task = asyncio.get_running_loop().create_task(
-            self._apply_placement(plan.version, stage, bounds, len(payload)))
+            self._apply_placement(plan.version, stage, bounds, len(payload))
+        )
         self._placing.add(task)
         task.add_done_callback(self._placing.discard)
 
-    async def _apply_placement(self, version: int, stage: int, bounds: SliceBounds,
-                               size: int) -> None:
+    async def _apply_placement(
+        self, version: int, stage: int, bounds: SliceBounds, size: int
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._build, bounds)
@@ -310,22 +377,46 @@ class SliceNode:
             self._reject(f"cannot apply plan v{version}: {exc}", None, self.topics.plan, size)
             return
         self._counters.plan_changes += 1
-        log.info("plan v%d applied: stage %d, blocks [%d, %d)", version, stage,
-                 bounds.start, bounds.end)
+        log.info(
+            "plan v%d applied: stage %d, blocks [%d, %d)", version, stage, bounds.start, bounds.end
+        )
         if self._client is not None and self._connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):  # a reconnect subscribes again
                 await self._subscribe_stage(self._client)
 
-    def _reject(self, reason: str, request_id: str | None, topic: str, size: int,
-                shed: bool = False) -> None:
+    def _reject(
+        self, reason: str, request_id: str | None, topic: str, size: int, shed: bool = False
+    ) -> None:
         if not shed:
             self._counters.errors += 1
-        log.warning("rejected %s (%d bytes) on %s: %s", request_id or "message", size, topic,
-                    reason, extra=self._log_extra(request_id))
-        self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", {
-            "node": self.config.node_id, "stage": self.stage, "topic": topic,
-            "request_id": request_id, "reason": reason, "bytes": size, "shed": shed,
-            "ts": time.time()}), 1, False))
+        log.warning(
+            "rejected %s (%d bytes) on %s: %s",
+            request_id or "message",
+            size,
+            topic,
+            reason,
+            extra=self._log_extra(request_id),
+        )
+        self._outbox.put_nowait(
+            (
+                self.topics.errors,
+                codec.encode_json(
+                    "error",
+                    {
+                        "node": self.config.node_id,
+                        "stage": self.stage,
+                        "topic": topic,
+                        "request_id": request_id,
+                        "reason": reason,
+                        "bytes": size,
+                        "shed": shed,
+                        "ts": time.time(),
+                    },
+                ),
+                1,
+                False,
+            )
+        )
 
     # ----------------------------------------------------------------- work
     async def _worker(self) -> None:
@@ -345,8 +436,9 @@ class SliceNode:
         started = time.perf_counter()
         t_sched = time.time() - self._clock0
         try:
-            out, compute_s, cpu_s = await loop.run_in_executor(self._executor, self._compute,
-                                                               slice_, req.msg)
+            out, compute_s, cpu_s = await loop.run_in_executor(
+                self._executor, self._compute, slice_, req.msg
+            )
         except (CodecError, ConfigError) as exc:
             self._reject(str(exc), req.msg.request_id, self.topics.stage(self.stage or 0), 0)
             return
@@ -359,21 +451,33 @@ class SliceNode:
         self._compute_s.append(compute_s)
         self._service_s.append(service_s)
         self._counters.processed += 1
-        hop = codec.Hop(stage=self.stage or 0, node=self.config.node_id,
-                        queue_s=started - req.received, compute_s=service_s,
-                        level=slice_.level)
+        hop = codec.Hop(
+            stage=self.stage or 0,
+            node=self.config.node_id,
+            queue_s=started - req.received,
+            compute_s=service_s,
+            level=slice_.level,
+        )
         self._emit(req.msg, out, hop, slice_)
-        log.debug("served %s at level %d: queue %.1f ms, service %.1f ms", req.msg.request_id,
-                  slice_.level, hop.queue_s * 1e3, service_s * 1e3,
-                  extra=self._log_extra(req.msg.request_id))
+        log.debug(
+            "served %s at level %d: queue %.1f ms, service %.1f ms",
+            req.msg.request_id,
+            slice_.level,
+            hop.queue_s * 1e3,
+            service_s * 1e3,
+            extra=self._log_extra(req.msg.request_id),
+        )
 
     def _log_extra(self, request_id: str | None) -> dict[str, Any]:
         """Structured fields for ``--log-format json``."""
-        return {"request_id": request_id, "node": self.config.node_id, "stage": self.stage,
-                "pipe": self.config.pipe}
+        return {
+            "request_id": request_id,
+            "node": self.config.node_id,
+            "stage": self.stage,
+            "pipe": self.config.pipe,
+        }
 
-    def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage
-                 ) -> tuple[Any, float, float]:
+    def _compute(self, slice_: PrunableSlice, msg: codec.StageMessage) -> tuple[Any, float, float]:
         t0, c0 = time.perf_counter(), time.thread_time()
         if slice_.model_slice.is_first:
             x = image_to_tensor(msg, self.ckpt.preprocess)
@@ -383,8 +487,9 @@ class SliceNode:
             out = slice_(x, channels, msg.hops[-1].level if msg.hops else None)
         return out, time.perf_counter() - t0, time.thread_time() - c0
 
-    def _emit(self, msg: codec.StageMessage, out: Any, hop: codec.Hop,
-              slice_: PrunableSlice) -> None:
+    def _emit(
+        self, msg: codec.StageMessage, out: Any, hop: codec.Hop, slice_: PrunableSlice
+    ) -> None:
         hops = (*msg.hops, hop)
         if slice_.model_slice.is_last:
             probs = torch.softmax(out.tensor[0], dim=0)
@@ -392,31 +497,82 @@ class SliceNode:
             names = self.ckpt.config.class_names
             now = time.time()
             levels = [h.level for h in hops]
-            self._outbox.put_nowait((self.topics.results, codec.encode_json("result", {
-                "request_id": msg.request_id, "camera": msg.camera,
-                "label": names[index] if names else str(index), "label_index": index,
-                "score": round(score, 5), "true_label": msg.label,
-                "correct": None if msg.label is None else msg.label == index,
-                "levels": levels, "attempt": msg.attempt, "entry_ts": msg.entry_ts}),
-                1, False))
-            self._outbox.put_nowait((self.topics.exits, codec.encode_json("exit", {
-                "request_id": msg.request_id, "camera": msg.camera,
-                "capture_ts": msg.capture_ts, "entry_ts": msg.entry_ts, "exit_ts": now,
-                "latency_s": now - msg.entry_ts, "attempt": msg.attempt,
-                "correct": None if msg.label is None else msg.label == index,
-                "stages": [{"stage": h.stage, "node": h.node, "queue_s": h.queue_s,
-                            "compute_s": h.compute_s, "level": h.level} for h in hops]}),
-                1, False))
+            self._outbox.put_nowait(
+                (
+                    self.topics.results,
+                    codec.encode_json(
+                        "result",
+                        {
+                            "request_id": msg.request_id,
+                            "camera": msg.camera,
+                            "label": names[index] if names else str(index),
+                            "label_index": index,
+                            "score": round(score, 5),
+                            "true_label": msg.label,
+                            "correct": None if msg.label is None else msg.label == index,
+                            "levels": levels,
+                            "attempt": msg.attempt,
+                            "entry_ts": msg.entry_ts,
+                        },
+                    ),
+                    1,
+                    False,
+                )
+            )
+            self._outbox.put_nowait(
+                (
+                    self.topics.exits,
+                    codec.encode_json(
+                        "exit",
+                        {
+                            "request_id": msg.request_id,
+                            "camera": msg.camera,
+                            "capture_ts": msg.capture_ts,
+                            "entry_ts": msg.entry_ts,
+                            "exit_ts": now,
+                            "latency_s": now - msg.entry_ts,
+                            "attempt": msg.attempt,
+                            "correct": None if msg.label is None else msg.label == index,
+                            "stages": [
+                                {
+                                    "stage": h.stage,
+                                    "node": h.node,
+                                    "queue_s": h.queue_s,
+                                    "compute_s": h.compute_s,
+                                    "level": h.level,
+                                }
+                                for h in hops
+                            ],
+                        },
+                    ),
+                    1,
+                    False,
+                )
+            )
             return
         tensor = out.tensor.contiguous().numpy()
         channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None
         nxt = codec.StageMessage(
-            request_id=msg.request_id, camera=msg.camera, stage=(self.stage or 0) + 1,
-            entry_ts=msg.entry_ts, capture_ts=msg.capture_ts, label=msg.label, hops=hops,
-            tensor=tensor, channels=channels, full_channels=out.full_channels,
-            attempt=msg.attempt)
-        self._outbox.put_nowait((self.topics.stage((self.stage or 0) + 1),
-                                 codec.encode_stage(nxt, float16=self.config.float16), 1, False))
+            request_id=msg.request_id,
+            camera=msg.camera,
+            stage=(self.stage or 0) + 1,
+            entry_ts=msg.entry_ts,
+            capture_ts=msg.capture_ts,
+            label=msg.label,
+            hops=hops,
+            tensor=tensor,
+            channels=channels,
+            full_channels=out.full_channels,
+            attempt=msg.attempt,
+        )
+        self._outbox.put_nowait(
+            (
+                self.topics.stage((self.stage or 0) + 1),
+                codec.encode_stage(nxt, float16=self.config.float16),
+                1,
+                False,
+            )
+        )
 
     async def _publisher(self) -> None:
         """Publishes the outbox in order, up to PUBLISH_WINDOW QoS 1 messages in flight, and
@@ -432,8 +588,9 @@ class SliceNode:
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
 
-    async def _publish_one(self, item: tuple[str, bytes, int, bool],
-                           window: asyncio.Semaphore) -> None:
+    async def _publish_one(
+        self, item: tuple[str, bytes, int, bool], window: asyncio.Semaphore
+    ) -> None:
         topic, payload, qos, retain = item
         try:
             while True:
@@ -455,22 +612,29 @@ class SliceNode:
     # ----------------------------------------------------------------- telemetry
     def metrics(self) -> dict[str, Any]:
         """The node's telemetry: what ``nodes/<node>/metrics`` carries."""
+
         def median(xs: deque[float]) -> float | None:
             return sorted(xs)[len(xs) // 2] if xs else None
 
         s = self.slice
         t = time.time() - self._clock0
         return {
-            "node": self.config.node_id, "stage": self.stage,
+            "node": self.config.node_id,
+            "stage": self.stage,
             "bounds": [s.model_slice.bounds.start, s.model_slice.bounds.end] if s else None,
-            "level": s.level if s else None, "ratio": s.ratios[s.level] if s else None,
+            "level": s.level if s else None,
+            "ratio": s.ratios[s.level] if s else None,
             "queue_depth": self._queue.qsize() + (1 if self._busy else 0),
-            "service_s": median(self._service_s), "compute_s": median(self._compute_s),
-            "received": self._counters.received, "processed": self._counters.processed,
-            "errors": self._counters.errors, "shed": self._counters.shed,
+            "service_s": median(self._service_s),
+            "compute_s": median(self._compute_s),
+            "received": self._counters.received,
+            "processed": self._counters.processed,
+            "errors": self._counters.errors,
+            "shed": self._counters.shed,
             "level_changes": self._counters.level_changes,
             "emulated_factor": self.config.emulation.factor_at(t),
-            "emulation": self.config.emulation.describe(), "uptime_s": time.time() - self._started,
+            "emulation": self.config.emulation.describe(),
+            "uptime_s": time.time() - self._started,
             "ts": time.time(),
         }
 
@@ -479,7 +643,8 @@ class SliceNode:
             await asyncio.sleep(self.config.metrics_interval_s)
             if self._connected.is_set() and self._client is not None:
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await self._client.publish(self.topics.metrics(self.config.node_id),
-                                               codec.encode_json("metrics", self.metrics()),
-                                               qos=0)
-
+                    await self._client.publish(
+                        self.topics.metrics(self.config.node_id),
+                        codec.encode_json("metrics", self.metrics()),
+                        qos=0,
+                    )

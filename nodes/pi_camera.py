@@ -60,20 +60,36 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 log = logging.getLogger("pi_camera")
 
 
-def stage0_payload(request_id: str, camera: str, image: bytes, fmt: str, capture_ts: float,
-                   entry_ts: float, meta: dict[str, str | int | float] | None = None) -> bytes:
+def stage0_payload(
+    request_id: str,
+    camera: str,
+    image: bytes,
+    fmt: str,
+    capture_ts: float,
+    entry_ts: float,
+    meta: dict[str, str | int | float] | None = None,
+) -> bytes:
     """The msgpack bytes of a stage-0 message, as ``pipeline.codec.decode_stage`` reads it."""
     if fmt not in ("png", "jpeg"):
         raise ValueError(f"image format must be png or jpeg, not {fmt!r}")
     for what, value in (("request id", request_id), ("camera id", camera)):
         if not 0 < len(value) <= MAX_NAME:
             raise ValueError(f"{what} must have 1 to {MAX_NAME} characters")
-    msg: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": "stage", "id": request_id,
-                           "cam": camera, "st": 0, "t0": float(entry_ts),
-                           "tc": float(capture_ts), "att": 0, "hops": []}
+    msg: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "kind": "stage",
+        "id": request_id,
+        "cam": camera,
+        "st": 0,
+        "t0": float(entry_ts),
+        "tc": float(capture_ts),
+        "att": 0,
+        "hops": [],
+    }
     if meta:
-        msg["meta"] = {k[:MAX_NAME]: v[:MAX_NAME] if isinstance(v, str) else v
-                       for k, v in meta.items()}
+        msg["meta"] = {
+            k[:MAX_NAME]: v[:MAX_NAME] if isinstance(v, str) else v for k, v in meta.items()
+        }
     msg["img"] = {"fmt": fmt, "data": image}
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -83,7 +99,9 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 90, max_side: int = 
     if max_side > 0 and max(img.size) > max_side:
         img = img.copy()
         img.thumbnail((max_side, max_side))
-    if (fmt == "jpeg" and img.mode not in ("L", "RGB")) or (fmt == "png" and img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")):
+    if (fmt == "jpeg" and img.mode not in ("L", "RGB")) or (
+        fmt == "png" and img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
+    ):
         img = img.convert("RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=quality)
@@ -148,8 +166,9 @@ class Publisher:
     """One paho client in its network thread; counts what the broker acknowledged."""
 
     def __init__(self, args: argparse.Namespace, client_id: str) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=True)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True
+        )
         self.client.reconnect_delay_set(min_delay=1, max_delay=args.reconnect_max)
         self.client.max_queued_messages_set(args.queue)
         if args.username:
@@ -169,8 +188,9 @@ class Publisher:
         self.client.connect_async(args.host, args.port, keepalive=args.keepalive)
         self.client.loop_start()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         if reason.is_failure:
             log.warning("broker %s refused the connection: %s", self.url, reason)
             return
@@ -180,13 +200,15 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         log.warning("cannot reach the broker at %s; retrying", self.url)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         self.connected.clear()
         log.warning("disconnected from %s (%s); reconnecting", self.url, reason)
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
         with self._cond:
             self.acked += 1
             if mid in self._pending:
@@ -230,32 +252,57 @@ class Publisher:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="pi_camera.py", description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="pi_camera.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--host", default="127.0.0.1", help="broker host")
     p.add_argument("--port", type=int, default=1883, help="broker port")
     p.add_argument("--username", default=None, help="MQTT user name")
-    p.add_argument("--password", default=os.environ.get("EDGEPRUNE_MQTT_PASSWORD"),
-                   help="MQTT password (default: $EDGEPRUNE_MQTT_PASSWORD)")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("EDGEPRUNE_MQTT_PASSWORD"),
+        help="MQTT password (default: $EDGEPRUNE_MQTT_PASSWORD)",
+    )
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate: enables TLS")
     p.add_argument("--pipe", default="default", help="pipeline name (edgeprune/<pipe>/...)")
     p.add_argument("--camera-id", default="picam", help="camera id carried by every message")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--folder", type=Path, default=None,
-                     help="send the image files of this folder, in name order, cycled")
+    src.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        help="send the image files of this folder, in name order, cycled",
+    )
     src.add_argument("--glob", default=None, help="send the files matching this pattern")
-    p.add_argument("--camera-size", default=None, metavar="WxH",
-                   help="picamera2 still size (default: the sensor's)")
+    p.add_argument(
+        "--camera-size",
+        default=None,
+        metavar="WxH",
+        help="picamera2 still size (default: the sensor's)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between captures")
     p.add_argument("--count", type=int, default=0, help="stop after N images (0: never)")
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="wire encoding")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--max-side", type=int, default=0,
-                   help="shrink images to at most this many pixels a side (0: as captured)")
-    p.add_argument("--queue", type=int, default=1000,
-                   help="images kept while the broker is unreachable; beyond, captures drop")
-    p.add_argument("--drain", type=float, default=10.0,
-                   help="seconds to wait for unacknowledged images at exit")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=0,
+        help="shrink images to at most this many pixels a side (0: as captured)",
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=1000,
+        help="images kept while the broker is unreachable; beyond, captures drop",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=10.0,
+        help="seconds to wait for unacknowledged images at exit",
+    )
     p.add_argument("--keepalive", type=int, default=15, help="MQTT keepalive seconds")
     p.add_argument("--reconnect-max", type=int, default=30, help="longest reconnect delay (s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -275,16 +322,20 @@ def open_source(args: argparse.Namespace) -> Iterator[tuple[str, Image.Image]]:
     if args.glob is not None:
         return file_images(sorted(Path(p) for p in glob.glob(args.glob)))
     if have_picamera():
-        size = tuple(int(v) for v in args.camera_size.lower().split("x")) \
-            if args.camera_size else None
+        size = (
+            tuple(int(v) for v in args.camera_size.lower().split("x")) if args.camera_size else None
+        )
         return picamera_images(size)  # type: ignore[arg-type]
     raise FileNotFoundError("picamera2 is not installed: pass --folder or --glob")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+    )
     try:
         source = open_source(args)
     except FileNotFoundError as exc:
@@ -308,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             captured = time.time()
             data = encode_image(img, args.format, args.quality, args.max_side)
             rid = f"{args.camera_id}-{run}-{sent + dropped:06d}"
-            payload = stage0_payload(rid, args.camera_id, data, args.format, captured,
-                                     time.time(), {"src": name})
+            payload = stage0_payload(
+                rid, args.camera_id, data, args.format, captured, time.time(), {"src": name}
+            )
             if pub.publish(topic, payload):
                 sent += 1
                 log.debug("published %s (%d bytes) from %s", rid, len(payload), name)
@@ -320,8 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.wait(max(0.0, next_at - time.monotonic()))
     finally:
         left = pub.close(args.drain)
-        log.info("stopped: %d images sent, %d acknowledged by the broker, %d dropped (queue "
-                 "full), %d never acknowledged", sent, pub.acked, dropped, left)
+        log.info(
+            "stopped: %d images sent, %d acknowledged by the broker, %d dropped (queue "
+            "full), %d never acknowledged",
+            sent,
+            pub.acked,
+            dropped,
+            left,
+        )
     return 0
 
 

@@ -46,9 +46,15 @@ class TapRecord:
     version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ts": round(self.ts, 6), "topic": self.topic, "bytes": self.size,
-                "retained": self.retained, "kind": self.kind, "v": self.version,
-                "body": self.body}
+        return {
+            "ts": round(self.ts, 6),
+            "topic": self.topic,
+            "bytes": self.size,
+            "retained": self.retained,
+            "kind": self.kind,
+            "v": self.version,
+            "body": self.body,
+        }
 
 
 def is_stage_topic(topic: str) -> bool:
@@ -57,8 +63,13 @@ def is_stage_topic(topic: str) -> bool:
     return len(parts) == 4 and parts[0] == ROOT and parts[2] == "stage"
 
 
-def describe(topic: str, payload: bytes | bytearray | memoryview, *, retained: bool = False,
-             ts: float | None = None) -> TapRecord:
+def describe(
+    topic: str,
+    payload: bytes | bytearray | memoryview,
+    *,
+    retained: bool = False,
+    ts: float | None = None,
+) -> TapRecord:
     """Decode one message into a record; bad payloads become ``invalid`` records."""
     now = time.time() if ts is None else ts
     size = memoryview(payload).nbytes
@@ -67,8 +78,9 @@ def describe(topic: str, payload: bytes | bytearray | memoryview, *, retained: b
     try:
         if is_stage_topic(topic):
             msg = codec.decode_stage(payload, max_bytes=MAX_TAP_BYTES)
-            return TapRecord(now, topic, size, "stage", summarize_stage(msg, now), retained,
-                             codec.SCHEMA_VERSION)
+            return TapRecord(
+                now, topic, size, "stage", summarize_stage(msg, now), retained, codec.SCHEMA_VERSION
+            )
         obj = codec.decode_json(payload, max_bytes=MAX_TAP_BYTES)
     except CodecError as exc:
         body: dict[str, Any] = {"reason": exc.reason}
@@ -83,28 +95,52 @@ def describe(topic: str, payload: bytes | bytearray | memoryview, *, retained: b
 def summarize_stage(msg: codec.StageMessage, now: float) -> dict[str, Any]:
     """The fields of a decoded stage message worth a look (no payload bytes)."""
     out: dict[str, Any] = {
-        "request_id": msg.request_id, "camera": msg.camera, "stage": msg.stage,
-        "attempt": msg.attempt, "label": msg.label, "entry_ts": msg.entry_ts,
-        "capture_ts": msg.capture_ts, "age_s": now - msg.entry_ts,
-        "hops": [{"stage": h.stage, "node": h.node, "queue_s": h.queue_s,
-                  "compute_s": h.compute_s, "level": h.level} for h in msg.hops],
+        "request_id": msg.request_id,
+        "camera": msg.camera,
+        "stage": msg.stage,
+        "attempt": msg.attempt,
+        "label": msg.label,
+        "entry_ts": msg.entry_ts,
+        "capture_ts": msg.capture_ts,
+        "age_s": now - msg.entry_ts,
+        "hops": [
+            {
+                "stage": h.stage,
+                "node": h.node,
+                "queue_s": h.queue_s,
+                "compute_s": h.compute_s,
+                "level": h.level,
+            }
+            for h in msg.hops
+        ],
     }
     if msg.meta:
         out["meta"] = dict(msg.meta)
     if msg.image is not None:
-        out["image"] = {"format": msg.image_format, "bytes": len(msg.image),
-                        "shape": list(msg.image_shape) if msg.image_shape else None}
+        out["image"] = {
+            "format": msg.image_format,
+            "bytes": len(msg.image),
+            "shape": list(msg.image_shape) if msg.image_shape else None,
+        }
         return out
     x = msg.tensor
     if x is None:  # cannot happen for a decoded message; narrows the type
         return out
     wire = msg.transport_dtype or x.dtype.name
-    full = msg.full_channels if msg.full_channels is not None else (
-        x.shape[1] if x.ndim >= 2 else None)
+    full = (
+        msg.full_channels
+        if msg.full_channels is not None
+        else (x.shape[1] if x.ndim >= 2 else None)
+    )
     kept = len(msg.channels) if msg.channels is not None else full
-    out["tensor"] = {"dtype": x.dtype.name, "wire_dtype": wire, "shape": list(x.shape),
-                     "channels": kept, "full_channels": full,
-                     "bytes": math.prod(x.shape) * codec.WIRE_DTYPES[wire].itemsize}
+    out["tensor"] = {
+        "dtype": x.dtype.name,
+        "wire_dtype": wire,
+        "shape": list(x.shape),
+        "channels": kept,
+        "full_channels": full,
+        "bytes": math.prod(x.shape) * codec.WIRE_DTYPES[wire].itemsize,
+    }
     return out
 
 
@@ -135,8 +171,7 @@ def format_line(rec: TapRecord) -> str:
 
 def json_line(rec: TapRecord) -> str:
     """One compact JSON object per message (``--json``)."""
-    return json.dumps(rec.to_dict(), separators=(",", ":"), ensure_ascii=False,
-                      default=_default)
+    return json.dumps(rec.to_dict(), separators=(",", ":"), ensure_ascii=False, default=_default)
 
 
 def _stage_text(b: dict[str, Any]) -> str:
@@ -145,8 +180,10 @@ def _stage_text(b: dict[str, Any]) -> str:
         parts.append(f"att={b['attempt']}")
     if b["label"] is not None:
         parts.append(f"y={b['label']}")
-    hops = " ".join(f"{h['stage']}:{h['node']}@L{h['level']}"
-                    f"({_ms(h['queue_s'])}+{_ms(h['compute_s'])})" for h in b["hops"])
+    hops = " ".join(
+        f"{h['stage']}:{h['node']}@L{h['level']}({_ms(h['queue_s'])}+{_ms(h['compute_s'])})"
+        for h in b["hops"]
+    )
     parts.append(f"hops=[{hops}]")
     if "image" in b:
         img = b["image"]
@@ -155,8 +192,10 @@ def _stage_text(b: dict[str, Any]) -> str:
     elif "tensor" in b:
         t = b["tensor"]
         dtype = t["dtype"] if t["wire_dtype"] == t["dtype"] else f"{t['dtype']}<-{t['wire_dtype']}"
-        parts.append(f"x={dtype}[{','.join(map(str, t['shape']))}] "
-                     f"ch={t['channels']}/{t['full_channels']} {_size(t['bytes'])}")
+        parts.append(
+            f"x={dtype}[{','.join(map(str, t['shape']))}] "
+            f"ch={t['channels']}/{t['full_channels']} {_size(t['bytes'])}"
+        )
     parts.append(f"age={_ms(b['age_s'])}")
     return " ".join(parts)
 

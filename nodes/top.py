@@ -77,8 +77,10 @@ class PipelineView:
                 self.labelled += 1
                 self.correct += int(bool(body.get("correct")))
         elif kind == "decision":
-            self.last_decision = (f"{body.get('action', body.get('policy', ''))} -> levels "
-                                  f"{body.get('levels')} ({body.get('reason', '')})")
+            self.last_decision = (
+                f"{body.get('action', body.get('policy', ''))} -> levels "
+                f"{body.get('levels')} ({body.get('reason', '')})"
+            )
         elif kind == "error":
             self.errors += 1
             self.last_error = f"{body.get('node')}: {body.get('reason')}"
@@ -94,30 +96,38 @@ class PipelineView:
 
     def render(self, now: float) -> str:
         lat = np.asarray(self.latencies) if self.latencies else None
-        lines = [f"edgeprune top — pipe '{self.pipe}'"
-                 + (f", SLO {self.slo_s * 1e3:.0f} ms" if self.slo_s else "")]
+        lines = [
+            f"edgeprune top — pipe '{self.pipe}'"
+            + (f", SLO {self.slo_s * 1e3:.0f} ms" if self.slo_s else "")
+        ]
         if lat is not None:
             p50, p95, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 95, 99))
             slo = ""
             if self.slo_s:
                 slo = f"   SLO met {100 * float(np.mean(lat <= self.slo_s)):.1f}%"
-            lines.append(f"latency (last {len(lat)}): p50 {p50:.0f} ms  p95 {p95:.0f} ms  "
-                         f"p99 {p99:.0f} ms{slo}   throughput {self.throughput(now):.1f}/s")
+            lines.append(
+                f"latency (last {len(lat)}): p50 {p50:.0f} ms  p95 {p95:.0f} ms  "
+                f"p99 {p99:.0f} ms{slo}   throughput {self.throughput(now):.1f}/s"
+            )
         else:
             lines.append("latency: no exits yet")
         acc = f"{100 * self.correct / self.labelled:.1f}%" if self.labelled else "-"
         lines.append(f"results {self.results}   live accuracy {acc}   errors {self.errors}")
         lines.append("")
-        header = (f"{'node':<12}{'state':<9}{'stage':>5}{'level':>6}{'ratio':>6}{'queue':>6}"
-                  f"{'svc ms':>8}{'done':>8}{'err':>5}{'shed':>5}{'emul':>6}{'age s':>7}")
+        header = (
+            f"{'node':<12}{'state':<9}{'stage':>5}{'level':>6}{'ratio':>6}{'queue':>6}"
+            f"{'svc ms':>8}{'done':>8}{'err':>5}{'shed':>5}{'emul':>6}{'age s':>7}"
+        )
         lines += [header, "-" * len(header)]
-        for row in sorted(self.nodes.values(), key=lambda r: (r.stage is None, r.stage or 0,
-                                                              r.node)):
+        for row in sorted(
+            self.nodes.values(), key=lambda r: (r.stage is None, r.stage or 0, r.node)
+        ):
             lines.append(
                 f"{row.node:<12}{row.state:<9}{_f(row.stage):>5}{_f(row.level):>6}"
                 f"{_f(row.ratio, '.1f'):>6}{_f(row.queue_depth):>6}"
                 f"{_f(row.service_ms, '.1f'):>8}{row.processed:>8}{row.errors:>5}{row.shed:>5}"
-                f"{'x' + format(row.emulated, 'g'):>6}{now - row.seen:>7.1f}")
+                f"{'x' + format(row.emulated, 'g'):>6}{now - row.seen:>7.1f}"
+            )
         if self.last_decision:
             lines += ["", f"last decision: {self.last_decision}"]
         if self.last_error:

@@ -110,8 +110,9 @@ def _names(n: int, devices: Sequence[str | Device | DeviceSpec] | None) -> list[
     return names
 
 
-def plan_hash_of(bounds: Sequence[SliceBounds],
-                 devices: Sequence[str | Device | DeviceSpec] | None = None) -> str:
+def plan_hash_of(
+    bounds: Sequence[SliceBounds], devices: Sequence[str | Device | DeviceSpec] | None = None
+) -> str:
     """The hash of a placement: slice bounds and the device (node) of each slice, in order.
 
     Equals :meth:`Plan.plan_hash` of the same placement, so a controller holding the retained
@@ -119,8 +120,9 @@ def plan_hash_of(bounds: Sequence[SliceBounds],
     file belongs to it. ``devices=None`` means nodes ``n0, n1, ...``.
     """
     names = _names(len(bounds), devices)
-    return Plan(tuple(StagePlan(b.start, b.end, name)
-                      for b, name in zip(bounds, names, strict=True))).plan_hash()
+    return Plan(
+        tuple(StagePlan(b.start, b.end, name) for b, name in zip(bounds, names, strict=True))
+    ).plan_hash()
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -132,8 +134,9 @@ def load_plan(path: str | Path) -> Plan:
     return Plan.from_dict(data)
 
 
-def load_split(name: str, data_dir: str | Path, split: str, limit: int | None = None,
-               seed: int = 0) -> ArrayDataset:
+def load_split(
+    name: str, data_dir: str | Path, split: str, limit: int | None = None, seed: int = 0
+) -> ArrayDataset:
     """The ``split`` part of the standard split of dataset ``name``, optionally a seeded
     random subset of ``limit`` images."""
     if split not in ("train", "val", "test"):
@@ -145,13 +148,14 @@ def load_split(name: str, data_dir: str | Path, split: str, limit: int | None = 
     return part
 
 
-def level_vectors(n_slices: int, n_levels: int, *, grid_limit: int = 64, samples: int = 64,
-                  seed: int = 0) -> tuple[list[LevelVector], bool]:
+def level_vectors(
+    n_slices: int, n_levels: int, *, grid_limit: int = 64, samples: int = 64, seed: int = 0
+) -> tuple[list[LevelVector], bool]:
     """The per-slice level vectors to measure accuracy at, sorted, and whether it is the full
     grid. Sampled sets always hold every corner of the grid and the uniform diagonal."""
     if n_slices < 1 or n_levels < 2:
         raise ConfigError("need at least one slice and two levels")
-    size = n_levels ** n_slices
+    size = n_levels**n_slices
     if size <= grid_limit:
         return list(itertools.product(range(n_levels), repeat=n_slices)), True
     top = n_levels - 1
@@ -177,9 +181,15 @@ def slice_input_batch(pipe: ComposedPipeline, x: torch.Tensor) -> list[torch.Ten
     return inputs
 
 
-def measure_latency(pipe: ComposedPipeline, x1: torch.Tensor, *, runs: int, warmup: int,
-                    rounds: int, on_slice: Callable[[], None] | None = None,
-                    ) -> list[list[CallTimes]]:
+def measure_latency(
+    pipe: ComposedPipeline,
+    x1: torch.Tensor,
+    *,
+    runs: int,
+    warmup: int,
+    rounds: int,
+    on_slice: Callable[[], None] | None = None,
+) -> list[list[CallTimes]]:
     """Per slice, per level: ``runs`` call times of the level's module on ONE thread at
     batch 1 (``x1`` is one image, shape [1, C, H, W])."""
     out = []
@@ -193,9 +203,15 @@ def measure_latency(pipe: ComposedPipeline, x1: torch.Tensor, *, runs: int, warm
 
 
 @torch.no_grad()
-def evaluate_levels(pipe: ComposedPipeline, vectors: Sequence[LevelVector], x: torch.Tensor,
-                    y: torch.Tensor, *, batch_size: int = 500,
-                    on_point: Callable[[], None] | None = None) -> list[float]:
+def evaluate_levels(
+    pipe: ComposedPipeline,
+    vectors: Sequence[LevelVector],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 500,
+    on_point: Callable[[], None] | None = None,
+) -> list[float]:
     """End-to-end accuracy of ``pipe`` on ``(x, y)`` at each level vector (in the given order).
 
     Visits the vectors in sorted order with a prefix cache (see the module docstring); the
@@ -230,16 +246,18 @@ def evaluate_levels(pipe: ComposedPipeline, vectors: Sequence[LevelVector], x: t
     return results
 
 
-def _stage_specs(n: int, names: Sequence[str],
-                 devices: Sequence[DeviceSpec | Device] | None,
-                 by_name: bool) -> list[DeviceSpec | None]:
+def _stage_specs(
+    n: int, names: Sequence[str], devices: Sequence[DeviceSpec | Device] | None, by_name: bool
+) -> list[DeviceSpec | None]:
     if devices is None:
         return [None] * n
     specs = [d if isinstance(d, DeviceSpec) else DeviceSpec(d) for d in devices]
     if not by_name:
         if len(specs) != n:
-            raise ConfigError(f"{n} slices but {len(specs)} devices; give one device per slice "
-                              "or a plan (edgeprune partition)")
+            raise ConfigError(
+                f"{n} slices but {len(specs)} devices; give one device per slice "
+                "or a plan (edgeprune partition)"
+            )
         return list(specs)
     table = {s.name: s for s in specs}
     missing = [name for name in names if name not in table]
@@ -248,12 +266,18 @@ def _stage_specs(n: int, names: Sequence[str],
     return [table[name] for name in names]
 
 
-def calibrate(ckpt: Checkpoint, data: ArrayDataset, *,
-              bounds: Sequence[SliceBounds] | None = None, plan: Plan | None = None,
-              devices: Sequence[DeviceSpec | Device] | None = None,
-              nodes: Sequence[str] | None = None,
-              settings: CalibrationSettings | None = None, split: str = "val",
-              progress: bool = True) -> Calibration:
+def calibrate(
+    ckpt: Checkpoint,
+    data: ArrayDataset,
+    *,
+    bounds: Sequence[SliceBounds] | None = None,
+    plan: Plan | None = None,
+    devices: Sequence[DeviceSpec | Device] | None = None,
+    nodes: Sequence[str] | None = None,
+    settings: CalibrationSettings | None = None,
+    split: str = "val",
+    progress: bool = True,
+) -> Calibration:
     """Measure and fit one calibration (see the module docstring).
 
     Give the slices either as ``bounds`` or as a partition ``plan`` (its stages' devices then
@@ -278,33 +302,46 @@ def calibrate(ckpt: Checkpoint, data: ArrayDataset, *,
         raise ConfigError("give exactly one of bounds (cut points) or a plan")
     specs = _stage_specs(len(bounds), names, devices, by_name=plan is not None)
     if plan is not None and devices is None:
-        log.warning("the plan places stages on %s but no devices were given: latencies are "
-                    "this machine's, not emulated", ", ".join(names))
+        log.warning(
+            "the plan places stages on %s but no devices were given: latencies are "
+            "this machine's, not emulated",
+            ", ".join(names),
+        )
     if len(data) == 0:
         raise ConfigError("no held-out images to measure accuracy on")
     x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
     n, n_levels = len(bounds), len(settings.ratios)
-    vectors, full_grid = level_vectors(n, n_levels, grid_limit=settings.grid_limit,
-                                       samples=settings.samples, seed=settings.seed)
+    vectors, full_grid = level_vectors(
+        n, n_levels, grid_limit=settings.grid_limit, samples=settings.samples, seed=settings.seed
+    )
 
     t0 = time.perf_counter()
     recal = settings.recalibrate_bn and ckpt.calibration_images is not None
-    pipe = ComposedPipeline(ckpt, bounds, ratios=settings.ratios, round_to=settings.round_to,
-                            recalibrate_bn=recal)
+    pipe = ComposedPipeline(
+        ckpt, bounds, ratios=settings.ratios, round_to=settings.round_to, recalibrate_bn=recal
+    )
     build_s = time.perf_counter() - t0
     log.info("built %d slices x %d levels in %.1f s", n, n_levels, build_s)
 
-    with tqdm(total=n + len(vectors), desc="calibrate", unit="step", disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=n + len(vectors), desc="calibrate", unit="step", disable=not progress, leave=False
+    ) as bar:
         bar.set_postfix_str("latency")
         t0 = time.perf_counter()
-        times = measure_latency(pipe, x[:1], runs=settings.runs, warmup=settings.warmup,
-                                rounds=settings.rounds, on_slice=lambda: bar.update(1))
+        times = measure_latency(
+            pipe,
+            x[:1],
+            runs=settings.runs,
+            warmup=settings.warmup,
+            rounds=settings.rounds,
+            on_slice=lambda: bar.update(1),
+        )
         latency_s = time.perf_counter() - t0
         bar.set_postfix_str(f"accuracy ({len(vectors)} vectors, {len(data)} images)")
         t0 = time.perf_counter()
-        accs = evaluate_levels(pipe, vectors, x, y, batch_size=settings.batch_size,
-                               on_point=lambda: bar.update(1))
+        accs = evaluate_levels(
+            pipe, vectors, x, y, batch_size=settings.batch_size, on_point=lambda: bar.update(1)
+        )
         accuracy_s = time.perf_counter() - t0
     pipe.set_levels([0] * n)
 
@@ -313,58 +350,109 @@ def calibrate(ckpt: Checkpoint, data: ArrayDataset, *,
     measured = [[t.median(clock) for t in per_slice] for per_slice in times]
     busy = max(t.busy_ratio for per_slice in times for t in per_slice)
     if busy > BUSY_WARNING:
-        log.warning("this machine is busy: wall-clock latency is %.1fx the CPU time of the "
-                    "same calls; the %s-clock fits are %s", busy, clock,
-                    "inflated (rerun on a quiet machine, or use clock 'cpu')"
-                    if clock == "wall" else "unaffected")
+        log.warning(
+            "this machine is busy: wall-clock latency is %.1fx the CPU time of the "
+            "same calls; the %s-clock fits are %s",
+            busy,
+            clock,
+            "inflated (rerun on a quiet machine, or use clock 'cpu')"
+            if clock == "wall"
+            else "unaffected",
+        )
     for i, (b, name, spec) in enumerate(zip(bounds, names, specs, strict=True)):
         factor = 1.0 if spec is None else spec.time_factor(b.start, b.end, measured[i][0])
         points = tuple((r, m * factor) for r, m in zip(settings.ratios, measured[i], strict=True))
         fit = fit_linear([p[0] for p in points], [p[1] for p in points])
         slices.append(SliceLatency(i, b.start, b.end, name, points, fit))
-        device_meta.append({"stage": i, "device": name, "time_factor": factor,
-                            "source": "this machine" if spec is None else spec.describe()})
+        device_meta.append(
+            {
+                "stage": i,
+                "device": name,
+                "time_factor": factor,
+                "source": "this machine" if spec is None else spec.describe(),
+            }
+        )
 
     ratio_points = [tuple(settings.ratios[level] for level in v) for v in vectors]
-    acc_fit = fit_logistic_accuracy(np.asarray(ratio_points), np.asarray(accs), form="scaled",
-                                    num_classes=ckpt.config.num_classes)
+    acc_fit = fit_logistic_accuracy(
+        np.asarray(ratio_points),
+        np.asarray(accs),
+        form="scaled",
+        num_classes=ckpt.config.num_classes,
+    )
     emulated = devices is not None
     meta: dict[str, Any] = {
-        "created": now_iso(), "machine": machine_info(),
-        "checkpoint": str(ckpt.path) if ckpt.path else None, "model": ckpt.config.name,
-        "split": split, "dataset": data.name, "samples": len(data),
-        "points": len(vectors), "selection": "full grid" if full_grid else
-        "corners + uniform diagonal + seeded random vectors",
-        "levels": [list(v) for v in vectors], "settings": settings.to_dict(),
-        "latency": {"threads": 1, "batch": 1, "statistic": "median", "clock": clock,
-                    "input": "one held-out image's full-width activation at the slice input",
-                    "measured_s": measured,
-                    "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
-                    "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
-                    "wall_s": [[t.median("wall") for t in s] for s in times],
-                    "cpu_s": [[t.median("cpu") for t in s] for s in times],
-                    "busy_ratio": busy},
-        "accuracy_threads": torch.get_num_threads(), "accuracy_fit_form": "scaled",
-        "recalibrate_bn": recal, "emulated": emulated,
-        "emulation": ("emulated by speed scaling: latency measured on this machine x each "
-                      "device's time factor (1 / speed, or the ratio of its own profile's "
-                      "block times)") if emulated else "measured on this machine, not emulated",
+        "created": now_iso(),
+        "machine": machine_info(),
+        "checkpoint": str(ckpt.path) if ckpt.path else None,
+        "model": ckpt.config.name,
+        "split": split,
+        "dataset": data.name,
+        "samples": len(data),
+        "points": len(vectors),
+        "selection": "full grid"
+        if full_grid
+        else "corners + uniform diagonal + seeded random vectors",
+        "levels": [list(v) for v in vectors],
+        "settings": settings.to_dict(),
+        "latency": {
+            "threads": 1,
+            "batch": 1,
+            "statistic": "median",
+            "clock": clock,
+            "input": "one held-out image's full-width activation at the slice input",
+            "measured_s": measured,
+            "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
+            "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
+            "wall_s": [[t.median("wall") for t in s] for s in times],
+            "cpu_s": [[t.median("cpu") for t in s] for s in times],
+            "busy_ratio": busy,
+        },
+        "accuracy_threads": torch.get_num_threads(),
+        "accuracy_fit_form": "scaled",
+        "recalibrate_bn": recal,
+        "emulated": emulated,
+        "emulation": (
+            "emulated by speed scaling: latency measured on this machine x each "
+            "device's time factor (1 / speed, or the ratio of its own profile's "
+            "block times)"
+        )
+        if emulated
+        else "measured on this machine, not emulated",
         "devices": device_meta,
         "accuracy_fit_check": accuracy_fit_check(ratio_points, accs, acc_fit),
-        "seconds": {"build": build_s, "latency": latency_s, "accuracy": accuracy_s,
-                    "total": time.perf_counter() - started},
+        "seconds": {
+            "build": build_s,
+            "latency": latency_s,
+            "accuracy": accuracy_s,
+            "total": time.perf_counter() - started,
+        },
     }
-    log.info("calibrated in %.1f s: latency R^2 %s, accuracy max abs error %.4f over %d "
-             "vectors", meta["seconds"]["total"],
-             ", ".join(f"{s.fit.r2:.3f}" for s in slices), acc_fit.max_abs_error, len(vectors))
-    return Calibration(ratios=settings.ratios, slices=tuple(slices),
-                       accuracy_points=tuple(zip(ratio_points, accs, strict=True)),
-                       accuracy_fit=acc_fit, model_hash=ckpt.model_hash(), plan_hash=plan_hash,
-                       num_classes=ckpt.config.num_classes, meta=meta)
+    log.info(
+        "calibrated in %.1f s: latency R^2 %s, accuracy max abs error %.4f over %d vectors",
+        meta["seconds"]["total"],
+        ", ".join(f"{s.fit.r2:.3f}" for s in slices),
+        acc_fit.max_abs_error,
+        len(vectors),
+    )
+    return Calibration(
+        ratios=settings.ratios,
+        slices=tuple(slices),
+        accuracy_points=tuple(zip(ratio_points, accs, strict=True)),
+        accuracy_fit=acc_fit,
+        model_hash=ckpt.model_hash(),
+        plan_hash=plan_hash,
+        num_classes=ckpt.config.num_classes,
+        meta=meta,
+    )
 
 
-def accuracy_fit_check(points: Sequence[Sequence[float]], accuracies: Sequence[float],
-                       fit: LogisticAccuracyFit, a_min: float = DEFAULT_A_MIN) -> dict[str, Any]:
+def accuracy_fit_check(
+    points: Sequence[Sequence[float]],
+    accuracies: Sequence[float],
+    fit: LogisticAccuracyFit,
+    a_min: float = DEFAULT_A_MIN,
+) -> dict[str, Any]:
     """How far the accuracy fit is off, overall and where the controller looks: the points
     measured or predicted at or above ``a_min``, and how many the fit calls feasible
     (predicted >= a_min) although they measured below (the costly mistake)."""
@@ -372,7 +460,11 @@ def accuracy_fit_check(points: Sequence[Sequence[float]], accuracies: Sequence[f
     pred = np.asarray(fit.predict(np.asarray(points, dtype=np.float64)))
     err = np.abs(pred - A)
     near = (a_min <= A) | (pred >= a_min)
-    return {"max_abs_error": float(err.max()), "rmse": float(np.sqrt(np.mean(err ** 2))),
-            "a_min": a_min, "points_near_a_min": int(near.sum()),
-            "max_abs_error_near_a_min": float(err[near].max()) if near.any() else None,
-            "falsely_feasible": int(((pred >= a_min) & (a_min > A)).sum())}
+    return {
+        "max_abs_error": float(err.max()),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "a_min": a_min,
+        "points_near_a_min": int(near.sum()),
+        "max_abs_error_near_a_min": float(err[near].max()) if near.any() else None,
+        "falsely_feasible": int(((pred >= a_min) & (a_min > A)).sum()),
+    }

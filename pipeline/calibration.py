@@ -33,15 +33,25 @@ class SliceLatency:
     fit: LinearFit
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "start": self.start, "end": self.end,
-                "device": self.device, "points": [list(p) for p in self.points],
-                "fit": self.fit.to_dict()}
+        return {
+            "stage": self.stage,
+            "start": self.start,
+            "end": self.end,
+            "device": self.device,
+            "points": [list(p) for p in self.points],
+            "fit": self.fit.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SliceLatency:
-        return cls(int(d["stage"]), int(d["start"]), int(d["end"]), str(d["device"]),
-                   tuple((float(r), float(t)) for r, t in d["points"]),
-                   LinearFit.from_dict(d["fit"]))
+        return cls(
+            int(d["stage"]),
+            int(d["start"]),
+            int(d["end"]),
+            str(d["device"]),
+            tuple((float(r), float(t)) for r, t in d["points"]),
+            LinearFit.from_dict(d["fit"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -75,13 +85,17 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": "calibration", "version": CALIBRATION_VERSION,
-            "model_hash": self.model_hash, "plan_hash": self.plan_hash,
-            "num_classes": self.num_classes, "ratios": list(self.ratios),
+            "kind": "calibration",
+            "version": CALIBRATION_VERSION,
+            "model_hash": self.model_hash,
+            "plan_hash": self.plan_hash,
+            "num_classes": self.num_classes,
+            "ratios": list(self.ratios),
             "slices": [s.to_dict() for s in self.slices],
-            "accuracy": {"points": [{"ratios": list(r), "accuracy": a}
-                                    for r, a in self.accuracy_points],
-                         "fit": self.accuracy_fit.to_dict()},
+            "accuracy": {
+                "points": [{"ratios": list(r), "accuracy": a} for r, a in self.accuracy_points],
+                "fit": self.accuracy_fit.to_dict(),
+            },
             "meta": self.meta,
         }
 
@@ -93,11 +107,16 @@ class Calibration:
             return cls(
                 ratios=tuple(float(r) for r in d["ratios"]),
                 slices=tuple(SliceLatency.from_dict(s) for s in d["slices"]),
-                accuracy_points=tuple((tuple(float(r) for r in p["ratios"]),
-                                       float(p["accuracy"])) for p in d["accuracy"]["points"]),
+                accuracy_points=tuple(
+                    (tuple(float(r) for r in p["ratios"]), float(p["accuracy"]))
+                    for p in d["accuracy"]["points"]
+                ),
                 accuracy_fit=LogisticAccuracyFit.from_dict(d["accuracy"]["fit"]),
-                model_hash=str(d["model_hash"]), plan_hash=str(d["plan_hash"]),
-                num_classes=int(d["num_classes"]), meta=dict(d.get("meta", {})))
+                model_hash=str(d["model_hash"]),
+                plan_hash=str(d["plan_hash"]),
+                num_classes=int(d["num_classes"]),
+                meta=dict(d.get("meta", {})),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed calibration: {exc!r}") from exc
 

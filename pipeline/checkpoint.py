@@ -84,8 +84,9 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
         "versions": versions,
     }
     if ckpt.calibration_images is not None:
-        payload["calibration_images"] = torch.from_numpy(np.ascontiguousarray(
-            ckpt.calibration_images))
+        payload["calibration_images"] = torch.from_numpy(
+            np.ascontiguousarray(ckpt.calibration_images)
+        )
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -106,8 +107,10 @@ def load_checkpoint(path: Path | str | None = None) -> Checkpoint:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an edgeprune checkpoint")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {raw.get('format_version')}, "
-                              f"this edgeprune reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {raw.get('format_version')}, "
+            f"this edgeprune reads {FORMAT_VERSION}"
+        )
     cal = raw.get("calibration_images")
     return Checkpoint(
         config=ResNetConfig.from_dict(raw["config"]),

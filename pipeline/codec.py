@@ -151,8 +151,10 @@ class StageMessage:
         if self.image_format == "raw":
             shape = _shape(self.image_shape, "image_shape", ranks=(2, 3))
             if math.prod(shape) != len(self.image):
-                raise ValueError(f"raw image of shape {shape} needs {math.prod(shape)} bytes, "
-                                 f"got {len(self.image)}")
+                raise ValueError(
+                    f"raw image of shape {shape} needs {math.prod(shape)} bytes, "
+                    f"got {len(self.image)}"
+                )
             _set(self, "image_shape", shape)
         elif self.image_shape is not None:
             raise ValueError("image_shape is only for raw images")
@@ -194,10 +196,18 @@ def encode_stage(msg: StageMessage, *, float16: bool = False) -> bytes:
     """The msgpack bytes of ``msg``. With ``float16``, a float32 tensor travels as float16
     (half the bytes; values beyond +-65504 become inf) and decodes back to float32."""
     head: dict[str, Any] = {
-        "v": SCHEMA_VERSION, "kind": "stage", "id": msg.request_id, "cam": msg.camera,
-        "st": msg.stage, "t0": msg.entry_ts, "tc": msg.capture_ts, "att": msg.attempt,
-        "hops": [{"s": h.stage, "n": h.node, "q": h.queue_s, "c": h.compute_s, "l": h.level}
-                 for h in msg.hops],
+        "v": SCHEMA_VERSION,
+        "kind": "stage",
+        "id": msg.request_id,
+        "cam": msg.camera,
+        "st": msg.stage,
+        "t0": msg.entry_ts,
+        "tc": msg.capture_ts,
+        "att": msg.attempt,
+        "hops": [
+            {"s": h.stage, "n": h.node, "q": h.queue_s, "c": h.compute_s, "l": h.level}
+            for h in msg.hops
+        ],
     }
     if msg.label is not None:
         head["y"] = msg.label
@@ -225,8 +235,9 @@ def encode_stage(msg: StageMessage, *, float16: bool = False) -> bytes:
     return _pack_with_payload(head, "x", body, x.data.cast("B"))
 
 
-def decode_stage(data: bytes | bytearray | memoryview, *,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> StageMessage:
+def decode_stage(
+    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> StageMessage:
     """Decode and validate a stage message; raises only :class:`CodecError`.
 
     The tensor is ``np.frombuffer`` over the bytes msgpack made for the ``data`` field: no
@@ -237,8 +248,16 @@ def decode_stage(data: bytes | bytearray | memoryview, *,
     buf = _buffer(data, max_bytes)
     n = buf.nbytes  # no container can hold more items than there are bytes
     try:
-        obj = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_bin_len=n,
-                              max_str_len=n, max_ext_len=n, max_array_len=n, max_map_len=n // 2)
+        obj = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=n,
+            max_str_len=n,
+            max_ext_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+        )
     except Exception as exc:  # msgpack documents that unpackb may raise any Exception
         reason = str(exc) or type(exc).__name__
         raise CodecError(f"malformed msgpack: {reason}", _salvage_request_id(buf)) from exc
@@ -262,17 +281,21 @@ def encode_json(kind: str, body: Mapping[str, Any]) -> bytes:
     if "v" in body or "kind" in body:
         raise ValueError("body must not contain 'v' or 'kind'")
     obj = {"v": SCHEMA_VERSION, "kind": kind, **body}
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_json_default).encode("utf-8")
+    return json.dumps(
+        obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    ).encode("utf-8")
 
 
-def decode_json(data: bytes | bytearray | memoryview, *, expect_kind: str | None = None,
-                max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> dict[str, Any]:
+def decode_json(
+    data: bytes | bytearray | memoryview,
+    *,
+    expect_kind: str | None = None,
+    max_bytes: int = DEFAULT_MAX_JSON_BYTES,
+) -> dict[str, Any]:
     """The object of a JSON message, ``v`` and ``kind`` included; raises only CodecError."""
     buf = _buffer(data, max_bytes)
     try:
-        obj = json.loads(str(buf, "utf-8"), parse_constant=_finite_float,
-                         parse_float=_finite_float)
+        obj = json.loads(str(buf, "utf-8"), parse_constant=_finite_float, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CodecError(f"malformed JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -295,8 +318,10 @@ def _buffer(data: object, max_bytes: int) -> memoryview:
     if not buf.c_contiguous:
         raise CodecError("expected a contiguous buffer")
     if buf.nbytes > max_bytes:
-        raise CodecError(f"message of {buf.nbytes} bytes exceeds the limit of {max_bytes}",
-                         _salvage_request_id(buf.cast("B")))
+        raise CodecError(
+            f"message of {buf.nbytes} bytes exceeds the limit of {max_bytes}",
+            _salvage_request_id(buf.cast("B")),
+        )
     return buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
 
 
@@ -336,11 +361,17 @@ def _message_from_wire(obj: dict[str, Any]) -> StageMessage:
     if not all(isinstance(h, dict) for h in hops):
         raise TypeError("each hop must be a map")
     fields: dict[str, Any] = {
-        "request_id": _get(obj, "id", str), "camera": _get(obj, "cam", str),
-        "stage": obj.get("st"), "entry_ts": obj.get("t0"), "capture_ts": obj.get("tc"),
-        "label": obj.get("y"), "attempt": obj.get("att", 0), "meta": obj.get("meta", {}),
-        "hops": tuple(Hop(h.get("s"), h.get("n"), h.get("q"), h.get("c"), h.get("l"))
-                      for h in hops),
+        "request_id": _get(obj, "id", str),
+        "camera": _get(obj, "cam", str),
+        "stage": obj.get("st"),
+        "entry_ts": obj.get("t0"),
+        "capture_ts": obj.get("tc"),
+        "label": obj.get("y"),
+        "attempt": obj.get("att", 0),
+        "meta": obj.get("meta", {}),
+        "hops": tuple(
+            Hop(h.get("s"), h.get("n"), h.get("q"), h.get("c"), h.get("l")) for h in hops
+        ),
         "full_channels": obj.get("full"),
     }
     if obj.get("ch") is not None:
@@ -350,22 +381,31 @@ def _message_from_wire(obj: dict[str, Any]) -> StageMessage:
     if "img" in obj:
         img = _get(obj, "img", dict)
         shape = img.get("shape")
-        fields.update(image=_get(img, "data", bytes), image_format=img.get("fmt"),
-                      image_shape=tuple(shape) if isinstance(shape, list) else shape)
+        fields.update(
+            image=_get(img, "data", bytes),
+            image_format=img.get("fmt"),
+            image_shape=tuple(shape) if isinstance(shape, list) else shape,
+        )
         return StageMessage(**fields)
     x = _get(obj, "x", dict)
     tensor = _array(x, "tensor", dtypes=tuple(WIRE_DTYPES))
     fields["transport_dtype"] = tensor.dtype.name
     if "as" in x:
         if x["as"] != "float32" or tensor.dtype.name != "float16":
-            raise ValueError(f"'as' widens float16 to float32 only, got {tensor.dtype.name} "
-                             f"as {_short(x['as'])}")
+            raise ValueError(
+                f"'as' widens float16 to float32 only, got {tensor.dtype.name} as {_short(x['as'])}"
+            )
         tensor = tensor.astype(np.float32)
     return StageMessage(tensor=tensor, **fields)
 
 
-def _array(m: object, what: str, *, dtypes: tuple[str, ...],
-           ranks: tuple[int, ...] = tuple(range(1, MAX_RANK + 1))) -> np.ndarray:
+def _array(
+    m: object,
+    what: str,
+    *,
+    dtypes: tuple[str, ...],
+    ranks: tuple[int, ...] = tuple(range(1, MAX_RANK + 1)),
+) -> np.ndarray:
     if not isinstance(m, dict):
         raise TypeError(f"{what} must be a map")
     name = m.get("dtype")
@@ -375,8 +415,10 @@ def _array(m: object, what: str, *, dtypes: tuple[str, ...],
     data = _get(m, "data", bytes)
     dtype = WIRE_DTYPES[name]
     if math.prod(shape) * dtype.itemsize != len(data):
-        raise ValueError(f"{what}: shape {list(shape)} of {name} needs "
-                         f"{math.prod(shape) * dtype.itemsize} bytes, got {len(data)}")
+        raise ValueError(
+            f"{what}: shape {list(shape)} of {name} needs "
+            f"{math.prod(shape) * dtype.itemsize} bytes, got {len(data)}"
+        )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -416,8 +458,9 @@ def _name(value: object, what: str, *, min_len: int = 1) -> str:
     return value
 
 
-def _shape(value: object, what: str, *,
-           ranks: tuple[int, ...] = tuple(range(1, MAX_RANK + 1))) -> tuple[int, ...]:
+def _shape(
+    value: object, what: str, *, ranks: tuple[int, ...] = tuple(range(1, MAX_RANK + 1))
+) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or len(value) not in ranks:
         raise ValueError(f"{what} must be a list of {ranks[0]} to {ranks[-1]} ints")
     return tuple(_int(d, what, lo=1) for d in value)
@@ -438,8 +481,9 @@ def _meta(value: object) -> dict[str, str | int | float]:
     return out
 
 
-def _pack_with_payload(head: dict[str, Any], key: str, body: dict[str, Any],
-                       data: memoryview) -> bytes:
+def _pack_with_payload(
+    head: dict[str, Any], key: str, body: dict[str, Any], data: memoryview
+) -> bytes:
     """``packb({**head, key: {**body, "data": data}})``, but with ``data`` copied only once:
     it is written last behind a bin32 header and joined, instead of going through msgpack's
     buffer and then into a new bytes object."""

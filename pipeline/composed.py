@@ -23,10 +23,15 @@ def slice_inputs(model: SliceableResNet, bounds: SliceBounds, x: torch.Tensor) -
     return x
 
 
-def build_prunable(ckpt: Checkpoint, bounds: SliceBounds, *,
-                   ratios: Sequence[float] = DEFAULT_RATIOS, round_to: int = 8,
-                   recalibrate_bn: bool = True,
-                   model: SliceableResNet | None = None) -> PrunableSlice:
+def build_prunable(
+    ckpt: Checkpoint,
+    bounds: SliceBounds,
+    *,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    round_to: int = 8,
+    recalibrate_bn: bool = True,
+    model: SliceableResNet | None = None,
+) -> PrunableSlice:
     """The prunable slice ``bounds`` of a checkpoint's model, every level built.
 
     With ``recalibrate_bn`` (default), BatchNorm statistics are re-estimated on the
@@ -40,21 +45,32 @@ def build_prunable(ckpt: Checkpoint, bounds: SliceBounds, *,
     if recalibrate_bn:
         images = ckpt.calibration_tensor()
         if images is None:
-            raise ConfigError("this checkpoint carries no calibration images; "
-                              "pass recalibrate_bn=False")
+            raise ConfigError(
+                "this checkpoint carries no calibration images; pass recalibrate_bn=False"
+            )
         calib = upstream_inputs(model, bounds, images, ratios, round_to)
-    return PrunableSlice(ModelSlice(model, bounds), ratios, round_to=round_to,
-                         calibration_inputs=calib)
+    return PrunableSlice(
+        ModelSlice(model, bounds), ratios, round_to=round_to, calibration_inputs=calib
+    )
 
 
-def upstream_inputs(model: SliceableResNet, bounds: SliceBounds, images: torch.Tensor,
-                    ratios: Sequence[float], round_to: int) -> dict[int, torch.Tensor]:
+def upstream_inputs(
+    model: SliceableResNet,
+    bounds: SliceBounds,
+    images: torch.Tensor,
+    ratios: Sequence[float],
+    round_to: int,
+) -> dict[int, torch.Tensor]:
     """Full-width inputs of slice ``bounds`` for every upstream level (0 only for the first
     slice): the prefix [0, start) pruned uniformly at that level, scattered to full width."""
     if bounds.start == 0:
         return {0: images}
-    prefix = PrunableSlice(ModelSlice(model, SliceBounds(0, bounds.start)), ratios,
-                           round_to=round_to, calibration_inputs=images)
+    prefix = PrunableSlice(
+        ModelSlice(model, SliceBounds(0, bounds.start)),
+        ratios,
+        round_to=round_to,
+        calibration_inputs=images,
+    )
     full = prefix.model_slice.out_channels
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad():
@@ -68,15 +84,29 @@ def upstream_inputs(model: SliceableResNet, bounds: SliceBounds, images: torch.T
 class ComposedPipeline:
     """Prunable slices run back to back, passing only kept channels across each boundary."""
 
-    def __init__(self, ckpt: Checkpoint, bounds: Sequence[SliceBounds], *,
-                 ratios: Sequence[float] = DEFAULT_RATIOS, round_to: int = 8,
-                 recalibrate_bn: bool = True) -> None:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        bounds: Sequence[SliceBounds],
+        *,
+        ratios: Sequence[float] = DEFAULT_RATIOS,
+        round_to: int = 8,
+        recalibrate_bn: bool = True,
+    ) -> None:
         model = ckpt.build()
         slice_model(model, bounds)  # validates contiguity and coverage
         self.bounds = list(bounds)
-        self.slices = [build_prunable(ckpt, b, ratios=ratios, round_to=round_to,
-                                      recalibrate_bn=recalibrate_bn, model=model)
-                       for b in bounds]
+        self.slices = [
+            build_prunable(
+                ckpt,
+                b,
+                ratios=ratios,
+                round_to=round_to,
+                recalibrate_bn=recalibrate_bn,
+                model=model,
+            )
+            for b in bounds
+        ]
         self.ratios = tuple(ratios)
 
     def set_levels(self, levels: Sequence[int]) -> None:

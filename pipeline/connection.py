@@ -52,7 +52,9 @@ class MqttSettings:
     def aiomqtt_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``aiomqtt.Client`` (hostname, port, auth, TLS, keepalive)."""
         kwargs: dict[str, Any] = {
-            "hostname": self.host, "port": self.port, "keepalive": self.keepalive,
+            "hostname": self.host,
+            "port": self.port,
+            "keepalive": self.keepalive,
             # small control and result messages must not wait for delayed ACKs
             "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         }

@@ -33,8 +33,18 @@ log = logging.getLogger(__name__)
 
 ANIMAL_MNIST_WHEEL = "animal-mnist==0.4"
 # Class order as listed in the package's description (labels 0..9).
-ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse",
-                        "sheep", "zebra")
+ANIMAL_MNIST_CLASSES = (
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+)
 _MEMBERS = {"images": "animal_data_version_3.gz", "labels": "animal_label_version_3.gz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -53,7 +63,9 @@ class ArrayDataset:
             raise DatasetError("images must be uint8 of shape [N, H, W] or [N, H, W, C]")
         if len(self.images) != len(self.labels):
             raise DatasetError("images and labels differ in length")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+        if len(self.labels) and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
+        ):
             raise DatasetError("a label is outside the class list")
 
     def __len__(self) -> int:
@@ -64,8 +76,9 @@ class ArrayDataset:
         return 1 if self.images.ndim == 3 else int(self.images.shape[3])
 
     def subset(self, index: np.ndarray, name: str | None = None) -> ArrayDataset:
-        return ArrayDataset(self.images[index], self.labels[index], self.class_names,
-                            name or self.name)
+        return ArrayDataset(
+            self.images[index], self.labels[index], self.class_names, name or self.name
+        )
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,7 @@ class Splits:
     test: ArrayDataset
 
 
-def split_dataset(ds: ArrayDataset, val: float = 0.1, test: float = 0.1,
-                  seed: int = 0) -> Splits:
+def split_dataset(ds: ArrayDataset, val: float = 0.1, test: float = 0.1, seed: int = 0) -> Splits:
     """A fixed, seeded, stratified train / validation / test split."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
@@ -85,8 +97,8 @@ def split_dataset(ds: ArrayDataset, val: float = 0.1, test: float = 0.1,
         idx = idx[rng.permutation(len(idx))]
         n_test, n_val = round(len(idx) * test), round(len(idx) * val)
         parts["test"].append(idx[:n_test])
-        parts["val"].append(idx[n_test:n_test + n_val])
-        parts["train"].append(idx[n_test + n_val:])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
     out = {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
     return Splits(*(ds.subset(out[k], f"{ds.name}/{k}") for k in ("train", "val", "test")))
 
@@ -109,8 +121,9 @@ class Preprocess:
         if x.shape[1] != self.channels:
             raise DatasetError(f"expected {self.channels} channel(s), got {x.shape[1]}")
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
         return (x - self.mean) / self.std
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,9 +153,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
         if module.startswith("numpy") and name == "_reconstruct":
             from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+
             return _reconstruct
         if module.startswith("numpy") and name == "_frombuffer":
             from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
+
             return _frombuffer
         return super().find_class(module, name)
 
@@ -161,21 +176,32 @@ def load_numpy_pickle(raw: bytes) -> np.ndarray:
 
 
 def _download_wheel(dest: Path, quiet: bool) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest), ANIMAL_MNIST_WHEEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        ANIMAL_MNIST_WHEEL,
+    ]
     if quiet:
         cmd.insert(4, "-q")
     log.info("fetching the Animal-MNIST wheel from PyPI (pip download --no-deps)")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(dest.glob("animal_mnist-*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise DatasetError(f"pip download of {ANIMAL_MNIST_WHEEL} failed: "
-                           f"{proc.stderr.strip()[-500:]}")
+        raise DatasetError(
+            f"pip download of {ANIMAL_MNIST_WHEEL} failed: {proc.stderr.strip()[-500:]}"
+        )
     return wheels[0]
 
 
-def fetch_animal_mnist(data_dir: Path, *, wheel: Path | None = None,
-                       quiet: bool = False) -> Path:
+def fetch_animal_mnist(data_dir: Path, *, wheel: Path | None = None, quiet: bool = False) -> Path:
     """Make sure ``data_dir/animal_mnist.npz`` exists; return its path (idempotent)."""
     data_dir = Path(data_dir)
     cache = data_dir / "animal_mnist.npz"
@@ -231,7 +257,9 @@ def load_image_folder(root: Path, *, size: int, channels: int = 1) -> ArrayDatas
                 continue
             try:
                 with Image.open(path) as img:
-                    arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BILINEAR))
+                    arr = np.asarray(
+                        img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+                    )
             except (UnidentifiedImageError, OSError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue
@@ -239,8 +267,9 @@ def load_image_folder(root: Path, *, size: int, channels: int = 1) -> ArrayDatas
             labels.append(label)
     if not images:
         raise DatasetError(f"no readable images under {root}")
-    return ArrayDataset(np.stack(images).astype(np.uint8), np.asarray(labels, np.int64),
-                        tuple(classes), root.name)
+    return ArrayDataset(
+        np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), tuple(classes), root.name
+    )
 
 
 def load_dataset(name: str, data_dir: Path, *, size: int = 28, channels: int = 1) -> ArrayDataset:
@@ -250,5 +279,6 @@ def load_dataset(name: str, data_dir: Path, *, size: int = 28, channels: int = 1
     path = Path(name)
     if path.is_dir():
         return load_image_folder(path, size=size, channels=channels)
-    raise DatasetError(f"unknown dataset {name!r}: use 'animal-mnist' or a folder of class "
-                       "sub-folders")
+    raise DatasetError(
+        f"unknown dataset {name!r}: use 'animal-mnist' or a folder of class sub-folders"
+    )

@@ -185,8 +185,15 @@ class LogisticAccuracyFit:
         return self.d + math.log(u / (1.0 - u))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "logistic_accuracy", "form": self.form, "g": list(self.g), "d": self.d,
-                "lo": self.lo, "hi": self.hi, "max_abs_error": self.max_abs_error}
+        return {
+            "kind": "logistic_accuracy",
+            "form": self.form,
+            "g": list(self.g),
+            "d": self.d,
+            "lo": self.lo,
+            "hi": self.hi,
+            "max_abs_error": self.max_abs_error,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LogisticAccuracyFit:
@@ -198,8 +205,13 @@ class LogisticAccuracyFit:
             g = data["g"]
             if not isinstance(g, list | tuple):
                 raise ConfigError(f"accuracy fit 'g' must be a list, got {g!r}")
-            return cls(g=tuple(g), d=data["d"], max_abs_error=data["max_abs_error"],
-                       lo=data.get("lo", 0.0), hi=data.get("hi", 1.0))
+            return cls(
+                g=tuple(g),
+                d=data["d"],
+                max_abs_error=data["max_abs_error"],
+                lo=data.get("lo", 0.0),
+                hi=data.get("hi", 1.0),
+            )
         except KeyError as exc:
             raise ConfigError(f"accuracy fit is missing {exc.args[0]!r}") from exc
 
@@ -224,8 +236,10 @@ def fit_logistic_accuracy(
     P = np.asarray(ratios, dtype=np.float64)
     A = np.asarray(accuracies, dtype=np.float64).ravel()
     if P.ndim != 2 or P.shape[0] != A.size:
-        raise ConfigError(f"need P of shape (points, slices) and one accuracy per point, got "
-                          f"P {P.shape}, A {A.shape}")
+        raise ConfigError(
+            f"need P of shape (points, slices) and one accuracy per point, got "
+            f"P {P.shape}, A {A.shape}"
+        )
     m, n = P.shape
     if not (np.all(np.isfinite(P)) and np.all(np.isfinite(A))):
         raise ConfigError("ratios and accuracies must be finite")
@@ -260,10 +274,17 @@ def fit_logistic_accuracy(
         hi = x[n + 1] if form == "scaled" else 1.0
         return lo + (hi - lo) * _sigmoid(P @ x[:n] - x[n])
 
-    result = least_squares(lambda x: model(x) - A, x0, bounds=(lower, upper), method="trf",
-                           x_scale="jac", max_nfev=2000 * (n + 2))
+    result = least_squares(
+        lambda x: model(x) - A,
+        x0,
+        bounds=(lower, upper),
+        method="trf",
+        x_scale="jac",
+        max_nfev=2000 * (n + 2),
+    )
     x = result.x
     hi = float(x[n + 1]) if form == "scaled" else 1.0
     max_err = float(np.max(np.abs(model(x) - A)))
-    return LogisticAccuracyFit(g=tuple(float(v) for v in x[:n]), d=float(x[n]),
-                               max_abs_error=max_err, lo=lo, hi=hi)
+    return LogisticAccuracyFit(
+        g=tuple(float(v) for v in x[:n]), d=float(x[n]), max_abs_error=max_err, lo=lo, hi=hi
+    )

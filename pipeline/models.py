@@ -71,9 +71,14 @@ PRESETS: dict[str, ResNetConfig] = {
     "resnet-s": ResNetConfig(),
     "resnet-xs": ResNetConfig(name="resnet-xs", widths=(16, 32, 64), depths=(1, 1, 1)),
     # The CIFAR-style ResNet-18 layout: 4 stages of 2 basic blocks, widths 64..512, 3x3 stem.
-    "resnet18-cifar": ResNetConfig(name="resnet18-cifar", widths=(64, 128, 256, 512),
-                                   depths=(2, 2, 2, 2), in_channels=3, input_size=32,
-                                   stem_stride=1),
+    "resnet18-cifar": ResNetConfig(
+        name="resnet18-cifar",
+        widths=(64, 128, 256, 512),
+        depths=(2, 2, 2, 2),
+        in_channels=3,
+        input_size=32,
+        stem_stride=1,
+    ),
 }
 
 

@@ -60,20 +60,26 @@ class ViewSpec:
 
     def crop(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W] -> [N, size, size]."""
-        out = images[:, self.top:self.top + self.size, self.left:self.left + self.size]
+        out = images[:, self.top : self.top + self.size, self.left : self.left + self.size]
         if out.shape[1:] != (self.size, self.size):
             raise ConfigError(f"view {self.name} does not fit images of shape {images.shape}")
         return np.ascontiguousarray(out[:, :, ::-1] if self.flip else out)
 
 
-VIEWS = (ViewSpec("left", 4, 0, 20), ViewSpec("right", 4, 8, 20),
-         ViewSpec("top-flipped", 0, 4, 20, flip=True))
+VIEWS = (
+    ViewSpec("left", 4, 0, 20),
+    ViewSpec("right", 4, 8, 20),
+    ViewSpec("top-flipped", 0, 4, 20, flip=True),
+)
 
 
 @dataclass(frozen=True)
 class MultiViewConfig:
-    trunk: ResNetConfig = field(default_factory=lambda: ResNetConfig(
-        name="mv-trunk-xs", widths=(16, 32, 64), depths=(1, 1, 1), input_size=20))
+    trunk: ResNetConfig = field(
+        default_factory=lambda: ResNetConfig(
+            name="mv-trunk-xs", widths=(16, 32, 64), depths=(1, 1, 1), input_size=20
+        )
+    )
     views: tuple[ViewSpec, ...] = VIEWS
     round_to: int = 4  # narrow layers: 4 keeps the six levels distinct
 
@@ -82,13 +88,19 @@ class MultiViewConfig:
             raise ConfigError("every view must be trunk.input_size square")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trunk": self.trunk.to_dict(), "views": [asdict(v) for v in self.views],
-                "round_to": self.round_to}
+        return {
+            "trunk": self.trunk.to_dict(),
+            "views": [asdict(v) for v in self.views],
+            "round_to": self.round_to,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MultiViewConfig:
-        return cls(ResNetConfig.from_dict(d["trunk"]), tuple(ViewSpec(**v) for v in d["views"]),
-                   int(d.get("round_to", 4)))
+        return cls(
+            ResNetConfig.from_dict(d["trunk"]),
+            tuple(ViewSpec(**v) for v in d["views"]),
+            int(d.get("round_to", 4)),
+        )
 
 
 def fuse_features(features: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
@@ -117,12 +129,13 @@ class MultiViewNet(nn.Module):
 
     def features(self, v: int, x: torch.Tensor) -> torch.Tensor:
         """View v's feature: [B, 1, S, S] -> [B, C]."""
-        for block in self.branch(v).blocks[:self.trunk_end]:
+        for block in self.branch(v).blocks[: self.trunk_end]:
             x = block(x)
         return x.mean(dim=(2, 3))
 
-    def forward(self, views: Sequence[torch.Tensor], present: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, views: Sequence[torch.Tensor], present: torch.Tensor | None = None
+    ) -> torch.Tensor:
         feats = torch.stack([self.features(v, x) for v, x in enumerate(views)], dim=1)
         return self.classifier(fuse_features(feats, present))
 
@@ -147,11 +160,17 @@ class MultiViewCheckpoint:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT, "config": self.config.to_dict(),
-                   "preprocess": self.preprocess.to_dict(), "state_dict": self.state_dict,
-                   "metrics": self.metrics, "train": self.train,
-                   "calibration_images": None if self.calibration_images is None else
-                   torch.from_numpy(self.calibration_images)}
+        payload = {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "state_dict": self.state_dict,
+            "metrics": self.metrics,
+            "train": self.train,
+            "calibration_images": None
+            if self.calibration_images is None
+            else torch.from_numpy(self.calibration_images),
+        }
         torch.save(payload, path)
         return path
 
@@ -164,9 +183,14 @@ class MultiViewCheckpoint:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a multi-view checkpoint")
         cal = raw.get("calibration_images")
-        return cls(MultiViewConfig.from_dict(raw["config"]), Preprocess(**raw["preprocess"]),
-                   raw["state_dict"], raw.get("metrics", {}), raw.get("train", {}),
-                   None if cal is None else cal.numpy())
+        return cls(
+            MultiViewConfig.from_dict(raw["config"]),
+            Preprocess(**raw["preprocess"]),
+            raw["state_dict"],
+            raw.get("metrics", {}),
+            raw.get("train", {}),
+            None if cal is None else cal.numpy(),
+        )
 
 
 @dataclass(frozen=True)
@@ -184,12 +208,12 @@ def _present_mask(b: int, v: int, p: float, gen: torch.Generator) -> torch.Tenso
     """[b, v] bool: all views, or (with probability p) a random non-empty subset."""
     keep = torch.rand(b, v, generator=gen) < 0.5
     keep[torch.arange(b), torch.randint(0, v, (b,), generator=gen)] = True
-    return torch.where((torch.rand(b, generator=gen) < p)[:, None], keep,
-                       torch.ones_like(keep))
+    return torch.where((torch.rand(b, generator=gen) < p)[:, None], keep, torch.ones_like(keep))
 
 
-def train_multiview(config: MultiViewConfig, splits: Splits, settings: MultiViewTraining,
-                    *, progress: bool = True) -> MultiViewCheckpoint:
+def train_multiview(
+    config: MultiViewConfig, splits: Splits, settings: MultiViewTraining, *, progress: bool = True
+) -> MultiViewCheckpoint:
     """Train all branches and the classifier jointly (SGD, one-cycle, view dropout)."""
     from tqdm import tqdm
 
@@ -199,19 +223,29 @@ def train_multiview(config: MultiViewConfig, splits: Splits, settings: MultiView
     xs = [pre(v.crop(splits.train.images)) for v in config.views]
     y = torch.from_numpy(splits.train.labels)
     net = MultiViewNet(config)
-    opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
-                          weight_decay=settings.weight_decay)
+    opt = torch.optim.SGD(
+        net.parameters(),
+        lr=settings.lr,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
     steps = math.ceil(len(y) / settings.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=steps *
-                                                settings.epochs, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, settings.lr, total_steps=steps * settings.epochs, pct_start=0.15
+    )
     started, history = time.perf_counter(), []
     ckpt = MultiViewCheckpoint(config, pre, {})
     for epoch in range(settings.epochs):
         net.train()
         perm = torch.randperm(len(y), generator=gen)
-        for step in tqdm(range(steps), desc=f"epoch {epoch + 1}/{settings.epochs}",
-                         disable=not progress, leave=False):
-            idx = perm[step * settings.batch_size:(step + 1) * settings.batch_size]
+        for step in tqdm(
+            range(steps),
+            desc=f"epoch {epoch + 1}/{settings.epochs}",
+            disable=not progress,
+            leave=False,
+        ):
+            idx = perm[step * settings.batch_size : (step + 1) * settings.batch_size]
             views = [augment_batch(x[idx], gen, pad=1) for x in xs]
             present = _present_mask(len(idx), len(views), settings.view_dropout, gen)
             loss = nn.functional.cross_entropy(net(views, present), y[idx])
@@ -220,22 +254,32 @@ def train_multiview(config: MultiViewConfig, splits: Splits, settings: MultiView
             opt.step()
             sched.step()
         ckpt.state_dict = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        val = evaluate(ckpt.build(), ckpt.view_tensors(splits.val.images),
-                       torch.from_numpy(splits.val.labels))
-        history.append({"epoch": epoch + 1, "val_acc": val,
-                        "elapsed_s": time.perf_counter() - started})
+        val = evaluate(
+            ckpt.build(), ckpt.view_tensors(splits.val.images), torch.from_numpy(splits.val.labels)
+        )
+        history.append(
+            {"epoch": epoch + 1, "val_acc": val, "elapsed_s": time.perf_counter() - started}
+        )
     rng = np.random.default_rng(settings.seed)
     cal = rng.choice(len(y), size=min(settings.calibration_images, len(y)), replace=False)
     ckpt.calibration_images = splits.train.images[np.sort(cal)]
     ckpt.metrics = {"val_acc": history[-1]["val_acc"]}
-    ckpt.train = {"settings": asdict(settings), "history": history,
-                  "seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    ckpt.train = {
+        "settings": asdict(settings),
+        "history": history,
+        "seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
     return ckpt
 
 
 @torch.no_grad()
-def evaluate(net: MultiViewNet, views: Sequence[torch.Tensor], y: torch.Tensor,
-             present: Sequence[bool] | None = None) -> float:
+def evaluate(
+    net: MultiViewNet,
+    views: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    present: Sequence[bool] | None = None,
+) -> float:
     """Accuracy of the unpruned model with views ``present`` (default: all)."""
     mask = None if present is None else torch.tensor(present).expand(len(y), -1)
     return float((net(views, mask).argmax(1) == y).float().mean())
@@ -247,23 +291,29 @@ class PrunedMultiView:
     What the branch nodes and the fusion node run; :meth:`accuracy` measures configurations.
     """
 
-    def __init__(self, ckpt: MultiViewCheckpoint, ratios: Sequence[float] = DEFAULT_RATIOS
-                 ) -> None:
+    def __init__(self, ckpt: MultiViewCheckpoint, ratios: Sequence[float] = DEFAULT_RATIOS) -> None:
         self.ckpt = ckpt
         self.net = ckpt.build()
         self.ratios = validate_ratios(ratios)
         self.width = ckpt.config.trunk.widths[-1]
         bounds = SliceBounds(0, self.net.trunk_end)
-        cal = None if ckpt.calibration_images is None else \
-            ckpt.view_tensors(ckpt.calibration_images)
-        self.branches = [PrunableSlice(ModelSlice(self.net.branch(v), bounds), self.ratios,
-                                       round_to=ckpt.config.round_to,
-                                       calibration_inputs=None if cal is None else cal[v])
-                         for v in range(len(ckpt.config.views))]
+        cal = (
+            None if ckpt.calibration_images is None else ckpt.view_tensors(ckpt.calibration_images)
+        )
+        self.branches = [
+            PrunableSlice(
+                ModelSlice(self.net.branch(v), bounds),
+                self.ratios,
+                round_to=ckpt.config.round_to,
+                calibration_inputs=None if cal is None else cal[v],
+            )
+            for v in range(len(ckpt.config.views))
+        ]
 
     @torch.no_grad()
-    def branch(self, v: int, x: torch.Tensor, level: int) -> tuple[torch.Tensor,
-                                                                   torch.Tensor | None]:
+    def branch(
+        self, v: int, x: torch.Tensor, level: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """View v at ``level``: [B, 1, S, S] -> pooled kept channels [B, k] and their indices."""
         s = self.branches[v]
         s.set_level(level)
@@ -271,21 +321,30 @@ class PrunedMultiView:
         return out.tensor.mean(dim=(2, 3)), out.channels
 
     @torch.no_grad()
-    def fuse(self, outputs: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None]
-             ) -> torch.Tensor:
+    def fuse(
+        self, outputs: Sequence[tuple[torch.Tensor, torch.Tensor | None] | None]
+    ) -> torch.Tensor:
         """Logits from the views that arrived (None: view missing); at least one needed."""
-        feats = [scatter_channels(f, ch, self.width) for o in outputs if o is not None
-                 for f, ch in [o]]
+        feats = [
+            scatter_channels(f, ch, self.width) for o in outputs if o is not None for f, ch in [o]
+        ]
         if not feats:
             raise ConfigError("fusion needs at least one view")
         return self.net.classifier(torch.stack(feats, dim=1).max(dim=1).values)
 
     @torch.no_grad()
-    def accuracy(self, views: Sequence[torch.Tensor], y: torch.Tensor, levels: Sequence[int],
-                 present: Sequence[bool] | None = None) -> float:
+    def accuracy(
+        self,
+        views: Sequence[torch.Tensor],
+        y: torch.Tensor,
+        levels: Sequence[int],
+        present: Sequence[bool] | None = None,
+    ) -> float:
         present = present or [True] * len(views)
-        outs = [self.branch(v, x, lv) if p else None
-                for v, (x, lv, p) in enumerate(zip(views, levels, present, strict=True))]
+        outs = [
+            self.branch(v, x, lv) if p else None
+            for v, (x, lv, p) in enumerate(zip(views, levels, present, strict=True))
+        ]
         return float((self.fuse(outs).argmax(1) == y).float().mean())
 
     def branch_costs(self, runs: int = 50, warmup: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -298,10 +357,13 @@ class PrunedMultiView:
         torch.set_num_threads(1)
         try:
             for v, s in enumerate(self.branches):
-                t[v] = median_times([_call(var.module, x) for var in s.variants], runs=runs,
-                                    warmup=warmup)[1]
-                mem[v] = [var.params * 4 + x.numel() * 4 + 2 * _largest(var.module, x)
-                          for var in s.variants]
+                t[v] = median_times(
+                    [_call(var.module, x) for var in s.variants], runs=runs, warmup=warmup
+                )[1]
+                mem[v] = [
+                    var.params * 4 + x.numel() * 4 + 2 * _largest(var.module, x)
+                    for var in s.variants
+                ]
         finally:
             torch.set_num_threads(threads)
         return t, mem
@@ -315,8 +377,11 @@ def _call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 def _largest(module: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the largest tensor a leaf module produces on ``x``."""
     sizes = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o.numel() * 4))
-             for m in module.modules() if not list(m.children())]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: sizes.append(o.numel() * 4))
+        for m in module.modules()
+        if not list(m.children())
+    ]
     try:
         module(x)
     finally:
@@ -325,8 +390,9 @@ def _largest(module: nn.Module, x: torch.Tensor) -> int:
     return max(sizes)
 
 
-def median_times(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
-                 rounds: int = 5) -> tuple[list[float], list[float]]:
+def median_times(
+    fns: Sequence[Callable[[], object]], *, runs: int, warmup: int, rounds: int = 5
+) -> tuple[list[float], list[float]]:
     """Median wall (``perf_counter``) and thread-CPU (``thread_time``) seconds per call of
     every ``fn``: warm-up first, then ``runs`` calls each, interleaved in ``rounds`` so that
     a change in background load hits every fn alike."""
@@ -346,9 +412,14 @@ def median_times(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
     return [float(np.median(w)) for w in wall], [float(np.median(c)) for c in cpu]
 
 
-def view_levels(time_s: np.ndarray, memory_bytes: np.ndarray, devices: Sequence[Device],
-                accuracy: Callable[[np.ndarray], np.ndarray], floor: float,
-                fusion_s: float = 0.0) -> tuple[tuple[int, ...], float, float] | None:
+def view_levels(
+    time_s: np.ndarray,
+    memory_bytes: np.ndarray,
+    devices: Sequence[Device],
+    accuracy: Callable[[np.ndarray], np.ndarray],
+    floor: float,
+    fusion_s: float = 0.0,
+) -> tuple[tuple[int, ...], float, float] | None:
     """Per-view levels of a multi-view model: view v's branch runs on ``devices[v]`` (its
     camera's device), all in parallel, then fusion (``fusion_s``, not pruned). Exact over
     ``L^V``: the smallest bottleneck ``max(max_v time[v, l_v] / speed_v, fusion_s)`` with each
@@ -361,8 +432,10 @@ def view_levels(time_s: np.ndarray, memory_bytes: np.ndarray, devices: Sequence[
     combos = np.asarray(list(itertools.product(range(n_levels), repeat=n_views)))
     views = np.arange(n_views)
     t = np.asarray(time_s)[views, combos] / np.asarray([d.speed for d in devices])
-    fits = (np.asarray(memory_bytes)[views, combos]
-            <= np.asarray([d.memory_mb * 2**20 for d in devices])).all(axis=1)
+    fits = (
+        np.asarray(memory_bytes)[views, combos]
+        <= np.asarray([d.memory_mb * 2**20 for d in devices])
+    ).all(axis=1)
     acc = np.asarray(accuracy(combos))
     bottleneck = np.maximum(t.max(axis=1), fusion_s)
     ok = np.flatnonzero(fits & (acc >= floor - 1e-12))

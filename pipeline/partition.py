@@ -36,8 +36,14 @@ PLAN_SCHEMA = 1
 MIB = 1 << 20
 
 
-def _number(value: Any, what: str, *, minimum: float | None = None, positive: bool = False,
-            below: float | None = None) -> float:
+def _number(
+    value: Any,
+    what: str,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    below: float | None = None,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{what} must be a finite number, got {value!r}")
     if positive and value <= 0:
@@ -184,8 +190,10 @@ class Plan:
             raise ConfigError("the first stage must start at block 0")
         for prev, nxt in itertools.pairwise(self.stages):
             if nxt.start_block != prev.end_block:
-                raise ConfigError(f"stages must be contiguous: [{prev.start_block}, "
-                                  f"{prev.end_block}) then [{nxt.start_block}, {nxt.end_block})")
+                raise ConfigError(
+                    f"stages must be contiguous: [{prev.start_block}, "
+                    f"{prev.end_block}) then [{nxt.start_block}, {nxt.end_block})"
+                )
         names = [s.device for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"a device may run only one stage, got {names}")
@@ -208,30 +216,47 @@ class Plan:
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": PLAN_SCHEMA, "version": self.version, "created_by": self.created_by,
-                "bottleneck_s": self.bottleneck_s, "hash": self.plan_hash(),
-                "stages": [{"start_block": s.start_block, "end_block": s.end_block,
-                            "device": s.device, "predicted_s": s.predicted_s}
-                           for s in self.stages]}
+        return {
+            "schema": PLAN_SCHEMA,
+            "version": self.version,
+            "created_by": self.created_by,
+            "bottleneck_s": self.bottleneck_s,
+            "hash": self.plan_hash(),
+            "stages": [
+                {
+                    "start_block": s.start_block,
+                    "end_block": s.end_block,
+                    "device": s.device,
+                    "predicted_s": s.predicted_s,
+                }
+                for s in self.stages
+            ],
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a plan must be an object, got {type(data).__name__}")
         if data.get("schema") != PLAN_SCHEMA:
-            raise ConfigError(f"unknown plan schema {data.get('schema')!r} (expected {PLAN_SCHEMA})")
+            raise ConfigError(
+                f"unknown plan schema {data.get('schema')!r} (expected {PLAN_SCHEMA})"
+            )
         stages = data.get("stages")
         if not isinstance(stages, list):
             raise ConfigError("a plan needs a 'stages' list")
         try:
-            plan = cls(stages=tuple(StagePlan(**s) for s in stages),
-                       bottleneck_s=data.get("bottleneck_s"), version=data.get("version", 1),
-                       created_by=str(data.get("created_by", "")))
+            plan = cls(
+                stages=tuple(StagePlan(**s) for s in stages),
+                bottleneck_s=data.get("bottleneck_s"),
+                version=data.get("version", 1),
+                created_by=str(data.get("created_by", "")),
+            )
         except TypeError as exc:
             raise ConfigError(f"malformed plan stage: {exc}") from exc
         if "hash" in data and data["hash"] != plan.plan_hash():
-            raise ConfigError(f"plan hash mismatch: file says {data['hash']!r}, stages give "
-                              f"{plan.plan_hash()!r}")
+            raise ConfigError(
+                f"plan hash mismatch: file says {data['hash']!r}, stages give {plan.plan_hash()!r}"
+            )
         return plan
 
 
@@ -282,14 +307,20 @@ class _Costs:
             f"no placement of {self.n} blocks on {len(self.devices)} devices fits in memory: "
             f"the whole model needs {total:.1f} MiB, the largest single block {need:.1f} MiB, "
             f"and the largest device ({largest.name}) has {largest.memory_mb:.1f} MiB; "
-            f"add devices, use ones with more memory, or allow more stages")
+            f"add devices, use ones with more memory, or allow more stages"
+        )
 
 
-def _plan(costs: _Costs, ranges: Sequence[tuple[int, int, int]], created_by: str,
-          version: int) -> Plan:
+def _plan(
+    costs: _Costs, ranges: Sequence[tuple[int, int, int]], created_by: str, version: int
+) -> Plan:
     stages = tuple(StagePlan(i, j, costs.devices[k].name, costs(k, i, j)) for k, i, j in ranges)
-    return Plan(stages=stages, bottleneck_s=max(s.predicted_s or 0.0 for s in stages),
-                version=version, created_by=created_by)
+    return Plan(
+        stages=stages,
+        bottleneck_s=max(s.predicted_s or 0.0 for s in stages),
+        version=version,
+        created_by=created_by,
+    )
 
 
 def _max_stages(max_stages: int | None, n: int, m: int) -> int:
@@ -298,8 +329,13 @@ def _max_stages(max_stages: int | None, n: int, m: int) -> int:
     return min(n, m, max_stages or m)
 
 
-def partition(profile: Sequence[BlockProfile], devices: Sequence[Device],
-              max_stages: int | None = None, *, version: int = 1) -> Plan:
+def partition(
+    profile: Sequence[BlockProfile],
+    devices: Sequence[Device],
+    max_stages: int | None = None,
+    *,
+    version: int = 1,
+) -> Plan:
     """The plan with the smallest bottleneck stage, then the smallest total time (exact DP).
 
     Raises :class:`ConfigError` when no assignment fits the devices' memory.
@@ -307,14 +343,18 @@ def partition(profile: Sequence[BlockProfile], devices: Sequence[Device],
     costs = _Costs(profile, devices)
     n, m = costs.n, len(devices)
     n_stages = _max_stages(max_stages, n, m)
-    cost = [[[costs(k, i, j) if i < j else math.inf for j in range(n + 1)]
-             for i in range(n + 1)] for k in range(m)]
+    cost = [
+        [[costs(k, i, j) if i < j else math.inf for j in range(n + 1)] for i in range(n + 1)]
+        for k in range(m)
+    ]
     inf = math.inf
 
     # Phase 1. best[s][k][j]: smallest bottleneck covering blocks [0, j) with s stages on
     # devices chosen (in order) among the first k.
-    best = [[[0.0 if (s == 0 and j == 0) else inf for j in range(n + 1)] for _ in range(m + 1)]
-            for s in range(n_stages + 1)]
+    best = [
+        [[0.0 if (s == 0 and j == 0) else inf for j in range(n + 1)] for _ in range(m + 1)]
+        for s in range(n_stages + 1)
+    ]
     for s in range(1, n_stages + 1):
         for k in range(m):
             prev, row, here = best[s - 1][k], best[s][k], best[s][k + 1]
@@ -332,8 +372,10 @@ def partition(profile: Sequence[BlockProfile], devices: Sequence[Device],
     # Phase 2. total[s][k][j]: smallest total time under the same indexing, using only stages
     # no slower than the bottleneck; back-pointers rebuild the plan.
     limit = bottleneck * (1 + 1e-12) + 1e-15
-    total = [[[0.0 if (s == 0 and j == 0) else inf for j in range(n + 1)] for _ in range(m + 1)]
-             for s in range(n_stages + 1)]
+    total = [
+        [[0.0 if (s == 0 and j == 0) else inf for j in range(n + 1)] for _ in range(m + 1)]
+        for s in range(n_stages + 1)
+    ]
     back: dict[tuple[int, int, int], tuple[int, int] | None] = {}
     for s in range(1, n_stages + 1):
         for k in range(m):
@@ -360,8 +402,9 @@ def partition(profile: Sequence[BlockProfile], devices: Sequence[Device],
     return _plan(costs, ranges[::-1], "partition", version)
 
 
-def exhaustive_partition(profile: Sequence[BlockProfile], devices: Sequence[Device],
-                         max_stages: int | None = None) -> Plan:
+def exhaustive_partition(
+    profile: Sequence[BlockProfile], devices: Sequence[Device], max_stages: int | None = None
+) -> Plan:
     """Brute force over every cut and every ordered choice of devices (the test reference)."""
     costs = _Costs(profile, devices)
     n, m = costs.n, len(devices)
@@ -395,12 +438,15 @@ def uniform_plan(n_blocks: int, n_stages: int, devices: Sequence[str] | None = N
         raise ConfigError(f"cannot split {n_blocks} blocks into {n_stages} stages")
     names = _default_names(n_stages, devices)
     edges = [round(k * n_blocks / n_stages) for k in range(n_stages + 1)]
-    return Plan(stages=tuple(StagePlan(edges[k], edges[k + 1], names[k])
-                             for k in range(n_stages)), created_by="uniform")
+    return Plan(
+        stages=tuple(StagePlan(edges[k], edges[k + 1], names[k]) for k in range(n_stages)),
+        created_by="uniform",
+    )
 
 
-def balanced_plan(block_times: Sequence[float], n_stages: int,
-                  devices: Sequence[str] | None = None) -> Plan:
+def balanced_plan(
+    block_times: Sequence[float], n_stages: int, devices: Sequence[str] | None = None
+) -> Plan:
     """Exactly ``n_stages`` contiguous stages on identical devices with free transfers,
     minimising the slowest stage's total block time (ties broken deterministically)."""
     times = [_number(t, "block time", minimum=0.0) for t in block_times]
@@ -423,6 +469,8 @@ def balanced_plan(block_times: Sequence[float], n_stages: int,
     for s in range(n_stages, 0, -1):
         edges.append(cut[s][edges[-1]])
     edges.reverse()
-    stages = tuple(StagePlan(edges[k], edges[k + 1], names[k], pre[edges[k + 1]] - pre[edges[k]])
-                   for k in range(n_stages))
+    stages = tuple(
+        StagePlan(edges[k], edges[k + 1], names[k], pre[edges[k + 1]] - pre[edges[k]])
+        for k in range(n_stages)
+    )
     return Plan(stages=stages, bottleneck_s=best[n_stages][n], created_by="balanced")

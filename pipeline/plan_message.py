@@ -47,13 +47,24 @@ class PlanMessage:
             raise ConfigError("a node appears twice in the plan")
 
     @classmethod
-    def build(cls, version: int, num_blocks: int, bounds: Sequence[SliceBounds],
-              nodes: Sequence[str], reason: str = "") -> PlanMessage:
+    def build(
+        cls,
+        version: int,
+        num_blocks: int,
+        bounds: Sequence[SliceBounds],
+        nodes: Sequence[str],
+        reason: str = "",
+    ) -> PlanMessage:
         if len(bounds) != len(nodes):
             raise ConfigError("need one node per slice")
-        return cls(version, num_blocks, tuple(StagePlacement(i, b, n) for i, (b, n)
-                                              in enumerate(zip(bounds, nodes, strict=True))),
-                   reason)
+        return cls(
+            version,
+            num_blocks,
+            tuple(
+                StagePlacement(i, b, n) for i, (b, n) in enumerate(zip(bounds, nodes, strict=True))
+            ),
+            reason,
+        )
 
     def placement_of(self, node: str) -> tuple[int, SliceBounds] | None:
         for st in self.stages:
@@ -70,19 +81,36 @@ class PlanMessage:
         return [st.node for st in self.stages]
 
     def to_json(self) -> bytes:
-        return codec.encode_json("plan", {
-            "version": self.version, "num_blocks": self.num_blocks, "reason": self.reason,
-            "stages": [{"stage": st.stage, "start": st.bounds.start, "end": st.bounds.end,
-                        "node": st.node} for st in self.stages]})
+        return codec.encode_json(
+            "plan",
+            {
+                "version": self.version,
+                "num_blocks": self.num_blocks,
+                "reason": self.reason,
+                "stages": [
+                    {
+                        "stage": st.stage,
+                        "start": st.bounds.start,
+                        "end": st.bounds.end,
+                        "node": st.node,
+                    }
+                    for st in self.stages
+                ],
+            },
+        )
 
     @classmethod
     def from_json(cls, payload: bytes) -> PlanMessage:
         body = codec.decode_json(payload, expect_kind="plan")
         try:
-            stages = tuple(StagePlacement(int(s["stage"]), SliceBounds(int(s["start"]),
-                                                                       int(s["end"])),
-                                          str(s["node"])) for s in body["stages"])
-            return cls(int(body["version"]), int(body["num_blocks"]), stages,
-                       str(body.get("reason", "")))
+            stages = tuple(
+                StagePlacement(
+                    int(s["stage"]), SliceBounds(int(s["start"]), int(s["end"])), str(s["node"])
+                )
+                for s in body["stages"]
+            )
+            return cls(
+                int(body["version"]), int(body["num_blocks"]), stages, str(body.get("reason", ""))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed plan: {exc!r}") from exc

@@ -58,9 +58,12 @@ FLOAT_BYTES = 4
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """What the numbers were measured on: platform, processor, library versions, threads."""
     info: dict[str, Any] = {
-        "platform": platform.platform(), "machine": platform.machine(),
-        "processor": _processor_name(), "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "torch": str(torch.__version__),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _processor_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "threads": torch.get_num_threads() if threads is None else threads,
     }
@@ -134,15 +137,22 @@ class CallTimes:
         return self.median("wall") / cpu if cpu > 0 else 1.0
 
 
-def time_calls(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int, rounds: int = 5,
-               on_round: Callable[[], None] | None = None) -> list[CallTimes]:
+def time_calls(
+    fns: Sequence[Callable[[], object]],
+    *,
+    runs: int,
+    warmup: int,
+    rounds: int = 5,
+    on_round: Callable[[], None] | None = None,
+) -> list[CallTimes]:
     """Per-call times of every ``fn``: ``warmup`` untimed calls each, then ``runs`` timed
     calls each, interleaved in ``rounds`` rounds (round r times a chunk of every fn in turn),
     so that a change in background load hits every fn alike. ``on_round`` is called after
     each fn's chunk (for a progress bar: ``rounds * len(fns)`` calls)."""
     if runs < 1 or warmup < 0 or rounds < 1:
-        raise ConfigError(f"need runs >= 1, warmup >= 0, rounds >= 1 (got {runs}, {warmup}, "
-                          f"{rounds})")
+        raise ConfigError(
+            f"need runs >= 1, warmup >= 0, rounds >= 1 (got {runs}, {warmup}, {rounds})"
+        )
     rounds = min(rounds, runs)
     wall = [np.empty(runs) for _ in fns]
     cpu = [np.empty(runs) for _ in fns]
@@ -179,9 +189,15 @@ class BlockDetail:
     cpu_s: float  # median thread CPU time (see CallTimes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "macs": self.macs, "in_shape": list(self.in_shape),
-                "out_shape": list(self.out_shape), "p10_s": self.p10_s, "p90_s": self.p90_s,
-                "cpu_s": self.cpu_s}
+        return {
+            "params": self.params,
+            "macs": self.macs,
+            "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape),
+            "p10_s": self.p10_s,
+            "p90_s": self.p90_s,
+            "cpu_s": self.cpu_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -218,12 +234,23 @@ class ModelProfile:
     def to_dict(self) -> dict[str, Any]:
         detail = {d.name: d.to_dict() for d in self.details}
         return {
-            "kind": PROFILE_KIND, "version": PROFILE_VERSION,
+            "kind": PROFILE_KIND,
+            "version": PROFILE_VERSION,
             "model": {"name": self.model_name, "hash": self.model_hash, "source": self.source},
-            "machine": self.machine, "settings": self.settings, "created": self.created,
-            "blocks": [{"name": b.name, "compute_s": b.compute_s, "param_bytes": b.param_bytes,
-                        "activation_bytes": b.activation_bytes, "output_bytes": b.output_bytes,
-                        **detail.get(b.name, {})} for b in self.blocks],
+            "machine": self.machine,
+            "settings": self.settings,
+            "created": self.created,
+            "blocks": [
+                {
+                    "name": b.name,
+                    "compute_s": b.compute_s,
+                    "param_bytes": b.param_bytes,
+                    "activation_bytes": b.activation_bytes,
+                    "output_bytes": b.output_bytes,
+                    **detail.get(b.name, {}),
+                }
+                for b in self.blocks
+            ],
         }
 
     @classmethod
@@ -231,24 +258,47 @@ class ModelProfile:
         if not isinstance(data, Mapping) or data.get("kind") != PROFILE_KIND:
             raise ConfigError("not a profile (expected kind 'profile')")
         if data.get("version") != PROFILE_VERSION:
-            raise ConfigError(f"profile version {data.get('version')!r}, this edgeprune reads "
-                              f"{PROFILE_VERSION}")
+            raise ConfigError(
+                f"profile version {data.get('version')!r}, this edgeprune reads {PROFILE_VERSION}"
+            )
         try:
             rows = data["blocks"]
-            blocks = tuple(BlockProfile(str(r["name"]), r["compute_s"], r["param_bytes"],
-                                        r["activation_bytes"], r["output_bytes"]) for r in rows)
+            blocks = tuple(
+                BlockProfile(
+                    str(r["name"]),
+                    r["compute_s"],
+                    r["param_bytes"],
+                    r["activation_bytes"],
+                    r["output_bytes"],
+                )
+                for r in rows
+            )
             details: tuple[BlockDetail, ...] = ()
             if all("macs" in r and "cpu_s" in r for r in rows):
-                details = tuple(BlockDetail(str(r["name"]), int(r["params"]), int(r["macs"]),
-                                            tuple(r["in_shape"]), tuple(r["out_shape"]),
-                                            float(r["p10_s"]), float(r["p90_s"]),
-                                            float(r["cpu_s"])) for r in rows)
+                details = tuple(
+                    BlockDetail(
+                        str(r["name"]),
+                        int(r["params"]),
+                        int(r["macs"]),
+                        tuple(r["in_shape"]),
+                        tuple(r["out_shape"]),
+                        float(r["p10_s"]),
+                        float(r["p90_s"]),
+                        float(r["cpu_s"]),
+                    )
+                    for r in rows
+                )
             model = data["model"]
-            return cls(blocks=blocks, model_name=str(model["name"]),
-                       model_hash=model.get("hash"), details=details,
-                       machine=dict(data.get("machine", {})),
-                       settings=dict(data.get("settings", {})),
-                       created=str(data.get("created", "")), source=model.get("source"))
+            return cls(
+                blocks=blocks,
+                model_name=str(model["name"]),
+                model_hash=model.get("hash"),
+                details=details,
+                machine=dict(data.get("machine", {})),
+                settings=dict(data.get("settings", {})),
+                created=str(data.get("created", "")),
+                source=model.get("source"),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed profile: {exc!r}") from exc
 
@@ -273,8 +323,7 @@ def _tensor_bytes(shape: Sequence[int]) -> int:
 
 
 @torch.no_grad()
-def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tuple[int, ...],
-                                                             int]]:
+def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
     """Per block: input shape, output shape (batch 1) and its largest intermediate (bytes)."""
     largest: list[int] = [0]
 
@@ -282,8 +331,12 @@ def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tup
         if isinstance(out, torch.Tensor):
             largest[0] = max(largest[0], out.numel() * out.element_size())
 
-    handles = [m.register_forward_hook(hook) for block in model.blocks
-               for m in block.modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(hook)
+        for block in model.blocks
+        for m in block.modules()
+        if not list(m.children())
+    ]
     try:
         x = torch.zeros(model.input_shape(1))
         rows = []
@@ -298,10 +351,18 @@ def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tup
     return rows
 
 
-def profile_model(model: SliceableResNet, *, model_hash: str | None = None,
-                  source: str | None = None, runs: int = 200, warmup: int = 20,
-                  rounds: int = 5, threads: int = 1, clock: Clock = "wall",
-                  progress: bool = False) -> ModelProfile:
+def profile_model(
+    model: SliceableResNet,
+    *,
+    model_hash: str | None = None,
+    source: str | None = None,
+    runs: int = 200,
+    warmup: int = 20,
+    rounds: int = 5,
+    threads: int = 1,
+    clock: Clock = "wall",
+    progress: bool = False,
+) -> ModelProfile:
     """Measure every block of ``model`` on this machine (batch 1, ``threads`` threads).
 
     ``compute_s`` is the median on ``clock`` (see :class:`CallTimes`; ``"cpu"`` only makes
@@ -316,33 +377,63 @@ def profile_model(model: SliceableResNet, *, model_hash: str | None = None,
     model = model.eval()
     names = model.block_names()
     shapes = _shapes_and_peaks(model)
-    inputs = [torch.randn(in_shape, generator=torch.Generator().manual_seed(k))
-              for k, (in_shape, _, _) in enumerate(shapes)]
+    inputs = [
+        torch.randn(in_shape, generator=torch.Generator().manual_seed(k))
+        for k, (in_shape, _, _) in enumerate(shapes)
+    ]
     fns = [(lambda b=block, x=x: b(x)) for block, x in zip(model.blocks, inputs, strict=True)]
-    with tqdm(total=rounds * len(fns), desc="profile", unit="chunk", disable=not progress,
-              leave=False) as bar, torch_threads(threads):
-        times = time_calls(fns, runs=runs, warmup=warmup, rounds=rounds,
-                           on_round=lambda: bar.update(1))
+    with (
+        tqdm(
+            total=rounds * len(fns), desc="profile", unit="chunk", disable=not progress, leave=False
+        ) as bar,
+        torch_threads(threads),
+    ):
+        times = time_calls(
+            fns, runs=runs, warmup=warmup, rounds=rounds, on_round=lambda: bar.update(1)
+        )
     blocks, details = [], []
     for k, (block, name) in enumerate(zip(model.blocks, names, strict=True)):
         in_shape, out_shape, peak = shapes[k]
         params = sum(p.numel() for p in block.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
         in_b, out_b = _tensor_bytes(in_shape), _tensor_bytes(out_shape)
-        blocks.append(BlockProfile(name, times[k].median(clock), int(param_bytes),
-                                   in_b + 2 * max(peak, out_b), out_b))
+        blocks.append(
+            BlockProfile(
+                name, times[k].median(clock), int(param_bytes), in_b + 2 * max(peak, out_b), out_b
+            )
+        )
         macs, _ = count_macs(block, in_shape[1:])
-        details.append(BlockDetail(name, int(params), macs, in_shape[1:], out_shape[1:],
-                                   times[k].percentile(10, clock),
-                                   times[k].percentile(90, clock), times[k].median("cpu")))
-    return ModelProfile(blocks=tuple(blocks), model_name=model.config.name,
-                        model_hash=model_hash, details=tuple(details),
-                        machine=machine_info(threads),
-                        settings={"runs": runs, "warmup": warmup, "rounds": rounds,
-                                  "threads": threads, "batch": 1, "statistic": "median",
-                                  "clock": clock,
-                                  "busy_ratio": max(t.busy_ratio for t in times)},
-                        created=now_iso(), source=source)
+        details.append(
+            BlockDetail(
+                name,
+                int(params),
+                macs,
+                in_shape[1:],
+                out_shape[1:],
+                times[k].percentile(10, clock),
+                times[k].percentile(90, clock),
+                times[k].median("cpu"),
+            )
+        )
+    return ModelProfile(
+        blocks=tuple(blocks),
+        model_name=model.config.name,
+        model_hash=model_hash,
+        details=tuple(details),
+        machine=machine_info(threads),
+        settings={
+            "runs": runs,
+            "warmup": warmup,
+            "rounds": rounds,
+            "threads": threads,
+            "batch": 1,
+            "statistic": "median",
+            "clock": clock,
+            "busy_ratio": max(t.busy_ratio for t in times),
+        },
+        created=now_iso(),
+        source=source,
+    )
 
 
 def profile_blocks(model: SliceableResNet, **kwargs: Any) -> list[BlockProfile]:
@@ -381,8 +472,10 @@ class DeviceSpec:
         if self.profile is None:
             return 1.0 / self.device.speed
         if end > len(self.profile.blocks):
-            raise ConfigError(f"device {self.name}: its profile has {len(self.profile.blocks)} "
-                              f"blocks, blocks [{start}, {end}) were asked for")
+            raise ConfigError(
+                f"device {self.name}: its profile has {len(self.profile.blocks)} "
+                f"blocks, blocks [{start}, {end}) were asked for"
+            )
         own = math.fsum(b.compute_s for b in self.profile.blocks[start:end])
         if reference_s <= 0:
             raise ConfigError(f"reference time of blocks [{start}, {end}) must be > 0")
@@ -395,8 +488,10 @@ class DeviceSpec:
             return self.device
         names = [b.name for b in reference]
         if self.profile.block_names != names:
-            raise ConfigError(f"device {self.name}: its profile ({self.profile_path}) has "
-                              f"blocks {self.profile.block_names}, the model has {names}")
+            raise ConfigError(
+                f"device {self.name}: its profile ({self.profile_path}) has "
+                f"blocks {self.profile.block_names}, the model has {names}"
+            )
         speed = math.fsum(b.compute_s for b in reference) / self.profile.total_s
         return replace(self.device, speed=speed)
 
@@ -414,8 +509,9 @@ class DeviceSpec:
         return out
 
 
-def device_specs_from_toml(text: str, source: str = "<string>",
-                           base_dir: Path | None = None) -> tuple[DeviceSpec, ...]:
+def device_specs_from_toml(
+    text: str, source: str = "<string>", base_dir: Path | None = None
+) -> tuple[DeviceSpec, ...]:
     """Device specs from TOML with one ``[[device]]`` table per device, in pipeline order.
 
     Keys are those of :class:`Device`, plus an optional ``profile`` (a profile JSON path,
@@ -440,8 +536,10 @@ def device_specs_from_toml(text: str, source: str = "<string>",
         profile, speed_given = None, "speed" in table
         if path is not None:
             if not isinstance(path, str) or not path:
-                raise ConfigError(f"{source}: device {table.get('name', '?')!r}: profile must "
-                                  f"be a file name, got {path!r}")
+                raise ConfigError(
+                    f"{source}: device {table.get('name', '?')!r}: profile must "
+                    f"be a file name, got {path!r}"
+                )
             full = Path(path) if Path(path).is_absolute() else (base_dir or Path()) / path
             profile = load_profile(full)
             path = str(full)
@@ -463,7 +561,8 @@ def load_device_specs(path: str | Path) -> tuple[DeviceSpec, ...]:
     return device_specs_from_toml(text, source=str(p), base_dir=p.parent)
 
 
-def resolve_devices(specs: Sequence[DeviceSpec],
-                    reference: Sequence[BlockProfile]) -> tuple[Device, ...]:
+def resolve_devices(
+    specs: Sequence[DeviceSpec], reference: Sequence[BlockProfile]
+) -> tuple[Device, ...]:
     """The devices to hand to :func:`pipeline.partition.partition` for ``reference``."""
     return tuple(s.resolve(reference) for s in specs)

@@ -154,8 +154,9 @@ def count_macs(module: nn.Module, in_shape: Sequence[int]) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def prune_slice(model_slice: ModelSlice, ratio: float, *, level: int = 0,
-                round_to: int = 8) -> PrunedVariant:
+def prune_slice(
+    model_slice: ModelSlice, ratio: float, *, level: int = 0, round_to: int = 8
+) -> PrunedVariant:
     """Build the variant of ``model_slice`` with ``ratio`` of every prunable layer removed.
 
     The slice itself is not modified. Ratio 0 gives a copy of the full slice.
@@ -170,10 +171,10 @@ def prune_slice(model_slice: ModelSlice, ratio: float, *, level: int = 0,
         ignored: list[nn.Module] = [m.fc for m in net.modules() if isinstance(m, Head)]
         if net.out_adapter is not None:
             ignored.append(net.out_adapter)
-        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean",
-                                                       normalizer=None)
-        groups = list(graph.get_all_groups(ignored_layers=ignored,
-                                           root_module_types=[nn.Conv2d, nn.Linear]))
+        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+        groups = list(
+            graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear])
+        )
         for group in groups:
             scores = importance(group)
             if scores is None:
@@ -194,9 +195,16 @@ def prune_slice(model_slice: ModelSlice, ratio: float, *, level: int = 0,
     module: nn.Module = nn.Sequential(ChannelGather(in_idx), body) if in_idx is not None else body
     module.eval()
     macs, params = count_macs(module, model_slice.in_shape)
-    return PrunedVariant(level=level, ratio=ratio, module=module, in_channels=in_idx,
-                         out_channels=out_idx, macs=macs, params=params,
-                         build_s=time.perf_counter() - start)
+    return PrunedVariant(
+        level=level,
+        ratio=ratio,
+        module=module,
+        in_channels=in_idx,
+        out_channels=out_idx,
+        macs=macs,
+        params=params,
+        build_s=time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
@@ -215,7 +223,7 @@ def recalibrate_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: i
         bn.momentum = None
     module.train()
     for i in range(0, len(inputs), batch_size):
-        module(inputs[i:i + batch_size])
+        module(inputs[i : i + batch_size])
     for bn, momentum in zip(bns, saved, strict=True):
         bn.momentum = momentum
     module.eval()
@@ -245,10 +253,14 @@ class PrunableSlice:
     a few KB) before running. The unpruned pair keeps the trained statistics.
     """
 
-    def __init__(self, model_slice: ModelSlice, ratios: Sequence[float] = DEFAULT_RATIOS, *,
-                 round_to: int = 8,
-                 calibration_inputs: torch.Tensor | Mapping[int, torch.Tensor] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        model_slice: ModelSlice,
+        ratios: Sequence[float] = DEFAULT_RATIOS,
+        *,
+        round_to: int = 8,
+        calibration_inputs: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
         self.model_slice = model_slice.eval()
         self.ratios = validate_ratios(ratios)
         self.round_to = round_to
@@ -278,8 +290,14 @@ class PrunableSlice:
             self._loaded.append(loaded)
             self._bn.append(stats)
             self.variants.append(variant)
-            log.debug("slice %s level %d (ratio %.2f): %d MACs, built in %.1f ms",
-                      model_slice.bounds, level, ratio, variant.macs, variant.build_s * 1e3)
+            log.debug(
+                "slice %s level %d (ratio %.2f): %d MACs, built in %.1f ms",
+                model_slice.bounds,
+                level,
+                ratio,
+                variant.macs,
+                variant.build_s * 1e3,
+            )
         self._active = self.variants[0]
 
     @property
@@ -301,8 +319,12 @@ class PrunableSlice:
         self._active = self.variants[level]
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, channels: torch.Tensor | None = None,
-                upstream_level: int | None = None) -> SliceOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        channels: torch.Tensor | None = None,
+        upstream_level: int | None = None,
+    ) -> SliceOutput:
         """Run the active level on ``x`` ([B, k, ...] holding ``channels`` of the input).
 
         ``channels=None`` means ``x`` is full width; ``upstream_level`` is the level the
@@ -333,12 +355,13 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def _bn_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(bn.running_mean.clone(), bn.running_var.clone())  # type: ignore[union-attr]
-            for bn in _batchnorms(module)]
+    return [
+        (bn.running_mean.clone(), bn.running_var.clone())  # type: ignore[union-attr]
+        for bn in _batchnorms(module)
+    ]
 
 
 def _load_bn(module: nn.Module, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for bn, (mean, var) in zip(_batchnorms(module), buffers, strict=True):
         bn.running_mean.copy_(mean)  # type: ignore[union-attr]
         bn.running_var.copy_(var)  # type: ignore[union-attr]
-

@@ -75,8 +75,9 @@ class Subnet:
         return all(r == 0.0 for r in self.ratios)
 
     def describe(self) -> str:
-        return " ".join(f"[{b.start},{b.end})@{r:g}"
-                        for b, r in zip(self.slices, self.ratios, strict=True))
+        return " ".join(
+            f"[{b.start},{b.end})@{r:g}" for b, r in zip(self.slices, self.ratios, strict=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ class SliceRanker:
     deep copy and Torch-Pruning traces it.
     """
 
-    def __init__(self, model: SliceableResNet, bounds: SliceBounds, *,
-                 live: nn.Module | None = None) -> None:
+    def __init__(
+        self, model: SliceableResNet, bounds: SliceBounds, *, live: nn.Module | None = None
+    ) -> None:
         model_slice = ModelSlice(model, bounds)  # deep-copies the blocks
         self.bounds = bounds
         c_in = None if model_slice.is_first else model_slice.in_channels
@@ -116,13 +118,15 @@ class SliceRanker:
         self._net = _Adapted(model_slice.body, c_in, c_out).eval()
         example = torch.zeros(1, *model_slice.in_shape)
         with torch.enable_grad():  # Torch-Pruning traces with autograd
-            self._graph = tp.DependencyGraph().build_dependency(self._net,
-                                                                example_inputs=example)
+            self._graph = tp.DependencyGraph().build_dependency(self._net, example_inputs=example)
         ignored: list[nn.Module] = [m.fc for m in self._net.modules() if isinstance(m, Head)]
         if self._net.out_adapter is not None:
             ignored.append(self._net.out_adapter)
-        self._groups = list(self._graph.get_all_groups(
-            ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+        self._groups = list(
+            self._graph.get_all_groups(
+                ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]
+            )
+        )
         self._importance = _importance()
         live_params = dict((live or model).named_parameters())
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -161,16 +165,19 @@ class SliceRanker:
                     continue
                 order = torch.argsort(scores, stable=True)
                 root = group[0].dep
-                doomed = self._graph.get_pruning_group(root.target.module, root.handler,
-                                                       order[: n - keep].tolist())
+                doomed = self._graph.get_pruning_group(
+                    root.target.module, root.handler, order[: n - keep].tolist()
+                )
                 for dep, idxs in doomed:
                     plain = [int(i) for i in tp._helpers.to_plain_idxs(idxs)]
                     layer = dep.target.module
                     self._zero(layer, dep.handler.__name__, plain)
                     if isinstance(layer, _BatchNorm):
                         pruned_bn.setdefault(self._bn_names[layer], []).extend(plain)
-                    elif layer is self._net.in_adapter and \
-                            dep.handler.__name__ == "prune_out_channels":
+                    elif (
+                        layer is self._net.in_adapter
+                        and dep.handler.__name__ == "prune_out_channels"
+                    ):
                         pruned_in.extend(plain)
         width = {name: int(m.num_features) for m, name in self._bn_names.items()}
         bn = {name: _complement(width[name], idxs) for name, idxs in pruned_bn.items()}
@@ -236,17 +243,21 @@ class WidthMasker:
         self.use(None)
 
     def _bn_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...],
-                 out: torch.Tensor) -> torch.Tensor | None:
+        def hook(
+            module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
+        ) -> torch.Tensor | None:
             scale = self._bn_scale.get(name)
             return None if scale is None else out * scale
+
         return hook
 
     def _input_hook(self, index: int) -> Callable[..., tuple[torch.Tensor, ...] | None]:
-        def hook(module: nn.Module,
-                 args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        def hook(
+            module: nn.Module, args: tuple[torch.Tensor, ...]
+        ) -> tuple[torch.Tensor, ...] | None:
             scale = self._in_scale.get(index)
             return None if scale is None else (args[0] * scale, *args[1:])
+
         return hook
 
     def refresh(self) -> None:
@@ -335,9 +346,16 @@ class SubnetSampler:
     level each (not all zero); otherwise one slice at a random intermediate level.
     """
 
-    def __init__(self, num_blocks: int, ratios: Sequence[float] = DEFAULT_RATIOS, *,
-                 random_subnets: int = 2, mixed_prob: float = 0.5, max_slices: int = 3,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        ratios: Sequence[float] = DEFAULT_RATIOS,
+        *,
+        random_subnets: int = 2,
+        mixed_prob: float = 0.5,
+        max_slices: int = 3,
+        seed: int = 0,
+    ) -> None:
         self.ratios = validate_ratios(ratios)
         if len(self.ratios) < 2:
             raise ConfigError("width-robust training needs at least one pruned level")
@@ -385,9 +403,16 @@ class StepResult:
     subnet_loss: float  # mean over the step's sub-networks
 
 
-def sandwich_step(model: SliceableResNet, masker: WidthMasker, subnets: Sequence[Subnet],
-                  x: torch.Tensor, y: torch.Tensor, *, distill_weight: float = 1.0,
-                  label_loss: nn.Module | None = None) -> StepResult:
+def sandwich_step(
+    model: SliceableResNet,
+    masker: WidthMasker,
+    subnets: Sequence[Subnet],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    distill_weight: float = 1.0,
+    label_loss: nn.Module | None = None,
+) -> StepResult:
     """Forward and backward of one sandwich step; gradients accumulate (caller steps).
 
     The full network learns from the labels; every sub-network from

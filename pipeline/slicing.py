@@ -72,11 +72,12 @@ class ModelSlice(nn.Module):
         if bounds.end > model.num_blocks:
             raise ConfigError(f"slice {bounds} exceeds the model's {model.num_blocks} blocks")
         self.bounds = bounds
-        self.body = nn.Sequential(*[copy.deepcopy(model.blocks[i])
-                                    for i in range(bounds.start, bounds.end)])
+        self.body = nn.Sequential(
+            *[copy.deepcopy(model.blocks[i]) for i in range(bounds.start, bounds.end)]
+        )
         self.is_first = bounds.start == 0
         self.is_last = bounds.end == model.num_blocks
-        self.block_names = model.block_names()[bounds.start:bounds.end]
+        self.block_names = model.block_names()[bounds.start : bounds.end]
         with torch.no_grad():
             was_training = model.training
             model.eval()

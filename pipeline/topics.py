@@ -1,14 +1,14 @@
 """MQTT topic names of one pipeline (DESIGN.md, "Data flow"). Pure strings, no networking.
 
-    edgeprune/<pipe>/stage/<i>                 msgpack stage messages        QoS 1
-    edgeprune/<pipe>/results                   JSON label per request        QoS 1
-    edgeprune/<pipe>/exits                     JSON timings per request      QoS 1
-    edgeprune/<pipe>/control/stage/<i>         JSON level of stage i         QoS 1, retained
-    edgeprune/<pipe>/control/plan              JSON slice bounds per stage   QoS 1, retained
-    edgeprune/<pipe>/control/decisions         JSON controller decisions     QoS 1
-    edgeprune/<pipe>/nodes/<node>/status       JSON online / offline (Will)  QoS 1, retained
-    edgeprune/<pipe>/nodes/<node>/metrics      JSON queue, service time ...  QoS 0
-    edgeprune/<pipe>/errors                    JSON what was rejected, why   QoS 1
+edgeprune/<pipe>/stage/<i>                 msgpack stage messages        QoS 1
+edgeprune/<pipe>/results                   JSON label per request        QoS 1
+edgeprune/<pipe>/exits                     JSON timings per request      QoS 1
+edgeprune/<pipe>/control/stage/<i>         JSON level of stage i         QoS 1, retained
+edgeprune/<pipe>/control/plan              JSON slice bounds per stage   QoS 1, retained
+edgeprune/<pipe>/control/decisions         JSON controller decisions     QoS 1
+edgeprune/<pipe>/nodes/<node>/status       JSON online / offline (Will)  QoS 1, retained
+edgeprune/<pipe>/nodes/<node>/metrics      JSON queue, service time ...  QoS 0
+edgeprune/<pipe>/errors                    JSON what was rejected, why   QoS 1
 """
 
 from __future__ import annotations

@@ -87,10 +87,10 @@ class TrainConfig:
 # plain `edgeprune train` uses and what models/resnet-s.pt was trained with.
 REGIMES: dict[str, TrainConfig] = {
     "standard": TrainConfig(regime="standard", epochs=15, batch_size=64, weight_decay=5e-4),
-    "paper-robust": TrainConfig(regime="paper-robust", epochs=20, batch_size=16,
-                                weight_decay=5e-3),
-    "width-robust": TrainConfig(regime="width-robust", epochs=15, batch_size=64,
-                                weight_decay=5e-4, width_robust=True),
+    "paper-robust": TrainConfig(regime="paper-robust", epochs=20, batch_size=16, weight_decay=5e-3),
+    "width-robust": TrainConfig(
+        regime="width-robust", epochs=15, batch_size=64, weight_decay=5e-4, width_robust=True
+    ),
 }
 DEFAULT_REGIME = "paper-robust"
 
@@ -111,26 +111,32 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> 
     flip = torch.rand(b, generator=generator) < 0.5
     out = torch.empty_like(x)
     for i in range(b):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
         out[i] = crop.flip(-1) if flip[i] else crop
     return out
 
 
 @torch.no_grad()
-def predict(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            batch_size: int = 256) -> torch.Tensor:
+def predict(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
     """Class predictions of ``forward`` (a model or a composed pipeline) on inputs ``x``."""
-    outs = [forward(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    outs = [forward(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             y: torch.Tensor, batch_size: int = 256) -> float:
+def accuracy(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+) -> float:
     return float((predict(forward, x, batch_size) == y).float().mean())
 
 
-def train_model(model_config: ResNetConfig, splits: Splits, config: TrainConfig, *,
-                progress: bool = True) -> Checkpoint:
+def train_model(
+    model_config: ResNetConfig, splits: Splits, config: TrainConfig, *, progress: bool = True
+) -> Checkpoint:
     """Train a model; returns a checkpoint carrying the configs, metrics and history."""
     from tqdm import tqdm
 
@@ -142,21 +148,35 @@ def train_model(model_config: ResNetConfig, splits: Splits, config: TrainConfig,
     x_train, y_train = preprocess(splits.train.images), torch.from_numpy(splits.train.labels)
     x_val, y_val = preprocess(splits.val.images), torch.from_numpy(splits.val.labels)
     rng = np.random.default_rng(config.seed)
-    cal_idx = np.sort(rng.choice(len(splits.train), size=min(config.calibration_images,
-                                                             len(splits.train)), replace=False))
+    cal_idx = np.sort(
+        rng.choice(
+            len(splits.train), size=min(config.calibration_images, len(splits.train)), replace=False
+        )
+    )
     calibration = splits.train.images[cal_idx]
     model: SliceableResNet = build_model(model_config)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay, nesterov=True)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=True,
+    )
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=total, pct_start=0.15
+    )
     loss_fn = nn.CrossEntropyLoss()
     masker = WidthMasker(model, round_to=config.round_to) if config.width_robust else None
-    sampler = SubnetSampler(model.num_blocks, config.subnet_ratios,
-                            random_subnets=config.random_subnets, mixed_prob=config.mixed_prob,
-                            max_slices=config.max_slices, seed=config.seed)
+    sampler = SubnetSampler(
+        model.num_blocks,
+        config.subnet_ratios,
+        random_subnets=config.random_subnets,
+        mixed_prob=config.mixed_prob,
+        max_slices=config.max_slices,
+        seed=config.seed,
+    )
     history: list[dict[str, float]] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     global_step = 0
@@ -165,10 +185,15 @@ def train_model(model_config: ResNetConfig, splits: Splits, config: TrainConfig,
             model.train()
             perm = torch.randperm(len(x_train), generator=gen)
             correct, seen, loss_sum, sub_sum = 0, 0, 0.0, 0.0
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=not progress, leave=False, unit="step")
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not progress,
+                leave=False,
+                unit="step",
+            )
             for step in bar:
-                idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
+                idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
                 xb, yb = x_train[idx], y_train[idx]
                 if config.augment:
                     xb = augment_batch(xb, gen)
@@ -176,9 +201,15 @@ def train_model(model_config: ResNetConfig, splits: Splits, config: TrainConfig,
                 if masker is not None:
                     if global_step % config.mask_refresh == 0:
                         masker.refresh()
-                    result = sandwich_step(model, masker, sampler.sample(), xb, yb,
-                                           distill_weight=config.distill_weight,
-                                           label_loss=loss_fn)
+                    result = sandwich_step(
+                        model,
+                        masker,
+                        sampler.sample(),
+                        xb,
+                        yb,
+                        distill_weight=config.distill_weight,
+                        label_loss=loss_fn,
+                    )
                     logits, loss_value = result.full_logits, result.full_loss
                     sub_sum += result.subnet_loss * len(idx)
                 else:
@@ -195,33 +226,53 @@ def train_model(model_config: ResNetConfig, splits: Splits, config: TrainConfig,
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             model.eval()
             val_acc = accuracy(model, x_val, y_val)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                   "train_acc": correct / seen, "val_acc": val_acc}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "val_acc": val_acc,
+            }
             if masker is not None:
                 row["subnet_loss"] = sub_sum / seen
                 smallest = config.subnet_ratios[-1]
                 row[f"val_acc_ratio_{smallest:g}"] = pruned_accuracy(
-                    model, smallest, preprocess(calibration), x_val, y_val,
-                    round_to=config.round_to)
+                    model, smallest, preprocess(calibration), x_val, y_val, round_to=config.round_to
+                )
             row["elapsed_s"] = time.perf_counter() - started
             history.append(row)
-            log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            log.info(
+                "epoch %d/%d: %s",
+                epoch + 1,
+                config.epochs,
+                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+            )
     return Checkpoint(
         config=model_config,
         preprocess=preprocess,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
-        train={"config": config.to_dict(), "history": history, "dataset": splits.train.name,
-               "train_size": len(splits.train), "seconds": time.perf_counter() - started,
-               "cpu_seconds": time.process_time() - cpu_started,
-               "threads": torch.get_num_threads()},
+        train={
+            "config": config.to_dict(),
+            "history": history,
+            "dataset": splits.train.name,
+            "train_size": len(splits.train),
+            "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "threads": torch.get_num_threads(),
+        },
         metrics={"val_acc": history[-1]["val_acc"]},
         calibration_images=calibration,
     )
 
 
-def pruned_accuracy(model: SliceableResNet, ratio: float, calibration: torch.Tensor | None,
-                    x: torch.Tensor, y: torch.Tensor, *, round_to: int = 8) -> float:
+def pruned_accuracy(
+    model: SliceableResNet,
+    ratio: float,
+    calibration: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    round_to: int = 8,
+) -> float:
     """Accuracy of ``model`` pruned as one slice at ``ratio`` the way a node prunes it.
 
     Built from a clean copy with :class:`~pipeline.pruning.PrunableSlice`; with
@@ -230,8 +281,12 @@ def pruned_accuracy(model: SliceableResNet, ratio: float, calibration: torch.Ten
     clean = build_model(model.config)
     clean.load_state_dict(model.state_dict())
     clean.eval()
-    pruned = PrunableSlice(ModelSlice(clean, SliceBounds(0, clean.num_blocks)), (0.0, ratio),
-                           round_to=round_to, calibration_inputs=calibration)
+    pruned = PrunableSlice(
+        ModelSlice(clean, SliceBounds(0, clean.num_blocks)),
+        (0.0, ratio),
+        round_to=round_to,
+        calibration_inputs=calibration,
+    )
     pruned.set_level(1)
     return accuracy(lambda xb: pruned(xb).tensor, x, y)
 

@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0,
-                     what: str = "condition") -> None:
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -73,9 +74,14 @@ class Collector:
                 except CodecError:
                     continue  # e.g. a deliberately bad control message
                 kind = body.get("kind")
-                target = {"result": self.results, "exit": self.exits, "error": self.errors,
-                          "status": self.statuses, "metrics": self.metrics,
-                          "decision": self.decisions}.get(str(kind))
+                target = {
+                    "result": self.results,
+                    "exit": self.exits,
+                    "error": self.errors,
+                    "status": self.statuses,
+                    "metrics": self.metrics,
+                    "decision": self.decisions,
+                }.get(str(kind))
                 if target is not None:
                     target.append(body)
                 elif kind == "level":
@@ -95,12 +101,16 @@ async def collecting(mqtt: MqttSettings, pipe: str) -> AsyncIterator[Collector]:
 
 
 @contextlib.asynccontextmanager
-async def running_nodes(ckpt: Checkpoint, mqtt: MqttSettings, pipe: str,
-                        bounds: Sequence[SliceBounds], **config: Any
-                        ) -> AsyncIterator[list[SliceNode]]:
+async def running_nodes(
+    ckpt: Checkpoint, mqtt: MqttSettings, pipe: str, bounds: Sequence[SliceBounds], **config: Any
+) -> AsyncIterator[list[SliceNode]]:
     """Slice nodes as tasks of this event loop, each with its own MQTT connection."""
-    nodes = [SliceNode(NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt,
-                                  **config), ckpt) for i, b in enumerate(bounds)]
+    nodes = [
+        SliceNode(
+            NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt, **config), ckpt
+        )
+        for i, b in enumerate(bounds)
+    ]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
     try:
@@ -111,12 +121,25 @@ async def running_nodes(ckpt: Checkpoint, mqtt: MqttSettings, pipe: str,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def publish_level(mqtt: MqttSettings, pipe: str, stage: int, level: int,
-                        ratio: float, seq: int = 1, reason: str = "test") -> None:
+async def publish_level(
+    mqtt: MqttSettings,
+    pipe: str,
+    stage: int,
+    level: int,
+    ratio: float,
+    seq: int = 1,
+    reason: str = "test",
+) -> None:
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-        await client.publish(Topics(pipe).control_stage(stage), codec.encode_json("level", {
-            "stage": stage, "level": level, "ratio": ratio, "seq": seq, "reason": reason}),
-            qos=1, retain=True)
+        await client.publish(
+            Topics(pipe).control_stage(stage),
+            codec.encode_json(
+                "level",
+                {"stage": stage, "level": level, "ratio": ratio, "seq": seq, "reason": reason},
+            ),
+            qos=1,
+            retain=True,
+        )
 
 
 async def clear_retained(mqtt: MqttSettings, pipe: str, topics: Sequence[str]) -> None:
@@ -146,7 +169,9 @@ class LineReader:
             try:
                 line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"timed out after {timeout} s; printed: {self.lines}") from None
+                raise AssertionError(
+                    f"timed out after {timeout} s; printed: {self.lines}"
+                ) from None
             if line is None:
                 raise AssertionError(f"the stream ended; printed: {self.lines}")
             self.lines.append(line)
@@ -156,8 +181,12 @@ class LineReader:
 def node_process(args: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
     """`edgeprune node ...` as a separate process (its output goes to ``log_path``)."""
     out = open(log_path, "ab")  # noqa: SIM115 - closed with the process by the caller
-    return subprocess.Popen([sys.executable, "-m", "edgeprune", "node", *args], stdout=out,
-                            stderr=subprocess.STDOUT, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", "node", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> int:

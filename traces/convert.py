@@ -31,18 +31,18 @@ KINDS: dict[str, dict[str, str]] = {
         "name": "dsail_porini",
         "columns": "timestamp,camera,species,animals",
         "source": "DSAIL-Porini camera-trap dataset (Mugambi et al., 2022; Mendeley Data "
-                  "6mhrhn7rxc): Raspberry Pi PIR camera traps in a Kenyan conservancy, "
-                  "June-November 2021; timestamps from the image file names of the public "
-                  "annotation sheet",
+        "6mhrhn7rxc): Raspberry Pi PIR camera traps in a Kenyan conservancy, "
+        "June-November 2021; timestamps from the image file names of the public "
+        "annotation sheet",
         "licence": "as stated on the Mendeley Data record 6mhrhn7rxc (cite Mugambi et al., 2022)",
     },
     "orinoquia": {
         "name": "orinoquia_day1",
         "columns": "timestamp,camera,sequence,frame",
         "source": "Orinoquía Camera Traps (Vélez et al., 2023; LILA BC), day 2020-01-08, "
-                  "10 commercial trail cameras, as extracted in github.com/jennamk14/adae_model",
+        "10 commercial trail cameras, as extracted in github.com/jennamk14/adae_model",
         "licence": "dataset: Community Data License Agreement, permissive variant (LILA BC); "
-                   "extraction: MIT (jennamk14/adae_model)",
+        "extraction: MIT (jennamk14/adae_model)",
     },
 }
 
@@ -57,8 +57,9 @@ def species_label(species: str | None, classes: Sequence[str] | None) -> int | N
         return None
 
 
-def convert_raw(src: str | Path, kind: str, *, name: str | None = None,
-                classes: Sequence[str] | None = None) -> Trace:
+def convert_raw(
+    src: str | Path, kind: str, *, name: str | None = None, classes: Sequence[str] | None = None
+) -> Trace:
     """Read a raw arrival file of ``kind`` ("dsail" or "orinoquia") into a :class:`Trace`.
 
     ``classes`` (e.g. a model's class names) turns species names found in it into ``label``
@@ -107,11 +108,26 @@ def convert_raw(src: str | Path, kind: str, *, name: str | None = None,
             arrivals.append(Arrival(t, camera, None, species, species_label(species, classes)))
         else:
             arrivals.append(Arrival(t, camera, row[2].strip() or None))
-    trace = Trace(tuple(arrivals), name or spec["name"], spec["source"], t0,
-                  (end - t0).total_seconds(),
-                  {"licence": spec["licence"], "converted_from": src.name,
-                   "raw_sha256": hashlib.sha256(data).hexdigest(),
-                   "converter": f"traces.convert.convert_raw(kind={kind})"})
-    log.info("converted %s (%s): %d images, %d cameras, %s to %s", src, kind, len(trace),
-             len(trace.cameras), first.isoformat(), last.isoformat())
+    trace = Trace(
+        tuple(arrivals),
+        name or spec["name"],
+        spec["source"],
+        t0,
+        (end - t0).total_seconds(),
+        {
+            "licence": spec["licence"],
+            "converted_from": src.name,
+            "raw_sha256": hashlib.sha256(data).hexdigest(),
+            "converter": f"traces.convert.convert_raw(kind={kind})",
+        },
+    )
+    log.info(
+        "converted %s (%s): %d images, %d cameras, %s to %s",
+        src,
+        kind,
+        len(trace),
+        len(trace.cameras),
+        first.isoformat(),
+        last.isoformat(),
+    )
     return trace

@@ -72,12 +72,15 @@ class Arrival:
             if value is None:
                 continue
             if not isinstance(value, str) or not value or value != value.strip():
-                raise TraceError(f"{name} {value!r} must be a non-empty string without "
-                                 "surrounding spaces (or None)")
+                raise TraceError(
+                    f"{name} {value!r} must be a non-empty string without "
+                    "surrounding spaces (or None)"
+                )
             if "\n" in value or "\r" in value:
                 raise TraceError(f"{name} {value!r} contains a line break")
-        if self.label is not None and (isinstance(self.label, bool) or
-                                       not isinstance(self.label, int) or self.label < 0):
+        if self.label is not None and (
+            isinstance(self.label, bool) or not isinstance(self.label, int) or self.label < 0
+        ):
             raise TraceError(f"label must be an int >= 0, got {self.label!r}")
 
 
@@ -113,8 +116,10 @@ class Trace:
             if not math.isfinite(self.duration_s) or self.duration_s < 0:
                 raise TraceError(f"duration_s must be a finite number >= 0, got {self.duration_s}")
             if arrivals and arrivals[-1].t > self.duration_s:
-                raise TraceError(f"an arrival at t={arrivals[-1].t} lies after the trace end "
-                                 f"(duration_s={self.duration_s})")
+                raise TraceError(
+                    f"an arrival at t={arrivals[-1].t} lies after the trace end "
+                    f"(duration_s={self.duration_s})"
+                )
         for key, value in self.metadata.items():
             if not _KEY_RE.match(key) or key in _FIELD_KEYS or "\n" in value or "\r" in value:
                 raise TraceError(f"bad metadata entry {key!r}: {value!r}")
@@ -151,8 +156,9 @@ class Trace:
 # ---------------------------------------------------------------- reading
 
 
-def _parse_preamble_line(text: str, line: int, fields: dict[str, str],
-                         metadata: dict[str, str]) -> None:
+def _parse_preamble_line(
+    text: str, line: int, fields: dict[str, str], metadata: dict[str, str]
+) -> None:
     body = text.lstrip("#").strip()
     if not body:
         return
@@ -168,13 +174,15 @@ def _parse_preamble_line(text: str, line: int, fields: dict[str, str],
 def _parse_header(cells: list[str], line: int) -> list[str]:
     columns = [c.strip() for c in cells]
     if tuple(columns[:2]) != REQUIRED_COLUMNS:
-        raise TraceError(f"header must start with 'timestamp,camera', got {','.join(columns)!r}",
-                         line)
+        raise TraceError(
+            f"header must start with 'timestamp,camera', got {','.join(columns)!r}", line
+        )
     seen: set[str] = set()
     for name in columns[2:]:
         if name not in OPTIONAL_COLUMNS:
-            raise TraceError(f"unknown column {name!r} (optional columns: "
-                             f"{', '.join(OPTIONAL_COLUMNS)})", line)
+            raise TraceError(
+                f"unknown column {name!r} (optional columns: {', '.join(OPTIONAL_COLUMNS)})", line
+            )
         if name in seen:
             raise TraceError(f"column {name!r} appears twice", line)
         seen.add(name)
@@ -183,15 +191,17 @@ def _parse_header(cells: list[str], line: int) -> list[str]:
 
 def _parse_row(cells: list[str], columns: list[str], line: int) -> Arrival:
     if len(cells) != len(columns):
-        raise TraceError(f"expected {len(columns)} fields ({','.join(columns)}), "
-                         f"got {len(cells)}", line)
+        raise TraceError(
+            f"expected {len(columns)} fields ({','.join(columns)}), got {len(cells)}", line
+        )
     row = dict(zip(columns, (c.strip() for c in cells), strict=True))
     raw_t = row["timestamp"]
     try:
         t = float(raw_t)
     except ValueError:
-        raise TraceError(f"bad timestamp {raw_t!r}: expected seconds since t0 as a number",
-                         line) from None
+        raise TraceError(
+            f"bad timestamp {raw_t!r}: expected seconds since t0 as a number", line
+        ) from None
     if not math.isfinite(t) or t < 0:
         raise TraceError(f"bad timestamp {raw_t!r}: must be finite and >= 0", line)
     if not row["camera"]:
@@ -204,8 +214,7 @@ def _parse_row(cells: list[str], columns: list[str], line: int) -> Arrival:
             raise TraceError(f"label {row['label']!r} is not an integer class id", line) from None
         if label < 0:
             raise TraceError(f"label {label} is negative", line)
-    return Arrival(t, row["camera"], row.get("sequence") or None, row.get("species") or None,
-                   label)
+    return Arrival(t, row["camera"], row.get("sequence") or None, row.get("species") or None, label)
 
 
 def _float_field(fields: dict[str, str], key: str, lines: dict[str, int]) -> float | None:
@@ -255,27 +264,41 @@ def parse_trace(text: str, name: str, origin: str = "<string>") -> Trace:
         raise TraceError(f"{origin}: no header row (expected 'timestamp,camera,...')")
     version = fields.get("edgeprune-trace", str(FORMAT_VERSION))
     if version != str(FORMAT_VERSION):
-        raise TraceError(f"unsupported trace format version {version!r} (this is "
-                         f"{FORMAT_VERSION})", field_lines.get("edgeprune-trace"))
+        raise TraceError(
+            f"unsupported trace format version {version!r} (this is {FORMAT_VERSION})",
+            field_lines.get("edgeprune-trace"),
+        )
     t0: datetime | None = None
     if "t0" in fields:
         try:
             t0 = datetime.fromisoformat(fields["t0"])
         except ValueError:
-            raise TraceError(f"bad t0 {fields['t0']!r}: expected ISO-8601 local time",
-                             field_lines["t0"]) from None
+            raise TraceError(
+                f"bad t0 {fields['t0']!r}: expected ISO-8601 local time", field_lines["t0"]
+            ) from None
         if t0.tzinfo is not None:
-            raise TraceError("t0 must be naive local wall-clock time (no UTC offset)",
-                             field_lines["t0"])
+            raise TraceError(
+                "t0 must be naive local wall-clock time (no UTC offset)", field_lines["t0"]
+            )
     duration = _float_field(fields, "duration_s", field_lines)
     if duration is not None and arrivals and last_t > duration:
-        raise TraceError(f"arrival at t={last_t:g} lies after the trace end (duration_s="
-                         f"{duration:g} on line {field_lines['duration_s']})", last_line)
+        raise TraceError(
+            f"arrival at t={last_t:g} lies after the trace end (duration_s="
+            f"{duration:g} on line {field_lines['duration_s']})",
+            last_line,
+        )
     if first_unsorted is not None:
-        log.info("%s: rows are not in time order (first at line %d); sorted them", origin,
-                 first_unsorted)
-    return Trace(tuple(arrivals), fields.get("name") or name, fields.get("source", ""), t0,
-                 duration, metadata)
+        log.info(
+            "%s: rows are not in time order (first at line %d); sorted them", origin, first_unsorted
+        )
+    return Trace(
+        tuple(arrivals),
+        fields.get("name") or name,
+        fields.get("source", ""),
+        t0,
+        duration,
+        metadata,
+    )
 
 
 def load_trace(path: str | Path) -> Trace:
@@ -316,8 +339,7 @@ def format_trace(trace: Trace) -> str:
         out.write(f"# duration_s: {format_seconds(trace.duration_s)}\n")
     for key, value in trace.metadata.items():
         out.write(f"# {key}: {' '.join(value.split())}\n")
-    used = [c for c in OPTIONAL_COLUMNS
-            if any(getattr(a, c) is not None for a in trace.arrivals)]
+    used = [c for c in OPTIONAL_COLUMNS if any(getattr(a, c) is not None for a in trace.arrivals)]
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*REQUIRED_COLUMNS, *used])
     for a in trace.arrivals:
@@ -347,8 +369,10 @@ def default_trace_path(name: str) -> Path:
     """The path of the shipped trace ``name`` (e.g. ``"dsail_porini"``)."""
     path = DATA_DIR / f"{name}.csv"
     if "/" in name or "\\" in name or not path.is_file():
-        raise TraceError(f"no shipped trace named {name!r} (available: "
-                         f"{', '.join(available_traces()) or 'none'})")
+        raise TraceError(
+            f"no shipped trace named {name!r} (available: "
+            f"{', '.join(available_traces()) or 'none'})"
+        )
     return path
 
 

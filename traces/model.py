@@ -90,20 +90,26 @@ class TraceModel:
         if self.triggers_model not in TRIGGER_MODELS:
             raise TraceError(f"bad trace model: triggers_model must be one of {TRIGGER_MODELS}")
         if self.triggers_model == "kde" and (
-                not self.triggers_observed or min(self.triggers_observed) < 1
-                or not (self.triggers_bandwidth >= 0)):
-            raise TraceError("bad trace model: the kde triggers model needs observed counts "
-                             ">= 1 and a bandwidth >= 0")
+            not self.triggers_observed
+            or min(self.triggers_observed) < 1
+            or not (self.triggers_bandwidth >= 0)
+        ):
+            raise TraceError(
+                "bad trace model: the kde triggers model needs observed counts "
+                ">= 1 and a bandwidth >= 0"
+            )
         pmf = self.images_per_trigger
         if not pmf or any(p < 0 for p in pmf) or not math.isclose(sum(pmf), 1.0, abs_tol=1e-6):
             raise TraceError("bad trace model: images_per_trigger must be a distribution")
         q = self.retrigger_gap_quantiles
         if len(q) < 2 or any(b < a for a, b in pairwise(q)) or q[0] <= 0:
-            raise TraceError("bad trace model: retrigger_gap_quantiles must be >= 2 increasing "
-                             "positive values")
+            raise TraceError(
+                "bad trace model: retrigger_gap_quantiles must be >= 2 increasing positive values"
+            )
         if not (self.image_spacing_s > 0) or not (0 < self.burst_gap_s < self.visit_gap_s):
-            raise TraceError("bad trace model: need image_spacing_s > 0 and "
-                             "0 < burst_gap_s < visit_gap_s")
+            raise TraceError(
+                "bad trace model: need image_spacing_s > 0 and 0 < burst_gap_s < visit_gap_s"
+            )
 
     @property
     def visits_per_camera_day(self) -> float:
@@ -119,15 +125,17 @@ class TraceModel:
         nodes, weights = np.polynomial.hermite_e.hermegauss(40)  # E over z ~ N(0, 1)
         weights = weights / weights.sum()
         n0 = np.asarray(self.triggers_observed, dtype=float)[:, None]
-        draws = np.clip(np.round(n0 * np.exp(self.triggers_bandwidth * nodes)), 1,
-                        self.max_triggers)
+        draws = np.clip(
+            np.round(n0 * np.exp(self.triggers_bandwidth * nodes)), 1, self.max_triggers
+        )
         return float((draws * weights).sum(axis=1).mean())
 
     def mean_images_per_visit(self) -> float:
         """Expected images per visit (ignoring truncation at the trace end)."""
         k = np.arange(1, len(self.images_per_trigger) + 1)
-        return self.mean_triggers_per_visit() * float((np.asarray(self.images_per_trigger)
-                                                       * k).sum())
+        return self.mean_triggers_per_visit() * float(
+            (np.asarray(self.images_per_trigger) * k).sum()
+        )
 
     def sample_triggers(self, rng: np.random.Generator) -> int:
         """One draw of the number of triggers of a visit."""
@@ -142,25 +150,32 @@ class TraceModel:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; :meth:`from_dict` reads it back."""
         return {
-            "kind": MODEL_KIND, "version": MODEL_VERSION,
+            "kind": MODEL_KIND,
+            "version": MODEL_VERSION,
             "hourly_visit_rate": list(self.hourly_visit_rate),
-            "triggers_mu": self.triggers_mu, "triggers_sigma": self.triggers_sigma,
-            "max_triggers": self.max_triggers, "triggers_model": self.triggers_model,
+            "triggers_mu": self.triggers_mu,
+            "triggers_sigma": self.triggers_sigma,
+            "max_triggers": self.max_triggers,
+            "triggers_model": self.triggers_model,
             "triggers_observed": list(self.triggers_observed),
             "triggers_bandwidth": self.triggers_bandwidth,
             "images_per_trigger": list(self.images_per_trigger),
             "image_spacing_s": self.image_spacing_s,
             "retrigger_gap_quantiles": list(self.retrigger_gap_quantiles),
-            "visit_gap_s": self.visit_gap_s, "burst_gap_s": self.burst_gap_s,
-            "fitted_on": list(self.fitted_on), "n_visits": self.n_visits,
+            "visit_gap_s": self.visit_gap_s,
+            "burst_gap_s": self.burst_gap_s,
+            "fitted_on": list(self.fitted_on),
+            "n_visits": self.n_visits,
             "camera_hours": self.camera_hours,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TraceModel:
         if data.get("kind") != MODEL_KIND or data.get("version") != MODEL_VERSION:
-            raise TraceError(f"not a trace model of version {MODEL_VERSION} (kind "
-                             f"{data.get('kind')!r}, version {data.get('version')!r})")
+            raise TraceError(
+                f"not a trace model of version {MODEL_VERSION} (kind "
+                f"{data.get('kind')!r}, version {data.get('version')!r})"
+            )
         try:
             return cls(
                 hourly_visit_rate=tuple(float(r) for r in data["hourly_visit_rate"]),
@@ -173,7 +188,8 @@ class TraceModel:
                 images_per_trigger=tuple(float(p) for p in data["images_per_trigger"]),
                 image_spacing_s=float(data["image_spacing_s"]),
                 retrigger_gap_quantiles=tuple(float(q) for q in data["retrigger_gap_quantiles"]),
-                visit_gap_s=float(data["visit_gap_s"]), burst_gap_s=float(data["burst_gap_s"]),
+                visit_gap_s=float(data["visit_gap_s"]),
+                burst_gap_s=float(data["burst_gap_s"]),
                 fitted_on=tuple(str(n) for n in data.get("fitted_on", ())),
                 n_visits=int(data.get("n_visits", 0)),
                 camera_hours=float(data.get("camera_hours", 0.0)),
@@ -226,8 +242,9 @@ def fit_discrete_lognormal(counts: Sequence[int]) -> tuple[float, float]:
         pmf = _dlognorm_pmf(values, float(params[0]), math.exp(params[1]))
         return float(-(freq * np.log(np.maximum(pmf, 1e-300))).sum())
 
-    result = minimize(nll, start, method="Nelder-Mead",
-                      options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000})
+    result = minimize(
+        nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000}
+    )
     mu, log_sigma = (float(x) for x in result.x)
     return mu, math.exp(log_sigma)
 
@@ -259,17 +276,20 @@ def silverman_bandwidth(counts: Sequence[int]) -> float:
         return 0.0
     q75, q25 = np.percentile(logs, [75, 25])
     spread = min(float(logs.std(ddof=1)), float(q75 - q25) / 1.34) or float(logs.std(ddof=1))
-    return 0.9 * spread * logs.size ** -0.2
+    return 0.9 * spread * logs.size**-0.2
 
 
-def fit_model(traces: Sequence[Trace], visit_gap_s: float = VISIT_GAP_S,
-              burst_gap_s: float = BURST_GAP_S, triggers_model: str = "kde") -> TraceModel:
+def fit_model(
+    traces: Sequence[Trace],
+    visit_gap_s: float = VISIT_GAP_S,
+    burst_gap_s: float = BURST_GAP_S,
+    triggers_model: str = "kde",
+) -> TraceModel:
     """Fit a :class:`TraceModel` to one or more real traces (pooled)."""
     if not traces or not any(len(t) for t in traces):
         raise TraceError("cannot fit a trace model to no arrivals")
     if triggers_model not in TRIGGER_MODELS:
-        raise TraceError(f"triggers_model must be one of {TRIGGER_MODELS}, got "
-                         f"{triggers_model!r}")
+        raise TraceError(f"triggers_model must be one of {TRIGGER_MODELS}, got {triggers_model!r}")
     visit_starts = np.zeros(24)
     exposure = np.zeros(24)
     n_triggers: list[int] = []
@@ -296,32 +316,47 @@ def fit_model(traces: Sequence[Trace], visit_gap_s: float = VISIT_GAP_S,
     if gaps:
         quantiles = np.quantile(np.asarray(gaps, dtype=float), np.linspace(0, 1, N_QUANTILES))
     else:
-        log.warning("no visit has two triggers; re-trigger gap set to %.1f s",
-                    _DEFAULT_RETRIGGER_GAP_S)
+        log.warning(
+            "no visit has two triggers; re-trigger gap set to %.1f s", _DEFAULT_RETRIGGER_GAP_S
+        )
         quantiles = np.full(2, _DEFAULT_RETRIGGER_GAP_S)
     model = TraceModel(
         hourly_visit_rate=tuple(float(r) for r in rates),
-        triggers_mu=mu, triggers_sigma=sigma, max_triggers=2 * max(n_triggers),
-        triggers_model=triggers_model, triggers_observed=tuple(sorted(n_triggers)),
+        triggers_mu=mu,
+        triggers_sigma=sigma,
+        max_triggers=2 * max(n_triggers),
+        triggers_model=triggers_model,
+        triggers_observed=tuple(sorted(n_triggers)),
         triggers_bandwidth=silverman_bandwidth(n_triggers),
-        images_per_trigger=tuple(float(p) for p in pmf), image_spacing_s=spacing,
+        images_per_trigger=tuple(float(p) for p in pmf),
+        image_spacing_s=spacing,
         retrigger_gap_quantiles=tuple(float(q) for q in quantiles),
-        visit_gap_s=visit_gap_s, burst_gap_s=burst_gap_s,
-        fitted_on=tuple(t.name for t in traces), n_visits=len(n_triggers),
+        visit_gap_s=visit_gap_s,
+        burst_gap_s=burst_gap_s,
+        fitted_on=tuple(t.name for t in traces),
+        n_visits=len(n_triggers),
         camera_hours=float(exposure.sum()),
     )
-    log.info("fitted trace model on %s: %d visits, %.2f visits/camera-day, %.1f images/visit "
-             "(%s triggers; lognormal mu=%.2f sigma=%.2f)", ", ".join(model.fitted_on),
-             model.n_visits, model.visits_per_camera_day, model.mean_images_per_visit(),
-             triggers_model, mu, sigma)
+    log.info(
+        "fitted trace model on %s: %d visits, %.2f visits/camera-day, %.1f images/visit "
+        "(%s triggers; lognormal mu=%.2f sigma=%.2f)",
+        ", ".join(model.fitted_on),
+        model.n_visits,
+        model.visits_per_camera_day,
+        model.mean_images_per_visit(),
+        triggers_model,
+        mu,
+        sigma,
+    )
     return model
 
 
 # ---------------------------------------------------------------- generating
 
 
-def _visit_starts(rates: np.ndarray, duration_s: float, offset: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def _visit_starts(
+    rates: np.ndarray, duration_s: float, offset: float, rng: np.random.Generator
+) -> np.ndarray:
     """Start times of a piecewise-constant (hourly) Poisson process over [0, duration_s)."""
     starts: list[np.ndarray] = []
     lo = 0.0
@@ -335,9 +370,16 @@ def _visit_starts(rates: np.ndarray, duration_s: float, offset: float,
     return np.sort(np.concatenate(starts)) if starts else np.zeros(0)
 
 
-def generate(model: TraceModel, duration_s: float, cameras: int | Sequence[str] = 1,
-             seed: int = 0, *, t0: datetime = DEFAULT_T0, rate_scale: float = 1.0,
-             name: str | None = None) -> Trace:
+def generate(
+    model: TraceModel,
+    duration_s: float,
+    cameras: int | Sequence[str] = 1,
+    seed: int = 0,
+    *,
+    t0: datetime = DEFAULT_T0,
+    rate_scale: float = 1.0,
+    name: str | None = None,
+) -> Trace:
     """A synthetic trace of ``duration_s`` seconds starting at local time ``t0``.
 
     ``cameras`` is a count (named ``cam00``, ``cam01``, ...) or a list of names.
@@ -348,8 +390,7 @@ def generate(model: TraceModel, duration_s: float, cameras: int | Sequence[str] 
         raise TraceError(f"duration must be > 0 seconds, got {duration_s}")
     if not math.isfinite(rate_scale) or rate_scale < 0:
         raise TraceError(f"rate_scale must be >= 0, got {rate_scale}")
-    names = ([f"cam{i:02d}" for i in range(cameras)] if isinstance(cameras, int)
-             else list(cameras))
+    names = [f"cam{i:02d}" for i in range(cameras)] if isinstance(cameras, int) else list(cameras)
     if not names or len(set(names)) != len(names):
         raise TraceError("need at least one camera, with distinct names")
     rng = np.random.default_rng(seed)
@@ -375,11 +416,19 @@ def generate(model: TraceModel, duration_s: float, cameras: int | Sequence[str] 
                     t += model.image_spacing_s
                 t += float(gap) - model.image_spacing_s
             # a visit cut by the end of the window simply stops
-    trace = Trace(tuple(arrivals), name or f"synthetic_seed{seed}",
-                  f"traces.model.generate fitted on {', '.join(model.fitted_on) or '?'}",
-                  t0, float(duration_s),
-                  {"seed": str(seed), "rate_scale": f"{rate_scale:g}",
-                   "cameras": str(len(names))})
-    log.info("generated %s: %d images over %.0f s from %d cameras", trace.name, len(trace),
-             duration_s, len(names))
+    trace = Trace(
+        tuple(arrivals),
+        name or f"synthetic_seed{seed}",
+        f"traces.model.generate fitted on {', '.join(model.fitted_on) or '?'}",
+        t0,
+        float(duration_s),
+        {"seed": str(seed), "rate_scale": f"{rate_scale:g}", "cameras": str(len(names))},
+    )
+    log.info(
+        "generated %s: %d images over %.0f s from %d cameras",
+        trace.name,
+        len(trace),
+        duration_s,
+        len(names),
+    )
     return trace

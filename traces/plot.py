@@ -44,8 +44,13 @@ def busiest_day(trace: Trace) -> tuple[float, float]:
     return start, min(trace.span_s, best * DAY_S - offset + DAY_S)
 
 
-def plot_traces(traces: Sequence[Trace], path: str | Path, labels: Sequence[str] | None = None,
-                visit_gap_s: float = VISIT_GAP_S, title: str | None = None) -> Path:
+def plot_traces(
+    traces: Sequence[Trace],
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    visit_gap_s: float = VISIT_GAP_S,
+    title: str | None = None,
+) -> Path:
     """Write the comparison figure of ``traces`` to ``path`` (PNG) and return the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -65,15 +70,22 @@ def plot_traces(traces: Sequence[Trace], path: str | Path, labels: Sequence[str]
         ax = fig.add_subplot(grid[row, :], sharey=minute_axes[0] if minute_axes else None)
         minute_axes.append(ax)
         lo, hi = busiest_day(trace)
-        counts = per_minute_counts(trace)[int(lo // 60):math.ceil(hi / 60)]
+        counts = per_minute_counts(trace)[int(lo // 60) : math.ceil(hi / 60)]
         clock = (trace.clock_offset_s + lo) / 3600 + np.arange(len(counts)) / 60
         base = math.floor(clock[0] / 24) * 24 if len(clock) else 0.0
         ax.vlines(clock - base, 0, counts, color=colour, linewidth=0.8)
-        day = ((trace.t0 + timedelta(seconds=lo)).date().isoformat() if trace.t0 is not None
-               else f"from t={lo:.0f} s")
+        day = (
+            (trace.t0 + timedelta(seconds=lo)).date().isoformat()
+            if trace.t0 is not None
+            else f"from t={lo:.0f} s"
+        )
         shown = int(counts.sum())
-        ax.set_title(f"{label}: images per minute, {day} ({shown} of {len(trace)} images, "
-                     f"{len(trace.cameras)} cameras)", fontsize=9, loc="left")
+        ax.set_title(
+            f"{label}: images per minute, {day} ({shown} of {len(trace)} images, "
+            f"{len(trace.cameras)} cameras)",
+            fontsize=9,
+            loc="left",
+        )
         ax.set_xlim(0, 24)
         ax.set_xticks(range(0, 25, 2))
         ax.set_ylabel("images/min")
@@ -88,9 +100,15 @@ def plot_traces(traces: Sequence[Trace], path: str | Path, labels: Sequence[str]
     for i, (s, label) in enumerate(zip(sizes, labels, strict=True)):
         if s.size:
             weights = np.full(s.size, 1.0 / s.size)
-            ax_ipv.hist(s, bins=bins.tolist(), weights=weights, histtype="step", linewidth=1.6,
-                        color=_COLOURS[i % len(_COLOURS)],
-                        label=f"{label} (median {np.median(s):.0f}, mean {s.mean():.1f})")
+            ax_ipv.hist(
+                s,
+                bins=bins.tolist(),
+                weights=weights,
+                histtype="step",
+                linewidth=1.6,
+                color=_COLOURS[i % len(_COLOURS)],
+                label=f"{label} (median {np.median(s):.0f}, mean {s.mean():.1f})",
+            )
     ax_ipv.set_xscale("log")
     ax_ipv.set_yscale("log")
     ax_ipv.set_xlabel(f"images per visit (gap > {visit_gap_s:g} s splits visits)")
@@ -102,11 +120,20 @@ def plot_traces(traces: Sequence[Trace], path: str | Path, labels: Sequence[str]
     ax_d = fig.add_subplot(grid[n, 1])
     ds = [index_of_dispersion(per_minute_counts(t)) for t in traces]
     xs = np.arange(n)
-    ax_d.bar(xs, [0 if math.isnan(d) else d for d in ds],
-             color=[_COLOURS[i % len(_COLOURS)] for i in range(n)])
+    ax_d.bar(
+        xs,
+        [0 if math.isnan(d) else d for d in ds],
+        color=[_COLOURS[i % len(_COLOURS)] for i in range(n)],
+    )
     for x, d in zip(range(n), ds, strict=True):
-        ax_d.text(x, 0 if math.isnan(d) else d, "n/a" if math.isnan(d) else f"{d:.1f}",
-                  ha="center", va="bottom", fontsize=9)
+        ax_d.text(
+            x,
+            0 if math.isnan(d) else d,
+            "n/a" if math.isnan(d) else f"{d:.1f}",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
     ax_d.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax_d.text(-0.45, 1.0, "Poisson = 1", ha="left", va="bottom", fontsize=8)
     finite = [d for d in ds if not math.isnan(d)]
@@ -120,8 +147,13 @@ def plot_traces(traces: Sequence[Trace], path: str | Path, labels: Sequence[str]
     for i, (trace, label) in enumerate(zip(traces, labels, strict=True)):
         hist = time_of_day_histogram(trace).astype(float)
         share = hist / hist.sum() if hist.sum() else hist
-        ax_h.bar(np.arange(24) + (i - (n - 1) / 2) * width, share, width=width,
-                 color=_COLOURS[i % len(_COLOURS)], label=label)
+        ax_h.bar(
+            np.arange(24) + (i - (n - 1) / 2) * width,
+            share,
+            width=width,
+            color=_COLOURS[i % len(_COLOURS)],
+            label=label,
+        )
     ax_h.set_xlabel("hour of day")
     ax_h.set_ylabel("share of images")
     ax_h.set_xticks(range(0, 24, 3))

@@ -51,18 +51,24 @@ def _merged(traces: Sequence[Trace], align: str) -> list[tuple[float, int, Arriv
         shifts = [(t.t0 - earliest).total_seconds() for t in traces if t.t0 is not None]
     elif align != "start":
         raise TraceError(f"align must be 'start' or 'clock', got {align!r}")
-    merged = [(a.t + shift, i, a) for i, (trace, shift) in enumerate(zip(traces, shifts,
-                                                                          strict=True))
-              for a in trace.arrivals]
+    merged = [
+        (a.t + shift, i, a)
+        for i, (trace, shift) in enumerate(zip(traces, shifts, strict=True))
+        for a in trace.arrivals
+    ]
     merged.sort(key=lambda item: (item[0], item[1], item[2].camera))
     return merged
 
 
-def replay_schedule(traces: Sequence[Trace], compression: float = 1.0,
-                    start_offset_s: float = 0.0, max_images: int | None = None,
-                    window: tuple[float, float] | None = None,
-                    max_idle_s: float | None = None,
-                    align: Literal["start", "clock"] = "start") -> list[ScheduledArrival]:
+def replay_schedule(
+    traces: Sequence[Trace],
+    compression: float = 1.0,
+    start_offset_s: float = 0.0,
+    max_images: int | None = None,
+    window: tuple[float, float] | None = None,
+    max_idle_s: float | None = None,
+    align: Literal["start", "clock"] = "start",
+) -> list[ScheduledArrival]:
     """The merged, windowed, idle-capped and compressed send schedule (see module docstring).
 
     Items are ordered by ``send_at_s`` (ties keep trace order, then camera name).

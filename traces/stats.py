@@ -133,12 +133,15 @@ class TraceSummary:
     busiest_hour_of_day: int | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in asdict(self).items()
+        }
 
 
-def summarize(trace: Trace, visit_gap_s: float = VISIT_GAP_S,
-              burst_gap_s: float = BURST_GAP_S) -> TraceSummary:
+def summarize(
+    trace: Trace, visit_gap_s: float = VISIT_GAP_S, burst_gap_s: float = BURST_GAP_S
+) -> TraceSummary:
     """Compute :class:`TraceSummary` for ``trace``."""
     counts = per_minute_counts(trace)
     vs = visits(trace, visit_gap_s)

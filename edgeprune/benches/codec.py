@@ -31,11 +31,17 @@ _UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": MIB, "MIB": MIB}
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "codec", help="msgpack stage codec (encode+decode) vs a plain memory copy",
+        "codec",
+        help="msgpack stage codec (encode+decode) vs a plain memory copy",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", type=_parse_sizes, default=list(DEFAULT_SIZES),
-                        help="comma-separated float32 tensor sizes (KB = 1024 bytes, MB = 1024 KB)")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_parse_sizes,
+        default=list(DEFAULT_SIZES),
+        help="comma-separated float32 tensor sizes (KB = 1024 bytes, MB = 1024 KB)",
+    )
     parser.add_argument("--repeats", type=_repeats, default=200, help="timed runs per size")
     add_json(parser)
     parser.set_defaults(func=run)
@@ -97,14 +103,22 @@ def measure(sizes: list[str], repeats: int) -> dict[str, Any]:
     for size in sizes:
         nbytes = _size_bytes(size) // 4 * 4
         x = rng.standard_normal((1, nbytes // 4), dtype=np.float32)
-        msg = StageMessage("cam0-bench-000001", "cam0", 2, 1.7e9, 1.7e9, label=3, hops=hops,
-                           tensor=x)
+        msg = StageMessage(
+            "cam0-bench-000001", "cam0", 2, 1.7e9, 1.7e9, label=3, hops=hops, tensor=x
+        )
         rows.append({"size": size, **_measure_one(msg, x, repeats)})
-    return {"bench": "codec", "unit": "ms per MiB of float32 tensor (MB = 2**20 bytes)",
-            "repeats": repeats, "sizes": rows,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                         "msgpack": ".".join(map(str, msgpack.version))},
-            "machine": platform.machine()}
+    return {
+        "bench": "codec",
+        "unit": "ms per MiB of float32 tensor (MB = 2**20 bytes)",
+        "repeats": repeats,
+        "sizes": rows,
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "msgpack": ".".join(map(str, msgpack.version)),
+        },
+        "machine": platform.machine(),
+    }
 
 
 def _measure_one(msg: Any, x: Any, repeats: int) -> dict[str, Any]:
@@ -115,19 +129,27 @@ def _measure_one(msg: Any, x: Any, repeats: int) -> dict[str, Any]:
     wire16 = encode_stage(msg, float16=True)
     encode, decode = _timings([lambda: encode_stage(msg), lambda: decode_stage(wire)], repeats)
     codec, memcpy = _timings([lambda: decode_stage(encode_stage(msg)), x.copy], repeats)
-    codec16, _ = _timings([lambda: decode_stage(encode_stage(msg, float16=True)), x.copy],
-                          repeats)
+    codec16, _ = _timings([lambda: decode_stage(encode_stage(msg, float16=True)), x.copy], repeats)
     c_med, c_p95 = _ms_per_mib(codec, nbytes)
     m_med, m_p95 = _ms_per_mib(memcpy, nbytes)
     h_med, h_p95 = _ms_per_mib(codec16, nbytes)
     return {
-        "bytes": nbytes, "wire_bytes": len(wire), "codec_us": statistics.median(codec) * 1e6,
+        "bytes": nbytes,
+        "wire_bytes": len(wire),
+        "codec_us": statistics.median(codec) * 1e6,
         "encode_ms_per_MB": _ms_per_mib(encode, nbytes)[0],
         "decode_ms_per_MB": _ms_per_mib(decode, nbytes)[0],
-        "codec_ms_per_MB": c_med, "codec_p95_ms_per_MB": c_p95,
-        "memcpy_ms_per_MB": m_med, "memcpy_p95_ms_per_MB": m_p95, "ratio": c_med / m_med,
-        "float16": {"wire_bytes": len(wire16), "codec_ms_per_MB": h_med,
-                    "codec_p95_ms_per_MB": h_p95, "ratio": h_med / m_med},
+        "codec_ms_per_MB": c_med,
+        "codec_p95_ms_per_MB": c_p95,
+        "memcpy_ms_per_MB": m_med,
+        "memcpy_p95_ms_per_MB": m_p95,
+        "ratio": c_med / m_med,
+        "float16": {
+            "wire_bytes": len(wire16),
+            "codec_ms_per_MB": h_med,
+            "codec_p95_ms_per_MB": h_p95,
+            "ratio": h_med / m_med,
+        },
     }
 
 
@@ -136,13 +158,42 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    keys = ["size", "wire_bytes", "codec_us", "encode_ms_per_MB", "decode_ms_per_MB",
-            "codec_ms_per_MB", "codec_p95_ms_per_MB", "memcpy_ms_per_MB",
-            "memcpy_p95_ms_per_MB", "ratio"]
+    keys = [
+        "size",
+        "wire_bytes",
+        "codec_us",
+        "encode_ms_per_MB",
+        "decode_ms_per_MB",
+        "codec_ms_per_MB",
+        "codec_p95_ms_per_MB",
+        "memcpy_ms_per_MB",
+        "memcpy_p95_ms_per_MB",
+        "ratio",
+    ]
     f16_keys = ["wire_bytes", "codec_ms_per_MB", "ratio"]
     rows = [[r[k] for k in keys] + [r["float16"][k] for k in f16_keys] for r in result["sizes"]]
-    print(f"msgpack stage codec vs memcpy, ms per MiB of float32 tensor, median (and p95) of "
-          f"{result['repeats']} runs")
-    print(format_table(["size", "wire B", "us/msg", "enc", "dec", "enc+dec", "p95", "memcpy",
-                        "p95", "codec/memcpy", "f16 wire B", "f16 enc+dec", "f16/memcpy"], rows))
+    print(
+        f"msgpack stage codec vs memcpy, ms per MiB of float32 tensor, median (and p95) of "
+        f"{result['repeats']} runs"
+    )
+    print(
+        format_table(
+            [
+                "size",
+                "wire B",
+                "us/msg",
+                "enc",
+                "dec",
+                "enc+dec",
+                "p95",
+                "memcpy",
+                "p95",
+                "codec/memcpy",
+                "f16 wire B",
+                "f16 enc+dec",
+                "f16/memcpy",
+            ],
+            rows,
+        )
+    )
     return 0

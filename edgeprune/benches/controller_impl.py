@@ -31,14 +31,20 @@ def random_instance(rng: np.random.Generator, n: int) -> Instance:
     accuracy curve from 0.93 to chance (10 classes) and an A_min the optimum has to work for."""
     base = rng.uniform(0.02, 0.1, n)
     latency = [LinearFit(a=-float(b * rng.uniform(0.2, 1.0)), b=float(b), r2=1.0) for b in base]
-    accuracy = LogisticAccuracyFit(g=tuple(float(v) for v in -rng.uniform(1.0, 8.0, n)),
-                                   d=-4.0, max_abs_error=0.0, lo=0.1, hi=0.93)
+    accuracy = LogisticAccuracyFit(
+        g=tuple(float(v) for v in -rng.uniform(1.0, 8.0, n)),
+        d=-4.0,
+        max_abs_error=0.0,
+        lo=0.1,
+        hi=0.93,
+    )
     a_min = float(rng.uniform(0.6, 0.9))
     return latency, accuracy, a_min, [float(s) for s in rng.uniform(1.0, 3.0, n)]
 
 
-def _median_ms(fn: Callable[[Instance], Decision], instances: list[Instance], runs: int,
-               warmup: int) -> float:
+def _median_ms(
+    fn: Callable[[Instance], Decision], instances: list[Instance], runs: int, warmup: int
+) -> float:
     for k in range(warmup):
         fn(instances[k % len(instances)])
     samples = []
@@ -52,8 +58,9 @@ def _median_ms(fn: Callable[[Instance], Decision], instances: list[Instance], ru
 
 def _same(a: Decision, b: Decision, objective: str) -> bool:
     key = "predicted_bottleneck_s" if objective == "bottleneck" else "predicted_latency_s"
-    return a.feasible == b.feasible and math.isclose(getattr(a, key), getattr(b, key),
-                                                     rel_tol=1e-9, abs_tol=1e-12)
+    return a.feasible == b.feasible and math.isclose(
+        getattr(a, key), getattr(b, key), rel_tol=1e-9, abs_tol=1e-12
+    )
 
 
 def measure(runs: int, brute_runs: int, n_instances: int, seed: int) -> dict[str, Any]:
@@ -63,21 +70,26 @@ def measure(runs: int, brute_runs: int, n_instances: int, seed: int) -> dict[str
         instances = [random_instance(rng, n) for _ in range(n_instances)]
         entry: dict[str, Any] = {}
         for objective, solver in (("bottleneck", solve_bottleneck), ("sum", solve_sum)):
+
             def ours(i: Instance, solver: Callable[..., Decision] = solver) -> Decision:
                 return solver(i[0], i[1], i[2], slowdowns=i[3])
 
             entry[f"{objective}_ms"] = _median_ms(ours, instances, runs, warmup=runs // 10 + 10)
             if n in BRUTE_SIZES:
+
                 def brute(i: Instance, objective: Any = objective) -> Decision:
                     return brute_force(i[0], i[1], i[2], objective, slowdowns=i[3])
 
                 ms = _median_ms(brute, instances, brute_runs, warmup=3)
                 entry[f"brute_{objective}_ms"] = ms
                 entry[f"speedup_{objective}"] = ms / entry[f"{objective}_ms"]
-                entry[f"agree_{objective}"] = all(_same(ours(i), brute(i), objective)
-                                                  for i in instances)
-        entry["feasible_fraction"] = sum(solve_bottleneck(i[0], i[1], i[2], slowdowns=i[3]).feasible
-                                         for i in instances) / n_instances
+                entry[f"agree_{objective}"] = all(
+                    _same(ours(i), brute(i), objective) for i in instances
+                )
+        entry["feasible_fraction"] = (
+            sum(solve_bottleneck(i[0], i[1], i[2], slowdowns=i[3]).feasible for i in instances)
+            / n_instances
+        )
         out["sizes"][str(n)] = entry
     out["decision_ms_8_slices"] = out["sizes"]["8"]["bottleneck_ms"]
     out["decision_ms_8_slices_sum"] = out["sizes"]["8"]["sum_ms"]
@@ -92,11 +104,24 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for n, e in result["sizes"].items():
         for obj in ("bottleneck", "sum"):
-            rows.append([n, obj, e[f"{obj}_ms"], e.get(f"brute_{obj}_ms", "-"),
-                         e.get(f"speedup_{obj}", "-"), e.get(f"agree_{obj}", "-")])
-    print(f"decision time, 6 levels, median of {result['runs']} calls over "
-          f"{result['instances']} random instances per size")
-    print(format_table(["slices", "objective", "ours ms", "brute ms", "brute/ours", "same optimum"],
-                       rows))
+            rows.append(
+                [
+                    n,
+                    obj,
+                    e[f"{obj}_ms"],
+                    e.get(f"brute_{obj}_ms", "-"),
+                    e.get(f"speedup_{obj}", "-"),
+                    e.get(f"agree_{obj}", "-"),
+                ]
+            )
+    print(
+        f"decision time, 6 levels, median of {result['runs']} calls over "
+        f"{result['instances']} random instances per size"
+    )
+    print(
+        format_table(
+            ["slices", "objective", "ours ms", "brute ms", "brute/ours", "same optimum"], rows
+        )
+    )
     print(f"decision_ms_8_slices (bottleneck) = {result['decision_ms_8_slices']:.4f}")
     return 0

@@ -57,19 +57,33 @@ THROUGHPUT_GOAL = 0.9  # of the compute bound
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "hop", help="MQTT hop overhead vs slice compute; saturated throughput vs its bound",
+        "hop",
+        help="MQTT hop overhead vs slice compute; saturated throughput vs its bound",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=_parse_sizes, default=list(DEFAULT_SIZES),
-                        help="float32 tensor sizes for (a), KB = 1024 B (default 16KB,200KB,800KB)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_parse_sizes,
+        default=list(DEFAULT_SIZES),
+        help="float32 tensor sizes for (a), KB = 1024 B (default 16KB,200KB,800KB)",
+    )
     parser.add_argument("--messages", type=int, default=200, help="timed messages per size")
     parser.add_argument("--images", type=int, default=400, help="images queued for (b)")
     parser.add_argument("--cuts", default="3", help="cut point(s) of the pipeline in (b)")
-    parser.add_argument("--nodes", choices=["process", "inproc", "both"], default="process",
-                        help="slice nodes as processes, as tasks of this process, or both")
+    parser.add_argument(
+        "--nodes",
+        choices=["process", "inproc", "both"],
+        default="process",
+        help="slice nodes as processes, as tasks of this process, or both",
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="run (a) only")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/hop"),
-                        help="output prefix: writes PREFIX.json and PREFIX.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench/hop"),
+        help="output prefix: writes PREFIX.json and PREFIX.png",
+    )
     add_checkpoint(parser)
     add_data_dir(parser)
     add_json(parser)
@@ -104,8 +118,15 @@ def measure_compute(ckpt: Any, cuts: str, repeats: int = 200) -> dict[str, Any]:
         x = torch.zeros(1, *ms.in_shape)
         with torch.no_grad():
             p50, _ = _time(lambda ms=ms, x=x: ms(x), repeats)
-        blocks.append({"block": i, "name": name, "out_shape": list(ms.out_shape),
-                       "out_bytes": 4 * int(np.prod(ms.out_shape)), "compute_ms": p50})
+        blocks.append(
+            {
+                "block": i,
+                "name": name,
+                "out_shape": list(ms.out_shape),
+                "out_bytes": 4 * int(np.prod(ms.out_shape)),
+                "compute_ms": p50,
+            }
+        )
     image = encode_image(np.full((ckpt.config.input_size,) * 2, 128, np.uint8), "png")[0]
     stages = []
     x_in: Any = None
@@ -115,8 +136,11 @@ def measure_compute(ckpt: Any, cuts: str, repeats: int = 200) -> dict[str, Any]:
             msg = codec.StageMessage("r", "c", 0, 1.0, 1.0, image=image, image_format="png")
             fn: Any = lambda s=s, m=msg: s(image_to_tensor(m, ckpt.preprocess))  # noqa: E731
         else:
-            msg = codec.decode_stage(codec.encode_stage(codec.StageMessage(
-                "r", "c", i, 1.0, 1.0, tensor=x_in.tensor.numpy())))
+            msg = codec.decode_stage(
+                codec.encode_stage(
+                    codec.StageMessage("r", "c", i, 1.0, 1.0, tensor=x_in.tensor.numpy())
+                )
+            )
             fn = lambda s=s, m=msg: s(*tensor_from_message(m, s.model_slice.in_shape))  # noqa: E731
         x_in = fn()
         stages.append({"stage": i, "blocks": [b.start, b.end], "compute_ms": _time(fn, repeats)[0]})
@@ -151,8 +175,10 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
 
     topic = f"edgeprune/bench-{uuid.uuid4().hex[:8]}/stage/1"
     rows = []
-    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as sub, \
-            aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as pub:
+    async with (
+        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as sub,
+        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as pub,
+    ):
         await sub.subscribe(topic, qos=1)
         arrived: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
 
@@ -166,8 +192,15 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
         try:
             for nbytes in sizes:
                 x = np.random.default_rng(0).standard_normal((1, nbytes // 4), np.float32)
-                msg = codec.StageMessage("cam0-bench-000001", "cam0", 1, 1.7e9, 1.7e9,
-                                         hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),), tensor=x)
+                msg = codec.StageMessage(
+                    "cam0-bench-000001",
+                    "cam0",
+                    1,
+                    1.7e9,
+                    1.7e9,
+                    hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),),
+                    tensor=x,
+                )
                 total, enc, dec = [], [], []
                 for i in range(messages + max(20, messages // 10)):
                     t0 = time.perf_counter()
@@ -180,9 +213,16 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
                         enc.append(t1 - t0)
                         dec.append(done - got)
                 p50, p95 = _pctl(total)
-                rows.append({"bytes": nbytes, "wire_bytes": len(payload), "hop_p50_ms": p50,
-                             "hop_p95_ms": p95, "encode_ms": statistics.median(enc) * 1e3,
-                             "decode_ms": statistics.median(dec) * 1e3})
+                rows.append(
+                    {
+                        "bytes": nbytes,
+                        "wire_bytes": len(payload),
+                        "hop_p50_ms": p50,
+                        "hop_p95_ms": p95,
+                        "encode_ms": statistics.median(enc) * 1e3,
+                        "decode_ms": statistics.median(dec) * 1e3,
+                    }
+                )
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -192,9 +232,17 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
 # --- (b) a saturated pipeline --------------------------------------------------------------
 
 
-async def measure_throughput(mqtt: Any, ckpt: Any, ckpt_path: Path | None, cuts: str,
-                             images: Any, n_images: int, mode: str, logs: Path,
-                             broker_pid: int | None) -> dict[str, Any]:
+async def measure_throughput(
+    mqtt: Any,
+    ckpt: Any,
+    ckpt_path: Path | None,
+    cuts: str,
+    images: Any,
+    n_images: int,
+    mode: str,
+    logs: Path,
+    broker_pid: int | None,
+) -> dict[str, Any]:
     import aiomqtt
 
     from nodes.camera import Camera, ImageSource, rate_schedule
@@ -208,8 +256,10 @@ async def measure_throughput(mqtt: Any, ckpt: Any, ckpt_path: Path | None, cuts:
     results: dict[str, float] = {}
     metrics: list[tuple[float, dict[str, Any]]] = []
     online: set[str] = set()
-    async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client, \
-            _nodes(mode, mqtt, pipe, bounds, ckpt, ckpt_path, logs) as node_pids:
+    async with (
+        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+        _nodes(mode, mqtt, pipe, bounds, ckpt, ckpt_path, logs) as node_pids,
+    ):
         for t in (topics.results, topics.status_all, topics.metrics_all):
             await client.subscribe(t, qos=1)
 
@@ -229,16 +279,27 @@ async def measure_throughput(mqtt: Any, ckpt: Any, ckpt_path: Path | None, cuts:
             source = ImageSource(images.images, images.labels)
             warm = max(20, n_images // 10)
             for n, tag in ((warm, "warm"), (n_images, "burst")):
-                cam = Camera(mqtt, pipe, source, rate_schedule(1e6, n, n_images=len(source)),
-                             resend_after_s=None, track_results=False, run_id=tag)
+                cam = Camera(
+                    mqtt,
+                    pipe,
+                    source,
+                    rate_schedule(1e6, n, n_images=len(source)),
+                    resend_after_s=None,
+                    track_results=False,
+                    run_id=tag,
+                )
                 sent_at = time.perf_counter()
                 cpu0 = _cpu_s([*node_pids, broker_pid, os.getpid()])
                 await cam.run()
-                await _until(lambda n=n, tag=tag: sum(k.split("-")[1] == tag
-                                                      for k in results) >= n, 120,
-                             f"{n} {tag} results")
-            cpu = [b - a for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]),
-                                         strict=True)]
+                await _until(
+                    lambda n=n, tag=tag: sum(k.split("-")[1] == tag for k in results) >= n,
+                    120,
+                    f"{n} {tag} results",
+                )
+            cpu = [
+                b - a
+                for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
+            ]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -248,39 +309,63 @@ async def measure_throughput(mqtt: Any, ckpt: Any, ckpt_path: Path | None, cuts:
     window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.get("service_s")]
     if {b["stage"] for b in window} != set(range(len(bounds))):  # a burst shorter than 2 reports
         window = [b for _, b in metrics if b.get("service_s")]
-    service = {i: statistics.median(b["service_s"] for b in window if b["stage"] == i) * 1e3
-               for i in range(len(bounds))}
-    compute = {i: statistics.median(b["compute_s"] for b in window if b["stage"] == i) * 1e3
-               for i in range(len(bounds))}
+    service = {
+        i: statistics.median(b["service_s"] for b in window if b["stage"] == i) * 1e3
+        for i in range(len(bounds))
+    }
+    compute = {
+        i: statistics.median(b["compute_s"] for b in window if b["stage"] == i) * 1e3
+        for i in range(len(bounds))
+    }
     bound = 1e3 / max(compute.values())
     service_bound = 1e3 / max(service.values())
-    return {"mode": mode, "cuts": cuts, "images": n_images, "results": len(times),
-            "burst_s": times[-1] - sent_at, "steady_results_per_s": steady,
-            "overall_results_per_s": len(times) / (times[-1] - sent_at),
-            "service_ms": list(service.values()), "compute_ms": list(compute.values()),
-            "bound_results_per_s": bound, "fraction_of_bound": steady / bound,
-            "service_bound_results_per_s": service_bound,
-            "fraction_of_service_bound": steady / service_bound,
-            # CPU ms per request during the burst: each node process (inproc: none), the
-            # broker, and this process (camera, listener, and the nodes when inproc)
-            "cpu_ms_per_request": {"nodes": [c * 1e3 / n_images for c in cpu[:-2]],
-                                   "broker": cpu[-2] * 1e3 / n_images,
-                                   "bench": cpu[-1] * 1e3 / n_images},
-            "arrivals_s": [t - sent_at for t in times]}
+    return {
+        "mode": mode,
+        "cuts": cuts,
+        "images": n_images,
+        "results": len(times),
+        "burst_s": times[-1] - sent_at,
+        "steady_results_per_s": steady,
+        "overall_results_per_s": len(times) / (times[-1] - sent_at),
+        "service_ms": list(service.values()),
+        "compute_ms": list(compute.values()),
+        "bound_results_per_s": bound,
+        "fraction_of_bound": steady / bound,
+        "service_bound_results_per_s": service_bound,
+        "fraction_of_service_bound": steady / service_bound,
+        # CPU ms per request during the burst: each node process (inproc: none), the
+        # broker, and this process (camera, listener, and the nodes when inproc)
+        "cpu_ms_per_request": {
+            "nodes": [c * 1e3 / n_images for c in cpu[:-2]],
+            "broker": cpu[-2] * 1e3 / n_images,
+            "bench": cpu[-1] * 1e3 / n_images,
+        },
+        "arrivals_s": [t - sent_at for t in times],
+    }
 
 
 @contextlib.asynccontextmanager
-async def _nodes(mode: str, mqtt: Any, pipe: str, bounds: Any, ckpt: Any,
-                 ckpt_path: Path | None, logs: Path) -> Any:
+async def _nodes(
+    mode: str, mqtt: Any, pipe: str, bounds: Any, ckpt: Any, ckpt_path: Path | None, logs: Path
+) -> Any:
     """The pipeline's slice nodes, as processes or as tasks of this event loop."""
-    common: dict[str, Any] = {"threads": 1, "ratios": (0.0,), "recalibrate_bn": False,
-              "metrics_interval_s": 0.25, "queue_size": 5000}
+    common: dict[str, Any] = {
+        "threads": 1,
+        "ratios": (0.0,),
+        "recalibrate_bn": False,
+        "metrics_interval_s": 0.25,
+        "queue_size": 5000,
+    }
     if mode == "inproc":
         from nodes.config import NodeConfig
         from nodes.node import SliceNode
 
-        nodes = [SliceNode(NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b,
-                                      mqtt=mqtt, **common), ckpt) for i, b in enumerate(bounds)]
+        nodes = [
+            SliceNode(
+                NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt, **common), ckpt
+            )
+            for i, b in enumerate(bounds)
+        ]
         stop = asyncio.Event()
         tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
         try:
@@ -291,11 +376,37 @@ async def _nodes(mode: str, mqtt: Any, pipe: str, bounds: Any, ckpt: Any,
         return
     procs = []
     for i, b in enumerate(bounds):
-        args = [sys.executable, "-m", "edgeprune", "--log-level", "WARNING", "node",
-                "--node-id", f"n{i}", "--pipe", pipe, "--stage", str(i), "--start",
-                str(b.start), "--end", str(b.end), "--host", mqtt.host, "--port",
-                str(mqtt.port), "--threads", "1", "--ratios", "0", "--no-bn-recalibrate",
-                "--metrics-interval", "0.25", "--queue-size", "5000"]
+        args = [
+            sys.executable,
+            "-m",
+            "edgeprune",
+            "--log-level",
+            "WARNING",
+            "node",
+            "--node-id",
+            f"n{i}",
+            "--pipe",
+            pipe,
+            "--stage",
+            str(i),
+            "--start",
+            str(b.start),
+            "--end",
+            str(b.end),
+            "--host",
+            mqtt.host,
+            "--port",
+            str(mqtt.port),
+            "--threads",
+            "1",
+            "--ratios",
+            "0",
+            "--no-bn-recalibrate",
+            "--metrics-interval",
+            "0.25",
+            "--queue-size",
+            "5000",
+        ]
         if ckpt_path is not None:
             args += ["--checkpoint", str(ckpt_path)]
         with open(logs / f"node{i}.log", "wb") as log:
@@ -349,8 +460,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     ckpt = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     compute = measure_compute(ckpt, args.cuts)
-    sizes = sorted({_size_bytes(s) // 4 * 4 for s in args.sizes}
-                   | {b["out_bytes"] for b in compute["blocks"][:-1]})
+    sizes = sorted(
+        {_size_bytes(s) // 4 * 4 for s in args.sizes}
+        | {b["out_bytes"] for b in compute["blocks"][:-1]}
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with MosquittoBroker(port=None) as broker:
         mqtt = MqttSettings(host=broker.host, port=broker.port)
@@ -358,15 +471,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         if not args.skip_throughput:
             images = load_source("animal-mnist", data_dir(args), "test")
-            for mode in (["inproc", "process"] if args.nodes == "both" else [args.nodes]):
-                runs.append(asyncio.run(measure_throughput(
-                    mqtt, ckpt, args.checkpoint, args.cuts, images, args.images, mode,
-                    args.out.parent, broker.pid)))
+            for mode in ["inproc", "process"] if args.nodes == "both" else [args.nodes]:
+                runs.append(
+                    asyncio.run(
+                        measure_throughput(
+                            mqtt,
+                            ckpt,
+                            args.checkpoint,
+                            args.cuts,
+                            images,
+                            args.images,
+                            mode,
+                            args.out.parent,
+                            broker.pid,
+                        )
+                    )
+                )
     for h in hops:  # the block whose output is closest in size
         near = min(compute["blocks"][:-1], key=lambda b: abs(b["out_bytes"] - h["bytes"]))
-        h.update(nearest_block=near["name"], nearest_block_bytes=near["out_bytes"],
-                 nearest_block_compute_ms=near["compute_ms"],
-                 hop_over_compute=h["hop_p50_ms"] / near["compute_ms"])
+        h.update(
+            nearest_block=near["name"],
+            nearest_block_bytes=near["out_bytes"],
+            nearest_block_compute_ms=near["compute_ms"],
+            hop_over_compute=h["hop_p50_ms"] / near["compute_ms"],
+        )
     by_size = {h["bytes"]: h for h in hops}
     for b in compute["blocks"][:-1]:
         b["hop_p50_ms"] = by_size[b["out_bytes"]]["hop_p50_ms"]
@@ -378,60 +506,138 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r["fraction_of_isolated_bound"] = r["steady_results_per_s"] / isolated_bound
     main = next((r for r in runs if r["mode"] == "process"), runs[0] if runs else None)
     return {
-        "bench": "hop", "hop_p50_ms_200KB": at200["hop_p50_ms"],
+        "bench": "hop",
+        "hop_p50_ms_200KB": at200["hop_p50_ms"],
         "throughput_fraction_of_bound": main["fraction_of_bound"] if main else None,
         "goals": {"hop_p50_ms_200KB_max": HOP_GOAL_MS, "throughput_fraction_min": THROUGHPUT_GOAL},
-        "messages": args.messages, "hops": hops, "compute": compute, "throughput": runs,
+        "messages": args.messages,
+        "hops": hops,
+        "compute": compute,
+        "throughput": runs,
         "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "cpus": os.cpu_count(), "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
         "load_avg_1m": os.getloadavg()[0],
     }
 
 
 def render(r: dict[str, Any]) -> str:
     kb = 1024
-    out = [f"(a) one hop (encode + QoS 1 publish + Mosquitto + deliver + decode), one in "
-           f"flight, {r['messages']} messages per size; vs the closest-sized block's compute "
-           f"(1 thread)",
-           format_table(["tensor KB", "wire KB", "p50 ms", "p95 ms", "enc ms", "dec ms",
-                         "closest block", "its KB", "compute ms", "hop/compute"],
-                        [[h["bytes"] / kb, h["wire_bytes"] / kb, h["hop_p50_ms"],
-                          h["hop_p95_ms"], h["encode_ms"], h["decode_ms"], h["nearest_block"],
-                          h["nearest_block_bytes"] / kb, h["nearest_block_compute_ms"],
-                          h["hop_over_compute"]] for h in r["hops"]]),
-           "", "every block of the model: its output goes over one hop",
-           format_table(["block", "out shape", "out KB", "compute ms", "hop p50 ms",
-                         "hop/compute"],
-                        [[b["name"], "x".join(map(str, b["out_shape"])), b["out_bytes"] / kb,
-                          b["compute_ms"], b.get("hop_p50_ms", "-"),
-                          b.get("hop_over_compute", "-")] for b in r["compute"]["blocks"]])]
+    out = [
+        f"(a) one hop (encode + QoS 1 publish + Mosquitto + deliver + decode), one in "
+        f"flight, {r['messages']} messages per size; vs the closest-sized block's compute "
+        f"(1 thread)",
+        format_table(
+            [
+                "tensor KB",
+                "wire KB",
+                "p50 ms",
+                "p95 ms",
+                "enc ms",
+                "dec ms",
+                "closest block",
+                "its KB",
+                "compute ms",
+                "hop/compute",
+            ],
+            [
+                [
+                    h["bytes"] / kb,
+                    h["wire_bytes"] / kb,
+                    h["hop_p50_ms"],
+                    h["hop_p95_ms"],
+                    h["encode_ms"],
+                    h["decode_ms"],
+                    h["nearest_block"],
+                    h["nearest_block_bytes"] / kb,
+                    h["nearest_block_compute_ms"],
+                    h["hop_over_compute"],
+                ]
+                for h in r["hops"]
+            ],
+        ),
+        "",
+        "every block of the model: its output goes over one hop",
+        format_table(
+            ["block", "out shape", "out KB", "compute ms", "hop p50 ms", "hop/compute"],
+            [
+                [
+                    b["name"],
+                    "x".join(map(str, b["out_shape"])),
+                    b["out_bytes"] / kb,
+                    b["compute_ms"],
+                    b.get("hop_p50_ms", "-"),
+                    b.get("hop_over_compute", "-"),
+                ]
+                for b in r["compute"]["blocks"]
+            ],
+        ),
+    ]
     if r["throughput"]:
-        out += ["", "(b) saturated 2-stage pipeline: steady results/s vs the bound 1 / max(stage "
-                "time), stage times per stage (0/1) in ms: compute and service as the nodes "
-                "reported them in this run, and isolated compute (1 thread, quiet process)",
-                format_table(["nodes", "cuts", "images", "results/s", "compute ms",
-                              "bound/s", "fraction", "service ms", "bound/s", "fraction",
-                              "isolated ms", "bound/s", "fraction"],
-                             [[t["mode"], t["cuts"], t["images"], t["steady_results_per_s"],
-                               "/".join(f"{s:.2f}" for s in t["compute_ms"]),
-                               t["bound_results_per_s"], t["fraction_of_bound"],
-                               "/".join(f"{s:.2f}" for s in t["service_ms"]),
-                               t["service_bound_results_per_s"], t["fraction_of_service_bound"],
-                               "/".join(f"{s['compute_ms']:.2f}" for s in r["compute"]["stages"]),
-                               t["isolated_bound_results_per_s"],
-                               t["fraction_of_isolated_bound"]] for t in r["throughput"]]),
-                "", "CPU ms per request during the burst (user + system, from /proc)",
-                format_table(["nodes", "node processes", "broker", "bench process"],
-                             [[t["mode"], "/".join(f"{c:.2f}" for c in
-                                                   t["cpu_ms_per_request"]["nodes"]) or "-",
-                               t["cpu_ms_per_request"]["broker"],
-                               t["cpu_ms_per_request"]["bench"]] for t in r["throughput"]])]
+        out += [
+            "",
+            "(b) saturated 2-stage pipeline: steady results/s vs the bound 1 / max(stage "
+            "time), stage times per stage (0/1) in ms: compute and service as the nodes "
+            "reported them in this run, and isolated compute (1 thread, quiet process)",
+            format_table(
+                [
+                    "nodes",
+                    "cuts",
+                    "images",
+                    "results/s",
+                    "compute ms",
+                    "bound/s",
+                    "fraction",
+                    "service ms",
+                    "bound/s",
+                    "fraction",
+                    "isolated ms",
+                    "bound/s",
+                    "fraction",
+                ],
+                [
+                    [
+                        t["mode"],
+                        t["cuts"],
+                        t["images"],
+                        t["steady_results_per_s"],
+                        "/".join(f"{s:.2f}" for s in t["compute_ms"]),
+                        t["bound_results_per_s"],
+                        t["fraction_of_bound"],
+                        "/".join(f"{s:.2f}" for s in t["service_ms"]),
+                        t["service_bound_results_per_s"],
+                        t["fraction_of_service_bound"],
+                        "/".join(f"{s['compute_ms']:.2f}" for s in r["compute"]["stages"]),
+                        t["isolated_bound_results_per_s"],
+                        t["fraction_of_isolated_bound"],
+                    ]
+                    for t in r["throughput"]
+                ],
+            ),
+            "",
+            "CPU ms per request during the burst (user + system, from /proc)",
+            format_table(
+                ["nodes", "node processes", "broker", "bench process"],
+                [
+                    [
+                        t["mode"],
+                        "/".join(f"{c:.2f}" for c in t["cpu_ms_per_request"]["nodes"]) or "-",
+                        t["cpu_ms_per_request"]["broker"],
+                        t["cpu_ms_per_request"]["bench"],
+                    ]
+                    for t in r["throughput"]
+                ],
+            ),
+        ]
     frac = r["throughput_fraction_of_bound"]
-    out += ["", f"hop_p50_ms_200KB = {r['hop_p50_ms_200KB']:.3f} (goal <= {HOP_GOAL_MS}); "
-            f"throughput_fraction_of_bound = "
-            f"{'-' if frac is None else format(frac, '.3f')} (goal >= {THROUGHPUT_GOAL}); "
-            f"{r['cpus']} CPUs, load average {r['load_avg_1m']:.2f}"]
+    out += [
+        "",
+        f"hop_p50_ms_200KB = {r['hop_p50_ms_200KB']:.3f} (goal <= {HOP_GOAL_MS}); "
+        f"throughput_fraction_of_bound = "
+        f"{'-' if frac is None else format(frac, '.3f')} (goal >= {THROUGHPUT_GOAL}); "
+        f"{r['cpus']} CPUs, load average {r['load_avg_1m']:.2f}",
+    ]
     return "\n".join(out)
 
 
@@ -447,24 +653,39 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     ax.plot(kb, [h["hop_p50_ms"] for h in r["hops"]], "o-", label="hop p50")
     ax.plot(kb, [h["hop_p95_ms"] for h in r["hops"]], "o--", label="hop p95")
     blocks = r["compute"]["blocks"][:-1]
-    ax.plot([b["out_bytes"] / 1024 for b in blocks], [b["compute_ms"] for b in blocks], "k^",
-            label="block compute (its output size)")
+    ax.plot(
+        [b["out_bytes"] / 1024 for b in blocks],
+        [b["compute_ms"] for b in blocks],
+        "k^",
+        label="block compute (its output size)",
+    )
     for b in blocks:
         ax.annotate(b["name"], (b["out_bytes"] / 1024, b["compute_ms"]), fontsize=8)
     ax.axhline(HOP_GOAL_MS, color="grey", lw=0.8, ls=":", label="goal at 200 KB")
-    ax.set(xscale="log", xlabel="float32 tensor KB", ylabel="ms",
-           title="(a) one MQTT hop vs compute (loopback)")
+    ax.set(
+        xscale="log",
+        xlabel="float32 tensor KB",
+        ylabel="ms",
+        title="(a) one MQTT hop vs compute (loopback)",
+    )
     ax.set_xticks(kb, [f"{k:.0f}" for k in kb], minor=False)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     for t in r["throughput"]:
         arr = t["arrivals_s"]
-        bx.plot(arr, range(1, len(arr) + 1), label=f"{t['mode']}: {t['steady_results_per_s']:.0f}/s "
-                f"({t['fraction_of_bound']:.0%} of bound)")
+        bx.plot(
+            arr,
+            range(1, len(arr) + 1),
+            label=f"{t['mode']}: {t['steady_results_per_s']:.0f}/s "
+            f"({t['fraction_of_bound']:.0%} of bound)",
+        )
         bx.plot([0, arr[-1]], [0, arr[-1] * t["bound_results_per_s"]], ls=":", color="grey")
     bx.set_ylim(0, 1.1 * max((len(t["arrivals_s"]) for t in r["throughput"]), default=1))
-    bx.set(xlabel="s since the burst was sent", ylabel="results",
-           title="(b) saturated pipeline; dotted: 1 / max(stage compute)")
+    bx.set(
+        xlabel="s since the burst was sent",
+        ylabel="results",
+        title="(b) saturated pipeline; dotted: 1 / max(stage compute)",
+    )
     if r["throughput"]:
         bx.legend(fontsize=8)
     fig.tight_layout()

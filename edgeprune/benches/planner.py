@@ -45,31 +45,53 @@ from edgeprune.commands._common import (
 # name, speed relative to the profiling machine (the estimates of devices/three-mixed.toml:
 # Pi 4B 0.10, Pi 3B+ 0.04, Pi 5 0.25; Pi Zero 2 W, a 1 GHz A53, ~0.03), memory options (GB),
 # Wi-Fi only
-CLASSES = (("pi-zero-2w", 0.03, (0.5,), True), ("pi-3b", 0.04, (1.0,), False),
-           ("pi-4b", 0.10, (1.0, 2.0, 4.0, 8.0), False), ("pi-5", 0.25, (2.0, 4.0, 8.0), False))
+CLASSES = (
+    ("pi-zero-2w", 0.03, (0.5,), True),
+    ("pi-3b", 0.04, (1.0,), False),
+    ("pi-4b", 0.10, (1.0, 2.0, 4.0, 8.0), False),
+    ("pi-5", 0.25, (2.0, 4.0, 8.0), False),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("planner", help="SlimEdge planner vs unpruned and uniform pruning",
-                            description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "planner",
+        help="SlimEdge planner vs unpruned and uniform pruning",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--scenarios", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", default="2,6", help="min,max devices per scenario")
-    parser.add_argument("--full-model-gb", type=float, default=2.0,
-                        help="simulated GB that hold exactly the whole unpruned model")
+    parser.add_argument(
+        "--full-model-gb",
+        type=float,
+        default=2.0,
+        help="simulated GB that hold exactly the whole unpruned model",
+    )
     parser.add_argument("--objective", choices=["expected", "bottleneck"], default="expected")
-    parser.add_argument("--drop", default="0.005,0.04",
-                        help="accuracy floor = unpruned - U(lo, hi)")
-    parser.add_argument("--nsga-check", type=int, default=30,
-                        help="scenarios on which NSGA-II is compared with exact search")
-    parser.add_argument("--verify", type=int, default=8,
-                        help="measure the real accuracy of this many most frequent plans")
+    parser.add_argument(
+        "--drop", default="0.005,0.04", help="accuracy floor = unpruned - U(lo, hi)"
+    )
+    parser.add_argument(
+        "--nsga-check",
+        type=int,
+        default=30,
+        help="scenarios on which NSGA-II is compared with exact search",
+    )
+    parser.add_argument(
+        "--verify",
+        type=int,
+        default=8,
+        help="measure the real accuracy of this many most frequent plans",
+    )
     parser.add_argument("--multiview", action="store_true", help="add the multi-view table")
-    parser.add_argument("--multiview-checkpoint", type=Path,
-                        default=Path("models/multiview-xs.pt"))
-    parser.add_argument("--train", action="store_true",
-                        help="(re)train the multi-view checkpoint first (a few minutes)")
+    parser.add_argument("--multiview-checkpoint", type=Path, default=Path("models/multiview-xs.pt"))
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="(re)train the multi-view checkpoint first (a few minutes)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench/planner"))
     parser.add_argument("--measurements", type=Path, default=None)
     add_checkpoint(parser)
@@ -85,11 +107,16 @@ def random_devices(rng: np.random.Generator, m: int, mib_per_gb: float) -> list[
     for k in range(m):
         name, speed, mems, wifi = CLASSES[int(rng.integers(len(CLASSES)))]
         eth = not wifi and rng.random() < 0.5
-        out.append(Device(f"{name}-{k}", speed * float(rng.uniform(0.85, 1.15)),
-                          float(rng.choice(mems)) * mib_per_gb,
-                          float(rng.uniform(100, 900) if eth else rng.uniform(20, 80)),
-                          float(rng.uniform(0.3, 1.0) if eth else rng.uniform(2, 8)),
-                          float(rng.uniform(0.01, 0.3))))
+        out.append(
+            Device(
+                f"{name}-{k}",
+                speed * float(rng.uniform(0.85, 1.15)),
+                float(rng.choice(mems)) * mib_per_gb,
+                float(rng.uniform(100, 900) if eth else rng.uniform(20, 80)),
+                float(rng.uniform(0.3, 1.0) if eth else rng.uniform(2, 8)),
+                float(rng.uniform(0.01, 0.3)),
+            )
+        )
     return out
 
 
@@ -102,8 +129,9 @@ def _deploy(plan_fn: Any, devices: list[Any], failed: set[str]) -> tuple[Any, bo
     return first, False
 
 
-def simulate(planner: Any, costs: Any, unpruned_acc: float, args: argparse.Namespace
-             ) -> list[dict[str, Any]]:
+def simulate(
+    planner: Any, costs: Any, unpruned_acc: float, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     rng = np.random.default_rng(args.seed)
@@ -123,8 +151,10 @@ def simulate(planner: Any, costs: Any, unpruned_acc: float, args: argparse.Names
             return planner.plan(devs, floor, **kw).best
 
         def uniform(devs: list[Any]) -> Any:
-            return next((b for lv in range(costs.n_levels)
-                         if (b := best(devs, levels=lv)) is not None), None)
+            return next(
+                (b for lv in range(costs.n_levels) if (b := best(devs, levels=lv)) is not None),
+                None,
+            )
 
         def uniform_best(devs: list[Any]) -> Any:
             plans = [b for lv in range(costs.n_levels) if (b := best(devs, levels=lv))]
@@ -135,16 +165,27 @@ def simulate(planner: Any, costs: Any, unpruned_acc: float, args: argparse.Names
         un, _ = _deploy(lambda d: best(d, levels=0), devices, failed)
         uni, _ = _deploy(uniform, devices, failed)
         uni_best, _ = _deploy(uniform_best, devices, failed)
-        records.append({
-            "devices": m, "failures": k, "floor": floor, "exact": planner.count(m) <=
-            planner.exact_limit, "se_b": se and se.bottleneck_s, "se_acc": se and se.accuracy,
-            "se_config": se and [[s.start, s.end, s.level] for s in se.stages],
-            "se_hit": se_hit, "blind_b": blind and blind.bottleneck_s, "blind_hit": blind_hit,
-            "un_b": un and un.bottleneck_s, "uni_b": uni and uni.bottleneck_s,
-            "uni_level": uni and uni.levels[0], "uni_best_b": uni_best and uni_best.bottleneck_s,
-            "uni_best_level": uni_best and uni_best.levels[0],
-            "se_mem_ok": se is not None and all(s.memory_bytes <= s.cap_bytes
-                                                for s in se.stages)})
+        records.append(
+            {
+                "devices": m,
+                "failures": k,
+                "floor": floor,
+                "exact": planner.count(m) <= planner.exact_limit,
+                "se_b": se and se.bottleneck_s,
+                "se_acc": se and se.accuracy,
+                "se_config": se and [[s.start, s.end, s.level] for s in se.stages],
+                "se_hit": se_hit,
+                "blind_b": blind and blind.bottleneck_s,
+                "blind_hit": blind_hit,
+                "un_b": un and un.bottleneck_s,
+                "uni_b": uni and uni.bottleneck_s,
+                "uni_level": uni and uni.levels[0],
+                "uni_best_b": uni_best and uni_best.bottleneck_s,
+                "uni_best_level": uni_best and uni_best.levels[0],
+                "se_mem_ok": se is not None
+                and all(s.memory_bytes <= s.cap_bytes for s in se.stages),
+            }
+        )
     return records
 
 
@@ -152,16 +193,23 @@ def _q(xs: list[float]) -> dict[str, float | None]:
     if not xs:
         return {"median": None, "p10": None, "p90": None, "n": 0}
     a = np.asarray(xs)
-    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90)), "max": float(a.max()), "n": len(xs)}
+    return {
+        "median": float(np.median(a)),
+        "p10": float(np.percentile(a, 10)),
+        "p90": float(np.percentile(a, 90)),
+        "max": float(a.max()),
+        "n": len(xs),
+    }
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     vs_un = [r["un_b"] / r["se_b"] for r in records if r["un_b"] and r["se_b"]]
     vs_uni = [r["uni_b"] / r["se_b"] for r in records if r["uni_b"] and r["se_b"]]
     vs_best = [r["uni_best_b"] / r["se_b"] for r in records if r["uni_best_b"] and r["se_b"]]
-    ok = [r["se_b"] is not None and r["se_mem_ok"] and r["se_acc"] >= r["floor"] - 1e-9
-          for r in records]
+    ok = [
+        r["se_b"] is not None and r["se_mem_ok"] and r["se_acc"] >= r["floor"] - 1e-9
+        for r in records
+    ]
     n = len(records)
     by_k = {}
     for k in range(4):
@@ -169,32 +217,43 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if sub:
             by_k[str(k)] = {
                 "scenarios": len(sub),
-                "median_speedup_vs_unpruned": _q([r["un_b"] / r["se_b"] for r in sub
-                                                  if r["un_b"] and r["se_b"]])["median"],
-                "median_speedup_vs_uniform": _q([r["uni_b"] / r["se_b"] for r in sub
-                                                 if r["uni_b"] and r["se_b"]])["median"],
-                "median_speedup_vs_uniform_best": _q([r["uni_best_b"] / r["se_b"] for r in sub
-                                                      if r["uni_best_b"] and r["se_b"]])["median"],
-                "bounds_met_fraction": float(np.mean([o for o, r in zip(ok, records, strict=True)
-                                                      if r["failures"] == k])),
-                "unpruned_violation_fraction": float(np.mean([r["un_b"] is None for r in sub]))}
+                "median_speedup_vs_unpruned": _q(
+                    [r["un_b"] / r["se_b"] for r in sub if r["un_b"] and r["se_b"]]
+                )["median"],
+                "median_speedup_vs_uniform": _q(
+                    [r["uni_b"] / r["se_b"] for r in sub if r["uni_b"] and r["se_b"]]
+                )["median"],
+                "median_speedup_vs_uniform_best": _q(
+                    [r["uni_best_b"] / r["se_b"] for r in sub if r["uni_best_b"] and r["se_b"]]
+                )["median"],
+                "bounds_met_fraction": float(
+                    np.mean([o for o, r in zip(ok, records, strict=True) if r["failures"] == k])
+                ),
+                "unpruned_violation_fraction": float(np.mean([r["un_b"] is None for r in sub])),
+            }
     aware = [r["blind_b"] / r["se_b"] for r in records if r["blind_b"] and r["se_b"]]
     return {
-        "scenarios": n, "median_speedup_vs_unpruned": _q(vs_un)["median"],
+        "scenarios": n,
+        "median_speedup_vs_unpruned": _q(vs_un)["median"],
         "median_speedup_vs_uniform": _q(vs_uni)["median"],
-        "median_speedup_vs_uniform_best": _q(vs_best)["median"], "bounds_met_fraction":
-        float(np.mean(ok)), "speedup_vs_unpruned": _q(vs_un), "speedup_vs_uniform": _q(vs_uni),
+        "median_speedup_vs_uniform_best": _q(vs_best)["median"],
+        "bounds_met_fraction": float(np.mean(ok)),
+        "speedup_vs_unpruned": _q(vs_un),
+        "speedup_vs_uniform": _q(vs_uni),
         "unpruned_violation_fraction": float(np.mean([r["un_b"] is None for r in records])),
         "uniform_violation_fraction": float(np.mean([r["uni_b"] is None for r in records])),
         "slimedge_infeasible_fraction": float(np.mean([r["se_b"] is None for r in records])),
         "exact_fraction": float(np.mean([r["exact"] for r in records])),
         "disrupted_fraction_failure_aware": float(np.mean([r["se_hit"] for r in records])),
         "disrupted_fraction_failure_blind": float(np.mean([r["blind_hit"] for r in records])),
-        "failure_blind_over_aware_bottleneck": _q(aware), "by_failures": by_k}
+        "failure_blind_over_aware_bottleneck": _q(aware),
+        "by_failures": by_k,
+    }
 
 
-def nsga_check(planner: Any, costs: Any, unpruned_acc: float, count: int, seed: int,
-               full_gb: float) -> dict[str, Any]:
+def nsga_check(
+    planner: Any, costs: Any, unpruned_acc: float, count: int, seed: int, full_gb: float
+) -> dict[str, Any]:
     """NSGA-II vs exact enumeration on random 4-6 device scenarios (same objective)."""
     rng = np.random.default_rng(seed + 1)
     mib_per_gb = costs.footprint(0) / 2**20 / full_gb
@@ -209,16 +268,20 @@ def nsga_check(planner: Any, costs: Any, unpruned_acc: float, count: int, seed: 
         if ex.best is not None:
             gaps.append(ns.best.objective_s / ex.best.objective_s - 1 if ns.best else np.inf)
     g = np.asarray(gaps)
-    return {"scenarios": count, "compared": len(gaps),
-            "optimal_fraction": float(np.mean(g < 1e-9)) if len(g) else None,
-            "median_gap": float(np.median(g)) if len(g) else None,
-            "max_gap": float(g.max()) if len(g) else None,
-            "median_exact_s": statistics.median(t_exact) if t_exact else None,
-            "median_nsga_s": statistics.median(t_nsga) if t_nsga else None}
+    return {
+        "scenarios": count,
+        "compared": len(gaps),
+        "optimal_fraction": float(np.mean(g < 1e-9)) if len(g) else None,
+        "median_gap": float(np.median(g)) if len(g) else None,
+        "max_gap": float(g.max()) if len(g) else None,
+        "median_exact_s": statistics.median(t_exact) if t_exact else None,
+        "median_nsga_s": statistics.median(t_nsga) if t_nsga else None,
+    }
 
 
-def verify(ckpt: Any, records: list[dict[str, Any]], top: int, cache: Path,
-           data: Path) -> dict[str, Any]:
+def verify(
+    ckpt: Any, records: list[dict[str, Any]], top: int, cache: Path, data: Path
+) -> dict[str, Any]:
     """Real test-split accuracy of the ``top`` most frequent SlimEdge configurations."""
     import torch
 
@@ -235,18 +298,22 @@ def verify(ckpt: Any, records: list[dict[str, Any]], top: int, cache: Path,
         for c in chosen:
             if c not in known:
                 cfg = json.loads(c)
-                known[c] = accuracy_of(bank, x, y, [(a, b) for a, b, _ in cfg],
-                                       [lv for _, _, lv in cfg])
+                known[c] = accuracy_of(
+                    bank, x, y, [(a, b) for a, b, _ in cfg], [lv for _, _, lv in cfg]
+                )
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(known, indent=1))
     hits = [r for r in records if r["se_config"] and json.dumps(r["se_config"]) in chosen]
     met = [known[json.dumps(r["se_config"])] >= r["floor"] for r in hits]
     errs = [known[json.dumps(r["se_config"])] - r["se_acc"] for r in hits]
-    return {"configs": len(chosen), "distinct_configs": len(counts),
-            "scenarios_covered": len(hits) / max(1, len(records)),
-            "floor_met_measured_fraction": float(np.mean(met)) if met else None,
-            "measured_minus_predicted_median": float(np.median(errs)) if errs else None,
-            "measured": {c: known[c] for c in chosen}}
+    return {
+        "configs": len(chosen),
+        "distinct_configs": len(counts),
+        "scenarios_covered": len(hits) / max(1, len(records)),
+        "floor_met_measured_fraction": float(np.mean(met)) if met else None,
+        "measured_minus_predicted_median": float(np.median(errs)) if errs else None,
+        "measured": {c: known[c] for c in chosen},
+    }
 
 
 def plot(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
@@ -266,10 +333,15 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
         a.legend()
     ks = sorted(summary["by_failures"])
     w = 0.27
-    for i, (key, name) in enumerate((("bounds_met_fraction", "SlimEdge bounds met"),
-                                     ("unpruned_violation_fraction", "unpruned: nothing fits"))):
-        ax[2].bar(np.arange(len(ks)) + i * w, [summary["by_failures"][k][key] for k in ks], w,
-                  label=name)
+    for i, (key, name) in enumerate(
+        (
+            ("bounds_met_fraction", "SlimEdge bounds met"),
+            ("unpruned_violation_fraction", "unpruned: nothing fits"),
+        )
+    ):
+        ax[2].bar(
+            np.arange(len(ks)) + i * w, [summary["by_failures"][k][key] for k in ks], w, label=name
+        )
     ax[2].set_xticks(np.arange(len(ks)) + w / 2, [f"{k} failed" for k in ks])
     ax[2].set_ylim(0, 1.05)
     ax[2].set_title("by simultaneous failures")
@@ -298,8 +370,9 @@ def multiview_table(args: argparse.Namespace) -> dict[str, Any]:
 
     splits = split_dataset(load_animal_mnist(data_dir(args)))
     if args.train or not args.multiview_checkpoint.exists():
-        ckpt = train_multiview(MultiViewConfig(), splits, MultiViewTraining(),
-                               progress=not args.json)
+        ckpt = train_multiview(
+            MultiViewConfig(), splits, MultiViewTraining(), progress=not args.json
+        )
         ckpt.save(args.multiview_checkpoint)
     ckpt = MultiViewCheckpoint.load(args.multiview_checkpoint)
     pm = PrunedMultiView(ckpt)
@@ -310,8 +383,14 @@ def multiview_table(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def add(what: str, levels: list[int], present: list[bool]) -> None:
-        rows.append({"case": what, "levels": levels, "present": present,
-                     "accuracy": pm.accuracy(views, y, levels, present)})
+        rows.append(
+            {
+                "case": what,
+                "levels": levels,
+                "present": present,
+                "accuracy": pm.accuracy(views, y, levels, present),
+            }
+        )
 
     add("all views, unpruned", [0] * n_views, [True] * n_views)
     for lv in range(1, n_levels):
@@ -324,8 +403,15 @@ def multiview_table(args: argparse.Namespace) -> dict[str, Any]:
         add(f"only {names[kept]} (2 lost)", [0] * n_views, [v == kept for v in range(n_views)])
     val = ckpt.view_tensors(splits.val.images)
     yv = torch.from_numpy(splits.val.labels)
-    imp = np.asarray([[pm.accuracy(val, yv, [lv if u == v else 0 for u in range(n_views)])
-                       for lv in range(n_levels)] for v in range(n_views)])
+    imp = np.asarray(
+        [
+            [
+                pm.accuracy(val, yv, [lv if u == v else 0 for u in range(n_views)])
+                for lv in range(n_levels)
+            ]
+            for v in range(n_views)
+        ]
+    )
     model = AccuracyModel.from_importance(float(imp[0, 0]), imp, 10)
     t, mem = pm.branch_costs()
     rng = np.random.default_rng(args.seed)
@@ -333,12 +419,19 @@ def multiview_table(args: argparse.Namespace) -> dict[str, Any]:
     chosen = view_levels(t, mem, devs, model.predict_views, float(imp[0, 0]) - 0.03)
     if chosen is not None:
         add("planner's per-view levels (floor val-0.03)", list(chosen[0]), [True] * n_views)
-    return {"checkpoint": str(args.multiview_checkpoint), "views": names,
-            "val_acc": ckpt.metrics.get("val_acc"), "train_s": ckpt.train.get("seconds"),
-            "rows": rows, "view_importance_val": imp.tolist(), "branch_cpu_ms": (t * 1e3).tolist(),
-            "branch_memory_kib": (mem / 1024).tolist(),
-            "planned": None if chosen is None else {"levels": chosen[0], "bottleneck_s": chosen[1],
-                                                    "predicted_accuracy": chosen[2]}}
+    return {
+        "checkpoint": str(args.multiview_checkpoint),
+        "views": names,
+        "val_acc": ckpt.metrics.get("val_acc"),
+        "train_s": ckpt.train.get("seconds"),
+        "rows": rows,
+        "view_importance_val": imp.tolist(),
+        "branch_cpu_ms": (t * 1e3).tolist(),
+        "branch_memory_kib": (mem / 1024).tolist(),
+        "planned": None
+        if chosen is None
+        else {"levels": chosen[0], "bottleneck_s": chosen[1], "predicted_accuracy": chosen[2]},
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,15 +448,25 @@ def run(args: argparse.Namespace) -> int:
     planner = Planner(m.costs, accuracy)
     records = simulate(planner, m.costs, m.unpruned_accuracy, args)
     out = summarize(records)
-    out["nsga_vs_exact"] = nsga_check(planner, m.costs, m.unpruned_accuracy, args.nsga_check,
-                                      args.seed, args.full_model_gb)
+    out["nsga_vs_exact"] = nsga_check(
+        planner, m.costs, m.unpruned_accuracy, args.nsga_check, args.seed, args.full_model_gb
+    )
     if args.verify:
-        out["verified"] = verify(ckpt, records, args.verify, args.out_dir / (
-            f"verified-{m.model_hash}.json"), data_dir(args))
+        out["verified"] = verify(
+            ckpt,
+            records,
+            args.verify,
+            args.out_dir / (f"verified-{m.model_hash}.json"),
+            data_dir(args),
+        )
     if args.multiview:
         out["multiview"] = multiview_table(args)
-    out["model"] = {"name": m.model_name, "hash": m.model_hash, "unpruned_val": m.unpruned_accuracy,
-                    "accuracy_model": {"kappa": accuracy.kappa, **accuracy.validation}}
+    out["model"] = {
+        "name": m.model_name,
+        "hash": m.model_hash,
+        "unpruned_val": m.unpruned_accuracy,
+        "accuracy_model": {"kappa": accuracy.kappa, **accuracy.validation},
+    }
     out["objective"], out["seed"] = args.objective, args.seed
     out["plot"] = str(plot(records, out, args.out_dir / "planner.png"))
     out["seconds"] = time.perf_counter() - started
@@ -371,29 +474,63 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
         return 0
-    rows = [[k, v["scenarios"], v["median_speedup_vs_unpruned"], v["median_speedup_vs_uniform"],
-             v["median_speedup_vs_uniform_best"], v["bounds_met_fraction"],
-             v["unpruned_violation_fraction"]]
-            for k, v in out["by_failures"].items()]
-    print(f"{out['scenarios']} scenarios (seed {args.seed}, objective {args.objective}, "
-          f"{out['seconds']:.0f} s); exact search in {out['exact_fraction']:.0%}")
-    print(format_table(["failures", "scenarios", "x unpruned", "x uniform (min level)",
-                        "x uniform (best level)", "bounds met", "unpruned: none fits"], rows))
-    print(f"median_speedup_vs_unpruned = {out['median_speedup_vs_unpruned']:.3f}, "
-          f"median_speedup_vs_uniform = {out['median_speedup_vs_uniform']:.3f} (best uniform "
-          f"level: {out['median_speedup_vs_uniform_best']:.3f}), "
-          f"bounds_met_fraction = {out['bounds_met_fraction']:.3f}")
+    rows = [
+        [
+            k,
+            v["scenarios"],
+            v["median_speedup_vs_unpruned"],
+            v["median_speedup_vs_uniform"],
+            v["median_speedup_vs_uniform_best"],
+            v["bounds_met_fraction"],
+            v["unpruned_violation_fraction"],
+        ]
+        for k, v in out["by_failures"].items()
+    ]
+    print(
+        f"{out['scenarios']} scenarios (seed {args.seed}, objective {args.objective}, "
+        f"{out['seconds']:.0f} s); exact search in {out['exact_fraction']:.0%}"
+    )
+    print(
+        format_table(
+            [
+                "failures",
+                "scenarios",
+                "x unpruned",
+                "x uniform (min level)",
+                "x uniform (best level)",
+                "bounds met",
+                "unpruned: none fits",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"median_speedup_vs_unpruned = {out['median_speedup_vs_unpruned']:.3f}, "
+        f"median_speedup_vs_uniform = {out['median_speedup_vs_uniform']:.3f} (best uniform "
+        f"level: {out['median_speedup_vs_uniform_best']:.3f}), "
+        f"bounds_met_fraction = {out['bounds_met_fraction']:.3f}"
+    )
     nc = out["nsga_vs_exact"]
-    print(f"NSGA-II vs exact on {nc['compared']} scenarios: optimal {nc['optimal_fraction']}, "
-          f"median gap {nc['median_gap']}, max gap {nc['max_gap']}")
+    print(
+        f"NSGA-II vs exact on {nc['compared']} scenarios: optimal {nc['optimal_fraction']}, "
+        f"median gap {nc['median_gap']}, max gap {nc['max_gap']}"
+    )
     if "verified" in out:
         v = out["verified"]
-        print(f"measured accuracy of the {v['configs']} most frequent plans ("
-              f"{v['scenarios_covered']:.0%} of scenarios): floor met in "
-              f"{v['floor_met_measured_fraction']}")
+        print(
+            f"measured accuracy of the {v['configs']} most frequent plans ("
+            f"{v['scenarios_covered']:.0%} of scenarios): floor met in "
+            f"{v['floor_met_measured_fraction']}"
+        )
     if "multiview" in out:
-        print(format_table(["case", "levels", "present", "accuracy"],
-                           [[r["case"], r["levels"], r["present"], r["accuracy"]]
-                            for r in out["multiview"]["rows"]]))
+        print(
+            format_table(
+                ["case", "levels", "present", "accuracy"],
+                [
+                    [r["case"], r["levels"], r["present"], r["accuracy"]]
+                    for r in out["multiview"]["rows"]
+                ],
+            )
+        )
     print(f"plot: {out['plot']}")
     return 0

@@ -14,31 +14,45 @@ DEFAULT_DATA_DIR = "data"
 
 
 def data_dir(args: argparse.Namespace) -> Path:
-    value = getattr(args, "data_dir", None) or os.environ.get("EDGEPRUNE_DATA_DIR") or DEFAULT_DATA_DIR
+    value = (
+        getattr(args, "data_dir", None) or os.environ.get("EDGEPRUNE_DATA_DIR") or DEFAULT_DATA_DIR
+    )
     return Path(value)
 
 
-def add_data_dir(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                 help: str = "dataset cache folder") -> None:
-    parser.add_argument("--data-dir", default=None,
-                        help=f"{help} (default: $EDGEPRUNE_DATA_DIR or ./data)")
+def add_data_dir(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, help: str = "dataset cache folder"
+) -> None:
+    parser.add_argument(
+        "--data-dir", default=None, help=f"{help} (default: $EDGEPRUNE_DATA_DIR or ./data)"
+    )
 
 
-def add_checkpoint(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                   multiple: bool = False, help: str = "model checkpoint") -> None:
+def add_checkpoint(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    multiple: bool = False,
+    help: str = "model checkpoint",
+) -> None:
     # the default is pipeline.checkpoint.DEFAULT_CHECKPOINT; not imported here (torch) so that
     # --help stays fast
     if multiple:
-        parser.add_argument("checkpoints", nargs="*", type=Path,
-                            help="checkpoints to compare (default: models/resnet-s.pt)")
+        parser.add_argument(
+            "checkpoints",
+            nargs="*",
+            type=Path,
+            help="checkpoints to compare (default: models/resnet-s.pt)",
+        )
     else:
-        parser.add_argument("--checkpoint", type=Path, default=None,
-                            help=f"{help} (default: models/resnet-s.pt)")
+        parser.add_argument(
+            "--checkpoint", type=Path, default=None, help=f"{help} (default: models/resnet-s.pt)"
+        )
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object on stdout instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of a table"
+    )
 
 
 def print_json(obj: Any) -> None:
@@ -58,8 +72,9 @@ def _json_default(obj: Any) -> Any:
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A plain aligned text table."""
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
@@ -82,10 +97,17 @@ def add_mqtt(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", type=Path, default=None, help="CA certificate: enables TLS")
     g.add_argument("--tls-cert", type=Path, default=None, help="client certificate")
     g.add_argument("--tls-key", type=Path, default=None, help="client key")
-    g.add_argument("--tls-insecure", action="store_true", default=None,
-                   help="do not verify the broker's host name")
-    g.add_argument("--pipe", default=None,
-                   help="pipeline name: topics are edgeprune/<pipe>/... (default 'default')")
+    g.add_argument(
+        "--tls-insecure",
+        action="store_true",
+        default=None,
+        help="do not verify the broker's host name",
+    )
+    g.add_argument(
+        "--pipe",
+        default=None,
+        help="pipeline name: topics are edgeprune/<pipe>/... (default 'default')",
+    )
 
 
 def _env(name: str) -> str | None:
@@ -103,8 +125,15 @@ def mqtt_settings(args: argparse.Namespace) -> Any:
         return value
 
     kwargs: dict[str, Any] = {}
-    for name, cast in (("host", str), ("port", int), ("username", str), ("password", str),
-                       ("tls_ca", Path), ("tls_cert", Path), ("tls_key", Path)):
+    for name, cast in (
+        ("host", str),
+        ("port", int),
+        ("username", str),
+        ("password", str),
+        ("tls_ca", Path),
+        ("tls_cert", Path),
+        ("tls_key", Path),
+    ):
         value = pick(name, cast)
         if value is not None:
             kwargs[name] = value
@@ -115,8 +144,9 @@ def mqtt_settings(args: argparse.Namespace) -> Any:
 
 
 def pipe_name(args: argparse.Namespace) -> str:
-    return getattr(args, "pipe", None) or _env("pipe") or os.environ.get("EDGEPRUNE_PIPE") \
-        or "default"
+    return (
+        getattr(args, "pipe", None) or _env("pipe") or os.environ.get("EDGEPRUNE_PIPE") or "default"
+    )
 
 
 def run_service(coro_factory: Any) -> int:

@@ -135,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     setup: SecureSetup | None = None
     if args.secure:
         run_dir = args.run_dir or Path("runs") / "secure-broker"
-        names = [*DEFAULT_SERVER_NAMES, *(n.strip() for n in args.tls_names.split(",") if n.strip())]
+        names = [
+            *DEFAULT_SERVER_NAMES,
+            *(n.strip() for n in args.tls_names.split(",") if n.strip()),
+        ]
         if args.host not in ("0.0.0.0", "::"):
             names.append(args.host)
         setup = prepare_secure_broker(

@@ -19,7 +19,8 @@ from edgeprune.commands._common import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "calibrate", help="fit slice latency and accuracy vs pruning level (calibration file)",
+        "calibrate",
+        help="fit slice latency and accuracy vs pruning level (calibration file)",
         description="For each slice (from --cuts or a --plan): latency at every pruning level "
         "(real pruned variants with BatchNorm re-estimation, batch 1, one thread, median of "
         "--runs after --warmup), scaled to each device of --devices when given (emulation by "
@@ -28,39 +29,70 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at most --grid-limit points, else corners + uniform diagonal + seeded random vectors, "
         "--samples in all), fitted to the scaled logistic a(p). Writes the calibration JSON "
         "the controller loads, a PNG of both fits, and prints a summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_checkpoint(parser)
     add_data_dir(parser)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--cuts", default=None, help="cut points, e.g. 2,3 (3 slices)")
-    where.add_argument("--plan", type=Path, default=None,
-                       help="plan JSON from `edgeprune partition` (its stages and devices)")
-    parser.add_argument("--devices", type=Path, default=None,
-                        help="device file: scale latencies to the devices (with --cuts: one "
-                        "device per slice, in order; with --plan: matched by name)")
-    parser.add_argument("--nodes", default=None,
-                        help="with --cuts and no --devices: node names per slice "
-                        "(default n0,n1,...); they enter the plan hash")
-    parser.add_argument("--dataset", default="animal-mnist",
-                        help="'animal-mnist' or a folder of class sub-folders")
-    parser.add_argument("--split", default="val", choices=["val", "test"],
-                        help="held-out split to measure accuracy on")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use a seeded random subset of this many images")
+    where.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        help="plan JSON from `edgeprune partition` (its stages and devices)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=Path,
+        default=None,
+        help="device file: scale latencies to the devices (with --cuts: one "
+        "device per slice, in order; with --plan: matched by name)",
+    )
+    parser.add_argument(
+        "--nodes",
+        default=None,
+        help="with --cuts and no --devices: node names per slice "
+        "(default n0,n1,...); they enter the plan hash",
+    )
+    parser.add_argument(
+        "--dataset", default="animal-mnist", help="'animal-mnist' or a folder of class sub-folders"
+    )
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "test"],
+        help="held-out split to measure accuracy on",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use a seeded random subset of this many images"
+    )
     parser.add_argument("--ratios", default="0,0.1,0.2,0.3,0.4,0.5", help="pruning levels")
     parser.add_argument("--round-to", type=int, default=8, help="channel rounding multiple")
     parser.add_argument("--runs", type=int, default=200, help="timed calls per slice and level")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls first")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="latency statistic: wall time, or the timing thread's CPU time "
-                        "(robust when other processes share this machine)")
-    parser.add_argument("--grid-limit", type=int, default=64,
-                        help="measure the full level grid when it has at most this many points")
-    parser.add_argument("--samples", type=int, default=64,
-                        help="level vectors to measure when the grid is larger")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="latency statistic: wall time, or the timing thread's CPU time "
+        "(robust when other processes share this machine)",
+    )
+    parser.add_argument(
+        "--grid-limit",
+        type=int,
+        default=64,
+        help="measure the full level grid when it has at most this many points",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=64, help="level vectors to measure when the grid is larger"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
-    parser.add_argument("--out", type=Path, default=Path("runs/calibration.json"),
-                        help="calibration JSON; the plot goes next to it as .png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/calibration.json"),
+        help="calibration JSON; the plot goes next to it as .png",
+    )
     add_json(parser)
     parser.set_defaults(func=run)
 
@@ -76,9 +108,16 @@ def run(args: argparse.Namespace) -> int:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError as exc:
         raise ConfigError(f"--ratios must be numbers, got {args.ratios!r}") from exc
-    settings = CalibrationSettings(ratios=ratios, round_to=args.round_to, runs=args.runs,
-                                   warmup=args.warmup, grid_limit=args.grid_limit,
-                                   samples=args.samples, seed=args.seed, clock=args.clock)
+    settings = CalibrationSettings(
+        ratios=ratios,
+        round_to=args.round_to,
+        runs=args.runs,
+        warmup=args.warmup,
+        grid_limit=args.grid_limit,
+        samples=args.samples,
+        seed=args.seed,
+        clock=args.clock,
+    )
     ckpt = load_checkpoint(args.checkpoint)
     devices = load_device_specs(args.devices) if args.devices else None
     if args.plan is not None:
@@ -87,10 +126,14 @@ def run(args: argparse.Namespace) -> int:
         nodes = args.nodes.split(",") if args.nodes else None
         place = {"bounds": parse_cuts(args.cuts, ckpt.build().num_blocks), "nodes": nodes}
     data = load_split(args.dataset, data_dir(args), args.split, args.limit, args.seed)
-    cal = calibrate(ckpt, data, devices=devices, settings=settings, split=args.split,
-                    progress=True, **place)
-    cal.meta["command"] = {"cuts": args.cuts, "plan": str(args.plan) if args.plan else None,
-                           "devices": str(args.devices) if args.devices else None}
+    cal = calibrate(
+        ckpt, data, devices=devices, settings=settings, split=args.split, progress=True, **place
+    )
+    cal.meta["command"] = {
+        "cuts": args.cuts,
+        "plan": str(args.plan) if args.plan else None,
+        "devices": str(args.devices) if args.devices else None,
+    }
     json_path = cal.save(args.out)
     png_path = plot_calibration(cal, args.out.with_suffix(".png"))
     if args.json:
@@ -104,29 +147,60 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(cal: Any) -> None:
     """The slices' latency fits and the accuracy fit, as a person reads them."""
     meta = cal.meta
-    print(f"{meta.get('model')} {cal.model_hash}, plan {cal.plan_hash}; "
-          f"{meta.get('emulation')}")
+    print(f"{meta.get('model')} {cal.model_hash}, plan {cal.plan_hash}; {meta.get('emulation')}")
     rows = []
     for s, dev in zip(cal.slices, meta.get("devices", []), strict=False):
-        rows.append([s.stage, f"[{s.start},{s.end})", s.device, dev.get("time_factor", 1.0),
-                     f"{1e3 * s.points[0][1]:.3f}", f"{1e3 * s.points[-1][1]:.3f}",
-                     f"{1e3 * s.fit.a:.3f}", f"{1e3 * s.fit.b:.3f}", f"{s.fit.r2:.4f}"])
-    print(format_table(["stage", "blocks", "device", "x time", "t(0) ms",
-                        f"t({cal.ratios[-1]:g}) ms", "a ms", "b ms", "R^2"], rows))
+        rows.append(
+            [
+                s.stage,
+                f"[{s.start},{s.end})",
+                s.device,
+                dev.get("time_factor", 1.0),
+                f"{1e3 * s.points[0][1]:.3f}",
+                f"{1e3 * s.points[-1][1]:.3f}",
+                f"{1e3 * s.fit.a:.3f}",
+                f"{1e3 * s.fit.b:.3f}",
+                f"{s.fit.r2:.4f}",
+            ]
+        )
+    print(
+        format_table(
+            [
+                "stage",
+                "blocks",
+                "device",
+                "x time",
+                "t(0) ms",
+                f"t({cal.ratios[-1]:g}) ms",
+                "a ms",
+                "b ms",
+                "R^2",
+            ],
+            rows,
+        )
+    )
     fit, check = cal.accuracy_fit, meta.get("accuracy_fit_check", {})
-    print(f"accuracy ({meta.get('split')} split, {meta.get('samples')} images, "
-          f"{meta.get('points')} vectors: {meta.get('selection')}): unpruned "
-          f"{cal.unpruned_accuracy:.4f}")
-    print(f"  fit a(p) = {fit.lo:.3g} + ({fit.hi:.4f} - {fit.lo:.3g}) / (1 + exp(-(g.p - d))), "
-          f"g = [{', '.join(f'{g:.3f}' for g in fit.g)}], d = {fit.d:.3f}")
-    print(f"  max abs error {fit.max_abs_error:.4f}, rmse {check.get('rmse', float('nan')):.4f}; "
-          f"near a_min {check.get('a_min')}: max abs error "
-          f"{check.get('max_abs_error_near_a_min')}, falsely feasible "
-          f"{check.get('falsely_feasible')} of {check.get('points_near_a_min')}")
+    print(
+        f"accuracy ({meta.get('split')} split, {meta.get('samples')} images, "
+        f"{meta.get('points')} vectors: {meta.get('selection')}): unpruned "
+        f"{cal.unpruned_accuracy:.4f}"
+    )
+    print(
+        f"  fit a(p) = {fit.lo:.3g} + ({fit.hi:.4f} - {fit.lo:.3g}) / (1 + exp(-(g.p - d))), "
+        f"g = [{', '.join(f'{g:.3f}' for g in fit.g)}], d = {fit.d:.3f}"
+    )
+    print(
+        f"  max abs error {fit.max_abs_error:.4f}, rmse {check.get('rmse', float('nan')):.4f}; "
+        f"near a_min {check.get('a_min')}: max abs error "
+        f"{check.get('max_abs_error_near_a_min')}, falsely feasible "
+        f"{check.get('falsely_feasible')} of {check.get('points_near_a_min')}"
+    )
     lat = meta.get("latency", {})
     if lat.get("busy_ratio", 1.0) > 1.25:
-        print(f"  warning: this machine was busy (wall time {lat['busy_ratio']:.1f}x CPU time); "
-              f"latency clock: {lat.get('clock')}")
+        print(
+            f"  warning: this machine was busy (wall time {lat['busy_ratio']:.1f}x CPU time); "
+            f"latency clock: {lat.get('clock')}"
+        )
     secs = meta.get("seconds", {})
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
 
@@ -152,46 +226,70 @@ def plot_calibration(cal: Any, path: str | Path) -> Path:
     grid = np.linspace(0.0, max(cal.ratios), 50)
     for s in cal.slices:
         r = [p[0] for p in s.points]
-        line, = ax.plot(r, [1e3 * p[1] for p in s.points], "o",
-                        label=f"stage {s.stage} [{s.start},{s.end}) on {s.device}: "
-                              f"R² {s.fit.r2:.3f}")
+        (line,) = ax.plot(
+            r,
+            [1e3 * p[1] for p in s.points],
+            "o",
+            label=f"stage {s.stage} [{s.start},{s.end}) on {s.device}: R² {s.fit.r2:.3f}",
+        )
         ax.plot(grid, 1e3 * s.fit.predict(grid), "-", color=line.get_color(), alpha=0.7)
     where = "emulated device" if cal.meta.get("emulated") else "this machine"
     clock = cal.meta.get("latency", {}).get("clock", "wall")
-    ax.set(xlabel="pruning ratio of the slice",
-           ylabel=f"latency (ms, {where}, batch 1, median {clock} time)",
-           title="Slice latency t_i(p) = a_i p + b_i")
+    ax.set(
+        xlabel="pruning ratio of the slice",
+        ylabel=f"latency (ms, {where}, batch 1, median {clock} time)",
+        title="Slice latency t_i(p) = a_i p + b_i",
+    )
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
     ax = axes[1]
     measured = np.asarray([a for _, a in cal.accuracy_points])
-    predicted = np.asarray(cal.accuracy_fit.predict(np.asarray([r for r, _ in
-                                                                cal.accuracy_points])))
+    predicted = np.asarray(
+        cal.accuracy_fit.predict(np.asarray([r for r, _ in cal.accuracy_points]))
+    )
     ax.scatter(100 * measured, 100 * predicted, s=14, alpha=0.7)
     lim = [min(measured.min(), predicted.min()) * 100 - 2, 100]
     ax.plot(lim, lim, "k--", lw=0.8)
     a_min = cal.meta.get("accuracy_fit_check", {}).get("a_min")
     if a_min is not None:
         ax.axvline(100 * a_min, color="tab:red", ls=":", lw=0.8)
-        ax.axhline(100 * a_min, color="tab:red", ls=":", lw=0.8,
-                   label=f"a_min {a_min:g}: upper left = falsely feasible")
+        ax.axhline(
+            100 * a_min,
+            color="tab:red",
+            ls=":",
+            lw=0.8,
+            label=f"a_min {a_min:g}: upper left = falsely feasible",
+        )
         ax.legend(fontsize=7, loc="upper left")
-    ax.set(xlabel="measured accuracy (%)", ylabel="predicted accuracy (%)", xlim=lim, ylim=lim,
-           title=f"Accuracy fit: max |error| {100 * cal.accuracy_fit.max_abs_error:.1f} pts "
-                 f"({len(measured)} vectors)")
+    ax.set(
+        xlabel="measured accuracy (%)",
+        ylabel="predicted accuracy (%)",
+        xlim=lim,
+        ylim=lim,
+        title=f"Accuracy fit: max |error| {100 * cal.accuracy_fit.max_abs_error:.1f} pts "
+        f"({len(measured)} vectors)",
+    )
     ax.grid(alpha=0.3)
 
     ax = axes[2]
     pts = uniform_points(cal)
     n = len(cal.slices)
     ax.plot([r for r, _ in pts], [100 * a for _, a in pts], "o", label="measured")
-    ax.plot(grid, 100 * cal.accuracy_fit.predict(np.repeat(grid[:, None], n, axis=1)), "-",
-            label="fit a(p)")
+    ax.plot(
+        grid,
+        100 * cal.accuracy_fit.predict(np.repeat(grid[:, None], n, axis=1)),
+        "-",
+        label="fit a(p)",
+    )
     ax.axhline(100 / cal.num_classes, color="grey", ls=":", lw=0.8, label="chance")
-    ax.set(xlabel="uniform pruning ratio (every slice)", ylabel="accuracy (%)", ylim=(0, 100),
-           title=f"Accuracy vs uniform ratio ({cal.meta.get('split', '?')} split)")
+    ax.set(
+        xlabel="uniform pruning ratio (every slice)",
+        ylabel="accuracy (%)",
+        ylim=(0, 100),
+        title=f"Accuracy vs uniform ratio ({cal.meta.get('split', '?')} split)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

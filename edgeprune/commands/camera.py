@@ -23,45 +23,71 @@ log = logging.getLogger("edgeprune.camera")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "camera", help="publish images to stage 0 (fixed rate or trace replay)",
+        "camera",
+        help="publish images to stage 0 (fixed rate or trace replay)",
         description="An IoT camera: publishes images (PNG by default) to "
         "edgeprune/<pipe>/stage/0 from the dataset's test split or a folder, at a fixed rate "
         "or at the times of a camera-trap trace (time compression allowed). Each message "
         "carries a request id, the camera id, the capture time and the true label when known. "
         "Every image is journaled until its result is seen, re-sent after --resend-after "
         "seconds, and results are de-duplicated by request id. Prints a summary at the end.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = parser.add_argument_group("images")
-    src.add_argument("--dataset", default="animal-mnist",
-                     help="animal-mnist (test split) or a folder (class sub-folders or images)")
+    src.add_argument(
+        "--dataset",
+        default="animal-mnist",
+        help="animal-mnist (test split) or a folder (class sub-folders or images)",
+    )
     src.add_argument("--split", default="test", choices=["train", "val", "test"])
     add_data_dir(parser)
-    src.add_argument("--format", default="png", choices=["png", "jpeg", "raw"],
-                     help="image encoding on the wire")
+    src.add_argument(
+        "--format", default="png", choices=["png", "jpeg", "raw"], help="image encoding on the wire"
+    )
     sched = parser.add_argument_group("schedule (fixed rate unless --trace)")
     sched.add_argument("--rate", type=float, default=5.0, help="images per second")
     sched.add_argument("--count", type=int, default=100, help="images to send at --rate")
     sched.add_argument("--cameras", type=int, default=1, help="camera ids at --rate")
-    sched.add_argument("--trace", action="append", default=[],
-                       help="trace name (e.g. dsail_porini) or CSV path; repeat to merge")
-    sched.add_argument("--compression", type=float, default=1.0,
-                       help="trace time compression (10: ten times faster)")
-    sched.add_argument("--max-idle", type=float, default=None,
-                       help="cap idle gaps in the trace to this many seconds (before "
-                       "compression)")
+    sched.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        help="trace name (e.g. dsail_porini) or CSV path; repeat to merge",
+    )
+    sched.add_argument(
+        "--compression",
+        type=float,
+        default=1.0,
+        help="trace time compression (10: ten times faster)",
+    )
+    sched.add_argument(
+        "--max-idle",
+        type=float,
+        default=None,
+        help="cap idle gaps in the trace to this many seconds (before compression)",
+    )
     sched.add_argument("--window", default=None, help="trace window START:END in seconds")
     sched.add_argument("--max-images", type=int, default=None, help="stop after N images")
     sched.add_argument("--seed", type=int, default=0)
     rel = parser.add_argument_group("delivery")
-    rel.add_argument("--journal", type=Path, default=None,
-                     help="SQLite journal file (default: in memory)")
-    rel.add_argument("--resend-after", type=float, default=10.0,
-                     help="re-send a request whose result has not come back after S seconds "
-                     "(0: never)")
-    rel.add_argument("--drain", type=float, default=30.0,
-                     help="wait up to S seconds for outstanding results at the end")
-    rel.add_argument("--no-track", action="store_true",
-                     help="fire and forget: do not subscribe to results")
+    rel.add_argument(
+        "--journal", type=Path, default=None, help="SQLite journal file (default: in memory)"
+    )
+    rel.add_argument(
+        "--resend-after",
+        type=float,
+        default=10.0,
+        help="re-send a request whose result has not come back after S seconds (0: never)",
+    )
+    rel.add_argument(
+        "--drain",
+        type=float,
+        default=30.0,
+        help="wait up to S seconds for outstanding results at the end",
+    )
+    rel.add_argument(
+        "--no-track", action="store_true", help="fire and forget: do not subscribe to results"
+    )
     add_mqtt(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -82,13 +108,25 @@ def build_shots(args: argparse.Namespace, labels, n_images: int):  # -> list[Sho
             except ValueError as exc:
                 raise ConfigError(f"--window must be START:END, got {args.window!r}") from exc
             window = (a, b)
-        return trace_shots(load_traces(args.trace), labels, compression=args.compression,
-                           max_idle_s=args.max_idle, window=window, max_images=args.max_images,
-                           n_images=n_images, seed=args.seed)
+        return trace_shots(
+            load_traces(args.trace),
+            labels,
+            compression=args.compression,
+            max_idle_s=args.max_idle,
+            window=window,
+            max_images=args.max_images,
+            n_images=n_images,
+            seed=args.seed,
+        )
     if args.rate <= 0 or args.count < 0:
         raise ConfigError("--rate must be > 0 and --count >= 0")
-    return rate_schedule(args.rate, args.count, [f"cam{i}" for i in range(args.cameras)],
-                         n_images=n_images, seed=args.seed)
+    return rate_schedule(
+        args.rate,
+        args.count,
+        [f"cam{i}" for i in range(args.cameras)],
+        n_images=n_images,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,10 +138,17 @@ def run(args: argparse.Namespace) -> int:
     shots = build_shots(args, source.labels, len(source))
     log.info("camera: %d images over %.1f s", len(shots), shots[-1].at_s if shots else 0.0)
     journal = RequestJournal(args.journal or ":memory:")
-    camera = Camera(mqtt_settings(args), pipe_name(args), source, shots,
-                    image_format=args.format, journal=journal,
-                    resend_after_s=args.resend_after or None, drain_s=args.drain,
-                    track_results=not args.no_track)
+    camera = Camera(
+        mqtt_settings(args),
+        pipe_name(args),
+        source,
+        shots,
+        image_format=args.format,
+        journal=journal,
+        resend_after_s=args.resend_after or None,
+        drain_s=args.drain,
+        track_results=not args.no_track,
+    )
     result: dict = {}
 
     async def go(stop: asyncio.Event) -> None:

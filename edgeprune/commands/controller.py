@@ -27,33 +27,60 @@ THRESHOLDS: tuple[tuple[str, str, type, str], ...] = (
     ("--margin-ms", "margin_ms", float, "reactive: LAT_trigger = SLO + margin, ms"),
     ("--quantile", "quantile", float, "reactive: latency quantile watched (0.95 = p95)"),
     ("--window", "window_s", float, "sliding window of end-to-end latencies, s"),
-    ("--sustain", "sustain_s", float,
-     "a prune condition must hold this long, s (default: reactive 5, proactive 1)"),
+    (
+        "--sustain",
+        "sustain_s",
+        float,
+        "a prune condition must hold this long, s (default: reactive 5, proactive 1)",
+    ),
     ("--cooldown", "cooldown_s", float, "no new action for this long after one, s"),
-    ("--restore-below-ms", "restore_below_ms", float,
-     "reactive: restore when the quantile stays below this, ms (default: 0.6 x SLO)"),
-    ("--restore-sustain", "restore_sustain_s", float,
-     "a restore condition must hold this long, s (default: reactive 30, proactive 20)"),
-    ("--min-samples", "min_samples", int, "reactive: fewer latencies in the window = no "
-     "decision"),
+    (
+        "--restore-below-ms",
+        "restore_below_ms",
+        float,
+        "reactive: restore when the quantile stays below this, ms (default: 0.6 x SLO)",
+    ),
+    (
+        "--restore-sustain",
+        "restore_sustain_s",
+        float,
+        "a restore condition must hold this long, s (default: reactive 30, proactive 20)",
+    ),
+    ("--min-samples", "min_samples", int, "reactive: fewer latencies in the window = no decision"),
     ("--rho-high", "rho_high", float, "proactive: prune when a stage's utilisation exceeds"),
-    ("--rho-target", "rho_target", float,
-     "utilisation every stage is planned for: capacity target = rho_target / arrival rate"),
+    (
+        "--rho-target",
+        "rho_target",
+        float,
+        "utilisation every stage is planned for: capacity target = rho_target / arrival rate",
+    ),
     ("--rho-low", "rho_low", float, "proactive: restore when restored levels stay below"),
     ("--rate-tau", "rate_tau_s", float, "time constant of the arrival-rate average, s"),
     ("--metrics-max-age", "metrics_max_age_s", float, "older node metrics count as missing, s"),
     ("--min-arrivals", "min_arrivals", int, "proactive: arrivals needed before deciding"),
-    ("--escalate-after", "escalate_after_s", float,
-     "proactive: within the cooldown, prune further after this long if the new levels still "
-     "cannot carry the load with empty queues, s"),
-    ("--slowdown-window", "slowdown_window_s", float,
-     "live slowdown: median of the service samples of this window, s"),
+    (
+        "--escalate-after",
+        "escalate_after_s",
+        float,
+        "proactive: within the cooldown, prune further after this long if the new levels still "
+        "cannot carry the load with empty queues, s",
+    ),
+    (
+        "--slowdown-window",
+        "slowdown_window_s",
+        float,
+        "live slowdown: median of the service samples of this window, s",
+    ),
     ("--slowdown-tau", "slowdown_tau_s", float, "live slowdown: EWMA time constant, s"),
     ("--slowdown-min", "slowdown_min", float, "live slowdown: lower bound"),
     ("--slowdown-max", "slowdown_max", float, "live slowdown: upper bound"),
     ("--decide-interval", "decide_interval_s", float, "seconds between policy evaluations"),
-    ("--status-interval", "status_interval_s", float,
-     "seconds between 'observing' INFO lines (0: off)"),
+    (
+        "--status-interval",
+        "status_interval_s",
+        float,
+        "seconds between 'observing' INFO lines (0: off)",
+    ),
     ("--reconnect-max", "reconnect_max_s", float, "longest reconnect backoff, s"),
 )
 
@@ -67,7 +94,8 @@ def _defaults() -> dict[str, Any]:
 def register(sub: argparse._SubParsersAction) -> None:
     defaults = _defaults()
     parser = sub.add_parser(
-        "controller", help="prune slow slices at run time and restore them later",
+        "controller",
+        help="prune slow slices at run time and restore them later",
         description="The controller of one pipeline: subscribes to exits, node metrics and "
         "statuses, and the retained levels on control/stage/+; when the policy triggers, "
         "chooses per-slice pruning levels with the optimizer (calibrated curves x live "
@@ -77,67 +105,147 @@ def register(sub: argparse._SubParsersAction) -> None:
         "when one is lost (its Last Will, or no message for --heartbeat-timeout s), re-plans "
         "the pipeline on the survivors with the SlimEdge planner and publishes the new plan "
         "and levels RETAINED; nodes apply it without restarting. "
-        "See docs/controller.md and docs/slimedge.md.")
-    parser.add_argument("--calibration", type=Path, required=True,
-                        help="calibration file (from `edgeprune calibrate`)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML file with a [controller] table (any key below)")
-    parser.add_argument("--slo-ms", type=float, default=None,
-                        help="end-to-end latency SLO in ms (required here or in the config)")
-    parser.add_argument("--a-min", type=float, default=None,
-                        help=f"minimum predicted accuracy (default {defaults['a_min']})")
-    parser.add_argument("--policy", choices=["reactive", "proactive", "static"], default=None,
-                        help="reactive: the paper's latency trigger; proactive: queues and "
-                        "arrival rate, acts before the SLO breaks; static: observe and log "
-                        f"only (default {defaults['policy']})")
-    parser.add_argument("--objective", choices=["bottleneck", "sum"], default=None,
-                        help="bottleneck: min max stage time (throughput); sum: the paper's "
-                        f"min end-to-end time (default {defaults['objective']})")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="write a JSON summary here on shutdown (decisions, time at each "
-                        "level per stage, prune/restore counts)")
+        "See docs/controller.md and docs/slimedge.md.",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        help="calibration file (from `edgeprune calibrate`)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file with a [controller] table (any key below)",
+    )
+    parser.add_argument(
+        "--slo-ms",
+        type=float,
+        default=None,
+        help="end-to-end latency SLO in ms (required here or in the config)",
+    )
+    parser.add_argument(
+        "--a-min",
+        type=float,
+        default=None,
+        help=f"minimum predicted accuracy (default {defaults['a_min']})",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=["reactive", "proactive", "static"],
+        default=None,
+        help="reactive: the paper's latency trigger; proactive: queues and "
+        "arrival rate, acts before the SLO breaks; static: observe and log "
+        f"only (default {defaults['policy']})",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=["bottleneck", "sum"],
+        default=None,
+        help="bottleneck: min max stage time (throughput); sum: the paper's "
+        f"min end-to-end time (default {defaults['objective']})",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="write a JSON summary here on shutdown (decisions, time at each "
+        "level per stage, prune/restore counts)",
+    )
     g = parser.add_argument_group("thresholds and windows ([controller] keys in brackets)")
     for flag, key, kind, text in THRESHOLDS:
         default = defaults.get(key)
         shown = "" if default is None or "default:" in text else f"; default {default:g}"
-        g.add_argument(flag, dest=key, type=kind, default=None, metavar=kind.__name__.upper(),
-                       help=f"{text}{shown} [{key}]")
+        g.add_argument(
+            flag,
+            dest=key,
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{text}{shown} [{key}]",
+        )
     f = parser.add_argument_group(
-        "failover (SlimEdge re-planning when a node is lost; docs/slimedge.md)")
-    f.add_argument("--failover", type=Path, default=None, metavar="DEVICES.toml",
-                   help="enable failover: TOML with one [[device]] per node that may run a "
-                   "slice (name = node id, speed, memory_mb, bandwidth_mbps, latency_ms, "
-                   "failure_prob; as `edgeprune plan --devices`). The plan to watch is the "
-                   "retained control/plan (e.g. from `edgeprune plan --publish`); nodes placed "
-                   "with --stage/--start/--end are not re-planned")
-    f.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S",
-                   help="a node silent this long (no metrics, which nodes send every "
-                   "--metrics-interval, 1 s by default) is lost; a Last Will is acted on at "
-                   "once. Detection bound: this + --failover-check-interval (default 3.0)")
-    f.add_argument("--failover-check-interval", type=float, default=0.2, metavar="S",
-                   help="how often liveness is checked, s (default 0.2)")
-    f.add_argument("--build-grace", type=float, default=30.0, metavar="S",
-                   help="after a new plan, its nodes may be silent this long while they build "
-                   "their slices (a Last Will still counts at once) (default 30)")
+        "failover (SlimEdge re-planning when a node is lost; docs/slimedge.md)"
+    )
+    f.add_argument(
+        "--failover",
+        type=Path,
+        default=None,
+        metavar="DEVICES.toml",
+        help="enable failover: TOML with one [[device]] per node that may run a "
+        "slice (name = node id, speed, memory_mb, bandwidth_mbps, latency_ms, "
+        "failure_prob; as `edgeprune plan --devices`). The plan to watch is the "
+        "retained control/plan (e.g. from `edgeprune plan --publish`); nodes placed "
+        "with --stage/--start/--end are not re-planned",
+    )
+    f.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="a node silent this long (no metrics, which nodes send every "
+        "--metrics-interval, 1 s by default) is lost; a Last Will is acted on at "
+        "once. Detection bound: this + --failover-check-interval (default 3.0)",
+    )
+    f.add_argument(
+        "--failover-check-interval",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="how often liveness is checked, s (default 0.2)",
+    )
+    f.add_argument(
+        "--build-grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="after a new plan, its nodes may be silent this long while they build "
+        "their slices (a Last Will still counts at once) (default 30)",
+    )
     fl = f.add_mutually_exclusive_group()
-    fl.add_argument("--failover-floor", type=float, default=None, metavar="ACC",
-                    help="accuracy floor of the re-plan (absolute, predicted from the measured "
-                    "importance)")
-    fl.add_argument("--failover-max-drop", type=float, default=0.02, metavar="ACC",
-                    help="floor = measured unpruned accuracy - this (default 0.02)")
-    f.add_argument("--failover-objective", choices=["bottleneck", "expected"],
-                   default="bottleneck",
-                   help="planner objective: bottleneck stage time, or its expectation over "
-                   "further single failures (default bottleneck)")
-    f.add_argument("--failover-slo-ms", type=float, default=None, metavar="MS",
-                   help="re-plan to the most accurate plan whose objective (bottleneck stage "
-                   "time with transfers) is at most this; default: the fastest plan above "
-                   "the floor")
-    add_checkpoint(f, help="model checkpoint the nodes run: its measured per-block costs and "
-                   "importance drive the re-plan")
-    f.add_argument("--measurements", type=Path, default=None,
-                   help="measurements JSON (default runs/slimedge/measurements-<model>-<hash>"
-                   ".json; measured once, a few minutes, if missing)")
+    fl.add_argument(
+        "--failover-floor",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="accuracy floor of the re-plan (absolute, predicted from the measured importance)",
+    )
+    fl.add_argument(
+        "--failover-max-drop",
+        type=float,
+        default=0.02,
+        metavar="ACC",
+        help="floor = measured unpruned accuracy - this (default 0.02)",
+    )
+    f.add_argument(
+        "--failover-objective",
+        choices=["bottleneck", "expected"],
+        default="bottleneck",
+        help="planner objective: bottleneck stage time, or its expectation over "
+        "further single failures (default bottleneck)",
+    )
+    f.add_argument(
+        "--failover-slo-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="re-plan to the most accurate plan whose objective (bottleneck stage "
+        "time with transfers) is at most this; default: the fastest plan above "
+        "the floor",
+    )
+    add_checkpoint(
+        f,
+        help="model checkpoint the nodes run: its measured per-block costs and "
+        "importance drive the re-plan",
+    )
+    f.add_argument(
+        "--measurements",
+        type=Path,
+        default=None,
+        help="measurements JSON (default runs/slimedge/measurements-<model>-<hash>"
+        ".json; measured once, a few minutes, if missing)",
+    )
     add_data_dir(f, help="dataset cache folder, only to measure")
     add_mqtt(parser)
     parser.set_defaults(func=run)
@@ -147,8 +255,9 @@ def build_config(args: argparse.Namespace) -> Any:  # -> ControllerConfig
     from controller.config import ControllerConfig
 
     overrides: dict[str, Any] = {key: getattr(args, key, None) for _, key, _, _ in THRESHOLDS}
-    overrides.update(slo_ms=args.slo_ms, a_min=args.a_min, policy=args.policy,
-                     objective=args.objective)
+    overrides.update(
+        slo_ms=args.slo_ms, a_min=args.a_min, policy=args.policy, objective=args.objective
+    )
     if args.config:
         return ControllerConfig.from_toml(args.config, **overrides)
     return ControllerConfig.from_mapping({}, **overrides)
@@ -165,9 +274,11 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     from pipeline.checkpoint import load_checkpoint
     from pipeline.partition import load_devices
 
-    settings = FailoverSettings(heartbeat_timeout_s=args.heartbeat_timeout,
-                                check_interval_s=args.failover_check_interval,
-                                build_grace_s=args.build_grace)
+    settings = FailoverSettings(
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        check_interval_s=args.failover_check_interval,
+        build_grace_s=args.build_grace,
+    )
     devices = list(load_devices(args.failover))
     ckpt = load_checkpoint(args.checkpoint)
     from pipeline.data import load_animal_mnist, split_dataset
@@ -175,21 +286,33 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     path = args.measurements or default_cache(ckpt)
 
     def held_out() -> Any:  # loaded only when the measurements must be taken
-        log.info("failover: measuring per-block costs and importance of %s (once; cached at "
-                 "%s)", ckpt.config.name, path)
+        log.info(
+            "failover: measuring per-block costs and importance of %s (once; cached at %s)",
+            ckpt.config.name,
+            path,
+        )
         return split_dataset(load_animal_mnist(data_dir(args))).val
 
     m = load_or_measure(ckpt, held_out, path, progress=False)
-    floor = args.failover_floor if args.failover_floor is not None \
+    floor = (
+        args.failover_floor
+        if args.failover_floor is not None
         else m.unpruned_accuracy - args.failover_max_drop
+    )
     planner = Planner(m.costs, fit_accuracy_model(m))
     slo = None if args.failover_slo_ms is None else args.failover_slo_ms / 1e3
-    log.info("failover armed: devices %s, floor %.3f, objective %s%s, detection within "
-             "%.1f s of a node's last message (Last Will: at once)", [d.name for d in devices],
-             floor, args.failover_objective, "" if slo is None else f", SLO {slo * 1e3:g} ms",
-             settings.detection_bound_s)
-    return FailoverMonitor(planner, devices, floor, settings,
-                           objective=args.failover_objective, slo_s=slo)
+    log.info(
+        "failover armed: devices %s, floor %.3f, objective %s%s, detection within "
+        "%.1f s of a node's last message (Last Will: at once)",
+        [d.name for d in devices],
+        floor,
+        args.failover_objective,
+        "" if slo is None else f", SLO {slo * 1e3:g} ms",
+        settings.detection_bound_s,
+    )
+    return FailoverMonitor(
+        planner, devices, floor, settings, objective=args.failover_objective, slo_s=slo
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,12 +331,19 @@ def run(args: argparse.Namespace) -> int:
 
     def on_failover(decision: Any) -> None:
         bounds = [(b.start, b.end) for b in decision.message.bounds]
-        log.warning("failover: published plan v%d %s on %s at levels %s (%s)",
-                    decision.message.version, bounds, decision.message.nodes,
-                    list(decision.plan.levels), decision.message.reason)
+        log.warning(
+            "failover: published plan v%d %s on %s at levels %s (%s)",
+            decision.message.version,
+            bounds,
+            decision.message.nodes,
+            list(decision.plan.levels),
+            decision.message.reason,
+        )
         if bounds != calibrated:
-            controller.state.hold(f"failover plan v{decision.message.version} runs slices "
-                                  f"{bounds}, the calibration is for {calibrated}")
+            controller.state.hold(
+                f"failover plan v{decision.message.version} runs slices "
+                f"{bounds}, the calibration is for {calibrated}"
+            )
 
     async def serve(stop: Any) -> None:
         decisions: list[Any] = []
@@ -223,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
             from controller.failover import run_failover
 
             report, decisions = await asyncio.gather(
-                controller.run(stop), run_failover(mqtt, pipe, monitor, stop, on_failover))
+                controller.run(stop), run_failover(mqtt, pipe, monitor, stop, on_failover)
+            )
         if args.report is not None:
             report = {**report, "pipe": pipe, "calibration_path": str(args.calibration)}
             if monitor is not None:

@@ -19,7 +19,8 @@ QUICK_CHECKPOINT = Path("runs") / "demo" / "quick-resnet-s.pt"
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "demo", help="the whole system live: slow a board down, watch the controller prune",
+        "demo",
+        help="the whole system live: slow a board down, watch the controller prune",
         description="Runs experiments/demo.toml end to end: a local Mosquitto, two slice "
         "nodes emulating Raspberry-Pi-class boards (the second 14% slower, each a separate "
         "process), the controller and a camera replaying a compressed real camera-trap trace "
@@ -36,16 +37,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "CDF of every policy). About four minutes on two cores (two with --compare "
         "static,reactive); a missing calibration is measured first (about 15 s), a missing "
         "model is trained quickly (a few minutes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG,
-                        help="the scenario (a TOML file like experiments/*.toml)")
-    parser.add_argument("--compare", default="static,reactive,proactive", metavar="P1,P2,...",
-                        help="policies to run one after another")
-    parser.add_argument("--policy", default=None,
-                        choices=["static", "reactive", "proactive"],
-                        help="run only this policy (faster; overrides --compare)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default runs/experiments/demo-<time>)")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEMO_CONFIG,
+        help="the scenario (a TOML file like experiments/*.toml)",
+    )
+    parser.add_argument(
+        "--compare",
+        default="static,reactive,proactive",
+        metavar="P1,P2,...",
+        help="policies to run one after another",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        choices=["static", "reactive", "proactive"],
+        help="run only this policy (faster; overrides --compare)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/experiments/demo-<time>)",
+    )
     add_data_dir(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -55,10 +72,24 @@ def quick_checkpoint(args: argparse.Namespace) -> Path:
     """Train a small model for the demo (standard regime, 3 epochs) when none exists."""
     if QUICK_CHECKPOINT.is_file():
         return QUICK_CHECKPOINT
-    print("no trained model found: training a quick one for the demo (3 epochs; "
-          "`edgeprune train` makes the real one) ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "edgeprune", "train", "--regime", "standard", "--epochs", "3",
-           "--out", str(QUICK_CHECKPOINT)]
+    print(
+        "no trained model found: training a quick one for the demo (3 epochs; "
+        "`edgeprune train` makes the real one) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeprune",
+        "train",
+        "--regime",
+        "standard",
+        "--epochs",
+        "3",
+        "--out",
+        str(QUICK_CHECKPOINT),
+    ]
     if args.data_dir:
         cmd += ["--data-dir", str(args.data_dir)]
     subprocess.run(cmd, check=True)
@@ -74,14 +105,25 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = load_config(args.config)
     if not checkpoint_path(config).is_file():
-        config = config.with_overrides(checkpoint=quick_checkpoint(args),
-                                       calibration=Path("runs/calibration/demo-quick.json"))
+        config = config.with_overrides(
+            checkpoint=quick_checkpoint(args), calibration=Path("runs/calibration/demo-quick.json")
+        )
     policies = [args.policy] if args.policy else policies_of(args, config.policy)
     out = args.out or Path("runs") / "experiments" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"edgeprune demo: {config.description}\npolicies: {', '.join(policies)}; output: "
-          f"{out}\n", file=sys.stderr, flush=True)
-    result = run_session(config, policies, out, data_dir=data_dir(args), progress=True,
-                         command="edgeprune demo", log_level=args.log_level)
+    print(
+        f"edgeprune demo: {config.description}\npolicies: {', '.join(policies)}; output: {out}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = run_session(
+        config,
+        policies,
+        out,
+        data_dir=data_dir(args),
+        progress=True,
+        command="edgeprune demo",
+        log_level=args.log_level,
+    )
     print_outcome(result, args.json)
     if not args.json:
         print(f"\ndemo finished in {time.monotonic() - started:.0f} s")

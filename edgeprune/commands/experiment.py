@@ -15,7 +15,8 @@ POLICIES = ("static", "reactive", "proactive")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "experiment", help="run a scenario from a TOML file; --compare policies side by side",
+        "experiment",
+        help="run a scenario from a TOML file; --compare policies side by side",
         description="Runs the scenario of CONFIG.toml end to end, every part as a separate "
         "process in its own process group: a fresh Mosquitto, one `edgeprune node` per slice "
         "(emulating its device: constant and transient slowdowns on a clock shared with the "
@@ -27,25 +28,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(timeline with levels and slowdown windows, latency CDF). A missing or stale "
         "calibration is measured first. Processes are always cleaned up, also on Ctrl-C. "
         "Shipped scenarios: experiments/paper.toml, experiments/demo.toml.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("config", type=Path, metavar="CONFIG.toml", help="the scenario")
-    parser.add_argument("--policy", choices=POLICIES, default=None,
-                        help="run this policy (default: [experiment] policy)")
-    parser.add_argument("--compare", default=None, metavar="P1,P2,...",
-                        help="run these policies one after another on the same trace and seed "
-                        "and print them side by side, e.g. static,reactive,proactive")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every policy N times (interleaved); report medians and "
-                        "ranges")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="re-run a run whose replay started more than 1 s off the shared "
-                        "clock (start-up slower than the budget), up to N times")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default runs/experiments/<name>-<time>)")
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=None,
+        help="run this policy (default: [experiment] policy)",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="P1,P2,...",
+        help="run these policies one after another on the same trace and seed "
+        "and print them side by side, e.g. static,reactive,proactive",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every policy N times (interleaved); report medians and ranges",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="re-run a run whose replay started more than 1 s off the shared "
+        "clock (start-up slower than the budget), up to N times",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/experiments/<name>-<time>)",
+    )
     g = parser.add_argument_group("shorter runs (override [trace])")
     g.add_argument("--max-images", type=int, default=None, help="stop after N images")
-    g.add_argument("--window", default=None, metavar="START:END",
-                   help="trace window in trace seconds")
+    g.add_argument(
+        "--window", default=None, metavar="START:END", help="trace window in trace seconds"
+    )
     g.add_argument("--compression", type=float, default=None, help="trace time compression")
     g.add_argument("--quiet", action="store_true", help="no live status lines")
     add_data_dir(parser)
@@ -61,8 +83,9 @@ def policies_of(args: argparse.Namespace, default: str) -> list[str]:
         chosen = [p.strip() for p in args.compare.split(",") if p.strip()]
         bad = [p for p in chosen if p not in POLICIES]
         if bad or not chosen or len(set(chosen)) != len(chosen):
-            raise ConfigError(f"--compare takes distinct policies from {POLICIES}, got "
-                              f"{args.compare!r}")
+            raise ConfigError(
+                f"--compare takes distinct policies from {POLICIES}, got {args.compare!r}"
+            )
         return chosen
     return [args.policy or default]
 
@@ -77,8 +100,11 @@ def apply_overrides(config: Any, args: argparse.Namespace) -> Any:
         except ValueError as exc:
             raise ConfigError(f"--window must be START:END, got {args.window!r}") from exc
         window = (a, b)
-    return config.with_trace(max_images=getattr(args, "max_images", None), window=window,
-                             compression=getattr(args, "compression", None))
+    return config.with_trace(
+        max_images=getattr(args, "max_images", None),
+        window=window,
+        compression=getattr(args, "compression", None),
+    )
 
 
 def print_outcome(result: Any, as_json: bool) -> None:
@@ -94,9 +120,11 @@ def print_outcome(result: Any, as_json: bool) -> None:
     cmp = result.compare()
     for policy, speedup in cmp.get("speedup_p95", {}).items():
         gain = cmp["slo_attainment_gain"][policy]
-        print(f"{policy} vs static: p95 speedup "
-              f"{'-' if speedup is None else f'{speedup:.2f}x'}, SLO attainment "
-              f"{'-' if gain is None else f'{gain:.2f}x'}")
+        print(
+            f"{policy} vs static: p95 speedup "
+            f"{'-' if speedup is None else f'{speedup:.2f}x'}, SLO attainment "
+            f"{'-' if gain is None else f'{gain:.2f}x'}"
+        )
     print("\nemulated: " + "; ".join(result.config.emulation_summary()))
     print(f"report: {result.report_md} and {result.report_json}")
     for name, path in result.plots.items():
@@ -111,8 +139,16 @@ def run(args: argparse.Namespace) -> int:
     policies = policies_of(args, config.policy)
     out = args.out or default_out_dir(config)
     command = "edgeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = run_session(config, policies, out, data_dir=data_dir(args),
-                         progress=not args.quiet, command=command, log_level=args.log_level,
-                         repeat=args.repeat, retries=args.retries)
+    result = run_session(
+        config,
+        policies,
+        out,
+        data_dir=data_dir(args),
+        progress=not args.quiet,
+        command=command,
+        log_level=args.log_level,
+        repeat=args.repeat,
+        retries=args.retries,
+    )
     print_outcome(result, args.json)
     return 0 if result.ok else 1

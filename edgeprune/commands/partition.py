@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "partition", help="place model blocks on devices (min bottleneck), optionally publish",
+        "partition",
+        help="place model blocks on devices (min bottleneck), optionally publish",
         description="Cut a profiled model into contiguous stages on the devices of a TOML "
         "device file (used in file order, some possibly unused) so that the slowest stage is "
         "as fast as possible, then the end-to-end time as small as possible (exact dynamic "
@@ -33,20 +34,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and a PNG, prints the stages, the bottleneck and the equivalent --cuts. With "
         "--publish the plan goes retained to edgeprune/<pipe>/control/plan, where nodes find "
         "their slice by node id = device name.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--profile", type=Path, default=Path("runs/profile.json"),
-                        help="profile JSON from `edgeprune profile`")
-    parser.add_argument("--devices", type=Path, required=True,
-                        help="device file, e.g. devices/two-pi4.toml")
-    parser.add_argument("--max-stages", type=int, default=None,
-                        help="at most this many stages (default: one per device)")
-    parser.add_argument("--out", type=Path, default=Path("runs/plan.json"),
-                        help="plan JSON; the plot goes next to it as .png")
-    parser.add_argument("--publish", action="store_true",
-                        help="publish the plan retained on edgeprune/<pipe>/control/plan")
-    parser.add_argument("--plan-version", type=int, default=None,
-                        help="plan version (default: the retained plan's + 1 when publishing, "
-                        "else 1); nodes ignore plans not newer than the one they run")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=Path("runs/profile.json"),
+        help="profile JSON from `edgeprune profile`",
+    )
+    parser.add_argument(
+        "--devices", type=Path, required=True, help="device file, e.g. devices/two-pi4.toml"
+    )
+    parser.add_argument(
+        "--max-stages",
+        type=int,
+        default=None,
+        help="at most this many stages (default: one per device)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/plan.json"),
+        help="plan JSON; the plot goes next to it as .png",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="publish the plan retained on edgeprune/<pipe>/control/plan",
+    )
+    parser.add_argument(
+        "--plan-version",
+        type=int,
+        default=None,
+        help="plan version (default: the retained plan's + 1 when publishing, "
+        "else 1); nodes ignore plans not newer than the one they run",
+    )
     add_mqtt(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -77,12 +99,22 @@ def stage_costs(plan: Any, blocks: Any, devices: Any) -> list[StageCost]:
     out = []
     for k, s in enumerate(plan.stages):
         dev = by_name[s.device]
-        part = blocks[s.start_block:s.end_block]
+        part = blocks[s.start_block : s.end_block]
         compute = sum(b.compute_s for b in part) / dev.speed
         transfer = dev.transfer_s(part[-1].output_bytes) if s.end_block < n else 0.0
         memory = sum(b.param_bytes for b in part) + max(b.activation_bytes for b in part)
-        out.append(StageCost(k, s.start_block, s.end_block, s.device, compute, transfer,
-                             int(memory), dev.memory_bytes))
+        out.append(
+            StageCost(
+                k,
+                s.start_block,
+                s.end_block,
+                s.device,
+                compute,
+                transfer,
+                int(memory),
+                dev.memory_bytes,
+            )
+        )
     return out
 
 
@@ -107,16 +139,30 @@ def run(args: argparse.Namespace) -> int:
         log.info("published plan v%d on %s", plan.version, topic)
     costs = stage_costs(plan, prof.blocks, devices)
     doc: dict[str, Any] = {
-        **plan.to_dict(), "cuts": cuts_of(plan), "created": now_iso(),
+        **plan.to_dict(),
+        "cuts": cuts_of(plan),
+        "created": now_iso(),
         "block_names": prof.block_names,
-        "profile": {"path": str(args.profile), "model": prof.model_name,
-                    "model_hash": prof.model_hash, "machine": prof.machine.get("processor")},
+        "profile": {
+            "path": str(args.profile),
+            "model": prof.model_name,
+            "model_hash": prof.model_hash,
+            "machine": prof.machine.get("processor"),
+        },
         "device_file": str(args.devices),
-        "devices": [{**spec.to_dict(), "speed_used": dev.speed, "speed_from": spec.describe()}
-                    for spec, dev in zip(specs, devices, strict=True)],
-        "stage_costs": [{"stage": c.stage, "compute_s": c.compute_s,
-                         "transfer_s": c.transfer_s, "memory_bytes": c.memory_bytes}
-                        for c in costs],
+        "devices": [
+            {**spec.to_dict(), "speed_used": dev.speed, "speed_from": spec.describe()}
+            for spec, dev in zip(specs, devices, strict=True)
+        ],
+        "stage_costs": [
+            {
+                "stage": c.stage,
+                "compute_s": c.compute_s,
+                "transfer_s": c.transfer_s,
+                "memory_bytes": c.memory_bytes,
+            }
+            for c in costs
+        ],
         "published": published,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,34 +173,64 @@ def run(args: argparse.Namespace) -> int:
         return 0
     names = prof.block_names
     worst = max(costs, key=lambda c: c.total_s)
-    rows = [[c.stage, f"[{c.start},{c.end}) {','.join(names[c.start:c.end])}", c.device,
-             f"{1e3 * c.compute_s:.3f}", f"{1e3 * c.transfer_s:.3f}", f"{1e3 * c.total_s:.3f}",
-             f"{c.memory_bytes / 2**20:.2f} / {c.device_memory_bytes / 2**20:.0f}",
-             "<- bottleneck" if c is worst else ""]
-            for c in costs]
-    print(f"{prof.model_name} on {args.devices} (profiled on {prof.machine.get('processor')}; "
-          "device times are predictions)")
-    print(format_table(["stage", "blocks", "device", "compute ms", "transfer ms", "total ms",
-                        "memory MiB", ""], rows))
-    print(f"bottleneck: stage {worst.stage} on {worst.device}, {1e3 * worst.total_s:.3f} ms "
-          f"-> at most {1 / worst.total_s:.1f} images/s; end to end "
-          f"{1e3 * sum(c.total_s for c in costs):.3f} ms (no queueing)")
+    rows = [
+        [
+            c.stage,
+            f"[{c.start},{c.end}) {','.join(names[c.start : c.end])}",
+            c.device,
+            f"{1e3 * c.compute_s:.3f}",
+            f"{1e3 * c.transfer_s:.3f}",
+            f"{1e3 * c.total_s:.3f}",
+            f"{c.memory_bytes / 2**20:.2f} / {c.device_memory_bytes / 2**20:.0f}",
+            "<- bottleneck" if c is worst else "",
+        ]
+        for c in costs
+    ]
+    print(
+        f"{prof.model_name} on {args.devices} (profiled on {prof.machine.get('processor')}; "
+        "device times are predictions)"
+    )
+    print(
+        format_table(
+            [
+                "stage",
+                "blocks",
+                "device",
+                "compute ms",
+                "transfer ms",
+                "total ms",
+                "memory MiB",
+                "",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"bottleneck: stage {worst.stage} on {worst.device}, {1e3 * worst.total_s:.3f} ms "
+        f"-> at most {1 / worst.total_s:.1f} images/s; end to end "
+        f"{1e3 * sum(c.total_s for c in costs):.3f} ms (no queueing)"
+    )
     unused = [d.name for d in devices if d.name not in plan.devices]
     if unused:
         print(f"unused devices: {', '.join(unused)}")
     print(f"equivalent cuts: --cuts {cuts_of(plan) or '(none: one stage)'}")
     for c in costs:
-        print(f"  edgeprune node --node-id {c.device} --stage {c.stage} --start {c.start} "
-              f"--end {c.end}")
+        print(
+            f"  edgeprune node --node-id {c.device} --stage {c.stage} --start {c.start} "
+            f"--end {c.end}"
+        )
     if published:
-        print(f"published plan v{plan.version} retained on {published['topic']} "
-              f"({published['broker']})")
+        print(
+            f"published plan v{plan.version} retained on {published['topic']} "
+            f"({published['broker']})"
+        )
     print(f"wrote {args.out} and {png}")
     return 0
 
 
-def publish_plan(settings: Any, pipe: str, plan: Any, version: int | None,
-                 timeout_s: float = 1.0) -> tuple[Any, str]:
+def publish_plan(
+    settings: Any, pipe: str, plan: Any, version: int | None, timeout_s: float = 1.0
+) -> tuple[Any, str]:
     """Publish ``plan`` retained on the pipe's plan topic; returns (plan as published, topic).
 
     ``version=None`` reads the retained plan first (waiting up to ``timeout_s``) and uses its
@@ -189,12 +265,18 @@ def publish_plan(settings: Any, pipe: str, plan: Any, version: int | None,
 
     async def main() -> Any:
         async with aiomqtt.Client(**settings.aiomqtt_kwargs()) as client:
-            final = plan if version is not None else replace(
-                plan, version=await retained_version(client) + 1)
+            final = (
+                plan
+                if version is not None
+                else replace(plan, version=await retained_version(client) + 1)
+            )
             message = PlanMessage.build(
-                final.version, final.n_blocks,
+                final.version,
+                final.n_blocks,
                 [SliceBounds(s.start_block, s.end_block) for s in final.stages],
-                list(final.devices), reason=f"edgeprune partition ({final.created_by})")
+                list(final.devices),
+                reason=f"edgeprune partition ({final.created_by})",
+            )
             await client.publish(topic, message.to_json(), qos=1, retain=True)
             return final
 
@@ -212,15 +294,27 @@ def plot_plan(costs: list[StageCost], plan: Any, names: list[str], path: Path) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(costs)))
-    labels = [f"{c.stage}: {c.device}\n[{c.start},{c.end}) {','.join(names[c.start:c.end])}"
-              for c in costs]
+    labels = [
+        f"{c.stage}: {c.device}\n[{c.start},{c.end}) {','.join(names[c.start : c.end])}"
+        for c in costs
+    ]
     y = list(range(len(costs)))
     ax.barh(y, [1e3 * c.compute_s for c in costs], color="tab:blue", label="compute")
-    ax.barh(y, [1e3 * c.transfer_s for c in costs], left=[1e3 * c.compute_s for c in costs],
-            color="tab:orange", label="transfer to next stage")
+    ax.barh(
+        y,
+        [1e3 * c.transfer_s for c in costs],
+        left=[1e3 * c.compute_s for c in costs],
+        color="tab:orange",
+        label="transfer to next stage",
+    )
     if plan.bottleneck_s is not None:
-        ax.axvline(1e3 * plan.bottleneck_s, color="k", ls="--", lw=0.8,
-                   label=f"bottleneck {1e3 * plan.bottleneck_s:.2f} ms")
+        ax.axvline(
+            1e3 * plan.bottleneck_s,
+            color="k",
+            ls="--",
+            lw=0.8,
+            label=f"bottleneck {1e3 * plan.bottleneck_s:.2f} ms",
+        )
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.35e3 * max(c.total_s for c in costs))

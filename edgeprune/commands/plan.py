@@ -26,50 +26,93 @@ log = logging.getLogger("edgeprune.plan")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "plan", help="SlimEdge: choose the partition and per-slice pruning levels",
+        "plan",
+        help="SlimEdge: choose the partition and per-slice pruning levels",
         description="Choose which device runs which contiguous slice at which pruning level so "
         "that the bottleneck stage time (with transfers) is smallest, every slice fits its "
         "device's memory cap (pruning shrinks a slice) and the predicted accuracy stays above "
         "the floor. Uses the measured per-block costs and importance of the checkpoint "
         "(measured once and cached under runs/slimedge/). Exact enumeration up to "
         "--exact-limit configurations, NSGA-II beyond. Device names are node ids.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--devices", type=Path, required=True,
-                        help="TOML with one [[device]] per device: name, speed, memory_mb, "
-                        "bandwidth_mbps, latency_ms, failure_prob")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--devices",
+        type=Path,
+        required=True,
+        help="TOML with one [[device]] per device: name, speed, memory_mb, "
+        "bandwidth_mbps, latency_ms, failure_prob",
+    )
     add_checkpoint(parser)
     add_data_dir(parser)
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--floor", type=float, default=None, help="accuracy floor (absolute)")
-    g.add_argument("--max-drop", type=float, default=0.02,
-                   help="accuracy floor = measured unpruned accuracy - this")
-    parser.add_argument("--objective", choices=["bottleneck", "expected"], default="bottleneck",
-                        help="bottleneck, or the expected bottleneck over single failures")
-    parser.add_argument("--slo-ms", type=float, default=None,
-                        help="pick the most accurate plan whose objective meets this SLO")
+    g.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.02,
+        help="accuracy floor = measured unpruned accuracy - this",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=["bottleneck", "expected"],
+        default="bottleneck",
+        help="bottleneck, or the expected bottleneck over single failures",
+    )
+    parser.add_argument(
+        "--slo-ms",
+        type=float,
+        default=None,
+        help="pick the most accurate plan whose objective meets this SLO",
+    )
     parser.add_argument("--method", choices=["auto", "exact", "nsga2"], default="auto")
-    parser.add_argument("--exact-limit", type=int, default=200_000,
-                        help="largest configuration count searched exhaustively")
+    parser.add_argument(
+        "--exact-limit",
+        type=int,
+        default=200_000,
+        help="largest configuration count searched exhaustively",
+    )
     parser.add_argument("--max-stages", type=int, default=None)
-    parser.add_argument("--recovery-s", type=float, default=3.0,
-                        help="stall of one failover (expected objective)")
-    parser.add_argument("--measurements", type=Path, default=None,
-                        help="measurements JSON (default runs/slimedge/measurements-<model>.json)")
+    parser.add_argument(
+        "--recovery-s", type=float, default=3.0, help="stall of one failover (expected objective)"
+    )
+    parser.add_argument(
+        "--measurements",
+        type=Path,
+        default=None,
+        help="measurements JSON (default runs/slimedge/measurements-<model>.json)",
+    )
     parser.add_argument("--front", type=int, default=12, help="Pareto points to print")
-    parser.add_argument("--verify", action="store_true",
-                        help="measure the chosen plan's real accuracy on the test split")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="measure the chosen plan's real accuracy on the test split",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the plan as JSON")
-    parser.add_argument("--publish", action="store_true",
-                        help="publish the plan (retained, next version) and the stage levels")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="publish the plan (retained, next version) and the stage levels",
+    )
     add_mqtt(parser)
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def _stage_rows(plan: Any, names: list[str]) -> list[list[Any]]:
-    return [[i, f"[{s.start},{s.end}) {'+'.join(names[s.start:s.end])}", s.device, s.level,
-             s.ratio, s.time_s * 1e3, s.memory_bytes / 2**20, s.cap_bytes / 2**20]
-            for i, s in enumerate(plan.stages)]
+    return [
+        [
+            i,
+            f"[{s.start},{s.end}) {'+'.join(names[s.start : s.end])}",
+            s.device,
+            s.level,
+            s.ratio,
+            s.time_s * 1e3,
+            s.memory_bytes / 2**20,
+            s.cap_bytes / 2**20,
+        ]
+        for i, s in enumerate(plan.stages)
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,32 +129,48 @@ def run(args: argparse.Namespace) -> int:
     m = load_or_measure(ckpt, splits.val, args.measurements, progress=not args.json)
     accuracy = fit_accuracy_model(m)
     floor = args.floor if args.floor is not None else m.unpruned_accuracy - args.max_drop
-    planner = Planner(m.costs, accuracy, exact_limit=args.exact_limit,
-                      max_stages=args.max_stages, recovery_s=args.recovery_s)
+    planner = Planner(
+        m.costs,
+        accuracy,
+        exact_limit=args.exact_limit,
+        max_stages=args.max_stages,
+        recovery_s=args.recovery_s,
+    )
     slo = None if args.slo_ms is None else args.slo_ms / 1e3
-    result = planner.plan(devices, floor, objective=args.objective, slo_s=slo,
-                          method=args.method)
+    result = planner.plan(devices, floor, objective=args.objective, slo_s=slo, method=args.method)
     unpruned = planner.plan(devices, floor, levels=0).best
-    uniform = next((p for lv in range(m.costs.n_levels)
-                    if (p := planner.plan(devices, floor, levels=lv).best) is not None), None)
-    out: dict[str, Any] = {"floor": floor, "unpruned_accuracy": m.unpruned_accuracy,
-                           "accuracy_model": {"kappa": accuracy.kappa, **accuracy.validation},
-                           **result.to_dict(),
-                           "unpruned": unpruned.to_dict() if unpruned else None,
-                           "uniform": uniform.to_dict() if uniform else None}
+    uniform = next(
+        (
+            p
+            for lv in range(m.costs.n_levels)
+            if (p := planner.plan(devices, floor, levels=lv).best) is not None
+        ),
+        None,
+    )
+    out: dict[str, Any] = {
+        "floor": floor,
+        "unpruned_accuracy": m.unpruned_accuracy,
+        "accuracy_model": {"kappa": accuracy.kappa, **accuracy.validation},
+        **result.to_dict(),
+        "unpruned": unpruned.to_dict() if unpruned else None,
+        "uniform": uniform.to_dict() if uniform else None,
+    }
     best = result.best
     if best is None:
         if args.json:
             print_json(out)
-        raise ConfigError(f"no plan on {[d.name for d in devices]} fits the memory caps with "
-                          f"predicted accuracy >= {floor:.3f}")
+        raise ConfigError(
+            f"no plan on {[d.name for d in devices]} fits the memory caps with "
+            f"predicted accuracy >= {floor:.3f}"
+        )
     if args.verify:
         import torch
 
         bank = SliceBank(ckpt, m.costs.ratios)
         x, y = ckpt.preprocess(splits.test.images), torch.from_numpy(splits.test.labels)
-        out["measured_accuracy_test"] = accuracy_of(bank, x, y, [(s.start, s.end) for s in
-                                                                 best.stages], best.levels)
+        out["measured_accuracy_test"] = accuracy_of(
+            bank, x, y, [(s.start, s.end) for s in best.stages], best.levels
+        )
     message = best.to_message(1, "edgeprune plan")
     if args.publish:
         version = _publish(args, best)
@@ -127,22 +186,44 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     names = list(m.costs.block_names)
-    print(f"SlimEdge plan ({result.method}, {result.evaluated} of {result.configurations} "
-          f"configurations, {result.seconds * 1e3:.0f} ms), floor {floor:.3f}, objective "
-          f"{args.objective}")
-    print(format_table(["stage", "blocks", "device", "level", "ratio", "time ms", "mem MiB",
-                        "cap MiB"], _stage_rows(best, names)))
-    print(f"bottleneck {best.bottleneck_s * 1e3:.3f} ms, end-to-end {best.total_s * 1e3:.3f} ms,"
-          f" objective {best.objective_s * 1e3:.3f} ms, predicted accuracy {best.accuracy:.4f}"
-          + (f", measured (test) {out['measured_accuracy_test']:.4f}" if args.verify else ""))
-    for name, p in (("unpruned (best level-0 partition)", unpruned),
-                    ("uniform (smallest level meeting the floor)", uniform)):
-        print(f"{name}: " + ("no plan fits the memory caps" if p is None else
-                             f"bottleneck {p.bottleneck_s * 1e3:.3f} ms (x"
-                             f"{p.bottleneck_s / best.bottleneck_s:.2f}), levels {list(p.levels)}"))
-    rows = [[f"{p.objective_s * 1e3:.3f}", f"{p.accuracy:.4f}", list(p.levels),
-             " ".join(f"[{s.start},{s.end})@{s.device}" for s in p.stages)]
-            for p in result.front[: args.front]]
+    print(
+        f"SlimEdge plan ({result.method}, {result.evaluated} of {result.configurations} "
+        f"configurations, {result.seconds * 1e3:.0f} ms), floor {floor:.3f}, objective "
+        f"{args.objective}"
+    )
+    print(
+        format_table(
+            ["stage", "blocks", "device", "level", "ratio", "time ms", "mem MiB", "cap MiB"],
+            _stage_rows(best, names),
+        )
+    )
+    print(
+        f"bottleneck {best.bottleneck_s * 1e3:.3f} ms, end-to-end {best.total_s * 1e3:.3f} ms,"
+        f" objective {best.objective_s * 1e3:.3f} ms, predicted accuracy {best.accuracy:.4f}"
+        + (f", measured (test) {out['measured_accuracy_test']:.4f}" if args.verify else "")
+    )
+    for name, p in (
+        ("unpruned (best level-0 partition)", unpruned),
+        ("uniform (smallest level meeting the floor)", uniform),
+    ):
+        print(
+            f"{name}: "
+            + (
+                "no plan fits the memory caps"
+                if p is None
+                else f"bottleneck {p.bottleneck_s * 1e3:.3f} ms (x"
+                f"{p.bottleneck_s / best.bottleneck_s:.2f}), levels {list(p.levels)}"
+            )
+        )
+    rows = [
+        [
+            f"{p.objective_s * 1e3:.3f}",
+            f"{p.accuracy:.4f}",
+            list(p.levels),
+            " ".join(f"[{s.start},{s.end})@{s.device}" for s in p.stages),
+        ]
+        for p in result.front[: args.front]
+    ]
     print(f"Pareto front ({len(result.front)} points, fastest first):")
     print(format_table(["objective ms", "accuracy", "levels", "placement"], rows))
     if args.publish:
@@ -176,9 +257,21 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
             message = plan.to_message(version + 1, "edgeprune plan")
             await client.publish(topics.plan, message.to_json(), qos=1, retain=True)
             for i, s in enumerate(plan.stages):
-                await client.publish(topics.control_stage(i), codec.encode_json("level", {
-                    "stage": i, "level": s.level, "ratio": s.ratio, "seq": version + 1,
-                    "reason": "edgeprune plan"}), qos=1, retain=True)
+                await client.publish(
+                    topics.control_stage(i),
+                    codec.encode_json(
+                        "level",
+                        {
+                            "stage": i,
+                            "level": s.level,
+                            "ratio": s.ratio,
+                            "seq": version + 1,
+                            "reason": "edgeprune plan",
+                        },
+                    ),
+                    qos=1,
+                    retain=True,
+                )
             return int(message.version)
 
     return asyncio.run(go())

@@ -10,23 +10,39 @@ from edgeprune.commands._common import add_mqtt, mqtt_settings, pipe_name, run_s
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "tap", help="print every message of a pipeline, one line each (stage messages decoded)",
+        "tap",
+        help="print every message of a pipeline, one line each (stage messages decoded)",
         description="Subscribes to edgeprune/<pipe>/# (or the --topic filters) and prints one "
         "line per message: the msgpack stage messages decoded (request id, camera, stage, hops "
         "so far with node, level, queue+compute time, and the tensor's dtype, shape, kept/full "
         "channels and bytes, or the image's format and bytes) and the JSON topics compactly. "
         "A payload that does not decode is shown with the codec's reason. Like "
-        "`mosquitto_sub -v -t 'edgeprune/<pipe>/#'`, but readable. Ctrl-C quits.")
-    parser.add_argument("--topic", action="append", default=None, metavar="FILTER",
-                        help="MQTT topic filter, relative to edgeprune/<pipe>/ (e.g. 'stage/+', "
-                        "'errors', 'nodes/+/metrics') or absolute; repeatable "
-                        "(default: everything of the pipe)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object per message instead of a line of text")
-    parser.add_argument("--count", type=_positive_int, default=None, metavar="N",
-                        help="exit after N messages")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="exit after SECONDS; exit code 1 if --count was not reached")
+        "`mosquitto_sub -v -t 'edgeprune/<pipe>/#'`, but readable. Ctrl-C quits.",
+    )
+    parser.add_argument(
+        "--topic",
+        action="append",
+        default=None,
+        metavar="FILTER",
+        help="MQTT topic filter, relative to edgeprune/<pipe>/ (e.g. 'stage/+', "
+        "'errors', 'nodes/+/metrics') or absolute; repeatable "
+        "(default: everything of the pipe)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per message instead of a line of text",
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, default=None, metavar="N", help="exit after N messages"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after SECONDS; exit code 1 if --count was not reached",
+    )
     add_mqtt(parser)
     parser.set_defaults(func=run)
 
@@ -68,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
                 await client.subscribe(f, qos=1)
             print(f"tap: {settings.url} {' '.join(filters)}", file=sys.stderr, flush=True)
             async for message in client.messages:
-                payload = message.payload if isinstance(message.payload, bytes | bytearray) \
+                payload = (
+                    message.payload
+                    if isinstance(message.payload, bytes | bytearray)
                     else str(message.payload or "").encode()
+                )
                 rec = describe(str(message.topic), payload, retained=bool(message.retain))
                 sys.stdout.write(render(rec) + "\n")
                 sys.stdout.flush()
@@ -81,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
         task = asyncio.create_task(listen())
         stopper = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([task, stopper], timeout=args.timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [task, stopper], timeout=args.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if task.done():
                 try:
                     task.result()

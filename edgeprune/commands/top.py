@@ -13,16 +13,24 @@ from edgeprune.commands._common import add_mqtt, mqtt_settings, pipe_name, run_s
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "top", help="live view of a running pipeline",
+        "top",
+        help="live view of a running pipeline",
         description="Subscribes to edgeprune/<pipe>/# and redraws, once a second, every node "
         "(state, stage, level, queue depth, service time, counters, emulated slowdown), the "
         "end-to-end latency percentiles and SLO attainment of the last 500 requests, live "
-        "accuracy, the last controller decision and the last error. Ctrl-C quits.")
-    parser.add_argument("--slo-ms", type=float, default=None,
-                        help="show SLO attainment against this latency")
+        "accuracy, the last controller decision and the last error. Ctrl-C quits.",
+    )
+    parser.add_argument(
+        "--slo-ms", type=float, default=None, help="show SLO attainment against this latency"
+    )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
-    parser.add_argument("--once", type=float, default=None, metavar="SECONDS",
-                        help="collect for SECONDS, print one screen and exit (for scripts)")
+    parser.add_argument(
+        "--once",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="collect for SECONDS, print one screen and exit (for scripts)",
+    )
     add_mqtt(parser)
     parser.set_defaults(func=run)
 
@@ -48,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
                 if topic.startswith(f"{topics.base}/stage/"):
                     continue
                 with contextlib.suppress(CodecError):
-                    view.ingest(codec.decode_json(bytes(message.payload)),  # type: ignore[arg-type]
-                                time.time())
+                    view.ingest(
+                        codec.decode_json(bytes(message.payload)),  # type: ignore[arg-type]
+                        time.time(),
+                    )
 
     async def main(stop: asyncio.Event) -> None:
         task = asyncio.create_task(listen())

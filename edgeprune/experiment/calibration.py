@@ -23,8 +23,10 @@ from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 
-TRAIN_HINT = ("train it with `edgeprune train` (about 4 minutes on 2 cores; it writes "
-              "models/resnet-s.pt), or point [model] checkpoint at an existing one")
+TRAIN_HINT = (
+    "train it with `edgeprune train` (about 4 minutes on 2 cores; it writes "
+    "models/resnet-s.pt), or point [model] checkpoint at an existing one"
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,13 @@ class CalibrationInfo:
     unpruned_accuracy: float
 
     def to_dict(self) -> dict[str, object]:
-        return {"path": str(self.path), "created": self.created, "model_hash": self.model_hash,
-                "plan_hash": self.plan_hash, "unpruned_accuracy": self.unpruned_accuracy}
+        return {
+            "path": str(self.path),
+            "created": self.created,
+            "model_hash": self.model_hash,
+            "plan_hash": self.plan_hash,
+            "unpruned_accuracy": self.unpruned_accuracy,
+        }
 
 
 def checkpoint_path(config: ExperimentConfig) -> Path:
@@ -55,8 +62,9 @@ def load_model(config: ExperimentConfig) -> Checkpoint:
         raise ConfigError(f"cannot load the checkpoint {path}: {exc}; {TRAIN_HINT}") from exc
 
 
-def _matches(cal: Calibration, model_hash: str, plan_hash: str,
-             ratios: tuple[float, ...]) -> str | None:
+def _matches(
+    cal: Calibration, model_hash: str, plan_hash: str, ratios: tuple[float, ...]
+) -> str | None:
     """Why ``cal`` does not fit (None when it does)."""
     if cal.model_hash != model_hash:
         return f"it is for model {cal.model_hash}, the checkpoint is {model_hash}"
@@ -67,8 +75,9 @@ def _matches(cal: Calibration, model_hash: str, plan_hash: str,
     return None
 
 
-def ensure_calibration(config: ExperimentConfig, ckpt: Checkpoint, data_dir: Path, *,
-                       progress: bool = True) -> CalibrationInfo:
+def ensure_calibration(
+    config: ExperimentConfig, ckpt: Checkpoint, data_dir: Path, *, progress: bool = True
+) -> CalibrationInfo:
     """Reuse or (re)create the calibration at ``config.calibration_path``."""
     from pipeline.calibrate import CalibrationSettings, calibrate, plan_hash_of
 
@@ -93,8 +102,15 @@ def ensure_calibration(config: ExperimentConfig, ckpt: Checkpoint, data_dir: Pat
     from pipeline.data import load_dataset, split_dataset
 
     data = split_dataset(load_dataset("animal-mnist", data_dir)).val
-    cal = calibrate(ckpt, data, bounds=bounds, nodes=names,
-                    settings=CalibrationSettings(ratios=ratios), split="val", progress=progress)
+    cal = calibrate(
+        ckpt,
+        data,
+        bounds=bounds,
+        nodes=names,
+        settings=CalibrationSettings(ratios=ratios),
+        split="val",
+        progress=progress,
+    )
     cal.save(path)
     log.info("calibration written to %s", path)
     return CalibrationInfo(path, True, model_hash, plan_hash, cal.unpruned_accuracy)

@@ -56,8 +56,9 @@ class TraceSettings:
         if self.max_idle_s is not None and self.max_idle_s < 0:
             raise ConfigError("[trace] max_idle_s must be >= 0")
         if self.window is not None and not 0 <= self.window[0] < self.window[1]:
-            raise ConfigError(f"[trace] window must be [start, end], 0 <= start < end, got "
-                              f"{list(self.window)}")
+            raise ConfigError(
+                f"[trace] window must be [start, end], 0 <= start < end, got {list(self.window)}"
+            )
         if self.max_images is not None and self.max_images < 1:
             raise ConfigError("[trace] max_images must be >= 1")
         if self.image_format not in _IMAGE_FORMATS:
@@ -70,8 +71,16 @@ class TraceSettings:
         args: list[str] = []
         for name in self.names:
             args += ["--trace", name]
-        args += ["--compression", f"{self.compression:g}", "--format", self.image_format,
-                 "--drain", f"{self.drain_s:g}", "--resend-after", f"{self.resend_after_s:g}"]
+        args += [
+            "--compression",
+            f"{self.compression:g}",
+            "--format",
+            self.image_format,
+            "--drain",
+            f"{self.drain_s:g}",
+            "--resend-after",
+            f"{self.resend_after_s:g}",
+        ]
         if self.max_idle_s is not None:
             args += ["--max-idle", f"{self.max_idle_s:g}"]
         if self.window is not None:
@@ -93,8 +102,10 @@ class NodeSpec:
     hog_windows: tuple[tuple[float, float], ...] = ()  # a real CPU hog beside the node
 
     def describe(self) -> str:
-        text = f"{self.name}: stage {self.stage}, blocks [{self.start}, {self.end}), " \
-               f"emulated slowdown {self.emulation.describe()}"
+        text = (
+            f"{self.name}: stage {self.stage}, blocks [{self.start}, {self.end}), "
+            f"emulated slowdown {self.emulation.describe()}"
+        )
         if self.hog_windows:
             spans = ", ".join(f"[{a:g}, {b:g}) s" for a, b in self.hog_windows)
             text += f"; real CPU hog on its core during {spans}"
@@ -129,12 +140,19 @@ class ExperimentConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if len(self.nodes) != len(self.cuts) + 1:
-            raise ConfigError(f"{len(self.cuts)} cut(s) make {len(self.cuts) + 1} slices, "
-                              f"but {len(self.nodes)} node(s) are named")
-        if self.threads < 1 or self.startup_timeout_s <= 0 or self.startup_budget_s <= 0 \
-                or not self.metrics_interval_s > 0:
-            raise ConfigError("threads, startup_timeout_s, startup_budget_s and "
-                              "metrics_interval_s must be > 0")
+            raise ConfigError(
+                f"{len(self.cuts)} cut(s) make {len(self.cuts) + 1} slices, "
+                f"but {len(self.nodes)} node(s) are named"
+            )
+        if (
+            self.threads < 1
+            or self.startup_timeout_s <= 0
+            or self.startup_budget_s <= 0
+            or not self.metrics_interval_s > 0
+        ):
+            raise ConfigError(
+                "threads, startup_timeout_s, startup_budget_s and metrics_interval_s must be > 0"
+            )
         if self.warmup_images < 0:
             raise ConfigError("warmup_images must be >= 0")
         self.controller_config()  # validate early: a bad threshold fails before any process
@@ -153,8 +171,9 @@ class ExperimentConfig:
 
     def controller_config(self, policy: str | None = None) -> ControllerConfig:
         """The controller's settings for ``policy`` (default: the experiment's)."""
-        return ControllerConfig.from_mapping({"controller": dict(self.controller)},
-                                             policy=policy or self.policy)
+        return ControllerConfig.from_mapping(
+            {"controller": dict(self.controller)}, policy=policy or self.policy
+        )
 
     def controller_toml(self, policy: str) -> str:
         """A ``[controller]`` table for ``edgeprune controller --config``."""
@@ -180,20 +199,36 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (reports carry the config that made them)."""
         return {
-            "name": self.name, "description": self.description, "seed": self.seed,
-            "policy": self.policy, "source": str(self.source) if self.source else None,
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "policy": self.policy,
+            "source": str(self.source) if self.source else None,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-            "calibration": str(self.calibration_path), "cuts": list(self.cuts),
-            "ratios": list(self.ratios) if self.ratios else None, "threads": self.threads,
+            "calibration": str(self.calibration_path),
+            "cuts": list(self.cuts),
+            "ratios": list(self.ratios) if self.ratios else None,
+            "threads": self.threads,
             "metrics_interval_s": self.metrics_interval_s,
             "pin_cpus": self.pin_cpus,
-            "trace": {"names": list(self.trace.names), "compression": self.trace.compression,
-                      "max_idle_s": self.trace.max_idle_s,
-                      "window": list(self.trace.window) if self.trace.window else None,
-                      "max_images": self.trace.max_images, "format": self.trace.image_format},
-            "nodes": [{"name": n.name, "stage": n.stage, "blocks": [n.start, n.end],
-                       "emulation": n.emulation.to_dict(),
-                       "hog_windows": [list(w) for w in n.hog_windows]} for n in self.nodes],
+            "trace": {
+                "names": list(self.trace.names),
+                "compression": self.trace.compression,
+                "max_idle_s": self.trace.max_idle_s,
+                "window": list(self.trace.window) if self.trace.window else None,
+                "max_images": self.trace.max_images,
+                "format": self.trace.image_format,
+            },
+            "nodes": [
+                {
+                    "name": n.name,
+                    "stage": n.stage,
+                    "blocks": [n.start, n.end],
+                    "emulation": n.emulation.to_dict(),
+                    "hog_windows": [list(w) for w in n.hog_windows],
+                }
+                for n in self.nodes
+            ],
             "controller": dict(self.controller),
         }
 
@@ -232,15 +267,13 @@ def _emulation(name: str, table: Mapping[str, Any]) -> tuple[Emulation, tuple]:
     windows = []
     for w in table.get("windows", []):
         if not isinstance(w, Sequence) or isinstance(w, str) or len(w) != 3:
-            raise ConfigError(f"[emulation.{name}] windows are [start_s, end_s, factor], "
-                              f"got {w!r}")
+            raise ConfigError(f"[emulation.{name}] windows are [start_s, end_s, factor], got {w!r}")
         windows.append(SlowdownWindow(float(w[0]), float(w[1]), float(w[2])))
     cpu_hog = bool(table.get("cpu_hog", False))
     emulation = Emulation(float(table.get("factor", 1.0)), tuple(windows), cpu_hog)
     hog: tuple[tuple[float, float], ...] = ()
     if "hog_windows" in table:
-        hog = tuple(_pair(w, f"[emulation.{name}] hog_windows item")
-                    for w in table["hog_windows"])
+        hog = tuple(_pair(w, f"[emulation.{name}] hog_windows item") for w in table["hog_windows"])
     elif cpu_hog:
         hog = tuple((w.start_s, w.end_s) for w in windows)
     for a, b in hog:
@@ -254,13 +287,35 @@ def config_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> 
     unknown = set(data) - _TABLES
     if unknown:
         raise ConfigError(f"unknown tables {sorted(unknown)} (known: {sorted(_TABLES)})")
-    exp = _table(data, "experiment", {"name", "description", "seed", "policy",
-                                      "startup_timeout_s", "startup_budget_s",
-                                      "warmup_images"})
+    exp = _table(
+        data,
+        "experiment",
+        {
+            "name",
+            "description",
+            "seed",
+            "policy",
+            "startup_timeout_s",
+            "startup_budget_s",
+            "warmup_images",
+        },
+    )
     model = _table(data, "model", {"checkpoint", "calibration", "ratios"})
     plan = _table(data, "plan", {"cuts", "nodes", "threads", "pin_cpus", "metrics_interval_s"})
-    trace = _table(data, "trace", {"names", "compression", "max_idle_s", "window",
-                                   "max_images", "format", "drain_s", "resend_after_s"})
+    trace = _table(
+        data,
+        "trace",
+        {
+            "names",
+            "compression",
+            "max_idle_s",
+            "window",
+            "max_images",
+            "format",
+            "drain_s",
+            "resend_after_s",
+        },
+    )
     emulation = data.get("emulation", {})
     if not isinstance(emulation, Mapping):
         raise ConfigError("[emulation] must hold one table per node: [emulation.<node>]")
@@ -278,8 +333,9 @@ def config_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> 
     for i, name in enumerate(names):
         check_name("node", name)
         emu, hog = _emulation(name, emulation.get(name, {}))
-        nodes.append(NodeSpec(name, i, edges[i], edges[i + 1] if i + 1 < len(names) else -1,
-                              emu, hog))
+        nodes.append(
+            NodeSpec(name, i, edges[i], edges[i + 1] if i + 1 < len(names) else -1, emu, hog)
+        )
     trace_names = trace.get("names", [])
     if isinstance(trace_names, str):
         trace_names = [trace_names]
@@ -291,21 +347,29 @@ def config_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> 
         max_images=int(trace["max_images"]) if "max_images" in trace else None,
         image_format=str(trace.get("format", "png")),
         drain_s=float(trace.get("drain_s", 120.0)),
-        resend_after_s=float(trace.get("resend_after_s", 0.0)))
+        resend_after_s=float(trace.get("resend_after_s", 0.0)),
+    )
     name = str(exp.get("name") or (source.stem if source else "experiment"))
     return ExperimentConfig(
-        name=name, trace=settings, cuts=cuts, nodes=tuple(nodes),
+        name=name,
+        trace=settings,
+        cuts=cuts,
+        nodes=tuple(nodes),
         controller=_table(data, "controller", set(ControllerConfig.keys())),
-        description=str(exp.get("description", "")), seed=int(exp.get("seed", 0)),
+        description=str(exp.get("description", "")),
+        seed=int(exp.get("seed", 0)),
         policy=str(exp.get("policy", "reactive")),
         checkpoint=Path(model["checkpoint"]) if model.get("checkpoint") else None,
         calibration=Path(model["calibration"]) if model.get("calibration") else None,
         ratios=tuple(float(r) for r in model["ratios"]) if "ratios" in model else None,
         threads=int(plan.get("threads", 1)),
-        metrics_interval_s=float(plan.get("metrics_interval_s", 1.0)), pin_cpus=bool(plan.get("pin_cpus", False)),
+        metrics_interval_s=float(plan.get("metrics_interval_s", 1.0)),
+        pin_cpus=bool(plan.get("pin_cpus", False)),
         startup_timeout_s=float(exp.get("startup_timeout_s", 180.0)),
         startup_budget_s=float(exp.get("startup_budget_s", 45.0)),
-        warmup_images=int(exp.get("warmup_images", 10)), source=source)
+        warmup_images=int(exp.get("warmup_images", 10)),
+        source=source,
+    )
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -327,6 +391,7 @@ def resolve_blocks(config: ExperimentConfig, num_blocks: int) -> ExperimentConfi
     from pipeline.slicing import parse_cuts
 
     bounds = parse_cuts(list(config.cuts), num_blocks)
-    nodes = tuple(replace(n, start=b.start, end=b.end)
-                  for n, b in zip(config.nodes, bounds, strict=True))
+    nodes = tuple(
+        replace(n, start=b.start, end=b.end) for n, b in zip(config.nodes, bounds, strict=True)
+    )
     return replace(config, nodes=nodes)

@@ -20,14 +20,23 @@ import sys
 import time
 from collections.abc import Sequence
 
-_PRELOAD = ("nodes.camera", "nodes.schedule", "nodes.journal", "pipeline.data",
-            "traces.format", "traces.replay", "PIL.Image", "aiomqtt")
+_PRELOAD = (
+    "nodes.camera",
+    "nodes.schedule",
+    "nodes.journal",
+    "pipeline.data",
+    "traces.format",
+    "traces.replay",
+    "PIL.Image",
+    "aiomqtt",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edgeprune.experiment.delayed",
-        description="Run `edgeprune ARGS...` at the epoch time --at (imports done first).")
+        description="Run `edgeprune ARGS...` at the epoch time --at (imports done first).",
+    )
     parser.add_argument("--at", type=float, required=True, help="epoch seconds to start at")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the edgeprune arguments")
     ns = parser.parse_args(argv)

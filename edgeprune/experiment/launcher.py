@@ -62,8 +62,9 @@ class ProcessGroup:
     """Starts `python -m edgeprune ...` (or any) children, each in its own process group, with
     stdout and stderr in ``log_dir/<name>.log``; stops all of them on exit."""
 
-    def __init__(self, log_dir: Path, *, python: str = sys.executable,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *, python: str = sys.executable, cwd: Path | None = None
+    ) -> None:
         self.log_dir = Path(log_dir)
         self.python = python
         self.cwd = cwd or Path.cwd()
@@ -73,13 +74,24 @@ class ProcessGroup:
     def __enter__(self) -> ProcessGroup:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop_all()
 
-    def start(self, name: str, args: Sequence[str], *, module: str = "edgeprune",
-              stdout_path: Path | None = None, expect_exit: bool = False,
-              cpu: int | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        module: str = "edgeprune",
+        stdout_path: Path | None = None,
+        expect_exit: bool = False,
+        cpu: int | None = None,
+    ) -> Child:
         """Start ``python -m <module> <args>``; with ``stdout_path`` stdout goes there (e.g. a
         ``--json`` summary) and only stderr to the log. ``cpu`` pins it to one core (Linux)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +102,15 @@ class ProcessGroup:
             err = files.enter_context(log_path.open("ab"))
             out = files.enter_context(stdout_path.open("wb")) if stdout_path else err
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        cwd=self.cwd, env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=self.cwd,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as exc:
                 raise ExperimentError(f"cannot start {name}: {exc}") from exc
         if cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -107,8 +126,10 @@ class ProcessGroup:
         for c in self.children:
             code = c.proc.poll()
             if code is not None and not c.expect_exit:
-                raise ExperimentError(f"{c.name} (pid {c.proc.pid}) exited with code {code}; "
-                                      f"its log {c.log_path}:\n{c.log_tail()}")
+                raise ExperimentError(
+                    f"{c.name} (pid {c.proc.pid}) exited with code {code}; "
+                    f"its log {c.log_path}:\n{c.log_tail()}"
+                )
 
     def stop(self, child: Child, timeout: float = 15.0) -> int | None:
         """SIGTERM the child (SIGCONT first, in case it is stopped), wait, then SIGKILL its
@@ -121,8 +142,12 @@ class ProcessGroup:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing its process group",
-                            child.name, proc.pid, timeout)
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %.0f s; killing its process group",
+                    child.name,
+                    proc.pid,
+                    timeout,
+                )
         _kill_group(child.pgid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5.0)
@@ -165,7 +190,7 @@ def _group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
@@ -175,6 +200,7 @@ def _group_members(pgid: int) -> list[int]:
 def signals_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise ``KeyboardInterrupt`` like Ctrl-C does, so
     cleanup in ``finally`` runs whichever way the harness is asked to stop. Main thread only."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -189,8 +215,13 @@ def signals_as_interrupt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def wait_for(predicate: object, timeout: float, what: str, group: ProcessGroup | None = None,
-             poll_s: float = 0.05) -> None:
+def wait_for(
+    predicate: object,
+    timeout: float,
+    what: str,
+    group: ProcessGroup | None = None,
+    poll_s: float = 0.05,
+) -> None:
     """Poll ``predicate()`` until true (a deadline, not a fixed sleep); raise on timeout or when
     a child of ``group`` died meanwhile."""
     deadline = time.monotonic() + timeout

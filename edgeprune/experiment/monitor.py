@@ -44,8 +44,7 @@ class Events:
     """Everything one run produced, by kind; each item is a JSON body plus ``rx`` (receipt
     epoch seconds) and, for levels, ``topic``."""
 
-    by_kind: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {k: [] for k in KINDS})
+    by_kind: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {k: [] for k in KINDS})
 
     def add(self, kind: str, body: dict[str, Any]) -> None:
         self.by_kind.setdefault(kind, []).append(body)
@@ -67,8 +66,13 @@ def load_events(path: str | Path) -> Events:
             item = json.loads(line)
             kind = item.pop("event")
             if kind == "reset":  # a warm-up ended: what came before does not count
-                events = Events(by_kind={k: v for k, v in events.by_kind.items()
-                                         if k in ("status", "level", "decision")})
+                events = Events(
+                    by_kind={
+                        k: v
+                        for k, v in events.by_kind.items()
+                        if k in ("status", "level", "decision")
+                    }
+                )
                 continue
             events.add(kind, item)
     return events
@@ -95,8 +99,9 @@ class Recorder:
         task = asyncio.create_task(self._run(), name="recorder")
         try:
             waiter = asyncio.create_task(self.ready.wait())
-            done, _ = await asyncio.wait([waiter, task], timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [waiter, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             if task in done:
                 task.result()  # raises the connection error
@@ -112,11 +117,18 @@ class Recorder:
 
     async def _run(self) -> None:
         t = self.topics
-        async with aiomqtt.Client(**self.mqtt.aiomqtt_kwargs(),
-                                  logger=logging.getLogger("aiomqtt")) as client:
-            for topic, qos in ((t.stage(0), 1), (t.results, 1), (t.exits, 1),
-                               (f"{t.base}/control/#", 1), (t.status_all, 1),
-                               (t.metrics_all, 0), (t.errors, 1)):
+        async with aiomqtt.Client(
+            **self.mqtt.aiomqtt_kwargs(), logger=logging.getLogger("aiomqtt")
+        ) as client:
+            for topic, qos in (
+                (t.stage(0), 1),
+                (t.results, 1),
+                (t.exits, 1),
+                (f"{t.base}/control/#", 1),
+                (t.status_all, 1),
+                (t.metrics_all, 0),
+                (t.errors, 1),
+            ):
                 await client.subscribe(topic, qos=qos)
             self.ready.set()
             async for message in client.messages:
@@ -128,9 +140,17 @@ class Recorder:
         try:
             if topic == self.topics.stage(0):
                 msg = codec.decode_stage(data)
-                self._keep("send", {"request_id": msg.request_id, "camera": msg.camera,
-                                    "entry_ts": msg.entry_ts, "attempt": msg.attempt,
-                                    "label": msg.label, "rx": rx})
+                self._keep(
+                    "send",
+                    {
+                        "request_id": msg.request_id,
+                        "camera": msg.camera,
+                        "entry_ts": msg.entry_ts,
+                        "attempt": msg.attempt,
+                        "label": msg.label,
+                        "rx": rx,
+                    },
+                )
                 return
             if not data:
                 return  # a retained message being cleared
@@ -180,8 +200,16 @@ def current_levels(events: Events, n_stages: int) -> list[int]:
 class LiveStatus:
     """One status line per interval from a :class:`Recorder`'s records."""
 
-    def __init__(self, recorder: Recorder, nodes: Sequence[NodeSpec], slo_ms: float, *,
-                 label: str = "", stream: IO[str] | None = None, recent_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        nodes: Sequence[NodeSpec],
+        slo_ms: float,
+        *,
+        label: str = "",
+        stream: IO[str] | None = None,
+        recent_s: float = 5.0,
+    ) -> None:
         self.recorder = recorder
         self.nodes = list(nodes)
         self.slo_s = slo_ms / 1e3
@@ -197,25 +225,34 @@ class LiveStatus:
         ev = self.recorder.events
         exits = _first_by_id(ev["exit"])
         lat = np.asarray([e["latency_s"] for e in exits.values()])
-        recent = np.asarray([e["latency_s"] for e in exits.values()
-                             if e.get("rx", 0) >= now - self.recent_s])
+        recent = np.asarray(
+            [e["latency_s"] for e in exits.values() if e.get("rx", 0) >= now - self.recent_s]
+        )
         sent = len(self.recorder.sent_ids())
         t = now - self.clock_start if self.clock_start is not None else math.nan
         levels = current_levels(ev, len(self.nodes))
-        slow = [f"{n.name} x{n.emulation.factor_at(t):g}" for n in self.nodes
-                if math.isfinite(t) and n.emulation.factor_at(t) != n.emulation.factor]
-        correct = Counter(bool(r.get("correct")) for r in _first_by_id(ev["result"]).values()
-                          if r.get("correct") is not None)
+        slow = [
+            f"{n.name} x{n.emulation.factor_at(t):g}"
+            for n in self.nodes
+            if math.isfinite(t) and n.emulation.factor_at(t) != n.emulation.factor
+        ]
+        correct = Counter(
+            bool(r.get("correct"))
+            for r in _first_by_id(ev["result"]).values()
+            if r.get("correct") is not None
+        )
         labelled = sum(correct.values())
-        parts = [f"{self.label}t={t:5.0f}s" if math.isfinite(t) else f"{self.label}t=  -- ",
-                 f"sent {sent}" + (f"/{self.expected}" if self.expected else ""),
-                 f"done {len(exits)}",
-                 f"p95(last {self.recent_s:.0f}s) "
-                 + (f"{np.percentile(recent, 95) * 1e3:5.0f} ms" if recent.size else "   -- ms"),
-                 "SLO ok " + (f"{100 * float(np.mean(lat <= self.slo_s)):5.1f}%"
-                              if lat.size else "   --"),
-                 "acc " + (f"{100 * correct[True] / labelled:4.1f}%" if labelled else "--"),
-                 "levels " + "/".join(str(v) for v in levels)]
+        parts = [
+            f"{self.label}t={t:5.0f}s" if math.isfinite(t) else f"{self.label}t=  -- ",
+            f"sent {sent}" + (f"/{self.expected}" if self.expected else ""),
+            f"done {len(exits)}",
+            f"p95(last {self.recent_s:.0f}s) "
+            + (f"{np.percentile(recent, 95) * 1e3:5.0f} ms" if recent.size else "   -- ms"),
+            "SLO ok "
+            + (f"{100 * float(np.mean(lat <= self.slo_s)):5.1f}%" if lat.size else "   --"),
+            "acc " + (f"{100 * correct[True] / labelled:4.1f}%" if labelled else "--"),
+            "levels " + "/".join(str(v) for v in levels),
+        ]
         if slow:
             parts.append("slow: " + ", ".join(slow))
         return "  ".join(parts)
@@ -224,11 +261,13 @@ class LiveStatus:
         """Human lines for level changes seen since the last call."""
         levels = self.recorder.events["level"]
         out = []
-        for body in levels[self._seen_levels:]:
+        for body in levels[self._seen_levels :]:
             t = body["rx"] - self.clock_start if self.clock_start is not None else math.nan
-            out.append(f"{self.label}t={t:5.1f}s  stage {body.get('stage')} -> level "
-                       f"{body.get('level')} (ratio {body.get('ratio')}): "
-                       f"{body.get('reason', '')}")
+            out.append(
+                f"{self.label}t={t:5.1f}s  stage {body.get('stage')} -> level "
+                f"{body.get('level')} (ratio {body.get('ratio')}): "
+                f"{body.get('reason', '')}"
+            )
         self._seen_levels = len(levels)
         return out
 

@@ -39,8 +39,9 @@ def _latencies(events: Events, clock_start: float) -> tuple[np.ndarray, np.ndarr
     return t[order], lat[order]
 
 
-def _rolling_p95(t: np.ndarray, lat: np.ndarray, width_s: float = 2.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _rolling_p95(
+    t: np.ndarray, lat: np.ndarray, width_s: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     if t.size == 0:
         return t, lat
     grid = np.arange(t[0], t[-1] + width_s / 2, width_s / 4)
@@ -56,25 +57,44 @@ def _shade(ax: Axes, config: ExperimentConfig, label: bool) -> None:
     for k, node in enumerate(config.nodes):
         color = _SHADES[k % len(_SHADES)]
         for j, w in enumerate(node.emulation.windows):
-            ax.axvspan(w.start_s, w.end_s, color=color, alpha=0.13, lw=0,
-                       label=f"{node.name} slowed x{w.factor:g}" if label and j == 0 else None)
+            ax.axvspan(
+                w.start_s,
+                w.end_s,
+                color=color,
+                alpha=0.13,
+                lw=0,
+                label=f"{node.name} slowed x{w.factor:g}" if label and j == 0 else None,
+            )
         for j, (a, b) in enumerate(node.hog_windows):
-            ax.axvspan(a, b, facecolor="none", edgecolor=color, hatch="//", alpha=0.4, lw=0,
-                       label=f"{node.name} CPU hog" if label and j == 0 else None)
+            ax.axvspan(
+                a,
+                b,
+                facecolor="none",
+                edgecolor=color,
+                hatch="//",
+                alpha=0.4,
+                lw=0,
+                label=f"{node.name} CPU hog" if label and j == 0 else None,
+            )
 
 
-def plot_timeline(config: ExperimentConfig, policy: str, events: Events, clock_start: float,
-                  path: Path) -> Path:
+def plot_timeline(
+    config: ExperimentConfig, policy: str, events: Events, clock_start: float, path: Path
+) -> Path:
     """The run's timeline (see the module docstring)."""
     t, lat = _latencies(events, clock_start)
-    sends = np.asarray(sorted(float(s["entry_ts"]) - clock_start
-                              for s in first_by_id(events["send"]).values()))
-    fig, axes = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True,
-                             gridspec_kw={"height_ratios": [1, 2.2, 1.2]})
+    sends = np.asarray(
+        sorted(float(s["entry_ts"]) - clock_start for s in first_by_id(events["send"]).values())
+    )
+    fig, axes = plt.subplots(
+        3, 1, figsize=(12, 8.5), sharex=True, gridspec_kw={"height_ratios": [1, 2.2, 1.2]}
+    )
     steps = level_timeline(events, len(config.nodes), clock_start)
     last_change = max((x for st in steps for x, _ in st if np.isfinite(x)), default=0.0)
-    end = max(float(t[-1]) if t.size else 0.0, float(sends[-1]) if sends.size else 0.0,
-              last_change) + 1
+    end = (
+        max(float(t[-1]) if t.size else 0.0, float(sends[-1]) if sends.size else 0.0, last_change)
+        + 1
+    )
 
     ax = axes[0]
     if sends.size:
@@ -83,8 +103,10 @@ def plot_timeline(config: ExperimentConfig, policy: str, events: Events, clock_s
     _shade(ax, config, label=True)
     ax.set_ylabel("arrivals / s")
     ax.legend(loc="upper right", fontsize=8, ncol=3)
-    ax.set_title(f"{config.name}: policy {policy}, SLO {config.slo_ms:g} ms "
-                 f"(trace {', '.join(config.trace.names)}, x{config.trace.compression:g})")
+    ax.set_title(
+        f"{config.name}: policy {policy}, SLO {config.slo_ms:g} ms "
+        f"(trace {', '.join(config.trace.names)}, x{config.trace.compression:g})"
+    )
 
     ax = axes[1]
     slo = config.slo_ms
@@ -119,8 +141,9 @@ def plot_timeline(config: ExperimentConfig, policy: str, events: Events, clock_s
     return _save(fig, path)
 
 
-def plot_cdf(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
-             path: Path) -> Path:
+def plot_cdf(
+    config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]], path: Path
+) -> Path:
     """Latency CDF per policy (``runs``: policy -> (events, clock start))."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for policy, (events, clock_start) in runs.items():
@@ -129,24 +152,36 @@ def plot_cdf(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
             continue
         xs = np.sort(lat)
         ys = np.arange(1, xs.size + 1) / xs.size
-        ax.plot(xs, ys, lw=2, color=POLICY_COLORS.get(policy), label=f"{policy} "
-                f"(p95 {np.percentile(lat, 95):.0f} ms, "
-                f"{100 * np.mean(lat <= config.slo_ms):.0f}% within SLO)")
+        ax.plot(
+            xs,
+            ys,
+            lw=2,
+            color=POLICY_COLORS.get(policy),
+            label=f"{policy} "
+            f"(p95 {np.percentile(lat, 95):.0f} ms, "
+            f"{100 * np.mean(lat <= config.slo_ms):.0f}% within SLO)",
+        )
     ax.axvline(config.slo_ms, color="black", ls="--", lw=1, label=f"SLO {config.slo_ms:g} ms")
     ax.set_xscale("log")
-    ax.set(xlabel="end-to-end latency (ms, log)", ylabel="fraction of requests",
-           title=f"{config.name}: latency CDF", ylim=(0, 1.01))
+    ax.set(
+        xlabel="end-to-end latency (ms, log)",
+        ylabel="fraction of requests",
+        title=f"{config.name}: latency CDF",
+        ylim=(0, 1.01),
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=9)
     return _save(fig, path)
 
 
-def plot_compare_timelines(config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]],
-                           path: Path) -> Path:
+def plot_compare_timelines(
+    config: ExperimentConfig, runs: Mapping[str, tuple[Events, float]], path: Path
+) -> Path:
     """One latency panel per policy (same axes), levels on a second axis, windows shaded."""
     n = len(runs)
-    fig, axes = plt.subplots(n, 1, figsize=(12, 2.8 * n + 0.6), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n, 1, figsize=(12, 2.8 * n + 0.6), sharex=True, sharey=True, squeeze=False
+    )
     for ax, (policy, (events, clock_start)) in zip(axes[:, 0], runs.items(), strict=True):
         t, lat = _latencies(events, clock_start)
         if t.size:
@@ -159,18 +194,27 @@ def plot_compare_timelines(config: ExperimentConfig, runs: Mapping[str, tuple[Ev
         ax.set_ylabel(f"{policy}\nlatency (ms)")
         ax.grid(alpha=0.3, which="both")
         twin = ax.twinx()
-        for node, st in zip(config.nodes, level_timeline(events, len(config.nodes),
-                                                         clock_start), strict=True):
+        for node, st in zip(
+            config.nodes, level_timeline(events, len(config.nodes), clock_start), strict=True
+        ):
             xs = [max(0.0, x) if np.isfinite(x) else 0.0 for x, _ in st]
-            twin.step([*xs, t[-1] if t.size else 1.0], [lv for _, lv in st] + [st[-1][1]],
-                      where="post", lw=1.5, alpha=0.8, label=f"level, stage {node.stage}")
+            twin.step(
+                [*xs, t[-1] if t.size else 1.0],
+                [lv for _, lv in st] + [st[-1][1]],
+                where="post",
+                lw=1.5,
+                alpha=0.8,
+                label=f"level, stage {node.stage}",
+            )
         twin.set_ylim(-0.2, 5.5)
         twin.set_ylabel("level")
         if ax is axes[0, 0]:
             twin.legend(loc="upper left", fontsize=8)
             ax.legend(loc="upper right", fontsize=8)
-    axes[0, 0].set_title(f"{config.name}: latency (dots, rolling p95) and levels per policy; "
-                         f"dashed: SLO {config.slo_ms:g} ms")
+    axes[0, 0].set_title(
+        f"{config.name}: latency (dots, rolling p95) and levels per policy; "
+        f"dashed: SLO {config.slo_ms:g} ms"
+    )
     axes[-1, 0].set_xlabel("seconds on the experiment clock")
     return _save(fig, path)
 

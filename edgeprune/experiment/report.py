@@ -30,8 +30,19 @@ import numpy as np
 from edgeprune.experiment.config import ExperimentConfig
 from edgeprune.experiment.monitor import Events
 
-SUMMARY_KEYS = ("slo_attainment", "p50_ms", "p95_ms", "p99_ms", "accuracy", "throughput_rps",
-                "sent", "completed", "lost", "prune_events", "restore_events")
+SUMMARY_KEYS = (
+    "slo_attainment",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "accuracy",
+    "throughput_rps",
+    "sent",
+    "completed",
+    "lost",
+    "prune_events",
+    "restore_events",
+)
 
 
 @dataclass
@@ -50,10 +61,19 @@ class RunReport:
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "experiment-run", "policy": self.policy, "summary": self.summary,
-                "levels": self.levels, "emulation": self.emulation, "timing": self.timing,
-                "checks": self.checks, "camera": self.camera, "controller": self.controller,
-                "files": self.files, "config": self.config}
+        return {
+            "kind": "experiment-run",
+            "policy": self.policy,
+            "summary": self.summary,
+            "levels": self.levels,
+            "emulation": self.emulation,
+            "timing": self.timing,
+            "checks": self.checks,
+            "camera": self.camera,
+            "controller": self.controller,
+            "files": self.files,
+            "config": self.config,
+        }
 
 
 def first_by_id(items: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -67,8 +87,9 @@ def _pct(values: np.ndarray, q: float) -> float | None:
     return float(np.percentile(values, q)) * 1e3 if values.size else None
 
 
-def level_timeline(events: Events, n_stages: int, clock_start: float
-                   ) -> list[list[tuple[float, int]]]:
+def level_timeline(
+    events: Events, n_stages: int, clock_start: float
+) -> list[list[tuple[float, int]]]:
     """Per stage, (seconds since the clock start, level) steps; level 0 from the start."""
     steps: list[list[tuple[float, int]]] = [[(-math.inf, 0)] for _ in range(n_stages)]
     for body in sorted(events["level"], key=lambda b: b["rx"]):
@@ -104,10 +125,17 @@ def slowdown_spans(config: ExperimentConfig) -> list[tuple[float, float]]:
     return sorted(spans)
 
 
-def build_report(config: ExperimentConfig, policy: str, events: Events, *, clock_start: float,
-                 timing: dict[str, Any], camera: Mapping[str, Any] | None = None,
-                 controller: Mapping[str, Any] | None = None,
-                 files: Mapping[str, str] | None = None) -> RunReport:
+def build_report(
+    config: ExperimentConfig,
+    policy: str,
+    events: Events,
+    *,
+    clock_start: float,
+    timing: dict[str, Any],
+    camera: Mapping[str, Any] | None = None,
+    controller: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
+) -> RunReport:
     """Compute a :class:`RunReport` from a run's recorded messages."""
     slo_s = config.slo_ms / 1e3
     sends = first_by_id(events["send"])
@@ -134,11 +162,17 @@ def build_report(config: ExperimentConfig, policy: str, events: Events, *, clock
     ups = [sum(1 for a, b in itertools.pairwise(s) if b[1] > a[1]) for s in steps]
     downs = [sum(1 for a, b in itertools.pairwise(s) if b[1] < a[1]) for s in steps]
     summary = {
-        "policy": policy, "slo_ms": config.slo_ms, "a_min": config.a_min,
-        "sent": n_sent, "completed": len(results), "lost": n_sent - len(set(results) & sent_ids),
+        "policy": policy,
+        "slo_ms": config.slo_ms,
+        "a_min": config.a_min,
+        "sent": n_sent,
+        "completed": len(results),
+        "lost": n_sent - len(set(results) & sent_ids),
         "slo_attainment": float(ok.sum() / n_sent) if n_sent else None,
         "slo_attainment_completed": float(ok.mean()) if lat.size else None,
-        "p50_ms": _pct(lat, 50), "p95_ms": _pct(lat, 95), "p99_ms": _pct(lat, 99),
+        "p50_ms": _pct(lat, 50),
+        "p95_ms": _pct(lat, 95),
+        "p99_ms": _pct(lat, 99),
         "mean_ms": float(lat.mean() * 1e3) if lat.size else None,
         "max_ms": float(lat.max() * 1e3) if lat.size else None,
         "throughput_rps": len(exits) / span if span > 0 else None,
@@ -151,28 +185,39 @@ def build_report(config: ExperimentConfig, policy: str, events: Events, *, clock
         "in_slowdown": {
             "requests": int(inside.sum()),
             "slo_attainment": float(ok[inside].mean()) if inside.any() else None,
-            "p95_ms": _pct(lat[inside], 95)},
+            "p95_ms": _pct(lat[inside], 95),
+        },
         "outside_slowdown": {
             "requests": int((~inside).sum()),
             "slo_attainment": float(ok[~inside].mean()) if (~inside).any() else None,
-            "p95_ms": _pct(lat[~inside], 95)},
+            "p95_ms": _pct(lat[~inside], 95),
+        },
         "errors": len(events["error"]),
         "camera_offset_s": timing.get("camera_offset_s"),
         "duration_s": span,
     }
     levels = {
-        "changes_up": ups, "changes_down": downs,
+        "changes_up": ups,
+        "changes_down": downs,
         "time_at_level_s": {str(i): time_at_levels(s, begin, end) for i, s in enumerate(steps)},
         "final": [s[-1][1] for s in steps],
         "timeline": [[[t, lv] for t, lv in s[1:]] for s in steps],
     }
-    return RunReport(policy=policy, summary=summary, levels=levels,
-                     emulation=config.emulation_summary(), timing=dict(timing),
-                     config=config.to_dict(), camera=dict(camera or {}),
-                     controller=_controller_digest(controller), files=dict(files or {}),
-                     checks={"every_request_has_a_result": n_sent > 0
-                             and set(results) >= sent_ids,
-                             "missing_results": sorted(sent_ids - set(results))[:20]})
+    return RunReport(
+        policy=policy,
+        summary=summary,
+        levels=levels,
+        emulation=config.emulation_summary(),
+        timing=dict(timing),
+        config=config.to_dict(),
+        camera=dict(camera or {}),
+        controller=_controller_digest(controller),
+        files=dict(files or {}),
+        checks={
+            "every_request_has_a_result": n_sent > 0 and set(results) >= sent_ids,
+            "missing_results": sorted(sent_ids - set(results))[:20],
+        },
+    )
 
 
 def aggregate(reports: Sequence[RunReport]) -> RunReport:
@@ -186,27 +231,41 @@ def aggregate(reports: Sequence[RunReport]) -> RunReport:
     summary: dict[str, Any] = dict(first.summary)
     for key, value in first.summary.items():
         values = [r.summary.get(key) for r in reports]
-        if isinstance(value, int | float) and not isinstance(value, bool) \
-                and all(isinstance(v, int | float) for v in values):
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and all(isinstance(v, int | float) for v in values)
+        ):
             med = float(np.median([float(v) for v in values if v is not None]))
             summary[key] = round(med) if all(isinstance(v, int) for v in values) else med
     summary["repeats"] = len(reports)
-    summary["spread"] = {k: [min(r.summary[k] for r in reports), max(r.summary[k]
-                                                                     for r in reports)]
-                         for k in SUMMARY_KEYS
-                         if all(isinstance(r.summary.get(k), int | float) for r in reports)}
+    summary["spread"] = {
+        k: [min(r.summary[k] for r in reports), max(r.summary[k] for r in reports)]
+        for k in SUMMARY_KEYS
+        if all(isinstance(r.summary.get(k), int | float) for r in reports)
+    }
     summary["repetitions"] = [r.summary for r in reports]
     p95 = summary.get("p95_ms")
     rep = min(reports, key=lambda r: abs((r.summary.get("p95_ms") or 0.0) - (p95 or 0.0)))
-    checks = {"every_request_has_a_result": all(r.checks.get("every_request_has_a_result")
-                                                for r in reports),
-              "orphans": [pid for r in reports for pid in r.checks.get("orphans", [])],
-              "missing_results": [m for r in reports for m in r.checks.get("missing_results",
-                                                                          [])][:20]}
-    return RunReport(policy=first.policy, summary=summary, levels=rep.levels,
-                     emulation=first.emulation, timing=rep.timing, config=first.config,
-                     camera=rep.camera, controller=rep.controller, files=rep.files,
-                     checks=checks)
+    checks = {
+        "every_request_has_a_result": all(
+            r.checks.get("every_request_has_a_result") for r in reports
+        ),
+        "orphans": [pid for r in reports for pid in r.checks.get("orphans", [])],
+        "missing_results": [m for r in reports for m in r.checks.get("missing_results", [])][:20],
+    }
+    return RunReport(
+        policy=first.policy,
+        summary=summary,
+        levels=rep.levels,
+        emulation=first.emulation,
+        timing=rep.timing,
+        config=first.config,
+        camera=rep.camera,
+        controller=rep.controller,
+        files=rep.files,
+        checks=checks,
+    )
 
 
 def _controller_digest(report: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -216,8 +275,7 @@ def _controller_digest(report: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: report[k] for k in keep if k in report}
 
 
-def compare_summary(reports: Mapping[str, RunReport], baseline: str = "static"
-                    ) -> dict[str, Any]:
+def compare_summary(reports: Mapping[str, RunReport], baseline: str = "static") -> dict[str, Any]:
     """The ``--compare --json`` object: per policy its summary, and ratios against
     ``baseline`` (p95 speedup = baseline p95 / policy p95; SLO gain = policy attainment /
     baseline attainment; violation reduction = baseline misses / policy misses)."""
@@ -227,16 +285,23 @@ def compare_summary(reports: Mapping[str, RunReport], baseline: str = "static"
         return out
     b = base.summary
     out["baseline"] = baseline
-    out["speedup_p95"] = {p: _ratio(b["p95_ms"], r.summary["p95_ms"])
-                          for p, r in reports.items() if p != baseline}
-    out["slo_attainment_gain"] = {p: _ratio(r.summary["slo_attainment"], b["slo_attainment"])
-                                  for p, r in reports.items() if p != baseline}
+    out["speedup_p95"] = {
+        p: _ratio(b["p95_ms"], r.summary["p95_ms"]) for p, r in reports.items() if p != baseline
+    }
+    out["slo_attainment_gain"] = {
+        p: _ratio(r.summary["slo_attainment"], b["slo_attainment"])
+        for p, r in reports.items()
+        if p != baseline
+    }
     out["slo_violation_reduction"] = {
         p: _ratio(_miss(b["slo_attainment"]), _miss(r.summary["slo_attainment"]))
-        for p, r in reports.items() if p != baseline}
-    out["accuracy_above_a_min"] = {p: (r.summary["accuracy"] is not None
-                                       and r.summary["accuracy"] >= r.summary["a_min"])
-                                   for p, r in reports.items()}
+        for p, r in reports.items()
+        if p != baseline
+    }
+    out["accuracy_above_a_min"] = {
+        p: (r.summary["accuracy"] is not None and r.summary["accuracy"] >= r.summary["a_min"])
+        for p, r in reports.items()
+    }
     return out
 
 
@@ -253,15 +318,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- text
-TABLE_ROWS = (("SLO attainment", "slo_attainment", "{:.1%}"),
-              ("p50 latency (ms)", "p50_ms", "{:.0f}"),
-              ("p95 latency (ms)", "p95_ms", "{:.0f}"),
-              ("p99 latency (ms)", "p99_ms", "{:.0f}"),
-              ("throughput (req/s)", "throughput_rps", "{:.1f}"),
-              ("accuracy (live)", "accuracy", "{:.1%}"),
-              ("requests pruned", "pruned_fraction", "{:.0%}"),
-              ("sent / completed", None, None),
-              ("prune / restore events", None, None))
+TABLE_ROWS = (
+    ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("p50 latency (ms)", "p50_ms", "{:.0f}"),
+    ("p95 latency (ms)", "p95_ms", "{:.0f}"),
+    ("p99 latency (ms)", "p99_ms", "{:.0f}"),
+    ("throughput (req/s)", "throughput_rps", "{:.1f}"),
+    ("accuracy (live)", "accuracy", "{:.1%}"),
+    ("requests pruned", "pruned_fraction", "{:.0%}"),
+    ("sent / completed", None, None),
+    ("prune / restore events", None, None),
+)
 
 
 def _cell(summary: Mapping[str, Any], key: str | None, fmt: str | None, label: str) -> str:
@@ -282,8 +349,10 @@ def _cell(summary: Mapping[str, Any], key: str | None, fmt: str | None, label: s
 def table_rows(reports: Mapping[str, RunReport]) -> tuple[list[str], list[list[str]]]:
     """Side-by-side rows: one metric per row, one policy per column."""
     headers = ["metric", *reports]
-    rows = [[label, *(_cell(r.summary, key, fmt, label) for r in reports.values())]
-            for label, key, fmt in TABLE_ROWS]
+    rows = [
+        [label, *(_cell(r.summary, key, fmt, label) for r in reports.values())]
+        for label, key, fmt in TABLE_ROWS
+    ]
     return headers, rows
 
 
@@ -291,8 +360,12 @@ def _ratio_text(value: float | None) -> str:
     return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.2f}x")
 
 
-def markdown(config: ExperimentConfig, reports: Mapping[str, RunReport],
-             plots: Mapping[str, str], command: str | None = None) -> str:
+def markdown(
+    config: ExperimentConfig,
+    reports: Mapping[str, RunReport],
+    plots: Mapping[str, str],
+    command: str | None = None,
+) -> str:
     """The Markdown report of one or several runs of the same scenario."""
     headers, rows = table_rows(reports)
     lines = [f"# Experiment `{config.name}`", ""]
@@ -304,48 +377,70 @@ def markdown(config: ExperimentConfig, reports: Mapping[str, RunReport],
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     cmp = compare_summary(reports)
     if "speedup_p95" in cmp:
-        lines += ["", "Against `static`: "
-                  + "; ".join(f"**{p}** p95 speedup {_ratio_text(cmp['speedup_p95'][p])}, "
-                              f"SLO attainment {_ratio_text(cmp['slo_attainment_gain'][p])}, "
-                              f"{_ratio_text(cmp['slo_violation_reduction'][p])} fewer SLO "
-                              "misses" for p in cmp["speedup_p95"])]
+        lines += [
+            "",
+            "Against `static`: "
+            + "; ".join(
+                f"**{p}** p95 speedup {_ratio_text(cmp['speedup_p95'][p])}, "
+                f"SLO attainment {_ratio_text(cmp['slo_attainment_gain'][p])}, "
+                f"{_ratio_text(cmp['slo_violation_reduction'][p])} fewer SLO "
+                "misses"
+                for p in cmp["speedup_p95"]
+            ),
+        ]
     first = next(iter(reports.values()))
     s = first.summary
-    lines += ["", "## Scenario", "",
-              f"- SLO {config.slo_ms:g} ms, A_min {config.a_min:g}, objective "
-              f"{config.controller_config().objective}; trace {_trace_text(config)}; "
-              f"{s['sent']} requests, offered {s['offered_rps'] or 0:.1f} req/s on average.",
-              "- Controller settings (besides the defaults): "
-              + (", ".join(f"{k} = {v}" for k, v in config.controller.items()) or "none") + ".",
-              "- Plan: " + "; ".join(f"stage {n.stage} = blocks [{n.start}, {n.end}) on "
-                                     f"{n.name}" for n in config.nodes) + ".",
-              "- **Emulated devices** (every node runs the real computation, then waits (k - 1) "
-              "x its measured compute time; all processes share this machine's cores, each "
-              f"node with {config.threads} torch thread(s)):"]
+    lines += [
+        "",
+        "## Scenario",
+        "",
+        f"- SLO {config.slo_ms:g} ms, A_min {config.a_min:g}, objective "
+        f"{config.controller_config().objective}; trace {_trace_text(config)}; "
+        f"{s['sent']} requests, offered {s['offered_rps'] or 0:.1f} req/s on average.",
+        "- Controller settings (besides the defaults): "
+        + (", ".join(f"{k} = {v}" for k, v in config.controller.items()) or "none")
+        + ".",
+        "- Plan: "
+        + "; ".join(
+            f"stage {n.stage} = blocks [{n.start}, {n.end}) on {n.name}" for n in config.nodes
+        )
+        + ".",
+        "- **Emulated devices** (every node runs the real computation, then waits (k - 1) "
+        "x its measured compute time; all processes share this machine's cores, each "
+        f"node with {config.threads} torch thread(s)):",
+    ]
     lines += [f"  - {text}" for text in first.emulation]
     lines += ["", "## Per policy", ""]
     for policy, r in reports.items():
         s, lv = r.summary, r.levels
         inside, outside = s["in_slowdown"], s["outside_slowdown"]
-        lines += [f"### {policy}", "",
-                  f"- {s['sent']} sent, {s['completed']} completed, {s['lost']} lost; "
-                  f"errors reported {s['errors']}; every request has a result: "
-                  f"{r.checks.get('every_request_has_a_result')}.",
-                  f"- In slowdown windows: {inside['requests']} requests, SLO attainment "
-                  f"{_fmt(inside['slo_attainment'], '{:.1%}')}, p95 "
-                  f"{_fmt(inside['p95_ms'], '{:.0f}')} ms; outside: {outside['requests']} "
-                  f"requests, {_fmt(outside['slo_attainment'], '{:.1%}')}, p95 "
-                  f"{_fmt(outside['p95_ms'], '{:.0f}')} ms.",
-                  "- Level changes per stage (up / down): "
-                  + ", ".join(f"stage {i}: {u} / {d}" for i, (u, d) in
-                              enumerate(zip(lv["changes_up"], lv["changes_down"], strict=True)))
-                  + "; time at each level (s): "
-                  + "; ".join(f"stage {i}: " + ", ".join(f"L{k} {v:.0f}" for k, v in
-                                                         sorted(t.items()))
-                              for i, t in lv["time_at_level_s"].items()) + ".",
-                  f"- Clock: nodes ready {r.timing.get('nodes_ready_s', 0):.1f} s after launch;"
-                  f" camera started {r.timing.get('camera_offset_s', 0):+.2f} s from the "
-                  "shared clock start (slowdown windows are on that clock).", ""]
+        lines += [
+            f"### {policy}",
+            "",
+            f"- {s['sent']} sent, {s['completed']} completed, {s['lost']} lost; "
+            f"errors reported {s['errors']}; every request has a result: "
+            f"{r.checks.get('every_request_has_a_result')}.",
+            f"- In slowdown windows: {inside['requests']} requests, SLO attainment "
+            f"{_fmt(inside['slo_attainment'], '{:.1%}')}, p95 "
+            f"{_fmt(inside['p95_ms'], '{:.0f}')} ms; outside: {outside['requests']} "
+            f"requests, {_fmt(outside['slo_attainment'], '{:.1%}')}, p95 "
+            f"{_fmt(outside['p95_ms'], '{:.0f}')} ms.",
+            "- Level changes per stage (up / down): "
+            + ", ".join(
+                f"stage {i}: {u} / {d}"
+                for i, (u, d) in enumerate(zip(lv["changes_up"], lv["changes_down"], strict=True))
+            )
+            + "; time at each level (s): "
+            + "; ".join(
+                f"stage {i}: " + ", ".join(f"L{k} {v:.0f}" for k, v in sorted(t.items()))
+                for i, t in lv["time_at_level_s"].items()
+            )
+            + ".",
+            f"- Clock: nodes ready {r.timing.get('nodes_ready_s', 0):.1f} s after launch;"
+            f" camera started {r.timing.get('camera_offset_s', 0):+.2f} s from the "
+            "shared clock start (slowdown windows are on that clock).",
+            "",
+        ]
     if plots:
         lines += ["## Plots", ""] + [f"- {name}: `{path}`" for name, path in plots.items()]
     return "\n".join(lines) + "\n"

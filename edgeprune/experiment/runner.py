@@ -75,9 +75,16 @@ class _Adaptive:
 class ExperimentRunner:
     """Runs one :class:`ExperimentConfig` for one or several policies into ``out_dir``."""
 
-    def __init__(self, config: ExperimentConfig, out_dir: Path, *, data_dir: Path,
-                 progress: bool = True, stream: IO[str] | None = None,
-                 log_level: str = "INFO") -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out_dir: Path,
+        *,
+        data_dir: Path,
+        progress: bool = True,
+        stream: IO[str] | None = None,
+        log_level: str = "INFO",
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.data_dir = Path(data_dir)
         self.progress = progress
@@ -94,8 +101,9 @@ class ExperimentRunner:
     def prepare(self) -> CalibrationInfo:
         """Reuse or measure the calibration (once per runner)."""
         if self.calibration is None:
-            self.calibration = ensure_calibration(self.config, self.ckpt, self.data_dir,
-                                                  progress=self.progress)
+            self.calibration = ensure_calibration(
+                self.config, self.ckpt, self.data_dir, progress=self.progress
+            )
         return self.calibration
 
     def expected_schedule(self) -> list[float]:
@@ -104,9 +112,16 @@ class ExperimentRunner:
         from traces.replay import replay_schedule
 
         tr = self.config.trace
-        return [s.send_at_s for s in replay_schedule(
-            load_traces(list(tr.names)), compression=tr.compression, max_idle_s=tr.max_idle_s,
-            window=tr.window, max_images=tr.max_images)]
+        return [
+            s.send_at_s
+            for s in replay_schedule(
+                load_traces(list(tr.names)),
+                compression=tr.compression,
+                max_idle_s=tr.max_idle_s,
+                window=tr.window,
+                max_images=tr.max_images,
+            )
+        ]
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -139,8 +154,14 @@ class ExperimentRunner:
         outcome.report.checks["orphans"] = survivors
         return outcome
 
-    async def _run(self, policy: str, cal: CalibrationInfo, broker: MosquittoBroker,
-                   group: ProcessGroup, run_dir: Path) -> RunOutcome:
+    async def _run(
+        self,
+        policy: str,
+        cal: CalibrationInfo,
+        broker: MosquittoBroker,
+        group: ProcessGroup,
+        run_dir: Path,
+    ) -> RunOutcome:
         cfg = self.config
         mqtt = MqttSettings(host=broker.host, port=broker.port)
         pipe = cfg.name
@@ -155,26 +176,44 @@ class ExperimentRunner:
                 cpu = self._cpu_of(node)
                 group.start(node.name, self._node_args(node, clock_start, mqtt, pipe), cpu=cpu)
                 if node.hog_windows:
-                    group.start(f"hog-{node.name}", self._hog_args(node, clock_start, cpu),
-                                module="nodes.hog", expect_exit=True, cpu=cpu)
-            controller = group.start("controller", self._controller_args(
-                policy, cal.path, run_dir, mqtt, pipe))
+                    group.start(
+                        f"hog-{node.name}",
+                        self._hog_args(node, clock_start, cpu),
+                        module="nodes.hog",
+                        expect_exit=True,
+                        cpu=cpu,
+                    )
+            controller = group.start(
+                "controller", self._controller_args(policy, cal.path, run_dir, mqtt, pipe)
+            )
             lead = self._adaptive.camera_lead_s
             camera_at = clock_start - lead
-            camera = self._start_camera(group, run_dir, mqtt, pipe, camera_at) \
-                if camera_at - time.time() > 2.0 else None
-            self._say(f"[{policy}] starting {len(cfg.nodes)} nodes, the controller and the "
-                      f"camera (building every pruning level takes a while)...")
+            camera = (
+                self._start_camera(group, run_dir, mqtt, pipe, camera_at)
+                if camera_at - time.time() > 2.0
+                else None
+            )
+            self._say(
+                f"[{policy}] starting {len(cfg.nodes)} nodes, the controller and the "
+                f"camera (building every pruning level takes a while)..."
+            )
             # everything must be up (and warm) before the camera's first send; otherwise the
             # camera is stopped before it starts and relaunched late (and that is reported)
             in_time = camera is not None and await _until(
-                lambda: self._nodes_online(recorder), max(
-                0.0, camera_at - 1.0 - time.time()), "every node", group, fail=False)
+                lambda: self._nodes_online(recorder),
+                max(0.0, camera_at - 1.0 - time.time()),
+                "every node",
+                group,
+                fail=False,
+            )
             if in_time:
                 in_time = await _until(
                     lambda: "controller connected" in _read(controller.log_path),
-                    max(0.0, camera_at - 1.0 - time.time()), "the controller", group,
-                    fail=False)
+                    max(0.0, camera_at - 1.0 - time.time()),
+                    "the controller",
+                    group,
+                    fail=False,
+                )
             if in_time and cfg.warmup_images:
                 await self._warm_up(group, recorder, mqtt, pipe)
                 in_time = time.time() < camera_at - 0.3
@@ -183,35 +222,56 @@ class ExperimentRunner:
                 if camera is not None:
                     group.stop(camera, timeout=2.0)
                     recorder.reset()
-                await _until(lambda: self._nodes_online(recorder), cfg.startup_timeout_s,
-                             "every node to come online", group)
-                await _until(lambda: "controller connected" in _read(controller.log_path),
-                             cfg.startup_timeout_s, "the controller to connect", group)
+                await _until(
+                    lambda: self._nodes_online(recorder),
+                    cfg.startup_timeout_s,
+                    "every node to come online",
+                    group,
+                )
+                await _until(
+                    lambda: "controller connected" in _read(controller.log_path),
+                    cfg.startup_timeout_s,
+                    "the controller to connect",
+                    group,
+                )
                 if cfg.warmup_images:
                     await self._warm_up(group, recorder, mqtt, pipe)
                 ready_s = time.time() - launch
-                log.warning("start-up took %.1f s, more than the %.1f s budget: the trace "
-                            "starts late against the slowdown windows (see camera_offset_s)",
-                            ready_s, clock_start - launch)
+                log.warning(
+                    "start-up took %.1f s, more than the %.1f s budget: the trace "
+                    "starts late against the slowdown windows (see camera_offset_s)",
+                    ready_s,
+                    clock_start - launch,
+                )
                 camera_at = time.time() + 1.0
-                camera = self._start_camera(group, run_dir, mqtt, pipe, camera_at,
-                                            name="camera-late")
+                camera = self._start_camera(
+                    group, run_dir, mqtt, pipe, camera_at, name="camera-late"
+                )
             else:
-                self._say(f"[{policy}] ready in {ready_s:.1f} s; the trace starts in "
-                          f"{clock_start - time.time():.1f} s on the shared clock")
+                self._say(
+                    f"[{policy}] ready in {ready_s:.1f} s; the trace starts in "
+                    f"{clock_start - time.time():.1f} s on the shared clock"
+                )
             if camera is None:  # unreachable: both branches above start one
                 raise ExperimentError("the camera was not started")
-            status = LiveStatus(recorder, cfg.nodes, cfg.slo_ms, label=f"[{policy}] ",
-                                stream=self.stream)
+            status = LiveStatus(
+                recorder, cfg.nodes, cfg.slo_ms, label=f"[{policy}] ", stream=self.stream
+            )
             status.clock_start, status.expected = clock_start, len(schedule)
             ticker = asyncio.create_task(status.run()) if self.progress else None
             try:
                 budget = camera_at - time.time() + schedule[-1] + cfg.trace.drain_s + 90.0
-                await _until(lambda: camera.proc.poll() is not None, budget,
-                             "the camera to finish", group)
+                await _until(
+                    lambda: camera.proc.poll() is not None, budget, "the camera to finish", group
+                )
                 results = recorder.completed()
-                await _until(lambda: len({e["request_id"] for e in recorder.events["exit"]})
-                             >= results, 10.0, "the last exits", group, fail=False)
+                await _until(
+                    lambda: len({e["request_id"] for e in recorder.events["exit"]}) >= results,
+                    10.0,
+                    "the last exits",
+                    group,
+                    fail=False,
+                )
             finally:
                 if ticker is not None:
                     ticker.cancel()
@@ -220,21 +280,32 @@ class ExperimentRunner:
         camera_summary = _read_json(run_dir / "camera.json")
         controller_report = _read_json(run_dir / "controller-report.json")
         offset, camera_t0 = _camera_offset(recorder.events, schedule, clock_start)
-        timing = {"clock_start": clock_start, "launch": launch, "nodes_ready_s": ready_s,
-                  "startup_budget_s": clock_start - launch, "camera_offset_s": offset,
-                  "camera_startup_s": camera_t0 - camera_at if camera_t0 else None,
-                  "camera_exit_code": camera.proc.returncode}
+        timing = {
+            "clock_start": clock_start,
+            "launch": launch,
+            "nodes_ready_s": ready_s,
+            "startup_budget_s": clock_start - launch,
+            "camera_offset_s": offset,
+            "camera_startup_s": camera_t0 - camera_at if camera_t0 else None,
+            "camera_exit_code": camera.proc.returncode,
+        }
         self._learn(ready_s, timing["camera_startup_s"])
-        report = build_report(cfg, policy, recorder.events, clock_start=clock_start,
-                              timing=timing, camera=camera_summary,
-                              controller=controller_report,
-                              files={"events": str(run_dir / "events.jsonl"),
-                                     "logs": str(run_dir / "logs")})
+        report = build_report(
+            cfg,
+            policy,
+            recorder.events,
+            clock_start=clock_start,
+            timing=timing,
+            camera=camera_summary,
+            controller=controller_report,
+            files={"events": str(run_dir / "events.jsonl"), "logs": str(run_dir / "logs")},
+        )
         report.config["calibration_info"] = cal.to_dict()
         return RunOutcome(report, recorder.events, clock_start, run_dir)
 
-    async def _warm_up(self, group: ProcessGroup, recorder: Recorder, mqtt: MqttSettings,
-                       pipe: str) -> None:
+    async def _warm_up(
+        self, group: ProcessGroup, recorder: Recorder, mqtt: MqttSettings, pipe: str
+    ) -> None:
         """A few images through the whole pipeline before the clock starts (the first
         inference of a fresh process is slow), published by the harness itself, then
         forgotten by the recorder."""
@@ -252,21 +323,39 @@ class ExperimentRunner:
             for k, i in enumerate(rng.integers(0, len(source), n)):
                 image, _ = encode_image(source.images[int(i)], "png")
                 now = time.time()
-                msg = codec.StageMessage(request_id=f"warmup-{k:04d}", camera="warmup", stage=0,
-                                         entry_ts=now, capture_ts=now,
-                                         label=source.label(int(i)), image=image,
-                                         image_format="png")
+                msg = codec.StageMessage(
+                    request_id=f"warmup-{k:04d}",
+                    camera="warmup",
+                    stage=0,
+                    entry_ts=now,
+                    capture_ts=now,
+                    label=source.label(int(i)),
+                    image=image,
+                    image_format="png",
+                )
                 await client.publish(Topics(pipe).stage(0), codec.encode_stage(msg), qos=1)
-        await _until(lambda: len(recorder.events["exit"]) >= n, 60.0, "the warm-up exits",
-                     group, fail=False)
+        await _until(
+            lambda: len(recorder.events["exit"]) >= n, 60.0, "the warm-up exits", group, fail=False
+        )
         recorder.reset()
 
-    def _start_camera(self, group: ProcessGroup, run_dir: Path, mqtt: MqttSettings, pipe: str,
-                      at: float, name: str = "camera") -> Child:
+    def _start_camera(
+        self,
+        group: ProcessGroup,
+        run_dir: Path,
+        mqtt: MqttSettings,
+        pipe: str,
+        at: float,
+        name: str = "camera",
+    ) -> Child:
         """The camera, launched now (imports take seconds) and replaying from ``at``."""
-        return group.start(name, ["--at", f"{at:.6f}", "--", *self._camera_args(mqtt, pipe)],
-                           module="edgeprune.experiment.delayed",
-                           stdout_path=run_dir / "camera.json", expect_exit=True)
+        return group.start(
+            name,
+            ["--at", f"{at:.6f}", "--", *self._camera_args(mqtt, pipe)],
+            module="edgeprune.experiment.delayed",
+            stdout_path=run_dir / "camera.json",
+            expect_exit=True,
+        )
 
     def _learn(self, ready_s: float, camera_startup_s: float | None) -> None:
         a = self._adaptive
@@ -284,14 +373,32 @@ class ExperimentRunner:
     def _common(self, mqtt: MqttSettings, pipe: str) -> list[str]:
         return ["--host", mqtt.host, "--port", str(mqtt.port), "--pipe", pipe]
 
-    def _node_args(self, node: NodeSpec, clock_start: float, mqtt: MqttSettings,
-                   pipe: str) -> list[str]:
+    def _node_args(
+        self, node: NodeSpec, clock_start: float, mqtt: MqttSettings, pipe: str
+    ) -> list[str]:
         cfg = self.config
-        args = ["--log-level", self.log_level, "node", "--node-id", node.name,
-                "--stage", str(node.stage), "--start", str(node.start), "--end", str(node.end),
-                "--threads", str(cfg.threads), "--queue-size", str(_QUEUE_SIZE),
-                "--metrics-interval", f"{cfg.metrics_interval_s:g}",
-                "--clock-start", f"{clock_start:.6f}", *self._common(mqtt, pipe)]
+        args = [
+            "--log-level",
+            self.log_level,
+            "node",
+            "--node-id",
+            node.name,
+            "--stage",
+            str(node.stage),
+            "--start",
+            str(node.start),
+            "--end",
+            str(node.end),
+            "--threads",
+            str(cfg.threads),
+            "--queue-size",
+            str(_QUEUE_SIZE),
+            "--metrics-interval",
+            f"{cfg.metrics_interval_s:g}",
+            "--clock-start",
+            f"{clock_start:.6f}",
+            *self._common(mqtt, pipe),
+        ]
         if cfg.checkpoint:
             args += ["--checkpoint", str(cfg.checkpoint)]
         if cfg.ratios:
@@ -311,25 +418,50 @@ class ExperimentRunner:
             args += ["--cpu", str(cpu)]
         return args
 
-    def _controller_args(self, policy: str, calibration: Path, run_dir: Path,
-                         mqtt: MqttSettings, pipe: str) -> list[str]:
-        return ["--log-level", self.log_level, "controller", "--calibration", str(calibration),
-                "--config", str(run_dir / "controller.toml"), "--policy", policy,
-                "--report", str(run_dir / "controller-report.json"), *self._common(mqtt, pipe)]
+    def _controller_args(
+        self, policy: str, calibration: Path, run_dir: Path, mqtt: MqttSettings, pipe: str
+    ) -> list[str]:
+        return [
+            "--log-level",
+            self.log_level,
+            "controller",
+            "--calibration",
+            str(calibration),
+            "--config",
+            str(run_dir / "controller.toml"),
+            "--policy",
+            policy,
+            "--report",
+            str(run_dir / "controller-report.json"),
+            *self._common(mqtt, pipe),
+        ]
 
     def _camera_args(self, mqtt: MqttSettings, pipe: str) -> list[str]:
-        return ["--log-level", self.log_level, "camera", "--dataset", "animal-mnist",
-                "--split", "test", "--data-dir", str(self.data_dir),
-                "--seed", str(self.config.seed), *self.config.trace.camera_args(), "--json",
-                *self._common(mqtt, pipe)]
+        return [
+            "--log-level",
+            self.log_level,
+            "camera",
+            "--dataset",
+            "animal-mnist",
+            "--split",
+            "test",
+            "--data-dir",
+            str(self.data_dir),
+            "--seed",
+            str(self.config.seed),
+            *self.config.trace.camera_args(),
+            "--json",
+            *self._common(mqtt, pipe),
+        ]
 
     def _nodes_online(self, recorder: Recorder) -> bool:
         online = {s.get("node") for s in recorder.events["status"] if s.get("state") == "online"}
         return all(n.name in online for n in self.config.nodes)
 
 
-def _camera_offset(events: Events, schedule: list[float], clock_start: float
-                   ) -> tuple[float | None, float | None]:
+def _camera_offset(
+    events: Events, schedule: list[float], clock_start: float
+) -> tuple[float | None, float | None]:
     """(camera replay start - clock start, camera replay start epoch) from the first sends: a
     request id ends with its index in the schedule, and a send is never early."""
     starts = []
@@ -346,8 +478,15 @@ def _camera_offset(events: Events, schedule: list[float], clock_start: float
     return t0 - clock_start, t0
 
 
-async def _until(predicate: Any, timeout: float, what: str, group: ProcessGroup, *,
-                 fail: bool = True, poll_s: float = 0.05) -> bool:
+async def _until(
+    predicate: Any,
+    timeout: float,
+    what: str,
+    group: ProcessGroup,
+    *,
+    fail: bool = True,
+    poll_s: float = 0.05,
+) -> bool:
     """Poll ``predicate()`` until true or ``timeout``; a child dying meanwhile raises."""
     deadline = time.monotonic() + timeout
     while not predicate():

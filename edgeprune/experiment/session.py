@@ -59,27 +59,44 @@ class SessionResult:
     def compare(self) -> dict[str, Any]:
         """The one JSON object ``--json`` prints."""
         out = compare_summary(self.reports)
-        out.update({"experiment": self.config.name, "out_dir": str(self.out_dir),
-                    "report": str(self.report_json), "plots": self.plots,
-                    "emulation": self.config.emulation_summary(),
-                    "checks": {p: r.checks for p, r in self.reports.items()}})
+        out.update(
+            {
+                "experiment": self.config.name,
+                "out_dir": str(self.out_dir),
+                "report": str(self.report_json),
+                "plots": self.plots,
+                "emulation": self.config.emulation_summary(),
+                "checks": {p: r.checks for p, r in self.reports.items()},
+            }
+        )
         return out
 
     @property
     def ok(self) -> bool:
         """Every run finished with a result for every request and no orphan process."""
-        return all(r.checks.get("every_request_has_a_result") and not r.checks.get("orphans")
-                   for r in self.reports.values())
+        return all(
+            r.checks.get("every_request_has_a_result") and not r.checks.get("orphans")
+            for r in self.reports.values()
+        )
 
 
 def default_out_dir(config: ExperimentConfig) -> Path:
     return Path("runs") / "experiments" / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_session(config: ExperimentConfig, policies: Sequence[str], out_dir: Path, *,
-                data_dir: Path, progress: bool = True, stream: IO[str] | None = None,
-                command: str | None = None, log_level: str = "INFO",
-                repeat: int = 1, retries: int = 2) -> SessionResult:
+def run_session(
+    config: ExperimentConfig,
+    policies: Sequence[str],
+    out_dir: Path,
+    *,
+    data_dir: Path,
+    progress: bool = True,
+    stream: IO[str] | None = None,
+    command: str | None = None,
+    log_level: str = "INFO",
+    repeat: int = 1,
+    retries: int = 2,
+) -> SessionResult:
     """Run ``policies`` in order on ``config`` (``repeat`` times, interleaved) and write the
     reports and plots. With repetitions, every number is the median over them (with its
     range), the timelines show the representative run (p95 closest to the median), and the
@@ -89,8 +106,9 @@ def run_session(config: ExperimentConfig, policies: Sequence[str], out_dir: Path
     from edgeprune.experiment import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = ExperimentRunner(config, out_dir, data_dir=data_dir, progress=progress,
-                              stream=stream, log_level=log_level)
+    runner = ExperimentRunner(
+        config, out_dir, data_dir=data_dir, progress=progress, stream=stream, log_level=log_level
+    )
     runner.prepare()
     config = runner.config
     if repeat < 1:
@@ -106,23 +124,35 @@ def run_session(config: ExperimentConfig, policies: Sequence[str], out_dir: Path
     aggregated = {p: aggregate([o.report for o in runs]) for p, runs in runs_of.items()}
     files: dict[str, str] = {}
     for policy, o in outcomes.items():
-        path = plots.plot_timeline(config, policy, o.events, o.clock_start,
-                                   out_dir / f"timeline-{policy}.png")
+        path = plots.plot_timeline(
+            config, policy, o.events, o.clock_start, out_dir / f"timeline-{policy}.png"
+        )
         files[f"timeline ({policy})"] = str(path)
     runs = {p: (o.events, o.clock_start) for p, o in outcomes.items()}
     pooled = {p: (_pooled([o.events for o in r]), 0.0) for p, r in runs_of.items()}
     files["latency CDF"] = str(plots.plot_cdf(config, pooled, out_dir / "latency-cdf.png"))
     if len(outcomes) > 1:
-        files["timelines"] = str(plots.plot_compare_timelines(config, runs,
-                                                              out_dir / "timelines.png"))
+        files["timelines"] = str(
+            plots.plot_compare_timelines(config, runs, out_dir / "timelines.png")
+        )
     reports = aggregated
     for policy, report in reports.items():
         outcomes[policy].report = report
     report_json = out_dir / "report.json"
-    report_json.write_text(json.dumps({
-        "kind": "experiment", "experiment": config.name, "command": command,
-        "compare": compare_summary(reports), "plots": files,
-        "runs": {p: r.to_dict() for p, r in reports.items()}}, indent=1, default=str))
+    report_json.write_text(
+        json.dumps(
+            {
+                "kind": "experiment",
+                "experiment": config.name,
+                "command": command,
+                "compare": compare_summary(reports),
+                "plots": files,
+                "runs": {p: r.to_dict() for p, r in reports.items()},
+            },
+            indent=1,
+            default=str,
+        )
+    )
     report_md = write_text(out_dir / "report.md", markdown(config, reports, files, command))
     return SessionResult(config, outcomes, out_dir, files, report_json, report_md)
 
@@ -133,9 +163,13 @@ def _aligned_run(runner: ExperimentRunner, policy: str, tag: str, retries: int) 
         offset = outcome.report.timing.get("camera_offset_s")
         if offset is not None and abs(offset) <= MAX_OFFSET_S:
             break
-        log.warning("%s: the replay started %s s off the shared clock; running it again "
-                    "(attempt %d of %d)", tag, "?" if offset is None else f"{offset:+.1f}",
-                    attempt, retries)
+        log.warning(
+            "%s: the replay started %s s off the shared clock; running it again (attempt %d of %d)",
+            tag,
+            "?" if offset is None else f"{offset:+.1f}",
+            attempt,
+            retries,
+        )
         outcome = runner.run_policy(policy, f"{tag}-retry{attempt}")
     return outcome
 

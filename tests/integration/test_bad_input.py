@@ -28,8 +28,12 @@ from tests.helpers import running_nodes, wait_until
 
 BOUNDS = parse_cuts("3", 5)  # stage 0 runs blocks [0, 3), stage 1 runs [3, 5)
 MAX_PAYLOAD = 64 * 1024  # the nodes' max_payload_bytes; far below the broker's packet limit
-NODE_CONFIG: dict[str, Any] = {"ratios": (0.0, 0.5), "recalibrate_bn": False,
-                               "metrics_interval_s": 0.1, "max_payload_bytes": MAX_PAYLOAD}
+NODE_CONFIG: dict[str, Any] = {
+    "ratios": (0.0, 0.5),
+    "recalibrate_bn": False,
+    "metrics_interval_s": 0.1,
+    "max_payload_bytes": MAX_PAYLOAD,
+}
 _ids = itertools.count()
 
 
@@ -60,16 +64,19 @@ class Rig:
 async def rig(checkpoint: Any, test_images: Any, mqtt: Any, pipe: str) -> AsyncIterator[Rig]:
     topics = Topics(pipe)
     watch = Watch()
-    async with running_nodes(checkpoint, mqtt, pipe, BOUNDS, **NODE_CONFIG) as nodes, \
-            aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+    async with (
+        running_nodes(checkpoint, mqtt, pipe, BOUNDS, **NODE_CONFIG) as nodes,
+        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+    ):
         for t in (topics.errors, topics.results, topics.metrics_all):
             await client.subscribe(t, qos=1)
 
         async def listen() -> None:
             async for message in client.messages:
                 body = codec.decode_json(bytes(message.payload))  # type: ignore[arg-type]
-                {"error": watch.errors, "result": watch.results,
-                 "metrics": watch.metrics}[body["kind"]].append(body)
+                {"error": watch.errors, "result": watch.results, "metrics": watch.metrics}[
+                    body["kind"]
+                ].append(body)
 
         task = asyncio.create_task(listen())
         try:
@@ -80,15 +87,31 @@ async def rig(checkpoint: Any, test_images: Any, mqtt: Any, pipe: str) -> AsyncI
 
 
 def _stage0(rid: str, image: bytes, fmt: str = "png") -> bytes:
-    return codec.encode_stage(codec.StageMessage(
-        request_id=rid, camera="cam-test", stage=0, entry_ts=1.7e9, capture_ts=1.7e9,
-        image=image, image_format=fmt))
+    return codec.encode_stage(
+        codec.StageMessage(
+            request_id=rid,
+            camera="cam-test",
+            stage=0,
+            entry_ts=1.7e9,
+            capture_ts=1.7e9,
+            image=image,
+            image_format=fmt,
+        )
+    )
 
 
 def _stage1(rid: str, tensor: np.ndarray) -> bytes:
-    return codec.encode_stage(codec.StageMessage(
-        request_id=rid, camera="cam-test", stage=1, entry_ts=1.7e9, capture_ts=1.7e9,
-        hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),), tensor=tensor))
+    return codec.encode_stage(
+        codec.StageMessage(
+            request_id=rid,
+            camera="cam-test",
+            stage=1,
+            entry_ts=1.7e9,
+            capture_ts=1.7e9,
+            hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),),
+            tensor=tensor,
+        )
+    )
 
 
 def _stage1_input(r: Rig, batch: int = 1, dtype: Any = np.float32) -> np.ndarray:
@@ -100,8 +123,9 @@ def _rid(case: str) -> str:
     return f"bad-{case}-{next(_ids)}"
 
 
-async def rejected_then_served(r: Rig, topic: str, payload: bytes, *, node: int,
-                               reason: str, request_id: str | None) -> dict[str, Any]:
+async def rejected_then_served(
+    r: Rig, topic: str, payload: bytes, *, node: int, reason: str, request_id: str | None
+) -> dict[str, Any]:
     """Publish ``payload``; assert node ``node`` reports it on errors and counts it, and that
     a good image sent afterwards still gets a result. Returns the error message."""
     name = f"n{node}"
@@ -115,15 +139,19 @@ async def rejected_then_served(r: Rig, topic: str, payload: bytes, *, node: int,
 
     good = _rid("good")
     await r.client.publish(r.pipe.stage(0), _stage0(good, r.image), qos=1)
-    await wait_until(lambda: any(x["request_id"] == good for x in r.watch.results),
-                     what="a result for the good request after the bad one")
+    await wait_until(
+        lambda: any(x["request_id"] == good for x in r.watch.results),
+        what="a result for the good request after the bad one",
+    )
     [result] = [x for x in r.watch.results if x["request_id"] == good]
     assert result["levels"] == [0, 0]
     # the counters: in the node, and in a metrics message it published after the error
     assert [n.metrics()["errors"] for n in r.nodes] == [int(i == node) for i in range(2)]
     assert r.nodes[node].metrics()["processed"] >= 1
-    await wait_until(lambda: any(m["node"] == name and m["errors"] == 1
-                                 for m in r.watch.metrics), what=f"{name} metrics errors=1")
+    await wait_until(
+        lambda: any(m["node"] == name and m["errors"] == 1 for m in r.watch.metrics),
+        what=f"{name} metrics errors=1",
+    )
     assert all(m["errors"] == 0 for m in r.watch.metrics if m["node"] != name)
     return error
 
@@ -136,9 +164,10 @@ async def test_malformed_msgpack(checkpoint, test_images, mqtt, topic_prefix, va
             payload, expected_id = b"\xc1\x00not msgpack at all", None
         else:  # cut inside the tensor bytes: the id in the header is still readable
             full = _stage1(rid, _stage1_input(r))
-            payload, expected_id = full[:len(full) // 2], rid
-        error = await rejected_then_served(r, r.pipe.stage(1), payload, node=1,
-                                           reason="malformed msgpack", request_id=expected_id)
+            payload, expected_id = full[: len(full) // 2], rid
+        error = await rejected_then_served(
+            r, r.pipe.stage(1), payload, node=1, reason="malformed msgpack", request_id=expected_id
+        )
         assert error["topic"] == r.pipe.stage(1) and error["bytes"] == len(payload)
 
 
@@ -147,16 +176,23 @@ async def test_wrong_shape(checkpoint, test_images, mqtt, topic_prefix):
         rid = _rid("shape")
         c, h, w = r.nodes[1].slice.model_slice.in_shape  # type: ignore[union-attr]
         x = np.zeros((1, c, h + 1, w + 1), dtype=np.float32)
-        await rejected_then_served(r, r.pipe.stage(1), _stage1(rid, x), node=1,
-                                   reason="does not fit this slice's input", request_id=rid)
+        await rejected_then_served(
+            r,
+            r.pipe.stage(1),
+            _stage1(rid, x),
+            node=1,
+            reason="does not fit this slice's input",
+            request_id=rid,
+        )
 
 
 async def test_wrong_dtype(checkpoint, test_images, mqtt, topic_prefix):
     async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
         rid = _rid("dtype")
         x = _stage1_input(r, dtype=np.int32)
-        error = await rejected_then_served(r, r.pipe.stage(1), _stage1(rid, x), node=1,
-                                           reason="float32", request_id=rid)
+        error = await rejected_then_served(
+            r, r.pipe.stage(1), _stage1(rid, x), node=1, reason="float32", request_id=rid
+        )
         assert "int32" in error["reason"]
 
 
@@ -165,9 +201,14 @@ async def test_unknown_schema_version(checkpoint, test_images, mqtt, topic_prefi
         rid = _rid("version")
         wire = msgpack.unpackb(_stage1(rid, _stage1_input(r)))
         wire["v"] = codec.SCHEMA_VERSION + 1
-        await rejected_then_served(r, r.pipe.stage(1), msgpack.packb(wire), node=1,
-                                   reason=f"unsupported schema version {wire['v']}",
-                                   request_id=rid)
+        await rejected_then_served(
+            r,
+            r.pipe.stage(1),
+            msgpack.packb(wire),
+            node=1,
+            reason=f"unsupported schema version {wire['v']}",
+            request_id=rid,
+        )
 
 
 async def test_oversized_payload(checkpoint, test_images, mqtt, topic_prefix, mosquitto):
@@ -175,9 +216,14 @@ async def test_oversized_payload(checkpoint, test_images, mqtt, topic_prefix, mo
         rid = _rid("big")
         payload = _stage1(rid, _stage1_input(r, batch=8))
         assert MAX_PAYLOAD < len(payload) < mosquitto.max_packet_size  # the broker passes it
-        error = await rejected_then_served(r, r.pipe.stage(1), payload, node=1,
-                                           reason=f"exceeds the limit of {MAX_PAYLOAD}",
-                                           request_id=rid)
+        error = await rejected_then_served(
+            r,
+            r.pipe.stage(1),
+            payload,
+            node=1,
+            reason=f"exceeds the limit of {MAX_PAYLOAD}",
+            request_id=rid,
+        )
         assert error["bytes"] == len(payload)
 
 
@@ -185,8 +231,9 @@ async def test_image_that_does_not_decode(checkpoint, test_images, mqtt, topic_p
     async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
         rid = _rid("image")
         payload = _stage0(rid, b"these bytes are not a PNG file")
-        await rejected_then_served(r, r.pipe.stage(0), payload, node=0,
-                                   reason="image does not decode", request_id=rid)
+        await rejected_then_served(
+            r, r.pipe.stage(0), payload, node=0, reason="image does not decode", request_id=rid
+        )
 
 
 @pytest.mark.parametrize("variant", ["level out of range", "not JSON"])
@@ -196,12 +243,14 @@ async def test_bad_control_message(checkpoint, test_images, mqtt, topic_prefix, 
         if variant == "not JSON":
             payload, reason = b"\xfflevel=3", "malformed JSON"
         else:
-            payload = codec.encode_json("level", {"stage": 1, "level": levels, "ratio": 0.9,
-                                                  "seq": 1, "reason": "test"})
+            payload = codec.encode_json(
+                "level", {"stage": 1, "level": levels, "ratio": 0.9, "seq": 1, "reason": "test"}
+            )
             reason = f"level {levels} out of range"
         # not retained: nothing to clean up, and the node is subscribed already
-        error = await rejected_then_served(r, r.pipe.control_stage(1), payload, node=1,
-                                           reason=reason, request_id=None)
+        error = await rejected_then_served(
+            r, r.pipe.control_stage(1), payload, node=1, reason=reason, request_id=None
+        )
         assert error["reason"].startswith("bad control message")
         assert error["topic"] == r.pipe.control_stage(1)
         assert r.nodes[1].metrics()["level"] == 0 and r.nodes[1].metrics()["level_changes"] == 0

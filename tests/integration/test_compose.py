@@ -51,12 +51,22 @@ def _parse_yaml(text: str) -> Any:
         shebang = Path(compose).read_text(errors="replace").splitlines()[0] if compose else ""
         python = shebang[2:].strip() if shebang.startswith("#!") else ""
         if not python or "python" not in python:
-            pytest.skip("no YAML parser: add pyyaml to the dev extras (docker-compose v1 "
-                        "would bring one, but it is not installed)")
+            pytest.skip(
+                "no YAML parser: add pyyaml to the dev extras (docker-compose v1 "
+                "would bring one, but it is not installed)"
+            )
         out = subprocess.run(
-            [*python.split(), "-c",
-             "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
-            input=text, capture_output=True, text=True, check=True, timeout=30)
+            [
+                *python.split(),
+                "-c",
+                "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+            ],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
         return json.loads(out.stdout)
     return yaml.safe_load(text)
 
@@ -67,8 +77,14 @@ def compose() -> dict[str, Any]:
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
     env = {**os.environ, "EDGEPRUNE_CAMERA_IMAGES": str(SMOKE_IMAGES)}
-    proc = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "config"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_FILE), "config"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     config = _parse_yaml(proc.stdout)
     assert isinstance(config, dict)
@@ -91,8 +107,9 @@ def test_compose_config_has_the_cluster(compose: dict[str, Any]) -> None:
     assert broker["image"] == "eclipse-mosquitto:2"
     assert f"{REPO}/broker/docker.conf:/mosquitto/config/mosquitto.conf:ro" in broker["volumes"]
     assert (REPO / "broker" / "docker.conf").is_file()
-    assert any(p.startswith("127.0.0.1:1883:1883") for p in broker["ports"]), \
+    assert any(p.startswith("127.0.0.1:1883:1883") for p in broker["ports"]), (
         "the anonymous broker must be published on loopback only"
+    )
     check = [_unescape(a) for a in broker["healthcheck"]["test"]]
     assert check[:2] == ["CMD", "mosquitto_sub"] and "$SYS/broker/version" in check
 
@@ -113,7 +130,10 @@ def test_compose_config_has_the_cluster(compose: dict[str, Any]) -> None:
             assert svc["depends_on"] == {"broker": {"condition": "service_healthy"}}
     camera = services["camera"]
     assert {k: v["condition"] for k, v in camera["depends_on"].items()} == {
-        "broker": "service_healthy", "node0": "service_healthy", "node1": "service_healthy"}
+        "broker": "service_healthy",
+        "node0": "service_healthy",
+        "node1": "service_healthy",
+    }
     assert camera["command"][-2:] == ["--max-images", str(SMOKE_IMAGES)]  # interpolated
     calibrate = services["calibrate"]
     assert calibrate["profiles"] == ["setup"] and not calibrate["depends_on"]  # no broker
@@ -126,15 +146,19 @@ def test_compose_config_has_the_cluster(compose: dict[str, Any]) -> None:
         cmd = services[name]["command"]
         assert cmd[1] == "node"
         node_id = cmd[cmd.index("--node-id") + 1]
-        assert services[name]["environment"]["EDGEPRUNE_NODE_ID"] == node_id, \
+        assert services[name]["environment"]["EDGEPRUNE_NODE_ID"] == node_id, (
             "the health check's node id must match --node-id"
+        )
         checkpoint = cmd[cmd.index("--checkpoint") + 1]
         assert (REPO / checkpoint).is_file(), checkpoint
 
 
 def test_dockerfile_installs_torch_first_then_the_project() -> None:
-    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()
-             if line.strip() and not line.strip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     assert lines[0] == "FROM python:3.11-slim"
     text = "\n".join(lines)
     torch = text.index('pip install "torch==${TORCH_VERSION}"')
@@ -165,25 +189,38 @@ def _app_dir(tmp_path: Path) -> Path:
     (app / "data").symlink_to(DATA_DIR.resolve())
     ratios = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     fit = LinearFit(a=-0.010, b=0.010, r2=1.0)
-    slices = tuple(SliceLatency(i, start, end, "synthetic", tuple((r, fit.predict(r))
-                                                                   for r in ratios), fit)
-                   for i, (start, end) in enumerate(((0, 2), (2, 5))))
+    slices = tuple(
+        SliceLatency(i, start, end, "synthetic", tuple((r, fit.predict(r)) for r in ratios), fit)
+        for i, (start, end) in enumerate(((0, 2), (2, 5)))
+    )
     accuracy = LogisticAccuracyFit(g=(-2.0, -2.0), d=-4.0, max_abs_error=0.0)
-    Calibration(ratios, slices, (), accuracy, "synthetic", "synthetic", 10,
-                meta={"note": "tests/integration/test_compose.py"}
-                ).save(app / "runs" / "calibration.json")
+    Calibration(
+        ratios,
+        slices,
+        (),
+        accuracy,
+        "synthetic",
+        "synthetic",
+        10,
+        meta={"note": "tests/integration/test_compose.py"},
+    ).save(app / "runs" / "calibration.json")
     return app
 
 
-def _local_env(service: dict[str, Any], broker: MosquittoBroker, pipe: str,
-               app: Path) -> dict[str, str]:
+def _local_env(
+    service: dict[str, Any], broker: MosquittoBroker, pipe: str, app: Path
+) -> dict[str, str]:
     """The service's compose environment, with only host, port and pipe pointed here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_MQTT_")}
     env.update({k: str(v) for k, v in service["environment"].items()})
     assert env["EDGEPRUNE_MQTT_HOST"] == "broker"
-    env.update(EDGEPRUNE_MQTT_HOST=broker.host, EDGEPRUNE_MQTT_PORT=str(broker.port),
-               EDGEPRUNE_MQTT_PIPE=pipe, EDGEPRUNE_DATA_DIR=str(app / "data"),
-               PYTHONPATH=str(REPO))  # the image's ENV and its installed package
+    env.update(
+        EDGEPRUNE_MQTT_HOST=broker.host,
+        EDGEPRUNE_MQTT_PORT=str(broker.port),
+        EDGEPRUNE_MQTT_PIPE=pipe,
+        EDGEPRUNE_DATA_DIR=str(app / "data"),
+        PYTHONPATH=str(REPO),
+    )  # the image's ENV and its installed package
     return env
 
 
@@ -198,7 +235,8 @@ def _controller_built() -> bool:
 
 
 def test_broker_health_check_runs_against_a_real_mosquitto(
-        compose: dict[str, Any], mosquitto: MosquittoBroker) -> None:
+    compose: dict[str, Any], mosquitto: MosquittoBroker
+) -> None:
     check = [_unescape(a) for a in compose["services"]["broker"]["healthcheck"]["test"][1:]]
     check[check.index("-p") + 1] = str(mosquitto.port)  # the container's 1883, here
     check[check.index("-h") + 1] = mosquitto.host
@@ -206,17 +244,20 @@ def test_broker_health_check_runs_against_a_real_mosquitto(
 
 
 @pytest.mark.slow  # two nodes build every pruning level: 25-40 s on two shared cores
-async def test_every_service_runs_locally(compose: dict[str, Any], mosquitto: MosquittoBroker,
-                                          topic_prefix: str, tmp_path: Path) -> None:
+async def test_every_service_runs_locally(
+    compose: dict[str, Any], mosquitto: MosquittoBroker, topic_prefix: str, tmp_path: Path
+) -> None:
     services = compose["services"]
     app = _app_dir(tmp_path)
-    envs = {name: _local_env(services[name], mosquitto, topic_prefix, app)
-            for name in PYTHON_SERVICES}
+    envs = {
+        name: _local_env(services[name], mosquitto, topic_prefix, app) for name in PYTHON_SERVICES
+    }
     long_running = ["node0", "node1", *(["controller"] if _controller_built() else [])]
     health = services["node0"]["healthcheck"]["test"]
     # The node health check fails for a node that never came online (runs meanwhile).
-    absent = subprocess.Popen(_local_argv(health[1:]), cwd=app,
-                              env={**envs["node0"], "EDGEPRUNE_NODE_ID": "no-such-node"})
+    absent = subprocess.Popen(
+        _local_argv(health[1:]), cwd=app, env={**envs["node0"], "EDGEPRUNE_NODE_ID": "no-such-node"}
+    )
     mqtt = MqttSettings(host=mosquitto.host, port=mosquitto.port)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = {name: tmp_path / f"{name}.log" for name in PYTHON_SERVICES}
@@ -225,36 +266,57 @@ async def test_every_service_runs_locally(compose: dict[str, Any], mosquitto: Mo
             for name in long_running:
                 with logs[name].open("wb") as log:
                     procs[name] = subprocess.Popen(
-                        _local_argv(services[name]["command"]), cwd=app, env=envs[name],
-                        stdout=log, stderr=subprocess.STDOUT)
+                        _local_argv(services[name]["command"]),
+                        cwd=app,
+                        env=envs[name],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
 
             def online() -> set[str]:
                 return {s["node"] for s in col.statuses if s["state"] == "online"}
 
-            await wait_until(lambda: {"n0", "n1"} <= online() or any(
-                p.poll() is not None for p in procs.values()), 120, "nodes online")
+            await wait_until(
+                lambda: (
+                    {"n0", "n1"} <= online() or any(p.poll() is not None for p in procs.values())
+                ),
+                120,
+                "nodes online",
+            )
             assert {"n0", "n1"} <= online(), _tails(logs)
             for name in ("node0", "node1"):
                 check = await asyncio.to_thread(
-                    subprocess.run, _local_argv(health[1:]), cwd=app, env=envs[name],
-                    capture_output=True, timeout=30)
+                    subprocess.run,
+                    _local_argv(health[1:]),
+                    cwd=app,
+                    env=envs[name],
+                    capture_output=True,
+                    timeout=30,
+                )
                 assert check.returncode == 0, (name, check.stderr.decode())
             assert await asyncio.to_thread(absent.wait, 30) == 1
 
             camera = await asyncio.to_thread(
-                subprocess.run, _local_argv(services["camera"]["command"]), cwd=app,
-                env=envs["camera"], capture_output=True, timeout=120)
+                subprocess.run,
+                _local_argv(services["camera"]["command"]),
+                cwd=app,
+                env=envs["camera"],
+                capture_output=True,
+                timeout=120,
+            )
             assert camera.returncode == 0, camera.stdout.decode() + camera.stderr.decode()
-            await wait_until(lambda: len(col.result_counts()) >= SMOKE_IMAGES, 30,
-                             f"{SMOKE_IMAGES} results")
+            await wait_until(
+                lambda: len(col.result_counts()) >= SMOKE_IMAGES, 30, f"{SMOKE_IMAGES} results"
+            )
             assert len(col.result_counts()) == SMOKE_IMAGES
             assert all(len(r["levels"]) == 2 for r in col.results)  # two stages
             assert len({e["request_id"] for e in col.exits}) == SMOKE_IMAGES
 
             for name, proc in procs.items():
                 assert proc.poll() is None, f"{name} exited early:\n{_tails(logs)}"
-            codes = await asyncio.gather(*(asyncio.to_thread(stop_process, proc, 30)
-                                           for proc in procs.values()))
+            codes = await asyncio.gather(
+                *(asyncio.to_thread(stop_process, proc, 30) for proc in procs.values())
+            )
             assert codes == [0] * len(procs), _tails(logs)  # SIGTERM (docker stop) is clean
         if "controller" in procs:  # its report, in the runs volume
             command = services["controller"]["command"]
@@ -269,30 +331,47 @@ async def test_every_service_runs_locally(compose: dict[str, Any], mosquitto: Mo
 
 
 async def test_health_checks_work_against_the_secure_broker(
-        compose: dict[str, Any], broker_factory: BrokerFactory, tmp_path: Path,
-        topic_prefix: str) -> None:
+    compose: dict[str, Any], broker_factory: BrokerFactory, tmp_path: Path, topic_prefix: str
+) -> None:
     """The same check, with the env a secure deployment gives (docs/deploy.md): TLS and a
     password; a node is healthy once its retained status says online."""
     setup = prepare_secure_broker(tmp_path / "secure", "node-n0,controller,observer")
-    broker = broker_factory(template=setup.config_template, run_dir=setup.run_dir,
-                            tls_context=setup.probe_context())
+    broker = broker_factory(
+        template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
+    )
     node = setup.settings("node-n0", broker.host, broker.port)
     async with aiomqtt.Client(**node.aiomqtt_kwargs()) as client:
-        await client.publish(Topics(topic_prefix).status("n0"), codec.encode_json(
-            "status", {"node": "n0", "state": "online"}), qos=1, retain=True)
+        await client.publish(
+            Topics(topic_prefix).status("n0"),
+            codec.encode_json("status", {"node": "n0", "state": "online"}),
+            qos=1,
+            retain=True,
+        )
     check = _local_argv(compose["services"]["node0"]["healthcheck"]["test"][1:])
     base = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRUNE_")}
     base["EDGEPRUNE_MQTT_PIPE"] = topic_prefix
     cases = {
-        "node online": ({**setup.env("node-n0", broker.host, broker.port),
-                         "EDGEPRUNE_NODE_ID": "n0"}, 0),
+        "node online": (
+            {**setup.env("node-n0", broker.host, broker.port), "EDGEPRUNE_NODE_ID": "n0"},
+            0,
+        ),
         "controller logs in": (setup.env("controller", broker.host, broker.port), 0),
-        "wrong password": ({**setup.env("controller", broker.host, broker.port),
-                            "EDGEPRUNE_MQTT_PASSWORD": "wrong"}, 1),
+        "wrong password": (
+            {
+                **setup.env("controller", broker.host, broker.port),
+                "EDGEPRUNE_MQTT_PASSWORD": "wrong",
+            },
+            1,
+        ),
     }
-    runs = await asyncio.gather(*(asyncio.to_thread(
-        subprocess.run, check, env={**base, **env}, capture_output=True, timeout=30)
-        for env, _ in cases.values()))
+    runs = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                subprocess.run, check, env={**base, **env}, capture_output=True, timeout=30
+            )
+            for env, _ in cases.values()
+        )
+    )
     for (what, (_, expected)), run in zip(cases.items(), runs, strict=True):
         assert run.returncode == expected, (what, run.stderr.decode())
 
@@ -310,9 +389,21 @@ def test_secure_override_in_the_docs_is_valid(tmp_path: Path) -> None:
     override = project / "docker-compose.secure.yml"
     override.write_text(block.split("```", 1)[0])
     proc = subprocess.run(
-        ["docker-compose", "--project-directory", str(project), "-f", str(COMPOSE_FILE),
-         "-f", str(override), "config"], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PWD": str(project), "EDGEPRUNE_UID": "4242"})
+        [
+            "docker-compose",
+            "--project-directory",
+            str(project),
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(override),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PWD": str(project), "EDGEPRUNE_UID": "4242"},
+    )
     assert proc.returncode == 0, proc.stderr
     services = _parse_yaml(proc.stdout)["services"]
     ca = str(setup.ca_cert)
@@ -321,8 +412,7 @@ def test_secure_override_in_the_docs_is_valid(tmp_path: Path) -> None:
     assert broker["command"] == ["mosquitto", "-c", str(setup.config_template)]
     assert f"{setup.run_dir}:{setup.run_dir}:ro" in broker["volumes"]
     assert broker["environment"]["EDGEPRUNE_MQTT_USERNAME"] == "observer"
-    users = {"controller": "controller", "node0": "node-n0", "node1": "node-n1",
-             "camera": "camera"}
+    users = {"controller": "controller", "node0": "node-n0", "node1": "node-n1", "camera": "camera"}
     for name, user in users.items():
         env = services[name]["environment"]
         assert env["EDGEPRUNE_MQTT_USERNAME"] == user, name
@@ -341,8 +431,10 @@ def test_command_lines_parse_with_the_real_cli(compose: dict[str, Any], name: st
 
     command = compose["services"][name]["command"]
     if importlib.util.find_spec(f"edgeprune.commands.{command[1]}") is None:
-        pytest.skip(f"`edgeprune {command[1]}` is not built yet: its command line in "
-                    "docker-compose.yml is unchecked")
+        pytest.skip(
+            f"`edgeprune {command[1]}` is not built yet: its command line in "
+            "docker-compose.yml is unchecked"
+        )
     args = build_parser().parse_args(command[1:])
     assert args.command == command[1] and callable(args.func)
 

@@ -86,15 +86,33 @@ def calibration(checkpoint: Checkpoint, test_images: ImageSource) -> Calibration
     pipe = ComposedPipeline(checkpoint, bounds, ratios=RATIOS)
     ratios = pipe.ratios
     pixels = np.ascontiguousarray(test_images.images[0])
-    image = codec.StageMessage(request_id="cal", camera="cal", stage=0, entry_ts=0.0,
-                               capture_ts=0.0, image=pixels.tobytes(), image_format="raw",
-                               image_shape=tuple(pixels.shape))
+    image = codec.StageMessage(
+        request_id="cal",
+        camera="cal",
+        stage=0,
+        entry_ts=0.0,
+        capture_ts=0.0,
+        image=pixels.tobytes(),
+        image_format="raw",
+        image_shape=tuple(pixels.shape),
+    )
     first = pipe.slices[0]
     with torch.no_grad():
         out = first(image_to_tensor(image, checkpoint.preprocess))
-    hidden = codec.decode_stage(codec.encode_stage(codec.StageMessage(
-        request_id="cal", camera="cal", stage=1, entry_ts=0.0, capture_ts=0.0,
-        tensor=out.tensor.numpy(), channels=None, full_channels=out.full_channels)))
+    hidden = codec.decode_stage(
+        codec.encode_stage(
+            codec.StageMessage(
+                request_id="cal",
+                camera="cal",
+                stage=1,
+                entry_ts=0.0,
+                capture_ts=0.0,
+                tensor=out.tensor.numpy(),
+                channels=None,
+                full_channels=out.full_channels,
+            )
+        )
+    )
     second = pipe.slices[1]
 
     def run_first() -> None:
@@ -110,8 +128,11 @@ def calibration(checkpoint: Checkpoint, test_images: ImageSource) -> Calibration
             times = _node_compute_times(fns)
             s.set_level(0)
             points = tuple(zip(ratios, times, strict=True))
-            slices.append(SliceLatency(i, bounds[i].start, bounds[i].end, "test", points,
-                                       fit_linear(ratios, times)))
+            slices.append(
+                SliceLatency(
+                    i, bounds[i].start, bounds[i].end, "test", points, fit_linear(ratios, times)
+                )
+            )
     n = 200
     xs = checkpoint.preprocess(test_images.images[:n])
     assert test_images.labels is not None
@@ -124,34 +145,40 @@ def calibration(checkpoint: Checkpoint, test_images: ImageSource) -> Calibration
         acc = float((predict(pipe, xs) == ys).float().mean())
         acc_points.append((tuple(ratios[lv] for lv in levels), acc))
     num_classes = len(checkpoint.config.class_names or ()) or 10
-    fit_acc = fit_logistic_accuracy([p for p, _ in acc_points], [a for _, a in acc_points],
-                                    num_classes=num_classes)
-    return Calibration(ratios, tuple(slices), tuple(acc_points), fit_acc, "test", CUTS,
-                       num_classes)
+    fit_acc = fit_logistic_accuracy(
+        [p for p, _ in acc_points], [a for _, a in acc_points], num_classes=num_classes
+    )
+    return Calibration(ratios, tuple(slices), tuple(acc_points), fit_acc, "test", CUTS, num_classes)
 
 
 def _timeline(col: Any, t0: float) -> str:
     """What happened, for a failing assertion: decisions, and n1's metrics every ~1 s."""
-    lines = [f"{d['ts'] - t0:6.2f} s decision {d['action']} {d['levels_before']} -> "
-             f"{d['levels']} ({d['how']}): {d['reason']}; stages {d['stages']}"
-             for d in col.decisions]
+    lines = [
+        f"{d['ts'] - t0:6.2f} s decision {d['action']} {d['levels_before']} -> "
+        f"{d['levels']} ({d['how']}): {d['reason']}; stages {d['stages']}"
+        for d in col.decisions
+    ]
     last = -1.0
     for m in col.metrics:
         if m["node"] == "n1" and m["ts"] - last >= 1.0:
             last = m["ts"]
-            lines.append(f"{m['ts'] - t0:6.2f} s n1 level {m['level']} queue {m['queue_depth']} "
-                         f"service {m['service_s']} x{m['emulated_factor']} "
-                         f"received {m['received']} processed {m['processed']}")
+            lines.append(
+                f"{m['ts'] - t0:6.2f} s n1 level {m['level']} queue {m['queue_depth']} "
+                f"service {m['service_s']} x{m['emulated_factor']} "
+                f"received {m['received']} processed {m['processed']}"
+            )
     by_second: dict[int, list[dict[str, Any]]] = {}
     for e in col.exits:
         by_second.setdefault(int(e["exit_ts"] - t0), []).append(e)
     for sec, exits in by_second.items():
         hops = [sum(h["queue_s"] + h["compute_s"] for h in e["stages"]) for e in exits]
         transport = [e["latency_s"] - h for e, h in zip(exits, hops, strict=True)]
-        lines.append(f"{sec:6.2f} s exits {len(exits)}: latency p95 "
-                     f"{_p95([e['latency_s'] for e in exits]):.3f} s, in stages (queue + busy)"
-                     f" median {statistics.median(hops):.3f} s, transport median "
-                     f"{statistics.median(transport):.3f} s max {max(transport):.3f} s")
+        lines.append(
+            f"{sec:6.2f} s exits {len(exits)}: latency p95 "
+            f"{_p95([e['latency_s'] for e in exits]):.3f} s, in stages (queue + busy)"
+            f" median {statistics.median(hops):.3f} s, transport median "
+            f"{statistics.median(transport):.3f} s max {max(transport):.3f} s"
+        )
     return "\n".join(sorted(lines, key=lambda line: float(line.split(" s ", 1)[0])))
 
 
@@ -160,48 +187,90 @@ def _p95(values: list[float]) -> float:
 
 
 async def test_reactive_controller_prunes_only_the_slow_node_and_restores_it(
-        checkpoint, test_images, mqtt, topic_prefix, calibration):
-    out = await _run_slow_node(checkpoint, test_images, mqtt, topic_prefix, calibration,
-                               "reactive")
+    checkpoint, test_images, mqtt, topic_prefix, calibration
+):
+    out = await _run_slow_node(checkpoint, test_images, mqtt, topic_prefix, calibration, "reactive")
     print("\ncontroller: " + ", ".join(f"{k} {v}" for k, v in out.items()))
 
 
-async def _run_slow_node(checkpoint: Checkpoint, test_images: ImageSource, mqtt: MqttSettings,
-                         pipe: str, calibration: Calibration,
-                         policy: PolicyName) -> dict[str, Any]:
+async def _run_slow_node(
+    checkpoint: Checkpoint,
+    test_images: ImageSource,
+    mqtt: MqttSettings,
+    pipe: str,
+    calibration: Calibration,
+    policy: PolicyName,
+) -> dict[str, Any]:
     """Two in-process nodes (n1 slow for SLOW_END_S), the collector, and the scenario."""
     topics = Topics(pipe)
     bounds = parse_cuts(CUTS, checkpoint.build().num_blocks)
-    fast = SliceNode(NodeConfig(node_id="n0", pipe=pipe, stage=0, bounds=bounds[0], mqtt=mqtt,
-                                metrics_interval_s=0.2, ratios=RATIOS,
-                                emulation=Emulation(BASE_FACTOR)), checkpoint)
+    fast = SliceNode(
+        NodeConfig(
+            node_id="n0",
+            pipe=pipe,
+            stage=0,
+            bounds=bounds[0],
+            mqtt=mqtt,
+            metrics_interval_s=0.2,
+            ratios=RATIOS,
+            emulation=Emulation(BASE_FACTOR),
+        ),
+        checkpoint,
+    )
     clock_start = time.time()
-    slow = SliceNode(NodeConfig(
-        node_id="n1", pipe=pipe, stage=1, bounds=bounds[1], mqtt=mqtt, metrics_interval_s=0.2,
-        ratios=RATIOS, clock_start=clock_start,
-        emulation=Emulation(BASE_FACTOR, (SlowdownWindow(0.0, SLOW_END_S, SLOW_FACTOR),))),
-        checkpoint)
+    slow = SliceNode(
+        NodeConfig(
+            node_id="n1",
+            pipe=pipe,
+            stage=1,
+            bounds=bounds[1],
+            mqtt=mqtt,
+            metrics_interval_s=0.2,
+            ratios=RATIOS,
+            clock_start=clock_start,
+            emulation=Emulation(BASE_FACTOR, (SlowdownWindow(0.0, SLOW_END_S, SLOW_FACTOR),)),
+        ),
+        checkpoint,
+    )
     stop_nodes = asyncio.Event()
     node_tasks = [asyncio.create_task(n.run(stop_nodes)) for n in (fast, slow)]
     try:
         await asyncio.wait_for(asyncio.gather(fast.ready.wait(), slow.ready.wait()), 60)
         async with collecting(mqtt, pipe) as col:
             try:
-                out = await _slow_node_scenario(col, slow, clock_start + SLOW_END_S, mqtt, pipe,
-                                                test_images, calibration, policy)
+                out = await _slow_node_scenario(
+                    col,
+                    slow,
+                    clock_start + SLOW_END_S,
+                    mqtt,
+                    pipe,
+                    test_images,
+                    calibration,
+                    policy,
+                )
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{_timeline(col, clock_start)}") from exc
     finally:
         stop_nodes.set()
         await asyncio.gather(*node_tasks, return_exceptions=True)
-        await clear_retained(mqtt, pipe, [topics.control_stage(i) for i in range(2)]
-                             + [topics.status(n) for n in ("n0", "n1")])
+        await clear_retained(
+            mqtt,
+            pipe,
+            [topics.control_stage(i) for i in range(2)] + [topics.status(n) for n in ("n0", "n1")],
+        )
     return out
 
 
-async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: MqttSettings,
-                              pipe: str, images: ImageSource, calibration: Calibration,
-                              policy: PolicyName = "reactive") -> dict[str, Any]:
+async def _slow_node_scenario(
+    col: Any,
+    slow: SliceNode,
+    slow_end: float,
+    mqtt: MqttSettings,
+    pipe: str,
+    images: ImageSource,
+    calibration: Calibration,
+    policy: PolicyName = "reactive",
+) -> dict[str, Any]:
     """Measure, overload, check the prune, the latency after it and the restore; returns the
     numbers for the test's printout."""
     # 1. measure, with the slow node already slow: warm up (the first inferences are slow, and
@@ -212,8 +281,15 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
     #    overload below is certain.
     sent = 0
     for n, rate_hz in ((4, 4.0), (6, 3.0), (12, 1000.0)):
-        probe = Camera(mqtt, pipe, images, rate_schedule(rate_hz, n, n_images=200, seed=n),
-                       image_format="raw", resend_after_s=None, track_results=False)
+        probe = Camera(
+            mqtt,
+            pipe,
+            images,
+            rate_schedule(rate_hz, n, n_images=200, seed=n),
+            image_format="raw",
+            resend_after_s=None,
+            track_results=False,
+        )
         await probe.run()
         sent += n
 
@@ -232,10 +308,21 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
     assert s1 > 1.5 * s0, f"stage 1 ({s1:.4f} s) should be the bottleneck ({s0:.4f} s)"
 
     config = ControllerConfig(
-        slo_ms=slo_s * 1e3, a_min=a_min, policy=policy, objective="bottleneck",
-        window_s=1.0, sustain_s=1.0, cooldown_s=3.0, restore_sustain_s=1.5, min_samples=3,
-        rate_tau_s=2.0, metrics_max_age_s=1.0, slowdown_window_s=1.0, slowdown_tau_s=0.5,
-        decide_interval_s=0.1)
+        slo_ms=slo_s * 1e3,
+        a_min=a_min,
+        policy=policy,
+        objective="bottleneck",
+        window_s=1.0,
+        sustain_s=1.0,
+        cooldown_s=3.0,
+        restore_sustain_s=1.5,
+        min_samples=3,
+        rate_tau_s=2.0,
+        metrics_max_age_s=1.0,
+        slowdown_window_s=1.0,
+        slowdown_tau_s=0.5,
+        decide_interval_s=0.1,
+    )
     controller = Controller(config, calibration, mqtt, pipe=pipe)
     stop_controller, stop_camera = asyncio.Event(), asyncio.Event()
     ctl_task = asyncio.create_task(controller.run(stop_controller))
@@ -244,8 +331,9 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
         await asyncio.wait_for(controller.ready.wait(), 10)
         # 2. a steady stream above the slow stage's capacity
         shots = rate_schedule(rate, int(rate * 120), n_images=len(images))
-        cam = Camera(mqtt, pipe, images, shots, image_format="raw", resend_after_s=None,
-                     track_results=False)
+        cam = Camera(
+            mqtt, pipe, images, shots, image_format="raw", resend_after_s=None, track_results=False
+        )
         overload_at = time.time()
         cam_task = asyncio.create_task(cam.run(stop_camera))
 
@@ -265,14 +353,21 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
         assert 0.3 * s0 < seen[0] < 3.0 * s0, (seen, s0)
         assert seen[1] > 1.5 * seen[0], seen
         assert prune["arrival"]["rate"] == pytest.approx(rate, rel=0.35)
-        await wait_until(lambda: slow.slice is not None and slow.slice.level > 0, 10,
-                         "n1 applies the level")
+        await wait_until(
+            lambda: slow.slice is not None and slow.slice.level > 0, 10, "n1 applies the level"
+        )
 
         # 3. latency back under the SLO: the p95 of requests that entered once the slow
         #    node's backlog had drained, while the slowdown still lasts
         def drained_at() -> float | None:
-            return next((m["ts"] for m in col.metrics if m["node"] == "n1"
-                         and m["ts"] > prune["ts"] and m["queue_depth"] <= 2), None)
+            return next(
+                (
+                    m["ts"]
+                    for m in col.metrics
+                    if m["node"] == "n1" and m["ts"] > prune["ts"] and m["queue_depth"] <= 2
+                ),
+                None,
+            )
 
         await wait_until(lambda: drained_at() is not None, 15, "n1's backlog drained")
         t_drained = drained_at() or 0.0
@@ -280,20 +375,26 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
         def settled() -> list[dict[str, Any]]:
             return [e for e in col.exits if t_drained <= e["entry_ts"] < slow_end - 0.5]
 
-        await wait_until(lambda: len(settled()) >= 100 or time.time() > slow_end, 30,
-                         "exits after the drain")
+        await wait_until(
+            lambda: len(settled()) >= 100 or time.time() > slow_end, 30, "exits after the drain"
+        )
         after = settled()
         assert len(after) >= 30, f"only {len(after)} exits between drain and slowdown end"
         p95_after = _p95([e["latency_s"] for e in after])
         assert p95_after < slo_s, (p95_after, slo_s)
-        overloaded = [e["latency_s"] for e in col.exits
-                      if overload_at <= e["entry_ts"] < prune["ts"]]
+        overloaded = [
+            e["latency_s"] for e in col.exits if overload_at <= e["entry_ts"] < prune["ts"]
+        ]
 
         # 4. the slowdown ends: the levels go back to 0, on the node too
-        await wait_until(lambda: controller.state.levels == (0, 0) and time.time() > slow_end,
-                         30, "levels back to 0")
-        await wait_until(lambda: slow.slice is not None and slow.slice.level == 0, 10,
-                         "n1 back at level 0")
+        await wait_until(
+            lambda: controller.state.levels == (0, 0) and time.time() > slow_end,
+            30,
+            "levels back to 0",
+        )
+        await wait_until(
+            lambda: slow.slice is not None and slow.slice.level == 0, 10, "n1 back at level 0"
+        )
         restore_delay = decisions("restore")[-1]["ts"] - slow_end
     finally:
         stop_camera.set()
@@ -313,19 +414,25 @@ async def _slow_node_scenario(col: Any, slow: SliceNode, slow_end: float, mqtt: 
         f"s1_x{BASE_FACTOR * SLOW_FACTOR:g}_ms": round(s1 * 1e3, 1),
         "unloaded_p50_ms": round(unloaded * 1e3),
         "slo_ms": round(slo_s * 1e3),
-        "a_min": round(a_min, 3), "rate_per_s": round(rate, 1),
-        "first_prune": prune["levels"], "prune_after_s": round(prune_delay, 2),
+        "a_min": round(a_min, 3),
+        "rate_per_s": round(rate, 1),
+        "first_prune": prune["levels"],
+        "prune_after_s": round(prune_delay, 2),
         "slowdowns_at_prune": [round(st["slowdown"], 2) for st in prune["stages"]],
         "overloaded_p95_ms": round(_p95(overloaded) * 1e3) if overloaded else None,
-        "p95_after_drain_ms": round(p95_after * 1e3), "exits_after_drain": len(after),
+        "p95_after_drain_ms": round(p95_after * 1e3),
+        "exits_after_drain": len(after),
         "restored_after_slowdown_end_s": round(restore_delay, 2),
         "decisions": [(d["action"], d["levels"], d["how"]) for d in report["decisions"]],
-        "time_at_level_stage1_s": {k: round(v, 1)
-                                   for k, v in report["time_at_level_s"]["1"].items()}}
+        "time_at_level_stage1_s": {
+            k: round(v, 1) for k, v in report["time_at_level_s"]["1"].items()
+        },
+    }
 
 
 async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
-        mqtt: MqttSettings, topic_prefix: str, calibration: Calibration, tmp_path: Path):
+    mqtt: MqttSettings, topic_prefix: str, calibration: Calibration, tmp_path: Path
+):
     cal_path = calibration.save(tmp_path / "calibration.json")
     config_path = tmp_path / "controller.toml"
     config_path.write_text("[controller]\nslo_ms = 150\nwindow_s = 30\nstatus_interval_s = 0.2\n")
@@ -333,33 +440,97 @@ async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
     log_path = tmp_path / "controller.log"
     topics = Topics(topic_prefix)
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-        await client.publish(topics.control_stage(1), codec.encode_json("level", {
-            "stage": 1, "level": 2, "ratio": calibration.ratios[2], "seq": 7,
-            "reason": "test"}), qos=1, retain=True)
+        await client.publish(
+            topics.control_stage(1),
+            codec.encode_json(
+                "level",
+                {
+                    "stage": 1,
+                    "level": 2,
+                    "ratio": calibration.ratios[2],
+                    "seq": 7,
+                    "reason": "test",
+                },
+            ),
+            qos=1,
+            retain=True,
+        )
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeprune", "controller", "--calibration", str(cal_path),
-             "--config", str(config_path), "--policy", "static", "--report", str(report_path),
-             "--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "edgeprune",
+                "controller",
+                "--calibration",
+                str(cal_path),
+                "--config",
+                str(config_path),
+                "--policy",
+                "static",
+                "--report",
+                str(report_path),
+                "--host",
+                mqtt.host,
+                "--port",
+                str(mqtt.port),
+                "--pipe",
+                topic_prefix,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     try:
-        await wait_until(lambda: "adopted from control/stage/1" in log_path.read_text(), 30,
-                         "the controller learns the retained level")
+        await wait_until(
+            lambda: "adopted from control/stage/1" in log_path.read_text(),
+            30,
+            "the controller learns the retained level",
+        )
         async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-            await client.publish(topics.status("n9"), codec.encode_json("status", {
-                "node": "n9", "state": "offline", "reason": "connection lost", "stage": 1}),
-                qos=1, retain=True)
+            await client.publish(
+                topics.status("n9"),
+                codec.encode_json(
+                    "status",
+                    {"node": "n9", "state": "offline", "reason": "connection lost", "stage": 1},
+                ),
+                qos=1,
+                retain=True,
+            )
             for k in range(5):
-                await client.publish(topics.exits, codec.encode_json("exit", {
-                    "request_id": f"r{k}", "latency_s": 0.05, "stages": [
-                        {"stage": 0, "node": "n0", "queue_s": 0.0, "compute_s": 0.002,
-                         "level": 0},
-                        {"stage": 1, "node": "n9", "queue_s": 0.0, "compute_s": 0.004,
-                         "level": 2}]}), qos=1)
-        await wait_until(lambda: "over 5 exits" in log_path.read_text(), 15,
-                         "the controller sees the exits")
-        await wait_until(lambda: "node n9 (stage 1) lost" in log_path.read_text(), 15,
-                         "node loss logged")
+                await client.publish(
+                    topics.exits,
+                    codec.encode_json(
+                        "exit",
+                        {
+                            "request_id": f"r{k}",
+                            "latency_s": 0.05,
+                            "stages": [
+                                {
+                                    "stage": 0,
+                                    "node": "n0",
+                                    "queue_s": 0.0,
+                                    "compute_s": 0.002,
+                                    "level": 0,
+                                },
+                                {
+                                    "stage": 1,
+                                    "node": "n9",
+                                    "queue_s": 0.0,
+                                    "compute_s": 0.004,
+                                    "level": 2,
+                                },
+                            ],
+                        },
+                    ),
+                    qos=1,
+                )
+        await wait_until(
+            lambda: "over 5 exits" in log_path.read_text(), 15, "the controller sees the exits"
+        )
+        await wait_until(
+            lambda: "node n9 (stage 1) lost" in log_path.read_text(), 15, "node loss logged"
+        )
     finally:
         rc = stop_process(proc)
         await clear_retained(mqtt, topic_prefix, [topics.control_stage(1), topics.status("n9")])
@@ -373,8 +544,13 @@ async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
 
 
 async def test_kill_and_restart_the_controller_mid_burst_loses_nothing(
-        mqtt: MqttSettings, topic_prefix: str, checkpoint: Checkpoint,
-        test_images: ImageSource, calibration: Calibration, tmp_path: Path) -> None:
+    mqtt: MqttSettings,
+    topic_prefix: str,
+    checkpoint: Checkpoint,
+    test_images: ImageSource,
+    calibration: Calibration,
+    tmp_path: Path,
+) -> None:
     """The controller is not on the data path: SIGKILL it mid-burst and start it again; every
     image gets exactly one result, and the new controller adopts the retained levels instead of
     resetting the nodes to level 0."""
@@ -387,37 +563,71 @@ async def test_kill_and_restart_the_controller_mid_burst_loses_nothing(
     def start(log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "wb") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "edgeprune", "controller", "--calibration",
-                 str(cal_path), "--config", str(config_path), "--policy", "reactive",
-                 "--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeprune",
+                    "controller",
+                    "--calibration",
+                    str(cal_path),
+                    "--config",
+                    str(config_path),
+                    "--policy",
+                    "reactive",
+                    "--host",
+                    mqtt.host,
+                    "--port",
+                    str(mqtt.port),
+                    "--pipe",
+                    topic_prefix,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
 
     await publish_level(mqtt, topic_prefix, 1, 2, RATIOS[2], seq=3)
     bounds = parse_cuts(CUTS, checkpoint.build().num_blocks)
     proc = start(logs[0])
     try:
-        async with running_nodes(checkpoint, mqtt, topic_prefix, bounds, ratios=RATIOS,
-                                 metrics_interval_s=0.2), \
-                collecting(mqtt, topic_prefix) as col:
-            await wait_until(lambda: "adopted from control/stage/1" in logs[0].read_text(), 30,
-                             "the first controller learns the retained level")
-            cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(30.0, 90, n_images=500),
-                         resend_after_s=2.0, drain_s=90)
+        async with (
+            running_nodes(
+                checkpoint, mqtt, topic_prefix, bounds, ratios=RATIOS, metrics_interval_s=0.2
+            ),
+            collecting(mqtt, topic_prefix) as col,
+        ):
+            await wait_until(
+                lambda: "adopted from control/stage/1" in logs[0].read_text(),
+                30,
+                "the first controller learns the retained level",
+            )
+            cam = Camera(
+                mqtt,
+                topic_prefix,
+                test_images,
+                rate_schedule(30.0, 90, n_images=500),
+                resend_after_s=2.0,
+                drain_s=90,
+            )
             task = asyncio.create_task(cam.run())
             await wait_until(lambda: cam.report.completed >= 15, 60, "first results")
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             proc = start(logs[1])
-            await wait_until(lambda: "adopted from control/stage/1" in logs[1].read_text(), 30,
-                             "the restarted controller learns the retained level")
+            await wait_until(
+                lambda: "adopted from control/stage/1" in logs[1].read_text(),
+                30,
+                "the restarted controller learns the retained level",
+            )
             report = await task
-            stage1_levels = {s["level"] for e in col.exits for s in e["stages"]
-                             if s["stage"] == 1}
+            stage1_levels = {s["level"] for e in col.exits for s in e["stages"] if s["stage"] == 1}
     finally:
         rc = stop_process(proc)
         await clear_retained(mqtt, topic_prefix, [topics.control_stage(1)])
-    print(f"\ncontroller SIGKILL + restart: sent {report.sent}, results {report.completed}, "
-          f"re-sent {report.resent}, duplicates suppressed {report.duplicates}")
+    print(
+        f"\ncontroller SIGKILL + restart: sent {report.sent}, results {report.completed}, "
+        f"re-sent {report.resent}, duplicates suppressed {report.duplicates}"
+    )
     assert rc == 0, logs[1].read_text()
     assert report.sent == 90 and report.completed == report.sent and report.lost == 0
     assert len(report.results) == report.sent

@@ -64,10 +64,14 @@ a_min = 0.5
 def calibration_file(tmp_path_factory: pytest.TempPathFactory, checkpoint: Checkpoint) -> Path:
     data = split_dataset(load_dataset("animal-mnist", DATA_DIR)).val
     data = data.subset(np.arange(200), "val-200")
-    cal = calibrate(checkpoint, data, bounds=[SliceBounds(0, 3), SliceBounds(3, 5)],
-                    nodes=["n0", "n1"],
-                    settings=CalibrationSettings(ratios=(0.0, 0.5), runs=10, warmup=2,
-                                                 rounds=2), progress=False)
+    cal = calibrate(
+        checkpoint,
+        data,
+        bounds=[SliceBounds(0, 3), SliceBounds(3, 5)],
+        nodes=["n0", "n1"],
+        settings=CalibrationSettings(ratios=(0.0, 0.5), runs=10, warmup=2, rounds=2),
+        progress=False,
+    )
     return cal.save(tmp_path_factory.mktemp("calibration") / "calibration.json")
 
 
@@ -97,18 +101,36 @@ def processes_mentioning(text: str) -> list[str]:
 
 def experiment(args: list[str], **kwargs) -> subprocess.Popen[str]:
     env = {**os.environ, "EDGEPRUNE_DATA_DIR": str(DATA_DIR)}
-    return subprocess.Popen([sys.executable, "-m", "edgeprune", "--log-level", "WARNING",
-                             "experiment", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgeprune", "--log-level", "WARNING", "experiment", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def test_compare_prints_one_json_object_and_every_request_has_a_result(
-        tmp_path: Path, calibration_file: Path) -> None:
+    tmp_path: Path, calibration_file: Path
+) -> None:
     name, config = write_config(tmp_path, calibration_file, images=25)
     out = tmp_path / "out"
     # startup_budget_s = 1: the replay starts late on purpose (no waiting), so no retries
-    proc = experiment([str(config), "--compare", "static,reactive", "--json", "--quiet",
-                       "--retries", "0", "--out", str(out)])
+    proc = experiment(
+        [
+            str(config),
+            "--compare",
+            "static,reactive",
+            "--json",
+            "--quiet",
+            "--retries",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     lines = [line for line in stdout.splitlines() if line.strip()]
@@ -140,16 +162,14 @@ def test_compare_prints_one_json_object_and_every_request_has_a_result(
         assert run["camera"]["sent"] == run["camera"]["completed"] == 25  # the camera agrees
         assert run["timing"]["camera_offset_s"] is not None
     assert "burnt one core" in (out / "static" / "logs" / "hog-n1.log").read_text()
-    for png in ("timeline-static.png", "timeline-reactive.png", "latency-cdf.png",
-                "timelines.png"):
+    for png in ("timeline-static.png", "timeline-reactive.png", "latency-cdf.png", "timelines.png"):
         assert (out / png).stat().st_size > 10_000
     assert "| SLO attainment |" in (out / "report.md").read_text()
     assert processes_mentioning(name) == []
     assert processes_mentioning(str(out)) == []  # the brokers' command lines name their dir
 
 
-def test_interrupt_mid_run_leaves_no_process_behind(tmp_path: Path,
-                                                    calibration_file: Path) -> None:
+def test_interrupt_mid_run_leaves_no_process_behind(tmp_path: Path, calibration_file: Path) -> None:
     name, config = write_config(tmp_path, calibration_file, images=400)
     out = tmp_path / "out"
     proc = experiment([str(config), "--policy", "static", "--out", str(out)])

@@ -53,15 +53,21 @@ def _planner(checkpoint) -> tuple[Planner, float]:
     stand-in whose importance grows with ratio and slice length (the planner's accuracy side
     is tested in tests/unit/test_planner.py; here the floor does not bind)."""
     bank = SliceBank(checkpoint)
-    costs, _ = measure_costs(bank, block_inputs(bank.model, checkpoint.calibration_tensor(2)),
-                             runs=15, warmup=3, ranges=False)
+    costs, _ = measure_costs(
+        bank,
+        block_inputs(bank.model, checkpoint.calibration_tensor(2)),
+        runs=15,
+        warmup=3,
+        ranges=False,
+    )
     ranges = contiguous_ranges(costs.n_blocks)
     acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
     return Planner(costs, AccuracyModel.from_importance(0.98, acc, 10)), costs.footprint(0)
 
 
-async def test_killed_node_is_replaced_and_no_image_is_lost(checkpoint, test_images, mqtt,
-                                                            topic_prefix, tmp_path):
+async def test_killed_node_is_replaced_and_no_image_is_lost(
+    checkpoint, test_images, mqtt, topic_prefix, tmp_path
+):
     planner, footprint = _planner(checkpoint)
     # no device holds the whole unpruned model; each holds its largest block
     devices = [Device(f"n{k}", 1.0, 0.8 * footprint / MIB, 1000.0, 0.2) for k in range(3)]
@@ -80,24 +86,56 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(checkpoint, test_ima
     decided_at: list[float] = []
     stop = asyncio.Event()
     started = asyncio.Event()
-    failover = asyncio.create_task(run_failover(
-        mqtt, topic_prefix, monitor, stop, on_decision=lambda d: decided_at.append(time.time()),
-        ready=started))
-    others = [SliceNode(NodeConfig(node_id=n, pipe=topic_prefix, mqtt=mqtt,
-                                   metrics_interval_s=0.2), checkpoint)
-              for n in plan.nodes if n != victim]
+    failover = asyncio.create_task(
+        run_failover(
+            mqtt,
+            topic_prefix,
+            monitor,
+            stop,
+            on_decision=lambda d: decided_at.append(time.time()),
+            ready=started,
+        )
+    )
+    others = [
+        SliceNode(
+            NodeConfig(node_id=n, pipe=topic_prefix, mqtt=mqtt, metrics_interval_s=0.2), checkpoint
+        )
+        for n in plan.nodes
+        if n != victim
+    ]
     tasks = [asyncio.create_task(n.run(stop)) for n in others]
-    proc = node_process(["--node-id", victim, "--pipe", topic_prefix, "--host", mqtt.host,
-                         "--port", str(mqtt.port), "--metrics-interval", "0.2"],
-                        tmp_path / f"{victim}.log")
+    proc = node_process(
+        [
+            "--node-id",
+            victim,
+            "--pipe",
+            topic_prefix,
+            "--host",
+            mqtt.host,
+            "--port",
+            str(mqtt.port),
+            "--metrics-interval",
+            "0.2",
+        ],
+        tmp_path / f"{victim}.log",
+    )
     try:
         async with collecting(mqtt, topic_prefix) as col:
             await asyncio.wait_for(started.wait(), 10)
             await asyncio.wait_for(asyncio.gather(*(n.ready.wait() for n in others)), 60)
-            await wait_until(lambda: any(m["node"] == victim and m["stage"] == 1
-                                         for m in col.metrics), 60, f"{victim} placed")
-            cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(20.0, 100, n_images=500),
-                         resend_after_s=RESEND_S, drain_s=60)
+            await wait_until(
+                lambda: any(m["node"] == victim and m["stage"] == 1 for m in col.metrics),
+                60,
+                f"{victim} placed",
+            )
+            cam = Camera(
+                mqtt,
+                topic_prefix,
+                test_images,
+                rate_schedule(20.0, 100, n_images=500),
+                resend_after_s=RESEND_S,
+                drain_s=60,
+            )
             trace = asyncio.create_task(cam.run())
             await wait_until(lambda: cam.report.completed >= 20, 60, "first results")
             killed, killed_mono = time.time(), time.monotonic()
@@ -130,13 +168,15 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(checkpoint, test_ima
     # it here because the in-process survivors share this process (and its CPU) while they
     # build their new slices (see docs/slimedge.md)
     detect_s, recover_s = decision.decided_at - killed_mono, recovered()
-    print(f"\nfailover: {victim} SIGKILLed; detected and re-planned in {detect_s * 1e3:.0f} ms "
-          f"(planning {decision.planning_s * 1e3:.1f} ms), published after "
-          f"{decided_at[0] - killed:.2f} s; plan v{new.version} "
-          f"{[(b.start, b.end) for b in new.bounds]} on {new.nodes} at levels "
-          f"{list(decision.plan.levels)}; first result under it {recover_s:.2f} s after the "
-          f"kill; camera: sent {report.sent}, completed {report.completed}, lost {report.lost}, "
-          f"re-sent {report.resent}, duplicates suppressed {report.duplicates}")
+    print(
+        f"\nfailover: {victim} SIGKILLed; detected and re-planned in {detect_s * 1e3:.0f} ms "
+        f"(planning {decision.planning_s * 1e3:.1f} ms), published after "
+        f"{decided_at[0] - killed:.2f} s; plan v{new.version} "
+        f"{[(b.start, b.end) for b in new.bounds]} on {new.nodes} at levels "
+        f"{list(decision.plan.levels)}; first result under it {recover_s:.2f} s after the "
+        f"kill; camera: sent {report.sent}, completed {report.completed}, lost {report.lost}, "
+        f"re-sent {report.resent}, duplicates suppressed {report.duplicates}"
+    )
     assert detect_s < SETTINGS.detection_bound_s
     assert report.sent == 100 and report.completed == report.sent and report.lost == 0
     assert len(report.results) == report.sent
@@ -146,25 +186,41 @@ def _measurements(checkpoint: Checkpoint) -> Measurements:
     """Real per-block costs (briefly timed) and the stand-in importance of ``_planner``, as the
     measurements file the controller loads (no combos: kappa = 1)."""
     bank = SliceBank(checkpoint)
-    costs, _ = measure_costs(bank, block_inputs(bank.model, checkpoint.calibration_tensor(2)),
-                             runs=5, warmup=1, ranges=False)
+    costs, _ = measure_costs(
+        bank,
+        block_inputs(bank.model, checkpoint.calibration_tensor(2)),
+        runs=5,
+        warmup=1,
+        ranges=False,
+    )
     ranges = contiguous_ranges(costs.n_blocks)
     acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
-    return Measurements(checkpoint.config.name, checkpoint.model_hash(),
-                        checkpoint.config.num_classes, costs, tuple(ranges),
-                        np.zeros_like(acc), acc, ())
+    return Measurements(
+        checkpoint.config.name,
+        checkpoint.model_hash(),
+        checkpoint.config.num_classes,
+        costs,
+        tuple(ranges),
+        np.zeros_like(acc),
+        acc,
+        (),
+    )
 
 
-def _calibration(checkpoint: Checkpoint, bounds: list[tuple[int, int]],
-                 ratios: tuple[float, ...]) -> Calibration:
+def _calibration(
+    checkpoint: Checkpoint, bounds: list[tuple[int, int]], ratios: tuple[float, ...]
+) -> Calibration:
     """A nominal calibration of the initial partition (the controller runs --policy static
     here: it only observes; the re-planning side uses the measurements)."""
     fit = LinearFit(a=-0.01, b=0.01, r2=1.0)
-    slices = tuple(SliceLatency(i, a, b, "test", tuple((r, fit.predict(r)) for r in ratios), fit)
-                   for i, (a, b) in enumerate(bounds))
+    slices = tuple(
+        SliceLatency(i, a, b, "test", tuple((r, fit.predict(r)) for r in ratios), fit)
+        for i, (a, b) in enumerate(bounds)
+    )
     accuracy = LogisticAccuracyFit(g=tuple(-2.0 for _ in bounds), d=-4.0, max_abs_error=0.0)
-    return Calibration(ratios, slices, (), accuracy, checkpoint.model_hash(), "test",
-                       checkpoint.config.num_classes)
+    return Calibration(
+        ratios, slices, (), accuracy, checkpoint.model_hash(), "test", checkpoint.config.num_classes
+    )
 
 
 async def _retained_plan(mqtt: MqttSettings, topics: Topics) -> PlanMessage | None:
@@ -183,16 +239,21 @@ async def _retained_plan(mqtt: MqttSettings, topics: Topics) -> PlanMessage | No
 
 @pytest.mark.timeout(120)
 async def test_controller_cli_failover_publishes_a_retained_plan_without_the_killed_node(
-        checkpoint, mqtt, topic_prefix, tmp_path: Path):
+    checkpoint, mqtt, topic_prefix, tmp_path: Path
+):
     m = _measurements(checkpoint)
     m_path = m.save(tmp_path / "measurements.json")
     n = m.costs.n_blocks
     bounds = [(0, 2), (2, 4), (4, n)]
     cal_path = _calibration(checkpoint, bounds, m.costs.ratios).save(tmp_path / "cal.json")
     names = ["n0", "n1", "n2"]
-    (tmp_path / "devices.toml").write_text("".join(
-        f'[[device]]\nname = "{d}"\nspeed = 1.0\nmemory_mb = 4096\nbandwidth_mbps = 5000\n'
-        f"latency_ms = 0.2\nfailure_prob = 0.1\n\n" for d in names))
+    (tmp_path / "devices.toml").write_text(
+        "".join(
+            f'[[device]]\nname = "{d}"\nspeed = 1.0\nmemory_mb = 4096\nbandwidth_mbps = 5000\n'
+            f"latency_ms = 0.2\nfailure_prob = 0.1\n\n"
+            for d in names
+        )
+    )
     topics = Topics(topic_prefix)
     plan = PlanMessage.build(1, n, [SliceBounds(a, b) for a, b in bounds], names, "initial")
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
@@ -202,23 +263,58 @@ async def test_controller_cli_failover_publishes_a_retained_plan_without_the_kil
     broker = ["--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix]
     with open(log_path, "wb") as out:
         controller = subprocess.Popen(
-            [sys.executable, "-m", "edgeprune", "controller", "--calibration", str(cal_path),
-             "--slo-ms", "1000", "--policy", "static", "--report", str(report_path),
-             "--failover", str(tmp_path / "devices.toml"), "--measurements", str(m_path),
-             "--failover-floor", "0.9", "--heartbeat-timeout", "2",
-             "--failover-check-interval", "0.1", *broker],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "edgeprune",
+                "controller",
+                "--calibration",
+                str(cal_path),
+                "--slo-ms",
+                "1000",
+                "--policy",
+                "static",
+                "--report",
+                str(report_path),
+                "--failover",
+                str(tmp_path / "devices.toml"),
+                "--measurements",
+                str(m_path),
+                "--failover-floor",
+                "0.9",
+                "--heartbeat-timeout",
+                "2",
+                "--failover-check-interval",
+                "0.1",
+                *broker,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     # every node a process, as deployed (an in-process node would block this test's event
     # loop while it builds its slice)
-    procs = {name: node_process(["--node-id", name, *broker, "--metrics-interval", "0.2"],
-                                tmp_path / f"{name}.log") for name in names}
+    procs = {
+        name: node_process(
+            ["--node-id", name, *broker, "--metrics-interval", "0.2"], tmp_path / f"{name}.log"
+        )
+        for name in names
+    }
     try:
         async with collecting(mqtt, topic_prefix) as col:
-            await wait_until(lambda: all(any(x["node"] == name and x["stage"] == i
-                                             for x in col.metrics)
-                                         for i, name in enumerate(names)), 60, "nodes placed")
-            await wait_until(lambda: "failover watching" in log_path.read_text(), 60,
-                             "the controller's failover monitor")
+            await wait_until(
+                lambda: all(
+                    any(x["node"] == name and x["stage"] == i for x in col.metrics)
+                    for i, name in enumerate(names)
+                ),
+                60,
+                "nodes placed",
+            )
+            await wait_until(
+                lambda: "failover watching" in log_path.read_text(),
+                60,
+                "the controller's failover monitor",
+            )
             killed = time.monotonic()
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait(10)
@@ -239,10 +335,17 @@ async def test_controller_cli_failover_publishes_a_retained_plan_without_the_kil
             assert replan.version == 2 and victim not in replan.nodes
             assert set(replan.nodes) <= {"n0", "n2"}
             # the survivors apply it without restarting: each reports its new stage
-            await wait_until(lambda: all(any(
-                x["node"] == node and x["stage"] == i and x["bounds"] == [b.start, b.end]
-                for x in col.metrics) for i, (node, b) in enumerate(
-                    zip(replan.nodes, replan.bounds, strict=True))), 30, "the plan applied")
+            await wait_until(
+                lambda: all(
+                    any(
+                        x["node"] == node and x["stage"] == i and x["bounds"] == [b.start, b.end]
+                        for x in col.metrics
+                    )
+                    for i, (node, b) in enumerate(zip(replan.nodes, replan.bounds, strict=True))
+                ),
+                30,
+                "the plan applied",
+            )
     finally:  # the controller first: nodes shutting down are losses too
         rc = stop_process(controller)
         for proc in procs.values():
@@ -252,10 +355,13 @@ async def test_controller_cli_failover_publishes_a_retained_plan_without_the_kil
     report = json.loads(report_path.read_text())
     [decision] = report["failover"]
     assert decision["version"] == 2 and decision["lost"] == [
-        {"node": victim, "reason": "last will"}]
+        {"node": victim, "reason": "last will"}
+    ]
     assert decision["detection_delay_s"][0] < 2.1
     if [(b.start, b.end) for b in replan.bounds] != bounds:
         assert report["held"] and "controller policy on hold" in text
-    print(f"\ncontroller --failover: {victim} SIGKILLed; retained plan v{replan.version} "
-          f"{[(b.start, b.end) for b in replan.bounds]} on {replan.nodes} seen after "
-          f"{seen_s:.2f} s (planning {decision['planning_s'] * 1e3:.1f} ms)")
+    print(
+        f"\ncontroller --failover: {victim} SIGKILLed; retained plan v{replan.version} "
+        f"{[(b.start, b.end) for b in replan.bounds]} on {replan.nodes} seen after "
+        f"{seen_s:.2f} s (planning {decision['planning_s'] * 1e3:.1f} ms)"
+    )

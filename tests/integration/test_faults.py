@@ -21,33 +21,65 @@ RESEND_S = 2.0
 
 
 def _args(mqtt: MqttSettings, pipe: str) -> list[str]:
-    return ["--node-id", "n1", "--pipe", pipe, "--stage", "1", "--start", "2", "--end", "5",
-            "--host", mqtt.host, "--port", str(mqtt.port), "--metrics-interval", "0.2"]
+    return [
+        "--node-id",
+        "n1",
+        "--pipe",
+        pipe,
+        "--stage",
+        "1",
+        "--start",
+        "2",
+        "--end",
+        "5",
+        "--host",
+        mqtt.host,
+        "--port",
+        str(mqtt.port),
+        "--metrics-interval",
+        "0.2",
+    ]
 
 
 async def _online(col, node: str, count: int) -> None:
-    await wait_until(lambda: sum(1 for s in col.statuses if s["node"] == node
-                                 and s["state"] == "online") >= count, 60, f"{node} online")
+    await wait_until(
+        lambda: (
+            sum(1 for s in col.statuses if s["node"] == node and s["state"] == "online") >= count
+        ),
+        60,
+        f"{node} online",
+    )
 
 
 def _check_no_loss(report, cam: Camera, what: str) -> None:
-    print(f"{what}: sent {report.sent}, results {report.completed}, re-sent {report.resent}, "
-          f"duplicates suppressed {report.duplicates}")
+    print(
+        f"{what}: sent {report.sent}, results {report.completed}, re-sent {report.resent}, "
+        f"duplicates suppressed {report.duplicates}"
+    )
     assert report.sent == len(cam.shots)
     assert report.lost == 0 and report.completed == report.sent
     assert len(report.results) == report.sent
 
 
-async def test_sigkill_a_node_mid_burst_loses_nothing(checkpoint, test_images, mqtt,
-                                                      topic_prefix, tmp_path):
+async def test_sigkill_a_node_mid_burst_loses_nothing(
+    checkpoint, test_images, mqtt, topic_prefix, tmp_path
+):
     bounds = parse_cuts("2", 5)
-    async with running_nodes(checkpoint, mqtt, topic_prefix, bounds[:1]), \
-            collecting(mqtt, topic_prefix) as col:
+    async with (
+        running_nodes(checkpoint, mqtt, topic_prefix, bounds[:1]),
+        collecting(mqtt, topic_prefix) as col,
+    ):
         proc = node_process(_args(mqtt, topic_prefix), tmp_path / "n1.log")
         try:
             await _online(col, "n1", 1)
-            cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(30.0, 90, n_images=500),
-                         resend_after_s=RESEND_S, drain_s=90)
+            cam = Camera(
+                mqtt,
+                topic_prefix,
+                test_images,
+                rate_schedule(30.0, 90, n_images=500),
+                resend_after_s=RESEND_S,
+                drain_s=90,
+            )
             task = asyncio.create_task(cam.run())
             await wait_until(lambda: cam.report.completed >= 15, 60, "first results")
             proc.send_signal(signal.SIGKILL)
@@ -59,16 +91,25 @@ async def test_sigkill_a_node_mid_burst_loses_nothing(checkpoint, test_images, m
     _check_no_loss(report, cam, "SIGKILL node")
 
 
-async def test_sigstop_then_sigcont_a_node_loses_nothing(checkpoint, test_images, mqtt,
-                                                         topic_prefix, tmp_path):
+async def test_sigstop_then_sigcont_a_node_loses_nothing(
+    checkpoint, test_images, mqtt, topic_prefix, tmp_path
+):
     bounds = parse_cuts("2", 5)
-    async with running_nodes(checkpoint, mqtt, topic_prefix, bounds[:1]), \
-            collecting(mqtt, topic_prefix) as col:
+    async with (
+        running_nodes(checkpoint, mqtt, topic_prefix, bounds[:1]),
+        collecting(mqtt, topic_prefix) as col,
+    ):
         proc = node_process(_args(mqtt, topic_prefix), tmp_path / "n1.log")
         try:
             await _online(col, "n1", 1)
-            cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(30.0, 90, n_images=500),
-                         resend_after_s=RESEND_S, drain_s=90)
+            cam = Camera(
+                mqtt,
+                topic_prefix,
+                test_images,
+                rate_schedule(30.0, 90, n_images=500),
+                resend_after_s=RESEND_S,
+                drain_s=90,
+            )
             task = asyncio.create_task(cam.run())
             await wait_until(lambda: cam.report.completed >= 15, 60, "first results")
             proc.send_signal(signal.SIGSTOP)
@@ -82,13 +123,20 @@ async def test_sigstop_then_sigcont_a_node_loses_nothing(checkpoint, test_images
     assert report.resent > 0
 
 
-async def test_broker_restart_mid_burst_loses_nothing(checkpoint, test_images, broker_factory,
-                                                      topic_prefix):
+async def test_broker_restart_mid_burst_loses_nothing(
+    checkpoint, test_images, broker_factory, topic_prefix
+):
     broker = broker_factory(port=None)
     mqtt = MqttSettings(host=broker.host, port=broker.port)
     async with running_nodes(checkpoint, mqtt, topic_prefix, parse_cuts("2", 5)):
-        cam = Camera(mqtt, topic_prefix, test_images, rate_schedule(30.0, 90, n_images=500),
-                     resend_after_s=RESEND_S, drain_s=90)
+        cam = Camera(
+            mqtt,
+            topic_prefix,
+            test_images,
+            rate_schedule(30.0, 90, n_images=500),
+            resend_after_s=RESEND_S,
+            drain_s=90,
+        )
         task = asyncio.create_task(cam.run())
         await wait_until(lambda: cam.report.completed >= 15, 60, "first results")
         broker.restart()  # persistence off: the broker forgets every queued message

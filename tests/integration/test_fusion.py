@@ -32,8 +32,12 @@ def _planned_levels(pm: PrunedMultiView) -> tuple[int, ...]:
     val = split_dataset(load_animal_mnist(DATA_DIR)).val
     x, y = pm.ckpt.view_tensors(val.images[:300]), torch.from_numpy(val.labels[:300])
     n_levels = len(pm.ratios)
-    imp = np.asarray([[pm.accuracy(x, y, [lv if u == v else 0 for u in range(3)])
-                       for lv in range(n_levels)] for v in range(3)])
+    imp = np.asarray(
+        [
+            [pm.accuracy(x, y, [lv if u == v else 0 for u in range(3)]) for lv in range(n_levels)]
+            for v in range(3)
+        ]
+    )
     model = AccuracyModel.from_importance(float(imp[0, 0]), imp, 10)
     t, mem = pm.branch_costs(runs=5, warmup=1)
     caps = [mem[0, 0], 0.8 * mem[1, 0], mem[2, 0]]
@@ -59,15 +63,23 @@ async def test_fusion_drops_a_silent_view_and_goes_on(mqtt, topic_prefix):
         await publish_view_levels(client, topic_prefix, levels, pm.ratios)
         tasks = [asyncio.create_task(s.run(stop)) for s in (fusion, *branches[:2])]  # view 2 down
         try:
-            await asyncio.wait_for(asyncio.gather(fusion.ready.wait(), branches[0].ready.wait(),
-                                                  branches[1].ready.wait()), 20)
-            await wait_until(lambda: [b.level for b in branches[:2]] == list(levels[:2]), 10,
-                             "retained levels")
+            await asyncio.wait_for(
+                asyncio.gather(
+                    fusion.ready.wait(), branches[0].ready.wait(), branches[1].ready.wait()
+                ),
+                20,
+            )
+            await wait_until(
+                lambda: [b.level for b in branches[:2]] == list(levels[:2]), 10, "retained levels"
+            )
 
             async def send(i: int) -> None:
                 for v in range(3):
-                    await client.publish(topics.view(v), view_message(
-                        f"r{i:03d}", "cam", crops[v][i], int(labels[i])), qos=1)
+                    await client.publish(
+                        topics.view(v),
+                        view_message(f"r{i:03d}", "cam", crops[v][i], int(labels[i])),
+                        qos=1,
+                    )
 
             for i in range(N):  # one at a time: each result's wait is its own
                 await send(i)
@@ -91,10 +103,13 @@ async def test_fusion_drops_a_silent_view_and_goes_on(mqtt, topic_prefix):
     assert all(first[i]["levels"][:2] == list(levels[:2]) for i in both)
     # the first FAIL_AFTER waited for view 2 up to the timeout; after that it was dropped and
     # fusion went ahead as soon as the other views were in
-    assert all(r["fused_on"] == "timeout" and r["waited_s"] >= TIMEOUT_S * 0.9
-               for r in first[:FAIL_AFTER])
-    assert sum(r["fused_on"] == "failed views dropped" for r in first[FAIL_AFTER:]) >= \
-        N - FAIL_AFTER - 2
+    assert all(
+        r["fused_on"] == "timeout" and r["waited_s"] >= TIMEOUT_S * 0.9 for r in first[:FAIL_AFTER]
+    )
+    assert (
+        sum(r["fused_on"] == "failed views dropped" for r in first[FAIL_AFTER:])
+        >= N - FAIL_AFTER - 2
+    )
     last = results[f"r{N + 5:03d}"]  # view 2 is back, waited for and fused again
     assert last["views"] == [0, 1, 2] and last["fused_on"] == "all views"
     with torch.no_grad():  # the fused answers are the offline ones over the same views
@@ -103,10 +118,12 @@ async def test_fusion_drops_a_silent_view_and_goes_on(mqtt, topic_prefix):
         offline = pm.fuse([outs[0], outs[1], None]).argmax(1).tolist()
     assert [first[i]["label_index"] for i in both] == [offline[i] for i in both]
     accuracy = np.mean([r["correct"] for r in first])
-    print(f"\nfusion: levels {list(levels)}, {N} requests without view 2: accuracy {accuracy:.3f}"
-          f", waited {np.median([r['waited_s'] for r in first[:FAIL_AFTER]]) * 1e3:.0f} ms "
-          f"before dropping it, then {np.median([r['waited_s'] for r in first[FAIL_AFTER:]]) * 1e3:.1f}"
-          f" ms; late views {fusion.stats.late}")
+    print(
+        f"\nfusion: levels {list(levels)}, {N} requests without view 2: accuracy {accuracy:.3f}"
+        f", waited {np.median([r['waited_s'] for r in first[:FAIL_AFTER]]) * 1e3:.0f} ms "
+        f"before dropping it, then {np.median([r['waited_s'] for r in first[FAIL_AFTER:]]) * 1e3:.1f}"
+        f" ms; late views {fusion.stats.late}"
+    )
     assert accuracy > 0.5
 
 
@@ -122,14 +139,33 @@ async def test_branch_and_fusion_commands_serve_the_topology(mqtt, topic_prefix,
     broker = ["--host", mqtt.host, "--port", str(mqtt.port), "--pipe", topic_prefix]
     log_path = tmp_path / "fusion.log"
     with open(log_path, "wb") as out:
-        fusion = subprocess.Popen([sys.executable, "-m", "edgeprune", "fusion", "--checkpoint",
-                                   str(CHECKPOINT), "--timeout", "2", *broker],
-                                  stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        fusion = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgeprune",
+                "fusion",
+                "--checkpoint",
+                str(CHECKPOINT),
+                "--timeout",
+                "2",
+                *broker,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     pm = PrunedMultiView(MultiViewCheckpoint.load(CHECKPOINT))
     parser = build_parser()
-    branches = [build_branch(parser.parse_args(["branch", "--view", str(v), "--checkpoint",
-                                                str(CHECKPOINT), *broker]), pm)
-                for v in range(3)]
+    branches = [
+        build_branch(
+            parser.parse_args(
+                ["branch", "--view", str(v), "--checkpoint", str(CHECKPOINT), *broker]
+            ),
+            pm,
+        )
+        for v in range(3)
+    ]
     assert [b.node_id for b in branches] == ["view0", "view1", "view2"]
     levels = (0, 2, 1)
     test = split_dataset(load_animal_mnist(DATA_DIR)).test
@@ -138,16 +174,24 @@ async def test_branch_and_fusion_commands_serve_the_topology(mqtt, topic_prefix,
     stop = asyncio.Event()
     tasks = [asyncio.create_task(b.run(stop)) for b in branches]
     try:
-        async with collecting(mqtt, topic_prefix) as col, \
-                aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        async with (
+            collecting(mqtt, topic_prefix) as col,
+            aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+        ):
             await publish_view_levels(client, topic_prefix, levels, pm.ratios)
             await wait_until(lambda: [b.level for b in branches] == list(levels), 20, "levels")
-            await wait_until(lambda: any(s["node"] == "fusion" and s["state"] == "online"
-                                         for s in col.statuses), 60, "the fusion node")
+            await wait_until(
+                lambda: any(s["node"] == "fusion" and s["state"] == "online" for s in col.statuses),
+                60,
+                "the fusion node",
+            )
             for i in range(5):
                 for v in range(3):
-                    await client.publish(topics.view(v), view_message(
-                        f"s{i}", "cam", crops[v][i], int(test.labels[i])), qos=1)
+                    await client.publish(
+                        topics.view(v),
+                        view_message(f"s{i}", "cam", crops[v][i], int(test.labels[i])),
+                        qos=1,
+                    )
             await wait_until(lambda: len(col.results) >= 5, 30, "five results")
     finally:
         stop.set()

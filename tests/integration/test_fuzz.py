@@ -25,9 +25,15 @@ IN_SHAPE = (160, 7, 7)  # input of blocks [3, 5) of resnet-s: the output of s2b1
 def _valid(rng: np.random.Generator, i: int) -> bytes:
     kept = np.sort(rng.choice(160, size=128, replace=False)).astype(np.int32)
     msg = codec.StageMessage(
-        request_id=f"fuzz-{i}", camera="fuzz", stage=1, entry_ts=1.0, capture_ts=1.0,
-        tensor=rng.standard_normal((1, 128, 7, 7)).astype(np.float32), channels=kept,
-        full_channels=160)
+        request_id=f"fuzz-{i}",
+        camera="fuzz",
+        stage=1,
+        entry_ts=1.0,
+        capture_ts=1.0,
+        tensor=rng.standard_normal((1, 128, 7, 7)).astype(np.float32),
+        channels=kept,
+        full_channels=160,
+    )
     return codec.encode_stage(msg)
 
 
@@ -41,7 +47,7 @@ def payloads(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=96))
     base = bytearray(BASES[draw(st.integers(0, len(BASES) - 1))])
     if kind == "truncated":
-        return bytes(base[:draw(st.integers(0, len(base) - 1))])
+        return bytes(base[: draw(st.integers(0, len(base) - 1))])
     if kind == "spliced":
         at = draw(st.integers(0, len(base)))
         return bytes(base[:at] + draw(st.binary(min_size=1, max_size=16)) + base[at:])
@@ -54,8 +60,13 @@ def payloads(draw: st.DrawFn) -> bytes:
 def generate(total: int) -> list[bytes]:
     out: list[bytes] = []
 
-    @settings(max_examples=total // BATCH, database=None, derandomize=True, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=total // BATCH,
+        database=None,
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(payloads(), min_size=BATCH, max_size=BATCH))
     def collect(batch: list[bytes]) -> None:
         out.extend(batch)
@@ -85,15 +96,23 @@ async def test_ten_thousand_fuzzed_payloads(checkpoint, test_images, mqtt, topic
     rejects = sum(expected_rejection(p) for p in payloads_)
     accepted = TOTAL - rejects
     bounds = [SliceBounds(0, 3), SliceBounds(3, 5)]
-    async with running_nodes(checkpoint, mqtt, topic_prefix, bounds, queue_size=TOTAL) as nodes, \
-            collecting(mqtt, topic_prefix) as col:
+    async with (
+        running_nodes(checkpoint, mqtt, topic_prefix, bounds, queue_size=TOTAL) as nodes,
+        collecting(mqtt, topic_prefix) as col,
+    ):
         async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
             for p in payloads_:
                 await client.publish(Topics(topic_prefix).stage(1), p, qos=1)
-        await wait_until(lambda: len(col.errors) + len(col.results) >= TOTAL, 180,
-                         "an outcome for every payload")
-        cam = Camera(mqtt, topic_prefix, ImageSource(test_images.images[:3], None),
-                     rate_schedule(10.0, 3, n_images=3), resend_after_s=None)
+        await wait_until(
+            lambda: len(col.errors) + len(col.results) >= TOTAL, 180, "an outcome for every payload"
+        )
+        cam = Camera(
+            mqtt,
+            topic_prefix,
+            ImageSource(test_images.images[:3], None),
+            rate_schedule(10.0, 3, n_images=3),
+            resend_after_s=None,
+        )
         report = await cam.run()
         # The camera has its answers; the collector, a separate client, may see them later.
         await wait_until(lambda: len(col.results) >= accepted + 3, 30, "the camera's results")

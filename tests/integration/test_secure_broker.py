@@ -49,12 +49,14 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MosquittoBroker,
-                                                                       SecureSetup]]:
+def secure(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[MosquittoBroker, SecureSetup]]:
     """One secure broker for the module: the default users, any pipe, TLS on a free port."""
     setup = prepare_secure_broker(tmp_path_factory.mktemp("secure-broker"))
-    broker = MosquittoBroker(template=setup.config_template, run_dir=setup.run_dir,
-                             tls_context=setup.probe_context())
+    broker = MosquittoBroker(
+        template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
+    )
     broker.start()
     try:
         yield broker, setup
@@ -68,8 +70,9 @@ def _as(secure: tuple[MosquittoBroker, SecureSetup], user: str) -> MqttSettings:
 
 
 @asynccontextmanager
-async def _client(settings: MqttSettings, timeout: float = TIMEOUT
-                  ) -> AsyncIterator[aiomqtt.Client]:
+async def _client(
+    settings: MqttSettings, timeout: float = TIMEOUT
+) -> AsyncIterator[aiomqtt.Client]:
     async with aiomqtt.Client(**settings.aiomqtt_kwargs(), timeout=timeout) as client:
         yield client
 
@@ -87,10 +90,16 @@ async def _first_message(client: aiomqtt.Client) -> aiomqtt.Message:
 async def test_anonymous_and_wrong_passwords_are_refused(secure) -> None:
     broker, setup = secure
     anonymous = MqttSettings(host=broker.host, port=broker.port, tls_ca=setup.ca_cert)
-    wrong = MqttSettings(host=broker.host, port=broker.port, tls_ca=setup.ca_cert,
-                         username="camera", password="not-the-password")
-    stranger = MqttSettings(host=broker.host, port=broker.port, tls_ca=setup.ca_cert,
-                            username="mallory", password="x")
+    wrong = MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        tls_ca=setup.ca_cert,
+        username="camera",
+        password="not-the-password",
+    )
+    stranger = MqttSettings(
+        host=broker.host, port=broker.port, tls_ca=setup.ca_cert, username="mallory", password="x"
+    )
     for settings in (anonymous, wrong, stranger):
         with pytest.raises(aiomqtt.MqttCodeError, match=r"(?i)not authori"):
             async with _client(settings):
@@ -105,8 +114,15 @@ async def test_plain_mqtt_on_the_tls_port_fails(secure) -> None:
     log_start = broker.log_path.stat().st_size
     # aiomqtt does not notice the broker hanging up during CONNECT: it times out instead.
     with pytest.raises(aiomqtt.MqttError):
-        async with _client(MqttSettings(host=broker.host, port=broker.port, username="camera",
-                                        password=setup.passwords["camera"]), timeout=1.0):
+        async with _client(
+            MqttSettings(
+                host=broker.host,
+                port=broker.port,
+                username="camera",
+                password=setup.passwords["camera"],
+            ),
+            timeout=1.0,
+        ):
             pass
     assert "wrong version number" in broker.log_tail(log_start)
     # The readiness probe speaks TLS; a refusing CONNACK (no credentials) counts as up.
@@ -117,13 +133,23 @@ async def test_plain_mqtt_on_the_tls_port_fails(secure) -> None:
 
 async def test_clients_verify_the_broker_certificate(secure, tmp_path: Path) -> None:
     broker, setup = secure
-    by_name = MqttSettings(host="localhost", port=broker.port, username="observer",
-                           password=setup.passwords["observer"], tls_ca=setup.ca_cert)
+    by_name = MqttSettings(
+        host="localhost",
+        port=broker.port,
+        username="observer",
+        password=setup.passwords["observer"],
+        tls_ca=setup.ca_cert,
+    )
     async with _client(by_name):  # host name checked against the certificate's names
         pass
     other_ca, _ = make_ca(tmp_path / "other")
-    impostor = MqttSettings(host=broker.host, port=broker.port, username="observer",
-                            password=setup.passwords["observer"], tls_ca=other_ca)
+    impostor = MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        username="observer",
+        password=setup.passwords["observer"],
+        tls_ca=other_ca,
+    )
     with pytest.raises(aiomqtt.MqttError, match=r"(?i)certificate"):
         async with _client(impostor):
             pass
@@ -134,21 +160,28 @@ async def test_clients_verify_the_broker_certificate(secure, tmp_path: Path) -> 
 # ---- authorisation ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("intruder", "suffix", "owner"), [
-    ("camera", "control/stage/0", "controller"),
-    ("camera", "control/plan", "controller"),
-    ("camera", "stage/1", "node-n0"),
-    ("node-n0", "nodes/n1/status", "node-n1"),
-    ("node-n0", "nodes/n1/metrics", "node-n1"),
-    ("node-n0", "control/stage/1", "controller"),
-    ("observer", "results", "node-n1"),
-    ("controller", "stage/0", "camera"),
-])
-async def test_forbidden_publish_is_not_delivered(secure, topic_prefix: str, intruder: str,
-                                                  suffix: str, owner: str) -> None:
+@pytest.mark.parametrize(
+    ("intruder", "suffix", "owner"),
+    [
+        ("camera", "control/stage/0", "controller"),
+        ("camera", "control/plan", "controller"),
+        ("camera", "stage/1", "node-n0"),
+        ("node-n0", "nodes/n1/status", "node-n1"),
+        ("node-n0", "nodes/n1/metrics", "node-n1"),
+        ("node-n0", "control/stage/1", "controller"),
+        ("observer", "results", "node-n1"),
+        ("controller", "stage/0", "camera"),
+    ],
+)
+async def test_forbidden_publish_is_not_delivered(
+    secure, topic_prefix: str, intruder: str, suffix: str, owner: str
+) -> None:
     topic = f"{Topics(topic_prefix).base}/{suffix}"
-    async with _client(_as(secure, "observer")) as reader, \
-            _client(_as(secure, intruder)) as bad, _client(_as(secure, owner)) as good:
+    async with (
+        _client(_as(secure, "observer")) as reader,
+        _client(_as(secure, intruder)) as bad,
+        _client(_as(secure, owner)) as good,
+    ):
         await reader.subscribe(topic, qos=1)
         await bad.publish(topic, b"forged", qos=1)  # PUBACKed, then dropped by the broker
         await good.publish(topic, b"genuine", qos=1)
@@ -158,9 +191,11 @@ async def test_forbidden_publish_is_not_delivered(secure, topic_prefix: str, int
 
 async def test_camera_reads_results_but_not_control(secure, topic_prefix: str) -> None:
     t = Topics(topic_prefix)
-    async with _client(_as(secure, "camera")) as camera, \
-            _client(_as(secure, "controller")) as controller, \
-            _client(_as(secure, "node-n1")) as node:
+    async with (
+        _client(_as(secure, "camera")) as camera,
+        _client(_as(secure, "controller")) as controller,
+        _client(_as(secure, "node-n1")) as node,
+    ):
         await camera.subscribe(t.everything, qos=1)  # granted, but filtered by read rights
         await controller.publish(t.control_stage(0), b'{"level": 1}', qos=1)
         await node.publish(t.results, b'{"label": "fox"}', qos=1)
@@ -179,8 +214,9 @@ def test_a_node_will_cannot_speak_for_another_node(secure, topic_prefix: str) ->
         received.append((message.topic, bytes(message.payload)))
         got.set()
 
-    def connect(user: str, will: tuple[str, bytes] | None = None
-                ) -> tuple[paho.Client, threading.Event]:
+    def connect(
+        user: str, will: tuple[str, bytes] | None = None
+    ) -> tuple[paho.Client, threading.Event]:
         client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         client.username_pw_set(user, setup.passwords[user])
         client.tls_set(ca_certs=str(setup.ca_cert))
@@ -218,20 +254,27 @@ def test_a_node_will_cannot_speak_for_another_node(secure, topic_prefix: str) ->
 
 
 async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
-        broker_factory: BrokerFactory, tmp_path: Path, topic_prefix: str) -> None:
+    broker_factory: BrokerFactory, tmp_path: Path, topic_prefix: str
+) -> None:
     run_dir = tmp_path / "placed"
-    setup = prepare_secure_broker(run_dir, "camera,node-n0,node-n1,controller,observer",
-                                  placements=parse_placements("n0:0,n1:1"))
-    broker = broker_factory(template=setup.config_template, run_dir=run_dir,
-                            tls_context=setup.probe_context())
+    setup = prepare_secure_broker(
+        run_dir,
+        "camera,node-n0,node-n1,controller,observer",
+        placements=parse_placements("n0:0,n1:1"),
+    )
+    broker = broker_factory(
+        template=setup.config_template, run_dir=run_dir, tls_context=setup.probe_context()
+    )
     t = Topics(topic_prefix)
 
     async def delivered(user: str, topic: str) -> bool:
         """Whether ``user``'s publish on ``topic`` reaches a reader (the controller's
         ``errors`` message after it is the positive control)."""
-        async with _client(setup.settings("observer", broker.host, broker.port)) as reader, \
-                _client(setup.settings(user, broker.host, broker.port)) as writer, \
-                _client(setup.settings("controller", broker.host, broker.port)) as control:
+        async with (
+            _client(setup.settings("observer", broker.host, broker.port)) as reader,
+            _client(setup.settings(user, broker.host, broker.port)) as writer,
+            _client(setup.settings("controller", broker.host, broker.port)) as control,
+        ):
             await reader.subscribe(topic, qos=1)
             await reader.subscribe(t.errors, qos=1)
             await writer.publish(topic, b"probe", qos=1)
@@ -246,26 +289,37 @@ async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
 
     # Re-plan: n0 now serves the last stage. Regenerate the ACL, SIGHUP, and it applies.
     log_size = broker.log_path.stat().st_size
-    prepare_secure_broker(run_dir, "camera,node-n0,node-n1,controller,observer",
-                          placements=parse_placements("n1:0,n0:1"))
+    prepare_secure_broker(
+        run_dir,
+        "camera,node-n0,node-n1,controller,observer",
+        placements=parse_placements("n1:0,n0:1"),
+    )
     broker.reload()
-    await wait_until(lambda: "Reloading config" in broker.log_tail(log_size), TIMEOUT,
-                     "mosquitto to reload")
+    await wait_until(
+        lambda: "Reloading config" in broker.log_tail(log_size), TIMEOUT, "mosquitto to reload"
+    )
     assert await delivered("node-n0", t.results)
     assert not await delivered("node-n0", t.stage(1))
 
 
-async def test_client_certificates_when_required(broker_factory: BrokerFactory,
-                                                 tmp_path: Path) -> None:
+async def test_client_certificates_when_required(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
     setup = prepare_secure_broker(tmp_path / "mtls", "observer,camera", client_certs=True)
-    broker = broker_factory(template=setup.config_template, run_dir=setup.run_dir,
-                            tls_context=setup.probe_context())
+    broker = broker_factory(
+        template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
+    )
     settings = setup.settings("camera", broker.host, broker.port)
     assert settings.tls_cert == setup.cert_dir / "camera.crt"
     async with _client(settings):
         pass
-    without_cert = MqttSettings(host=broker.host, port=broker.port, username="camera",
-                                password=setup.passwords["camera"], tls_ca=setup.ca_cert)
+    without_cert = MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        username="camera",
+        password=setup.passwords["camera"],
+        tls_ca=setup.ca_cert,
+    )
     with pytest.raises(aiomqtt.MqttError):
         async with _client(without_cert, timeout=1.0):
             pass
@@ -275,24 +329,41 @@ async def test_client_certificates_when_required(broker_factory: BrokerFactory,
 # ---- the real components, each under its own account ----------------------------------------
 
 
-async def test_pipeline_runs_on_the_secure_broker(secure, checkpoint,
-                                                  test_images: ImageSource,
-                                                  topic_prefix: str) -> None:
+async def test_pipeline_runs_on_the_secure_broker(
+    secure, checkpoint, test_images: ImageSource, topic_prefix: str
+) -> None:
     """Nodes, camera and a reader, each logged in as its own user: every image comes back."""
     bounds = parse_cuts("2", 5)
-    nodes = [SliceNode(NodeConfig(node_id=f"n{i}", pipe=topic_prefix, stage=i, bounds=b,
-                                  mqtt=_as(secure, f"node-n{i}"), ratios=(0.0,)), checkpoint)
-             for i, b in enumerate(bounds)]
+    nodes = [
+        SliceNode(
+            NodeConfig(
+                node_id=f"n{i}",
+                pipe=topic_prefix,
+                stage=i,
+                bounds=b,
+                mqtt=_as(secure, f"node-n{i}"),
+                ratios=(0.0,),
+            ),
+            checkpoint,
+        )
+        for i, b in enumerate(bounds)
+    ]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
     try:
         async with collecting(_as(secure, "observer"), topic_prefix) as col:
             await asyncio.wait_for(asyncio.gather(*(n.ready.wait() for n in nodes)), 60)
-            await wait_until(lambda: {s["node"] for s in col.statuses
-                                      if s["state"] == "online"} == {"n0", "n1"})
-            camera = Camera(_as(secure, "camera"), topic_prefix, test_images,
-                            rate_schedule(50.0, 10, n_images=100), resend_after_s=None,
-                            drain_s=30)
+            await wait_until(
+                lambda: {s["node"] for s in col.statuses if s["state"] == "online"} == {"n0", "n1"}
+            )
+            camera = Camera(
+                _as(secure, "camera"),
+                topic_prefix,
+                test_images,
+                rate_schedule(50.0, 10, n_images=100),
+                resend_after_s=None,
+                drain_s=30,
+            )
             report = await camera.run()
             await wait_until(lambda: len(col.exits) >= 10, what="10 exits")
     finally:
@@ -307,8 +378,13 @@ async def test_pipeline_runs_on_the_secure_broker(secure, checkpoint,
 
 def test_files_are_private_and_passwords_survive_a_rerun(tmp_path: Path) -> None:
     setup = prepare_secure_broker(tmp_path / "run", "camera,node-n0,observer")
-    private = [setup.credentials_file, setup.password_file, setup.acl_file,
-               setup.cert_dir / "ca.key", setup.cert_dir / "server.key"]
+    private = [
+        setup.credentials_file,
+        setup.password_file,
+        setup.acl_file,
+        setup.cert_dir / "ca.key",
+        setup.cert_dir / "server.key",
+    ]
     env_files = setup.write_env_files("127.0.0.1", 8883)
     for path in [*private, *env_files.values()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -333,8 +409,12 @@ def test_files_are_private_and_passwords_survive_a_rerun(tmp_path: Path) -> None
 
 def test_user_names_carry_their_role() -> None:
     users = parse_users("camera-north,node-n0,controller,observer")
-    assert [(u.role, u.node) for u in users] == [("camera", None), ("node", "n0"),
-                                                ("controller", None), ("observer", None)]
+    assert [(u.role, u.node) for u in users] == [
+        ("camera", None),
+        ("node", "n0"),
+        ("controller", None),
+        ("observer", None),
+    ]
     for bad in ("admin", "node-", "camera,camera", "node-a/b", ""):
         with pytest.raises(ConfigError):
             parse_users(bad)
@@ -347,12 +427,28 @@ def test_user_names_carry_their_role() -> None:
 
 
 async def test_cli_secure_prints_where_the_credentials_are(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "cli"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeprune", "broker", "--secure", "--port", "0",
-         "--run-dir", str(run_dir), "--users", "camera,node-n0,observer"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "edgeprune",
+            "broker",
+            "--secure",
+            "--port",
+            "0",
+            "--run-dir",
+            str(run_dir),
+            "--users",
+            "camera,node-n0,observer",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         lines = LineReader(proc.stdout).until(lambda line: "stop with Ctrl-C" in line, 30.0)

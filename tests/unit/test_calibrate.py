@@ -34,8 +34,7 @@ from pipeline.slicing import SliceBounds, parse_cuts
 from pipeline.training import accuracy
 
 CLASSES = ("a", "b", "c", "d")
-FAST = CalibrationSettings(ratios=(0.0, 0.25, 0.5), runs=4, warmup=1, rounds=2,
-                           batch_size=64)
+FAST = CalibrationSettings(ratios=(0.0, 0.25, 0.5), runs=4, warmup=1, rounds=2, batch_size=64)
 
 
 SIZE = 16  # a small input keeps the tests fast
@@ -49,9 +48,8 @@ def toy_dataset(n: int, seed: int) -> ArrayDataset:
     h = SIZE // 2
     for i, label in enumerate(labels):
         r, c = divmod(int(label), 2)
-        images[i, h * r + 2:h * r + h - 2, h * c + 2:h * c + h - 2] = 220
+        images[i, h * r + 2 : h * r + h - 2, h * c + 2 : h * c + h - 2] = 220
     return ArrayDataset(images, labels.astype(np.int64), CLASSES, "toy")
-
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +58,7 @@ def tiny(one_thread: None) -> tuple[Checkpoint, ArrayDataset]:
     torch.manual_seed(0)
     train = toy_dataset(256, seed=1)
     pre = Preprocess(mean=0.2, std=0.3, size=SIZE, channels=1)
-    model = build_model(preset("resnet-xs", num_classes=4, class_names=CLASSES,
-                               input_size=SIZE))
+    model = build_model(preset("resnet-xs", num_classes=4, class_names=CLASSES, input_size=SIZE))
     x, y = pre(train.images), torch.from_numpy(train.labels)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
@@ -71,9 +68,12 @@ def tiny(one_thread: None) -> tuple[Checkpoint, ArrayDataset]:
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     model.eval()
-    ckpt = Checkpoint(config=model.config, preprocess=pre,
-                      state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
-                      calibration_images=train.images[:64])
+    ckpt = Checkpoint(
+        config=model.config,
+        preprocess=pre,
+        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+        calibration_images=train.images[:64],
+    )
     return ckpt, toy_dataset(120, seed=2)
 
 
@@ -92,8 +92,9 @@ def test_level_vectors_full_grid_and_sampled() -> None:
 
 def test_plan_hash_of_matches_plan() -> None:
     bounds = parse_cuts("2,3", 5)
-    plan = Plan(tuple(StagePlan(b.start, b.end, n) for b, n in zip(bounds, ["a", "b", "c"],
-                                                                    strict=True)))
+    plan = Plan(
+        tuple(StagePlan(b.start, b.end, n) for b, n in zip(bounds, ["a", "b", "c"], strict=True))
+    )
     assert plan_hash_of(bounds, ["a", "b", "c"]) == plan.plan_hash()
     assert plan_hash_of(bounds) == plan_hash_of(bounds, ["n0", "n1", "n2"])
     assert plan_hash_of(bounds) != plan_hash_of(parse_cuts("2", 5), ["n0", "n1"])
@@ -135,7 +136,8 @@ def test_calibrate_tiny_model(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDatas
     assert cal.meta["emulated"] is False and cal.meta["samples"] == len(data)
     assert cal.meta["split"] == "val"
     assert cal.meta["accuracy_fit_check"]["max_abs_error"] == pytest.approx(
-        cal.accuracy_fit.max_abs_error)
+        cal.accuracy_fit.max_abs_error
+    )
     # JSON round trip through the controller's loader
     again = Calibration.load(cal.save(tmp_path / "cal.json"))
     assert again.to_dict() == json.loads(json.dumps(cal.to_dict()))
@@ -145,12 +147,23 @@ def test_calibrate_tiny_model(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDatas
 def test_calibrate_with_plan_and_devices(tiny: tuple[Checkpoint, ArrayDataset]) -> None:
     ckpt, data = tiny
     plan = Plan((StagePlan(0, 2, "slow"), StagePlan(2, 3, "mid"), StagePlan(3, 5, "fast")))
-    devices = [Device("fast", 2.0, 64, 100, 1), Device("slow", 0.25, 64, 100, 1),
-               Device("mid", 1.0, 64, 100, 1), Device("spare", 1.0, 64, 100, 1)]
-    settings = CalibrationSettings(ratios=FAST.ratios, runs=3, warmup=1, rounds=1,
-                                   grid_limit=8, samples=12, batch_size=64, clock="cpu")
-    cal = calibrate(ckpt, data, plan=plan, devices=devices, settings=settings,
-                    progress=False)
+    devices = [
+        Device("fast", 2.0, 64, 100, 1),
+        Device("slow", 0.25, 64, 100, 1),
+        Device("mid", 1.0, 64, 100, 1),
+        Device("spare", 1.0, 64, 100, 1),
+    ]
+    settings = CalibrationSettings(
+        ratios=FAST.ratios,
+        runs=3,
+        warmup=1,
+        rounds=1,
+        grid_limit=8,
+        samples=12,
+        batch_size=64,
+        clock="cpu",
+    )
+    cal = calibrate(ckpt, data, plan=plan, devices=devices, settings=settings, progress=False)
     assert cal.plan_hash == plan.plan_hash()
     assert [s.device for s in cal.slices] == ["slow", "mid", "fast"]
     measured = cal.meta["latency"]["measured_s"]
@@ -162,8 +175,7 @@ def test_calibrate_with_plan_and_devices(tiny: tuple[Checkpoint, ArrayDataset]) 
     ratios = {r for r, _ in cal.accuracy_points}
     assert {(0.0,) * 3, (0.5,) * 3, (0.25,) * 3, (0.0, 0.0, 0.5)} <= ratios
     with pytest.raises(ConfigError, match="lacks"):
-        calibrate(ckpt, data, plan=plan, devices=devices[:2], settings=settings,
-                  progress=False)
+        calibrate(ckpt, data, plan=plan, devices=devices[:2], settings=settings, progress=False)
 
 
 def test_calibrate_argument_errors(tiny: tuple[Checkpoint, ArrayDataset]) -> None:
@@ -172,8 +184,14 @@ def test_calibrate_argument_errors(tiny: tuple[Checkpoint, ArrayDataset]) -> Non
     with pytest.raises(ConfigError, match="exactly one"):
         calibrate(ckpt, data, settings=FAST, progress=False)
     with pytest.raises(ConfigError, match="devices"):
-        calibrate(ckpt, data, bounds=bounds, devices=[Device("d", 1, 1, 1, 0)],
-                  settings=FAST, progress=False)
+        calibrate(
+            ckpt,
+            data,
+            bounds=bounds,
+            devices=[Device("d", 1, 1, 1, 0)],
+            settings=FAST,
+            progress=False,
+        )
     with pytest.raises(ConfigError):
         CalibrationSettings(ratios=(0.1, 0.2))
     with pytest.raises(ConfigError):
@@ -192,8 +210,9 @@ def test_accuracy_fit_check_counts_falsely_feasible() -> None:
     assert check["max_abs_error"] == pytest.approx(0.2)
 
 
-def test_calibrate_cli(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset],
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_cli(
+    tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset], capsys: pytest.CaptureFixture[str]
+) -> None:
     from PIL import Image
 
     ckpt, _ = tiny
@@ -204,13 +223,42 @@ def test_calibrate_cli(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset],
         (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / CLASSES[label] / f"{i}.png")
     devices = tmp_path / "devs.toml"
-    devices.write_text("".join(f'[[device]]\nname = "{n}"\nspeed = 0.5\nmemory_mb = 64\n'
-                               f'bandwidth_mbps = 100\nlatency_ms = 1\n' for n in ("x", "y")))
+    devices.write_text(
+        "".join(
+            f'[[device]]\nname = "{n}"\nspeed = 0.5\nmemory_mb = 64\n'
+            f"bandwidth_mbps = 100\nlatency_ms = 1\n"
+            for n in ("x", "y")
+        )
+    )
     out = tmp_path / "cal.json"
-    assert cli_main(["calibrate", "--checkpoint", str(ckpt_path), "--cuts", "3",
-                     "--devices", str(devices), "--dataset", str(folder), "--split", "test",
-                     "--ratios", "0,0.5", "--runs", "3", "--warmup", "1", "--limit", "6",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt_path),
+                "--cuts",
+                "3",
+                "--devices",
+                str(devices),
+                "--dataset",
+                str(folder),
+                "--split",
+                "test",
+                "--ratios",
+                "0,0.5",
+                "--runs",
+                "3",
+                "--warmup",
+                "1",
+                "--limit",
+                "6",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "R^2" in printed and "max abs error" in printed
     cal = Calibration.load(out)
@@ -221,6 +269,5 @@ def test_calibrate_cli(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset],
     assert len(cal.accuracy_points) == 4
     assert out.with_suffix(".png").stat().st_size > 0
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(Plan((StagePlan(0, 3, "x"),
-                                          StagePlan(3, 5, "y"))).to_dict()))
+    plan_file.write_text(json.dumps(Plan((StagePlan(0, 3, "x"), StagePlan(3, 5, "y"))).to_dict()))
     assert load_plan(plan_file).devices == ("x", "y")

@@ -106,11 +106,14 @@ def test_a_file_that_is_not_a_torch_file(tmp_path):
         load_checkpoint(bad)
 
 
-@pytest.mark.parametrize("payload", [
-    {"state_dict": {}},
-    {"format": "something-else", "format_version": 1},
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"state_dict": {}},
+        {"format": "something-else", "format_version": 1},
+        [1, 2, 3],
+    ],
+)
 def test_a_torch_file_that_is_not_an_edgeprune_checkpoint(tmp_path, payload):
     path = tmp_path / "other.pt"
     torch.save(payload, path)
@@ -130,8 +133,14 @@ def test_a_wrong_format_version(tmp_path):
 def test_loading_never_runs_arbitrary_pickles(tmp_path, capfd):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION,
-                "config": _Evil(f"echo pwned > {marker}")}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": _Evil(f"echo pwned > {marker}"),
+        },
+        path,
+    )
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(path)
     assert not marker.exists()

@@ -19,8 +19,10 @@ DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RATIOS = "0,0.3,0.5"
 
-needs_data = pytest.mark.skipif(not (DATA_DIR / "animal_mnist.npz").exists(),
-                                reason="Animal-MNIST is not cached (run `edgeprune data fetch`)")
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "animal_mnist.npz").exists(),
+    reason="Animal-MNIST is not cached (run `edgeprune data fetch`)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +33,6 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
 
 
 def _run(*argv: str) -> int:
@@ -48,9 +49,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        code = _run("train", "--regime", "standard", "--epochs", "1", "--limit", "300",
-                    "--model", "resnet-xs", "--data-dir", str(DATA_DIR),
-                    "--out", str(out))
+        code = _run(
+            "train",
+            "--regime",
+            "standard",
+            "--epochs",
+            "1",
+            "--limit",
+            "300",
+            "--model",
+            "resnet-xs",
+            "--data-dir",
+            str(DATA_DIR),
+            "--out",
+            str(out),
+        )
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -92,8 +105,17 @@ def test_train_writes_a_loadable_checkpoint(trained, capsys):
 @needs_data
 def test_prune_curve_prints_one_json_object_and_writes_files(trained, tmp_path, capsys):
     out = tmp_path / "pc"
-    code = _run("prune-curve", str(trained), "--ratios", RATIOS, "--data-dir", str(DATA_DIR),
-                "--json", "--out", str(out))
+    code = _run(
+        "prune-curve",
+        str(trained),
+        "--ratios",
+        RATIOS,
+        "--data-dir",
+        str(DATA_DIR),
+        "--json",
+        "--out",
+        str(out),
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert stdout.count("\n") == 1  # exactly one line: one JSON object
@@ -106,8 +128,10 @@ def test_prune_curve_prints_one_json_object_and_writes_files(trained, tmp_path, 
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["accuracy_by_ratio"] == report["accuracy_by_ratio"]
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
-    assert report["files"] == {"json": str(out.with_suffix(".json")),
-                               "png": str(out.with_suffix(".png"))}
+    assert report["files"] == {
+        "json": str(out.with_suffix(".json")),
+        "png": str(out.with_suffix(".png")),
+    }
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
@@ -119,31 +143,59 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
 
 @needs_data
 def test_bad_cut_points_give_a_one_line_error(trained, tmp_path, capsys):
-    code = _run("prune-curve", str(trained), "--cuts", "3,1", "--ratios", RATIOS,
-                "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "pc"))
+    code = _run(
+        "prune-curve",
+        str(trained),
+        "--cuts",
+        "3,1",
+        "--ratios",
+        RATIOS,
+        "--data-dir",
+        str(DATA_DIR),
+        "--out",
+        str(tmp_path / "pc"),
+    )
     assert code == 2
     assert "cut points" in _one_line_error(capsys, "prune-curve")
 
 
 def test_a_missing_checkpoint_gives_a_one_line_error(tmp_path, capsys):
-    code = _run("bench", "prune", "--checkpoint", str(tmp_path / "nope.pt"), "--out",
-                str(tmp_path / "b"))
+    code = _run(
+        "bench", "prune", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b")
+    )
     assert code == 2
     assert "does not exist" in _one_line_error(capsys, "bench")
 
 
 @needs_data
 def test_bad_bench_cuts_give_a_one_line_error(trained, tmp_path, capsys):
-    code = _run("bench", "prune", "--checkpoint", str(trained), "--cuts", "0,9",
-                "--out", str(tmp_path / "b"))
+    code = _run(
+        "bench",
+        "prune",
+        "--checkpoint",
+        str(trained),
+        "--cuts",
+        "0,9",
+        "--out",
+        str(tmp_path / "b"),
+    )
     assert code == 2
     assert "cut points" in _one_line_error(capsys, "bench")
 
 
 @needs_data
 def test_bad_model_widths_give_a_one_line_error(tmp_path, capsys):
-    code = _run("train", "--model", "resnet-xs", "--widths", "16,0,64", "--data-dir",
-                str(DATA_DIR), "--out", str(tmp_path / "m.pt"))
+    code = _run(
+        "train",
+        "--model",
+        "resnet-xs",
+        "--widths",
+        "16,0,64",
+        "--data-dir",
+        str(DATA_DIR),
+        "--out",
+        str(tmp_path / "m.pt"),
+    )
     assert code == 2
     assert "positive" in _one_line_error(capsys, "train")
     assert not (tmp_path / "m.pt").exists()
@@ -157,12 +209,25 @@ def test_an_argparse_type_error_exits_2(capsys):
 
 
 @needs_data
-def test_bench_prune_json_has_the_headline_and_a_row_per_slice_and_level(trained, tmp_path,
-                                                                         capsys):
+def test_bench_prune_json_has_the_headline_and_a_row_per_slice_and_level(trained, tmp_path, capsys):
     out = tmp_path / "bp"
-    code = _run("bench", "prune", "--checkpoint", str(trained), "--cuts", "2", "--repeats",
-                "10", "--switch-runs", "100", "--switch-trials", "10", "--json", "--out",
-                str(out))
+    code = _run(
+        "bench",
+        "prune",
+        "--checkpoint",
+        str(trained),
+        "--cuts",
+        "2",
+        "--repeats",
+        "10",
+        "--switch-runs",
+        "100",
+        "--switch-trials",
+        "10",
+        "--json",
+        "--out",
+        str(out),
+    )
     assert code == 0
     stdout = capsys.readouterr().out
     assert stdout.count("\n") == 1
@@ -174,7 +239,8 @@ def test_bench_prune_json_has_the_headline_and_a_row_per_slice_and_level(trained
     levels = len(report["ratios"])
     assert len(report["slices"]) == 2 * levels and len(report["whole"]) == levels
     assert {(r["slice"], r["level"]) for r in report["slices"]} == {
-        (i, lv) for i in range(2) for lv in range(levels)}
+        (i, lv) for i in range(2) for lv in range(levels)
+    }
     level0 = [r for r in report["slices"] if r["level"] == 0]
     assert all(r["speedup"] == 1.0 and r["mac_reduction"] == 1.0 for r in level0)
     assert report["whole"][0]["macs"] == sum(r["macs"] for r in level0)
@@ -191,17 +257,23 @@ def test_train_help_constants_match_the_training_code() -> None:
     assert train.DEFAULT_REGIME == DEFAULT_REGIME
     assert tuple(sorted(REGIMES)) == train.REGIME_NAMES
     assert tuple(sorted(PRESETS)) == train.MODEL_PRESETS
-    assert "; ".join(
-        f"{name}: {c.epochs} epochs, batch {c.batch_size}, weight decay {c.weight_decay:g}"
-        + (", width-robust" if c.width_robust else "") for name, c in REGIMES.items()) == train.REGIME_SUMMARY
+    assert (
+        "; ".join(
+            f"{name}: {c.epochs} epochs, batch {c.batch_size}, weight decay {c.weight_decay:g}"
+            + (", width-robust" if c.width_robust else "")
+            for name, c in REGIMES.items()
+        )
+        == train.REGIME_SUMMARY
+    )
 
 
 def test_help_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from edgeprune.cli import build_parser; build_parser(); "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys; from edgeprune.cli import build_parser; build_parser(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

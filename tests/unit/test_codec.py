@@ -36,9 +36,17 @@ HOPS = (Hop(0, "pi-a", 0.002, 0.031, 0), Hop(1, "pi-b", 0.0, 0.012, 3))
 
 
 def tensor_message(tensor: np.ndarray, **kw: Any) -> StageMessage:
-    fields: dict[str, Any] = dict(request_id="req-1", camera="cam-7", stage=2,
-                                  entry_ts=1_700_000_000.25, capture_ts=1_700_000_000.0,
-                                  label=4, hops=HOPS, attempt=1, meta={"site": "A", "n": 3})
+    fields: dict[str, Any] = dict(
+        request_id="req-1",
+        camera="cam-7",
+        stage=2,
+        entry_ts=1_700_000_000.25,
+        capture_ts=1_700_000_000.0,
+        label=4,
+        hops=HOPS,
+        attempt=1,
+        meta={"site": "A", "n": 3},
+    )
     fields.update(kw)
     return StageMessage(tensor=tensor, **fields)
 
@@ -67,8 +75,9 @@ shapes = hnp.array_shapes(min_dims=1, max_dims=codec.MAX_RANK, min_side=1, max_s
 
 
 @FAST
-@given(st.sampled_from(sorted(WIRE_DTYPES)).flatmap(
-    lambda name: hnp.arrays(np.dtype(name), shapes)))
+@given(
+    st.sampled_from(sorted(WIRE_DTYPES)).flatmap(lambda name: hnp.arrays(np.dtype(name), shapes))
+)
 def test_tensor_round_trip_is_bit_exact(x: np.ndarray) -> None:
     out = decode_stage(encode_stage(tensor_message(x)))
     assert out.tensor is not None
@@ -76,8 +85,13 @@ def test_tensor_round_trip_is_bit_exact(x: np.ndarray) -> None:
     assert out.tensor.tobytes() == x.tobytes()  # bit-exact, NaN payloads included
     assert out.transport_dtype == x.dtype.name
     assert not out.tensor.flags.writeable
-    assert (out.request_id, out.camera, out.stage, out.label, out.attempt) == \
-        ("req-1", "cam-7", 2, 4, 1)
+    assert (out.request_id, out.camera, out.stage, out.label, out.attempt) == (
+        "req-1",
+        "cam-7",
+        2,
+        4,
+        1,
+    )
     assert (out.entry_ts, out.capture_ts) == (1_700_000_000.25, 1_700_000_000.0)
     assert out.hops == HOPS and dict(out.meta) == {"site": "A", "n": 3}
     assert out.channels is None and out.full_channels is None
@@ -110,16 +124,16 @@ def test_channel_indices_round_trip(data: st.DataObject) -> None:
     channels = np.array(data.draw(st.permutations(range(full)))[:kept])
     dtype = data.draw(st.sampled_from([np.int32, np.int64, np.uint16]))
     x = np.ones((2, kept, 3), dtype=np.float32)
-    out = decode_stage(encode_stage(tensor_message(x, channels=channels.astype(dtype),
-                                                   full_channels=full)))
+    out = decode_stage(
+        encode_stage(tensor_message(x, channels=channels.astype(dtype), full_channels=full))
+    )
     assert out.channels is not None and out.channels.dtype == np.int32
     np.testing.assert_array_equal(out.channels, channels)
     assert out.full_channels == full
 
 
 def test_full_width_without_channels_round_trips() -> None:
-    out = decode_stage(encode_stage(tensor_message(np.zeros((1, 8), np.float32),
-                                                   full_channels=8)))
+    out = decode_stage(encode_stage(tensor_message(np.zeros((1, 8), np.float32), full_channels=8)))
     assert out.channels is None and out.full_channels == 8
 
 
@@ -135,8 +149,16 @@ def test_encoded_image_round_trip(fmt: str, blob: bytes) -> None:
 @given(shape=hnp.array_shapes(min_dims=2, max_dims=3, max_side=16), seed=st.integers(0, 99))
 def test_raw_image_round_trip(shape: tuple[int, ...], seed: int) -> None:
     pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    msg = StageMessage("img-2", "cam-1", 0, 10.0, 9.5, image=pixels.tobytes(),
-                       image_format="raw", image_shape=shape)
+    msg = StageMessage(
+        "img-2",
+        "cam-1",
+        0,
+        10.0,
+        9.5,
+        image=pixels.tobytes(),
+        image_format="raw",
+        image_shape=shape,
+    )
     out = decode_stage(memoryview(encode_stage(msg)))
     assert out.image_shape == shape
     assert out.image is not None
@@ -170,21 +192,25 @@ def test_big_endian_tensor_travels_little_endian() -> None:
 
 # --- construction validates ----------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [
-    dict(tensor=np.zeros(3, np.float64)),                        # dtype not on the whitelist
-    dict(tensor=np.zeros((1,) * 7, np.float32)),                 # rank 7
-    dict(tensor=np.zeros((2, 0), np.float32)),                   # zero dimension
-    dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 0]), full_channels=4),
-    dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 4]), full_channels=4),
-    dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 1])),
-    dict(tensor=np.zeros((1, 3), np.float32), channels=np.array([0, 1]), full_channels=4),
-    dict(tensor=np.zeros(3, np.float32), entry_ts=math.nan),
-    dict(tensor=np.zeros(3, np.float32), request_id=""),
-    dict(tensor=np.zeros(3, np.float32), stage=True),
-    dict(tensor=np.zeros(3, np.float32), stage=0),               # stage 0 carries an image
-    dict(tensor=np.zeros(3, np.float32), meta={"k": [1]}),
-    dict(tensor=np.zeros(3, np.float32), image=b"x", image_format="png"),
-])
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(tensor=np.zeros(3, np.float64)),  # dtype not on the whitelist
+        dict(tensor=np.zeros((1,) * 7, np.float32)),  # rank 7
+        dict(tensor=np.zeros((2, 0), np.float32)),  # zero dimension
+        dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 0]), full_channels=4),
+        dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 4]), full_channels=4),
+        dict(tensor=np.zeros((1, 2), np.float32), channels=np.array([0, 1])),
+        dict(tensor=np.zeros((1, 3), np.float32), channels=np.array([0, 1]), full_channels=4),
+        dict(tensor=np.zeros(3, np.float32), entry_ts=math.nan),
+        dict(tensor=np.zeros(3, np.float32), request_id=""),
+        dict(tensor=np.zeros(3, np.float32), stage=True),
+        dict(tensor=np.zeros(3, np.float32), stage=0),  # stage 0 carries an image
+        dict(tensor=np.zeros(3, np.float32), meta={"k": [1]}),
+        dict(tensor=np.zeros(3, np.float32), image=b"x", image_format="png"),
+    ],
+)
 def test_construction_rejects_bad_fields(kw: dict[str, Any]) -> None:
     with pytest.raises((TypeError, ValueError)):
         tensor_message(**kw)
@@ -192,15 +218,18 @@ def test_construction_rejects_bad_fields(kw: dict[str, Any]) -> None:
 
 def test_construction_rejects_bad_images() -> None:
     base: dict[str, Any] = dict(request_id="r", camera="c", stage=0, entry_ts=0.0, capture_ts=0.0)
-    for kw in (dict(image=b"abc", image_format="gif"),
-               dict(image=b"abc", image_format="raw", image_shape=(2, 2)),
-               dict(image=b"abcd", image_format="png", image_shape=(2, 2)),
-               dict(image=b"", image_format="png")):
+    for kw in (
+        dict(image=b"abc", image_format="gif"),
+        dict(image=b"abc", image_format="raw", image_shape=(2, 2)),
+        dict(image=b"abcd", image_format="png", image_shape=(2, 2)),
+        dict(image=b"", image_format="png"),
+    ):
         with pytest.raises((TypeError, ValueError)):
             StageMessage(**base, **kw)
 
 
 # --- bad bytes raise only CodecError -------------------------------------------------------
+
 
 @FUZZ
 @given(st.binary(max_size=600))
@@ -208,9 +237,22 @@ def test_random_bytes_raise_only_codec_error(data: bytes) -> None:
     decode_or_codec_error(data)
 
 
-VALID = [encode_stage(pruned_message()), encode_stage(pruned_message(), float16=True),
-         encode_stage(StageMessage("img-9", "c", 0, 1.0, 1.0, image=bytes(range(12)),
-                                   image_format="raw", image_shape=(3, 4)))]
+VALID = [
+    encode_stage(pruned_message()),
+    encode_stage(pruned_message(), float16=True),
+    encode_stage(
+        StageMessage(
+            "img-9",
+            "c",
+            0,
+            1.0,
+            1.0,
+            image=bytes(range(12)),
+            image_format="raw",
+            image_shape=(3, 4),
+        )
+    ),
+]
 
 
 @FUZZ
@@ -233,20 +275,43 @@ def test_mutated_bytes_raise_only_codec_error(base: bytes, data: st.DataObject) 
 
 def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [prefix] if prefix else []
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
     for key, value in items:
         out += _paths(value, (*prefix, key))
     return out
 
 
 junk = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=12) | st.binary(max_size=40)
-    | st.sampled_from([SCHEMA_VERSION + 1, "float64", "object", "<f4", "V8", "raw", "stage",
-                       [2**40, 2**40], [0], [-1], [1] * 7, [2**31], np.int32(5).tobytes()]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=4),
-    max_leaves=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=40)
+    | st.sampled_from(
+        [
+            SCHEMA_VERSION + 1,
+            "float64",
+            "object",
+            "<f4",
+            "V8",
+            "raw",
+            "stage",
+            [2**40, 2**40],
+            [0],
+            [-1],
+            [1] * 7,
+            [2**31],
+            np.int32(5).tobytes(),
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
 
 
 @FUZZ
@@ -279,6 +344,7 @@ def _set(path: tuple[str, ...], value: Any) -> Any:
         for key in path[:-1]:
             obj = obj[key]
         obj[path[-1]] = value
+
     return change
 
 
@@ -286,40 +352,43 @@ def _drop(key: str) -> Any:
     return lambda obj: obj.pop(key)
 
 
-@pytest.mark.parametrize(("change", "words"), [
-    (_set(("v",), 2), "version 2"),
-    (_set(("v",), "1"), "version"),
-    (_set(("v",), True), "version"),
-    (_drop("v"), "version"),
-    (_set(("kind",), "results"), "kind"),
-    (_set(("st",), "2"), "stage"),
-    (_set(("st",), -1), "stage"),
-    (_set(("t0",), math.inf), "entry_ts"),
-    (_set(("hops",), [{"s": 0}]), "hop"),
-    (_set(("hops",), "none"), "hops"),
-    (_set(("meta",), {"k": {"nested": 1}}), "meta"),
-    (_set(("x", "dtype"), "float64"), "dtype"),
-    (_set(("x", "dtype"), "object"), "dtype"),
-    (_set(("x", "shape"), [2**40, 2**40, 2**40, 2**40]), "shape"),
-    (_set(("x", "shape"), [2**30, 2**30, 2**30, 2**30]), "bytes"),
-    (_set(("x", "shape"), [2, 4, 3, 4]), "bytes"),
-    (_set(("x", "shape"), [1] * 7), "shape"),
-    (_set(("x", "shape"), [-2, -4, 3, 3]), "shape"),
-    (_set(("x", "shape"), [2.0, 4, 3, 3]), "shape"),
-    (_set(("x", "data"), b"\0" * 7), "bytes"),
-    (_set(("x", "data"), "text"), "data"),
-    (_set(("x", "as"), "float64"), "float32"),
-    (_set(("x", "as"), "float32"), "float16"),        # "as" on a float32 tensor
-    (_drop("x"), "'x'"),
-    (_set(("img",), {"fmt": "png", "data": b"x"}), "'x'"),  # both payloads
-    (_set(("ch", "data"), np.array([1, 1, 6, 7], np.int32).tobytes()), "unique"),
-    (_set(("ch", "data"), np.array([1, 3, 6, 8], np.int32).tobytes()), "channel"),
-    (_set(("ch", "data"), np.array([-1, 3, 6, 7], np.int32).tobytes()), "channel"),
-    (_set(("ch", "dtype"), "int64"), "dtype"),
-    (_set(("ch", "shape"), [3]), "bytes"),
-    (_set(("full",), None), "full_channels"),
-    (_set(("full",), 2**40), "full_channels"),
-])
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (_set(("v",), 2), "version 2"),
+        (_set(("v",), "1"), "version"),
+        (_set(("v",), True), "version"),
+        (_drop("v"), "version"),
+        (_set(("kind",), "results"), "kind"),
+        (_set(("st",), "2"), "stage"),
+        (_set(("st",), -1), "stage"),
+        (_set(("t0",), math.inf), "entry_ts"),
+        (_set(("hops",), [{"s": 0}]), "hop"),
+        (_set(("hops",), "none"), "hops"),
+        (_set(("meta",), {"k": {"nested": 1}}), "meta"),
+        (_set(("x", "dtype"), "float64"), "dtype"),
+        (_set(("x", "dtype"), "object"), "dtype"),
+        (_set(("x", "shape"), [2**40, 2**40, 2**40, 2**40]), "shape"),
+        (_set(("x", "shape"), [2**30, 2**30, 2**30, 2**30]), "bytes"),
+        (_set(("x", "shape"), [2, 4, 3, 4]), "bytes"),
+        (_set(("x", "shape"), [1] * 7), "shape"),
+        (_set(("x", "shape"), [-2, -4, 3, 3]), "shape"),
+        (_set(("x", "shape"), [2.0, 4, 3, 3]), "shape"),
+        (_set(("x", "data"), b"\0" * 7), "bytes"),
+        (_set(("x", "data"), "text"), "data"),
+        (_set(("x", "as"), "float64"), "float32"),
+        (_set(("x", "as"), "float32"), "float16"),  # "as" on a float32 tensor
+        (_drop("x"), "'x'"),
+        (_set(("img",), {"fmt": "png", "data": b"x"}), "'x'"),  # both payloads
+        (_set(("ch", "data"), np.array([1, 1, 6, 7], np.int32).tobytes()), "unique"),
+        (_set(("ch", "data"), np.array([1, 3, 6, 8], np.int32).tobytes()), "channel"),
+        (_set(("ch", "data"), np.array([-1, 3, 6, 7], np.int32).tobytes()), "channel"),
+        (_set(("ch", "dtype"), "int64"), "dtype"),
+        (_set(("ch", "shape"), [3]), "bytes"),
+        (_set(("full",), None), "full_channels"),
+        (_set(("full",), 2**40), "full_channels"),
+    ],
+)
 def test_each_bad_field_is_a_codec_error_with_the_request_id(change: Any, words: str) -> None:
     with pytest.raises(CodecError) as info:
         decode_stage(_mutated(change))
@@ -332,20 +401,31 @@ def test_unknown_version_is_named_even_without_other_fields() -> None:
         decode_stage(msgpack.packb({"v": 7}))
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xc1", b"\x93\x01\x02\x03", b"\x91" * 100_000,      # empty, reserved, array, deep
-    b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff",          # lying array/map headers
-    b"\xc6\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",          # lying bin/str headers
-    b"\xd6\xff\x00\x00\x00\x00", b"\xd7\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # timestamps
-    msgpack.packb({1: 2}, strict_types=False), msgpack.packb({"v": 1}) + b"\x00",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        b"\x91" * 100_000,  # empty, reserved, array, deep
+        b"\xdd\xff\xff\xff\xff",
+        b"\xdf\xff\xff\xff\xff",  # lying array/map headers
+        b"\xc6\xff\xff\xff\xff",
+        b"\xdb\xff\xff\xff\xff",  # lying bin/str headers
+        b"\xd6\xff\x00\x00\x00\x00",
+        b"\xd7\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # timestamps
+        msgpack.packb({1: 2}, strict_types=False),
+        msgpack.packb({"v": 1}) + b"\x00",
+    ],
+)
 def test_malformed_msgpack_is_a_codec_error(data: bytes) -> None:
     with pytest.raises(CodecError):
         decode_stage(data)
 
 
-@pytest.mark.parametrize("data", ["text", None, 3, [1, 2],
-                                  memoryview(bytes(16)).cast("B", (4, 4))[::2]])
+@pytest.mark.parametrize(
+    "data", ["text", None, 3, [1, 2], memoryview(bytes(16)).cast("B", (4, 4))[::2]]
+)
 def test_non_bytes_input_is_a_codec_error(data: Any) -> None:
     with pytest.raises(CodecError):
         decode_stage(data)
@@ -381,17 +461,25 @@ def test_no_request_id_when_it_cannot_be_read() -> None:
 # --- JSON helpers --------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @FAST
-@given(kind=st.text(min_size=1, max_size=12),
-       body=st.dictionaries(st.text(max_size=10).filter(lambda k: k not in ("v", "kind")),
-                            json_values, max_size=6))
+@given(
+    kind=st.text(min_size=1, max_size=12),
+    body=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k not in ("v", "kind")), json_values, max_size=6
+    ),
+)
 def test_json_round_trip(kind: str, body: dict[str, Any]) -> None:
     data = encode_json(kind, body)
     assert data.startswith(b'{"v":%d,"kind":' % SCHEMA_VERSION)
@@ -408,13 +496,27 @@ def test_encode_json_converts_numpy_and_refuses_nan_and_reserved_keys() -> None:
             encode_json("m", body)
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xff\xfe", b"not json", b"[1, 2]", b'"text"', b"{}", b'{"v": 1}',
-    b'{"v": 2, "kind": "results"}', b'{"v": "1", "kind": "results"}',
-    b'{"v": true, "kind": "results"}', b'{"v": 1, "kind": 5}', b'{"v": 1, "kind": "exits"}',
-    b'{"v": 1, "kind": "results", "x": NaN}', b'{"v": 1, "kind": "results", "x": 1e999}',
-    b"[" * 50_000, b'{"v": 1, "kind": "results", "pad": "' + b"x" * 70_000 + b'"}',
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xfe",
+        b"not json",
+        b"[1, 2]",
+        b'"text"',
+        b"{}",
+        b'{"v": 1}',
+        b'{"v": 2, "kind": "results"}',
+        b'{"v": "1", "kind": "results"}',
+        b'{"v": true, "kind": "results"}',
+        b'{"v": 1, "kind": 5}',
+        b'{"v": 1, "kind": "exits"}',
+        b'{"v": 1, "kind": "results", "x": NaN}',
+        b'{"v": 1, "kind": "results", "x": 1e999}',
+        b"[" * 50_000,
+        b'{"v": 1, "kind": "results", "pad": "' + b"x" * 70_000 + b'"}',
+    ],
+)
 def test_decode_json_rejects_garbage(data: bytes) -> None:
     with pytest.raises(CodecError):
         decode_json(data, expect_kind="results")

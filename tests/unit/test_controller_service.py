@@ -34,8 +34,10 @@ def t_cal(level: int) -> float:
 
 
 def calibration(fits: tuple[LinearFit, LinearFit] = (FIT, FIT)) -> Calibration:
-    slices = tuple(SliceLatency(i, i, i + 1, "test", tuple((r, f.predict(r)) for r in RATIOS),
-                                f) for i, f in enumerate(fits))
+    slices = tuple(
+        SliceLatency(i, i, i + 1, "test", tuple((r, f.predict(r)) for r in RATIOS), f)
+        for i, f in enumerate(fits)
+    )
     # a(p) = sigmoid(4 - 2 p0 - 2 p1): 0.982 unpruned; A_min 0.9 allows p0 + p1 <= 0.90
     accuracy = LogisticAccuracyFit(g=(-2.0, -2.0), d=-4.0, max_abs_error=0.0)
     return Calibration(RATIOS, slices, (), accuracy, "model", "plan", 10)
@@ -43,9 +45,18 @@ def calibration(fits: tuple[LinearFit, LinearFit] = (FIT, FIT)) -> Calibration:
 
 def config(**overrides: Any) -> ControllerConfig:
     values: dict[str, Any] = dict(
-        slo_ms=50.0, a_min=0.9, window_s=1.0, sustain_s=1.0, cooldown_s=2.0,
-        restore_sustain_s=2.0, min_samples=5, rate_tau_s=2.0, slowdown_window_s=1.0,
-        slowdown_tau_s=0.5, metrics_max_age_s=1.0)
+        slo_ms=50.0,
+        a_min=0.9,
+        window_s=1.0,
+        sustain_s=1.0,
+        cooldown_s=2.0,
+        restore_sustain_s=2.0,
+        min_samples=5,
+        rate_tau_s=2.0,
+        slowdown_window_s=1.0,
+        slowdown_tau_s=0.5,
+        metrics_max_age_s=1.0,
+    )
     values.update(overrides)
     return ControllerConfig(**values)
 
@@ -61,9 +72,15 @@ class Sim:
     received: int = 0
     decisions: list[ControlDecision] = field(default_factory=list)
 
-    def run(self, duration: float, *, latency: float | Callable[[float], float],
-            slow: tuple[float, float] = (1.0, 1.0), queue: tuple[float, float] = (0.0, 0.0),
-            overhead: tuple[float, float] = (0.0, 0.0)) -> list[ControlDecision]:
+    def run(
+        self,
+        duration: float,
+        *,
+        latency: float | Callable[[float], float],
+        slow: tuple[float, float] = (1.0, 1.0),
+        queue: tuple[float, float] = (0.0, 0.0),
+        overhead: tuple[float, float] = (0.0, 0.0),
+    ) -> list[ControlDecision]:
         """``slow[i]`` multiplies stage i's calibrated time; ``overhead[i]`` is added to it
         (per-request time that pruning does not shorten)."""
         fits = [s.fit for s in self.state.calibration.slices]
@@ -79,16 +96,38 @@ class Sim:
             self.received += 1
             levels = self.state.levels
             lat = latency(self.t) if callable(latency) else latency
-            self.state.on_exit(self.t, {"latency_s": lat, "stages": [
-                {"stage": i, "node": f"n{i}", "queue_s": 0.0, "level": levels[i],
-                 "compute_s": busy(i, levels[i])} for i in range(2)]})
+            self.state.on_exit(
+                self.t,
+                {
+                    "latency_s": lat,
+                    "stages": [
+                        {
+                            "stage": i,
+                            "node": f"n{i}",
+                            "queue_s": 0.0,
+                            "level": levels[i],
+                            "compute_s": busy(i, levels[i]),
+                        }
+                        for i in range(2)
+                    ],
+                },
+            )
             if k % every == 0:
                 for i in range(2):
-                    self.state.on_metrics(self.t, {
-                        "node": f"n{i}", "stage": i, "bounds": [i, i + 1], "level": levels[i],
-                        "ratio": RATIOS[levels[i]], "queue_depth": queue[i],
-                        "service_s": busy(i, levels[i]), "received": self.received,
-                        "level_changes": 0})
+                    self.state.on_metrics(
+                        self.t,
+                        {
+                            "node": f"n{i}",
+                            "stage": i,
+                            "bounds": [i, i + 1],
+                            "level": levels[i],
+                            "ratio": RATIOS[levels[i]],
+                            "queue_depth": queue[i],
+                            "service_s": busy(i, levels[i]),
+                            "received": self.received,
+                            "level_changes": 0,
+                        },
+                    )
                 d = self.state.decide(self.t, wall=1000.0 + self.t)
                 if d is not None:
                     out.append(d)
@@ -192,15 +231,27 @@ def test_an_idle_stage_the_model_cannot_restore_steps_down_one_level_at_a_time()
 
 def test_a_backlogged_node_is_judged_by_its_throughput() -> None:
     st = ControllerState(config(), calibration(), now=0.0)
-    hops = [{"stage": i, "node": f"n{i}", "queue_s": 0.0, "compute_s": 0.01, "level": 0}
-            for i in range(2)]
+    hops = [
+        {"stage": i, "node": f"n{i}", "queue_s": 0.0, "compute_s": 0.01, "level": 0}
+        for i in range(2)
+    ]
     for k in range(12):
         t = 0.2 * k
         st.on_exit(t, {"latency_s": 0.5, "stages": hops})  # each request: 10 ms of service
         # ... but with requests waiting, n1 completes only one every 0.2 s
-        st.on_metrics(t, {"node": "n1", "stage": 1, "level": 0, "queue_depth": 6.0,
-                          "service_s": 0.01, "processed": k, "level_changes": 0,
-                          "ts": 1000.0 + t})
+        st.on_metrics(
+            t,
+            {
+                "node": "n1",
+                "stage": 1,
+                "level": 0,
+                "queue_depth": 6.0,
+                "service_s": 0.01,
+                "processed": k,
+                "level_changes": 0,
+                "ts": 1000.0 + t,
+            },
+        )
         st.refresh(t)
     assert st.stages[1].slowdown.source == "backlog"
     assert st.stages[1].slowdown.value == pytest.approx(20.0, rel=0.05)
@@ -209,9 +260,19 @@ def test_a_backlogged_node_is_judged_by_its_throughput() -> None:
     for k in range(12, 40):
         t = 0.2 * k
         st.on_exit(t, {"latency_s": 0.05, "stages": hops})
-        st.on_metrics(t, {"node": "n1", "stage": 1, "level": 0, "queue_depth": 0.0,
-                          "service_s": 0.01, "processed": k, "level_changes": 0,
-                          "ts": 1000.0 + t})
+        st.on_metrics(
+            t,
+            {
+                "node": "n1",
+                "stage": 1,
+                "level": 0,
+                "queue_depth": 0.0,
+                "service_s": 0.01,
+                "processed": k,
+                "level_changes": 0,
+                "ts": 1000.0 + t,
+            },
+        )
         st.refresh(t)
     assert st.stages[1].slowdown.source == "exits"
     assert st.stages[1].slowdown.value == pytest.approx(1.0, rel=0.05)
@@ -259,8 +320,9 @@ def test_nothing_to_prune_below_a_min_means_no_decision() -> None:
 
 def test_node_offline_and_back_are_events() -> None:
     st = ControllerState(config(), calibration(), now=0.0)
-    lost = st.on_status(1.0, {"node": "n1", "state": "offline", "reason": "connection lost",
-                              "stage": 1})
+    lost = st.on_status(
+        1.0, {"node": "n1", "state": "offline", "reason": "connection lost", "stage": 1}
+    )
     assert lost is not None and lost.kind == "lost" and lost.stage == 1
     assert st.on_status(1.5, {"node": "n1", "state": "offline"}) is None
     back = st.on_status(2.0, {"node": "n1", "state": "online", "stage": 1})
@@ -307,8 +369,10 @@ def test_malformed_messages_raise_codec_errors() -> None:
 
 def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     path = tmp_path / "controller.toml"
-    path.write_text('[controller]\nslo_ms = 200\npolicy = "proactive"\nsustain_s = 2\n'
-                    'cooldown_s = 4\n\n[mqtt]\nhost = "ignored"\n')
+    path.write_text(
+        '[controller]\nslo_ms = 200\npolicy = "proactive"\nsustain_s = 2\n'
+        'cooldown_s = 4\n\n[mqtt]\nhost = "ignored"\n'
+    )
     cfg = ControllerConfig.from_toml(path, cooldown_s=6.0, a_min=None)
     assert cfg.slo_s == 0.2 and cfg.policy == "proactive" and cfg.cooldown_s == 6.0
     assert cfg.proactive_config().sustain_s == 2.0
@@ -319,9 +383,15 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
         ControllerConfig.from_toml(path)
     with pytest.raises(ConfigError, match="SLO"):
         ControllerConfig.from_mapping({})
-    for bad in ({"policy": "psychic"}, {"objective": "max"}, {"a_min": 1.5},
-                {"rho_low": 0.9}, {"restore_below_ms": 500.0}, {"min_samples": 0},
-                {"window_s": float("nan")}):
+    for bad in (
+        {"policy": "psychic"},
+        {"objective": "max"},
+        {"a_min": 1.5},
+        {"rho_low": 0.9},
+        {"restore_below_ms": 500.0},
+        {"min_samples": 0},
+        {"window_s": float("nan")},
+    ):
         with pytest.raises(ConfigError):
             ControllerConfig(slo_ms=100.0, **bad)
 
@@ -331,11 +401,29 @@ def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
     path.write_text("[controller]\nslo_ms = 200\nwindow_s = 3\nquantile = 0.9\n")
     parser = argparse.ArgumentParser()
     controller_cmd.register(parser.add_subparsers())
-    args = parser.parse_args(["controller", "--calibration", "x.json", "--config", str(path),
-                              "--window", "1.5", "--objective", "sum", "--min-samples", "3"])
+    args = parser.parse_args(
+        [
+            "controller",
+            "--calibration",
+            "x.json",
+            "--config",
+            str(path),
+            "--window",
+            "1.5",
+            "--objective",
+            "sum",
+            "--min-samples",
+            "3",
+        ]
+    )
     cfg = controller_cmd.build_config(args)
-    assert (cfg.slo_ms, cfg.window_s, cfg.quantile, cfg.objective, cfg.min_samples) == \
-        (200.0, 1.5, 0.9, "sum", 3)
+    assert (cfg.slo_ms, cfg.window_s, cfg.quantile, cfg.objective, cfg.min_samples) == (
+        200.0,
+        1.5,
+        0.9,
+        "sum",
+        3,
+    )
     args = parser.parse_args(["controller", "--calibration", "x.json"])
     with pytest.raises(ConfigError, match="SLO"):
         controller_cmd.build_config(args)

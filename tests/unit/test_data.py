@@ -107,9 +107,14 @@ def test_truncated_or_garbage_pickles_are_refused():
 # --- the Animal-MNIST wheel and its cache --------------------------------------------------
 
 
-def _fake_animal_wheel(path: Path, n: int = 40, *, images_dtype: type = np.uint8,
-                       members: tuple[str, ...] = ("data", "label"),
-                       shape: tuple[int, int] = (28, 28)) -> tuple[Path, np.ndarray, np.ndarray]:
+def _fake_animal_wheel(
+    path: Path,
+    n: int = 40,
+    *,
+    images_dtype: type = np.uint8,
+    members: tuple[str, ...] = ("data", "label"),
+    shape: tuple[int, int] = (28, 28),
+) -> tuple[Path, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (n, *shape)).astype(images_dtype)
     labels = np.arange(n) % 10
@@ -118,8 +123,9 @@ def _fake_animal_wheel(path: Path, n: int = 40, *, images_dtype: type = np.uint8
         if "data" in members:
             zf.writestr(WHEEL_DIR + "animal_data_version_3.gz", gzip.compress(pickle.dumps(images)))
         if "label" in members:
-            zf.writestr(WHEEL_DIR + "animal_label_version_3.gz",
-                        gzip.compress(pickle.dumps(labels)))
+            zf.writestr(
+                WHEEL_DIR + "animal_label_version_3.gz", gzip.compress(pickle.dumps(labels))
+            )
     return path, images, labels
 
 
@@ -149,10 +155,13 @@ def test_fetch_converts_float_images_to_uint8(tmp_path):
         np.testing.assert_array_equal(npz["images"], images.astype(np.uint8))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"members": ("data",)}, "animal_label_version_3.gz is not in"),
-    ({"shape": (32, 32)}, "unexpected Animal-MNIST shapes"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"members": ("data",)}, "animal_label_version_3.gz is not in"),
+        ({"shape": (32, 32)}, "unexpected Animal-MNIST shapes"),
+    ],
+)
 def test_fetch_rejects_a_wrong_wheel(tmp_path, kwargs, match):
     wheel, *_ = _fake_animal_wheel(tmp_path / "w.whl", **kwargs)
     with pytest.raises(DatasetError, match=match):
@@ -171,10 +180,14 @@ def test_fetch_refuses_a_wheel_carrying_a_malicious_pickle(tmp_path):
     marker = tmp_path / "pwned"
     wheel = tmp_path / "evil.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(WHEEL_DIR + "animal_data_version_3.gz",
-                    gzip.compress(pickle.dumps(_Evil(f"touch {marker}"))))
-        zf.writestr(WHEEL_DIR + "animal_label_version_3.gz", gzip.compress(pickle.dumps(
-            np.zeros(3, np.int64))))
+        zf.writestr(
+            WHEEL_DIR + "animal_data_version_3.gz",
+            gzip.compress(pickle.dumps(_Evil(f"touch {marker}"))),
+        )
+        zf.writestr(
+            WHEEL_DIR + "animal_label_version_3.gz",
+            gzip.compress(pickle.dumps(np.zeros(3, np.int64))),
+        )
     with pytest.raises(DatasetError, match="refusing"):
         fetch_animal_mnist(tmp_path / "d", wheel=wheel)
     assert not marker.exists()
@@ -232,12 +245,15 @@ def test_split_is_deterministic_per_seed():
     assert not np.array_equal(_ids(a.test), _ids(other.test))
 
 
-@pytest.mark.parametrize(("images", "labels", "names"), [
-    (np.zeros((3, 4, 4), np.float32), np.zeros(3, np.int64), ("a",)),  # not uint8
-    (np.zeros((3, 4), np.uint8), np.zeros(3, np.int64), ("a",)),  # wrong rank
-    (np.zeros((3, 4, 4), np.uint8), np.zeros(2, np.int64), ("a",)),  # lengths differ
-    (np.zeros((3, 4, 4), np.uint8), np.array([0, 1, 2]), ("a", "b")),  # label out of range
-])
+@pytest.mark.parametrize(
+    ("images", "labels", "names"),
+    [
+        (np.zeros((3, 4, 4), np.float32), np.zeros(3, np.int64), ("a",)),  # not uint8
+        (np.zeros((3, 4), np.uint8), np.zeros(3, np.int64), ("a",)),  # wrong rank
+        (np.zeros((3, 4, 4), np.uint8), np.zeros(2, np.int64), ("a",)),  # lengths differ
+        (np.zeros((3, 4, 4), np.uint8), np.array([0, 1, 2]), ("a", "b")),  # label out of range
+    ],
+)
 def test_array_dataset_validates(images, labels, names):
     with pytest.raises(DatasetError):
         ArrayDataset(images, labels, names)
@@ -261,8 +277,10 @@ def test_preprocess_rgb_resizes_and_checks_channels():
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     # no resize when the size already fits: pixels are just scaled
     square = rgb[:, :30, :30]
-    assert torch.allclose(Preprocess(0.0, 1.0, 30, 3)(square),
-                          torch.from_numpy(square).permute(0, 3, 1, 2).float() / 255)
+    assert torch.allclose(
+        Preprocess(0.0, 1.0, 30, 3)(square),
+        torch.from_numpy(square).permute(0, 3, 1, 2).float() / 255,
+    )
     with pytest.raises(DatasetError, match="channel"):
         Preprocess(0.0, 1.0, 32, 1)(rgb)
 
@@ -270,8 +288,7 @@ def test_preprocess_rgb_resizes_and_checks_channels():
 def test_preprocess_fit_standardises():
     ds = _indexed_dataset([30, 30])
     rng = np.random.default_rng(0)
-    ds = ArrayDataset(rng.integers(20, 200, (60, 8, 8)).astype(np.uint8), ds.labels,
-                      ds.class_names)
+    ds = ArrayDataset(rng.integers(20, 200, (60, 8, 8)).astype(np.uint8), ds.labels, ds.class_names)
     pre = Preprocess.fit(ds, size=8)
     x = pre(ds.images)
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1.0) < 1e-2
@@ -290,8 +307,9 @@ def _image_folder(root: Path) -> dict[str, int]:
         folder = root / cls
         folder.mkdir(parents=True)
         n = 0
-        for i, (size, mode, ext) in enumerate([((20, 30), "L", "png"), ((64, 48), "RGB", "jpg"),
-                                                ((28, 28), "RGB", "png")][: k + 1]):
+        for i, (size, mode, ext) in enumerate(
+            [((20, 30), "L", "png"), ((64, 48), "RGB", "jpg"), ((28, 28), "RGB", "png")][: k + 1]
+        ):
             colour = value if mode == "L" else (value,) * 3
             Image.new(mode, size, colour).save(folder / f"img{i}.{ext}")
             n += 1

@@ -18,8 +18,9 @@ from tests.unit.test_planner import _accuracy, _table
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25)
 
 
-def _setup(cap_fraction: float = 2.0, slo_factor: float | None = None
-           ) -> tuple[FailoverMonitor, PlanMessage]:
+def _setup(
+    cap_fraction: float = 2.0, slo_factor: float | None = None
+) -> tuple[FailoverMonitor, PlanMessage]:
     rng = random.Random(17)
     table, acc = _table(rng), _accuracy(rng)
     cap = cap_fraction * table.footprint(0) / MIB

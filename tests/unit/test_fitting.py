@@ -128,20 +128,25 @@ def test_score_threshold_is_the_accuracy_constraint(form: str) -> None:
 
 
 def test_json_round_trip() -> None:
-    for fit in (LinearFit(a=-0.01, b=0.05, r2=0.99),
-                LogisticAccuracyFit(g=(-1.0, -2.0), d=-3.0, max_abs_error=0.01, lo=0.1, hi=0.9)):
+    for fit in (
+        LinearFit(a=-0.01, b=0.05, r2=0.99),
+        LogisticAccuracyFit(g=(-1.0, -2.0), d=-3.0, max_abs_error=0.01, lo=0.1, hi=0.9),
+    ):
         back = type(fit).from_dict(json.loads(json.dumps(fit.to_dict())))
         assert back == fit
 
 
-@pytest.mark.parametrize("data", [
-    {"g": [-1.0], "d": 0.0},
-    {"g": "x", "d": 0.0, "max_abs_error": 0.0},
-    {"g": [], "d": 0.0, "max_abs_error": 0.0},
-    {"g": [-1.0], "d": 0.0, "max_abs_error": 0.0, "lo": 0.5, "hi": 0.4},
-    {"kind": "linear", "g": [-1.0], "d": 0.0, "max_abs_error": 0.0},
-    [1, 2],
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"g": [-1.0], "d": 0.0},
+        {"g": "x", "d": 0.0, "max_abs_error": 0.0},
+        {"g": [], "d": 0.0, "max_abs_error": 0.0},
+        {"g": [-1.0], "d": 0.0, "max_abs_error": 0.0, "lo": 0.5, "hi": 0.4},
+        {"kind": "linear", "g": [-1.0], "d": 0.0, "max_abs_error": 0.0},
+        [1, 2],
+    ],
+)
 def test_logistic_from_dict_rejects_bad_input(data: object) -> None:
     with pytest.raises(ConfigError):
         LogisticAccuracyFit.from_dict(data)  # type: ignore[arg-type]

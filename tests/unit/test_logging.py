@@ -9,8 +9,9 @@ from edgeprune.cli import JsonLogFormatter
 
 
 def test_json_lines_carry_structured_fields():
-    record = logging.LogRecord("nodes.node", logging.WARNING, __file__, 1,
-                               "rejected %s: %s", ("r-1", "bad shape"), None)
+    record = logging.LogRecord(
+        "nodes.node", logging.WARNING, __file__, 1, "rejected %s: %s", ("r-1", "bad shape"), None
+    )
     record.request_id = "r-1"
     record.node = "n1"
     line = JsonLogFormatter().format(record)

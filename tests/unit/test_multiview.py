@@ -31,8 +31,9 @@ def _ckpt(seed: int = 0) -> MultiViewCheckpoint:
     net = MultiViewNet(cfg).eval()
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
-    return MultiViewCheckpoint(cfg, Preprocess(0.2, 0.3, 20, 1), net.state_dict(),
-                               calibration_images=images)
+    return MultiViewCheckpoint(
+        cfg, Preprocess(0.2, 0.3, 20, 1), net.state_dict(), calibration_images=images
+    )
 
 
 def test_views_are_distinct_crops() -> None:

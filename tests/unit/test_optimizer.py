@@ -24,8 +24,13 @@ def _instance(rng: np.random.Generator, n: int, *, wild: bool = False):
         a = np.where(rng.random(n) < 0.2, rng.uniform(0, 0.05, n), a)
         g = np.where(rng.random(n) < 0.2, rng.uniform(0, 3.0, n), g)
     latency = [LinearFit(a=float(x), b=float(y), r2=1.0) for x, y in zip(a, b, strict=True)]
-    accuracy = LogisticAccuracyFit(g=tuple(float(v) for v in g), d=float(rng.uniform(-5, -1)),
-                                   max_abs_error=0.0, lo=0.1, hi=float(rng.uniform(0.8, 0.99)))
+    accuracy = LogisticAccuracyFit(
+        g=tuple(float(v) for v in g),
+        d=float(rng.uniform(-5, -1)),
+        max_abs_error=0.0,
+        lo=0.1,
+        hi=float(rng.uniform(0.8, 0.99)),
+    )
     a_min = float(rng.uniform(0.3, 0.99))  # some instances are infeasible
     slowdowns = [float(v) for v in rng.uniform(1.0, 4.0, n)]
     return latency, accuracy, a_min, slowdowns
@@ -79,8 +84,11 @@ def test_bottleneck_prunes_only_the_bottleneck_while_sum_may_prune_a_fast_slice(
 
 
 def test_bottleneck_leaves_slices_alone_that_do_not_help() -> None:
-    lat = [LinearFit(a=-0.1, b=0.2, r2=1.0), LinearFit(a=-0.01, b=0.02, r2=1.0),
-           LinearFit(a=-0.01, b=0.03, r2=1.0)]
+    lat = [
+        LinearFit(a=-0.1, b=0.2, r2=1.0),
+        LinearFit(a=-0.01, b=0.02, r2=1.0),
+        LinearFit(a=-0.01, b=0.03, r2=1.0),
+    ]
     acc = LogisticAccuracyFit(g=(-2.0, -2.0, -2.0), d=-4.0, max_abs_error=0.0)
     d = solve_bottleneck(lat, acc, 0.5)
     assert d.levels == (5, 0, 0)
@@ -137,14 +145,17 @@ def test_eight_slices_decide_within_a_millisecond() -> None:
         assert statistics.median(samples) < 1e-3, solver.__name__
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"ratios": (0.1, 0.2)},
-    {"ratios": (0.0, 0.3, 0.2)},
-    {"ratios": (0.0, 1.0)},
-    {"slowdowns": [1.0]},
-    {"slowdowns": [1.0, 0.0]},
-    {"slowdowns": [1.0, float("nan")]},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ratios": (0.1, 0.2)},
+        {"ratios": (0.0, 0.3, 0.2)},
+        {"ratios": (0.0, 1.0)},
+        {"slowdowns": [1.0]},
+        {"slowdowns": [1.0, 0.0]},
+        {"slowdowns": [1.0, float("nan")]},
+    ],
+)
 def test_rejects_bad_arguments(kwargs: dict) -> None:
     lat = [LinearFit(a=-0.05, b=0.1, r2=1.0)] * 2
     acc = LogisticAccuracyFit(g=(-3.0, -3.0), d=-4.0, max_abs_error=0.0)

@@ -28,17 +28,32 @@ from pipeline.partition import (
 
 def _random_instance(rng: random.Random) -> tuple[list[BlockProfile], list[Device], int | None]:
     n, m = rng.randint(1, 7), rng.randint(1, 4)
-    profile = [BlockProfile(f"b{i}", rng.uniform(0.001, 0.1), rng.randint(0, 3 * MIB),
-                            rng.randint(0, 2 * MIB), rng.randint(1_000, 500_000))
-               for i in range(n)]
-    devices = [Device(f"d{k}", speed=rng.uniform(0.3, 3.0), memory_mb=rng.uniform(1, 12),
-                      bandwidth_mbps=rng.uniform(5, 200), latency_ms=rng.uniform(0, 10))
-               for k in range(m)]
+    profile = [
+        BlockProfile(
+            f"b{i}",
+            rng.uniform(0.001, 0.1),
+            rng.randint(0, 3 * MIB),
+            rng.randint(0, 2 * MIB),
+            rng.randint(1_000, 500_000),
+        )
+        for i in range(n)
+    ]
+    devices = [
+        Device(
+            f"d{k}",
+            speed=rng.uniform(0.3, 3.0),
+            memory_mb=rng.uniform(1, 12),
+            bandwidth_mbps=rng.uniform(5, 200),
+            latency_ms=rng.uniform(0, 10),
+        )
+        for k in range(m)
+    ]
     return profile, devices, rng.choice([None, 1, 2, 3])
 
 
-def _check_plan(plan: Plan, profile: list[BlockProfile], devices: list[Device],
-                max_stages: int | None) -> None:
+def _check_plan(
+    plan: Plan, profile: list[BlockProfile], devices: list[Device], max_stages: int | None
+) -> None:
     by_name = {d.name: (k, d) for k, d in enumerate(devices)}
     order = [by_name[s.device][0] for s in plan.stages]
     assert order == sorted(order)  # devices used in the given order
@@ -46,9 +61,11 @@ def _check_plan(plan: Plan, profile: list[BlockProfile], devices: list[Device],
     assert max_stages is None or len(plan.stages) <= max_stages
     for s in plan.stages:
         dev = by_name[s.device][1]
-        blocks = profile[s.start_block:s.end_block]
-        assert (sum(b.param_bytes for b in blocks) + max(b.activation_bytes for b in blocks)
-                <= dev.memory_mb * MIB)
+        blocks = profile[s.start_block : s.end_block]
+        assert (
+            sum(b.param_bytes for b in blocks) + max(b.activation_bytes for b in blocks)
+            <= dev.memory_mb * MIB
+        )
 
 
 def test_partition_equals_exhaustive_on_random_instances() -> None:
@@ -74,8 +91,11 @@ def test_partition_equals_exhaustive_on_random_instances() -> None:
 def test_stage_cost_model_and_device_skipping() -> None:
     profile = [BlockProfile(f"b{i}", 0.1, MIB, MIB, 1_000_000) for i in range(4)]
     fast = dict(memory_mb=100, bandwidth_mbps=80, latency_ms=5)
-    devices = [Device("a", speed=1.0, **fast), Device("slow", speed=0.01, **fast),
-               Device("c", speed=1.0, **fast)]
+    devices = [
+        Device("a", speed=1.0, **fast),
+        Device("slow", speed=0.01, **fast),
+        Device("c", speed=1.0, **fast),
+    ]
     plan = partition(profile, devices)
     assert plan.devices == ("a", "c")  # the very slow device is skipped
     first, last = plan.stages
@@ -91,8 +111,10 @@ def test_stage_cost_model_and_device_skipping() -> None:
 def test_memory_forces_a_split() -> None:
     profile = [BlockProfile(f"b{i}", 0.1, 3 * MIB, MIB, 10) for i in range(4)]
     big_link = dict(bandwidth_mbps=1000, latency_ms=0)
-    devices = [Device("a", speed=10.0, memory_mb=7, **big_link),
-               Device("b", speed=1.0, memory_mb=100, **big_link)]
+    devices = [
+        Device("a", speed=10.0, memory_mb=7, **big_link),
+        Device("b", speed=1.0, memory_mb=100, **big_link),
+    ]
     plan = partition(profile, devices)
     assert [(s.start_block, s.end_block) for s in plan.stages] == [(0, 2), (2, 4)]
 
@@ -111,8 +133,10 @@ def test_balanced_plan_is_optimal() -> None:
         k = rng.randint(1, len(times))
         plan = balanced_plan(times, k)
         assert len(plan.stages) == k
-        best = min(max(sum(times[a:b]) for a, b in itertools.pairwise((0, *cuts, len(times))))
-                   for cuts in itertools.combinations(range(1, len(times)), k - 1))
+        best = min(
+            max(sum(times[a:b]) for a, b in itertools.pairwise((0, *cuts, len(times))))
+            for cuts in itertools.combinations(range(1, len(times)), k - 1)
+        )
         assert plan.bottleneck_s == pytest.approx(best)
 
 
@@ -131,22 +155,28 @@ def test_plan_json_round_trip_and_hash() -> None:
     plan = balanced_plan([0.1, 0.2, 0.3, 0.1], 2)
     back = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert back == plan
-    same_placement = Plan(stages=tuple(StagePlan(s.start_block, s.end_block, s.device)
-                                       for s in plan.stages), version=7, created_by="x")
+    same_placement = Plan(
+        stages=tuple(StagePlan(s.start_block, s.end_block, s.device) for s in plan.stages),
+        version=7,
+        created_by="x",
+    )
     assert same_placement.plan_hash() == plan.plan_hash()
     assert uniform_plan(4, 2).plan_hash() != balanced_plan([1, 1, 1, 5], 2).plan_hash()
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d.update(schema=99),
-    lambda d: d.update(stages="nope"),
-    lambda d: d["stages"][1].update(start_block=3),  # gap
-    lambda d: d["stages"][1].update(device="node0"),  # one device, two stages
-    lambda d: d["stages"][0].update(start_block=1),
-    lambda d: d["stages"][0].update(color="red"),
-    lambda d: d.update(hash="0" * 16),
-    lambda d: d.update(version=0),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(schema=99),
+        lambda d: d.update(stages="nope"),
+        lambda d: d["stages"][1].update(start_block=3),  # gap
+        lambda d: d["stages"][1].update(device="node0"),  # one device, two stages
+        lambda d: d["stages"][0].update(start_block=1),
+        lambda d: d["stages"][0].update(color="red"),
+        lambda d: d.update(hash="0" * 16),
+        lambda d: d.update(version=0),
+    ],
+)
 def test_plan_from_dict_rejects_bad_plans(mutate: object) -> None:
     data = uniform_plan(4, 2).to_dict()
     mutate(data)  # type: ignore[operator]
@@ -183,22 +213,25 @@ def test_device_file(tmp_path: Path) -> None:
         load_devices(tmp_path / "missing.toml")
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    ("speed = 0.25", "speed = -1"),
-    ("speed = 0.25", "speed = 0"),
-    ("speed = 0.25", 'speed = "fast"'),
-    ("speed = 0.25", "speed = true"),
-    ("speed = 0.25", "speed = nan"),
-    ("memory_mb = 2048", "memory_mb = 0"),
-    ("bandwidth_mbps = 90", ""),
-    ("latency_ms = 2", "latency_ms = -2"),
-    ("failure_prob = 0.05", "failure_prob = 1.0"),
-    ("latency_ms = 2", "latency_ms = 2\ncolour = 'red'"),
-    ('name = "pi4-b"', 'name = "pi4-a"'),
-    ('name = "pi4-b"', 'name = ""'),
-    ("[[device]]", "[[devices]]"),
-    ("speed = 0.2\n", "speed = = 0.2\n"),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("speed = 0.25", "speed = -1"),
+        ("speed = 0.25", "speed = 0"),
+        ("speed = 0.25", 'speed = "fast"'),
+        ("speed = 0.25", "speed = true"),
+        ("speed = 0.25", "speed = nan"),
+        ("memory_mb = 2048", "memory_mb = 0"),
+        ("bandwidth_mbps = 90", ""),
+        ("latency_ms = 2", "latency_ms = -2"),
+        ("failure_prob = 0.05", "failure_prob = 1.0"),
+        ("latency_ms = 2", "latency_ms = 2\ncolour = 'red'"),
+        ('name = "pi4-b"', 'name = "pi4-a"'),
+        ('name = "pi4-b"', 'name = ""'),
+        ("[[device]]", "[[devices]]"),
+        ("speed = 0.2\n", "speed = = 0.2\n"),
+    ],
+)
 def test_device_file_rejects_bad_values(old: str, new: str) -> None:
     with pytest.raises(ConfigError):
         devices_from_toml(DEVICES_TOML.replace(old, new, 1))

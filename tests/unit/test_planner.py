@@ -34,26 +34,37 @@ def _table(rng: random.Random, n: int = 5) -> CostTable:
     params = np.asarray([[rng.uniform(0.1, 4.0) * MIB * k for k in keep] for _ in range(n)])
     act = np.asarray([[rng.uniform(0.01, 0.3) * MIB * (1 - x) for x in r] for _ in range(n)])
     out = np.asarray([[rng.uniform(1e3, 1e5) * (1 - x) for x in r] for _ in range(n)])
-    return CostTable(tuple(f"b{i}" for i in range(n)), RATIOS, t, np.round(params),
-                     np.round(act), np.round(out))
+    return CostTable(
+        tuple(f"b{i}" for i in range(n)), RATIOS, t, np.round(params), np.round(act), np.round(out)
+    )
 
 
 def _accuracy(rng: random.Random, n: int = 5) -> AccuracyModel:
     ranges = contiguous_ranges(n)
-    acc = np.asarray([[0.95 - rng.uniform(0.0, 0.08) * (j - i) * x for x in RATIOS]
-                      for i, j in ranges])
+    acc = np.asarray(
+        [[0.95 - rng.uniform(0.0, 0.08) * (j - i) * x for x in RATIOS] for i, j in ranges]
+    )
     return AccuracyModel.from_importance(0.95, acc, num_classes=10, kappa=rng.uniform(0.8, 1.3))
 
 
 def _devices(rng: random.Random, m: int, table: CostTable) -> list[Device]:
     full = table.footprint(0) / MIB
-    return [Device(f"d{k}", speed=rng.uniform(0.3, 2.0), memory_mb=full * rng.uniform(0.2, 1.2),
-                   bandwidth_mbps=rng.uniform(10, 500), latency_ms=rng.uniform(0, 5),
-                   failure_prob=rng.uniform(0.0, 0.3)) for k in range(m)]
+    return [
+        Device(
+            f"d{k}",
+            speed=rng.uniform(0.3, 2.0),
+            memory_mb=full * rng.uniform(0.2, 1.2),
+            bandwidth_mbps=rng.uniform(10, 500),
+            latency_ms=rng.uniform(0, 5),
+            failure_prob=rng.uniform(0.0, 0.3),
+        )
+        for k in range(m)
+    ]
 
 
-def _brute(table: CostTable, acc: AccuracyModel, devices: list[Device], floor: float
-           ) -> float | None:
+def _brute(
+    table: CostTable, acc: AccuracyModel, devices: list[Device], floor: float
+) -> float | None:
     """Independent reference: every partition, ordered device choice and level vector."""
     n, m, best = table.n_blocks, len(devices), math.inf
     index = {r: k for k, r in enumerate(contiguous_ranges(n))}
@@ -65,15 +76,18 @@ def _brute(table: CostTable, acc: AccuracyModel, devices: list[Device], floor: f
                     times, ok = [], True
                     for t, (k, lv) in enumerate(zip(devs, levels, strict=True)):
                         i, j, d = edges[t], edges[t + 1], devices[k]
-                        mem = table.param_bytes[i:j, lv].sum() + table.activation_bytes[i:j, lv].max()
+                        mem = (
+                            table.param_bytes[i:j, lv].sum() + table.activation_bytes[i:j, lv].max()
+                        )
                         ok &= mem <= d.memory_mb * MIB
                         x = table.time_s[i:j, lv].sum() / d.speed
                         if j < n:
-                            x += table.output_bytes[j - 1, lv] * 8 / (d.bandwidth_mbps * 1e6) \
+                            x += (
+                                table.output_bytes[j - 1, lv] * 8 / (d.bandwidth_mbps * 1e6)
                                 + d.latency_ms / 1e3
+                            )
                         times.append(x)
-                    a = acc.predict_one([index[(edges[t], edges[t + 1])] for t in range(s)],
-                                        levels)
+                    a = acc.predict_one([index[(edges[t], edges[t + 1])] for t in range(s)], levels)
                     if ok and a >= floor:
                         best = min(best, max(times))
     return None if best == math.inf else best
@@ -139,16 +153,19 @@ def test_accuracy_floor_front_and_slo() -> None:
     assert loose.best and tight.best
     assert tight.best.accuracy >= 0.94 and loose.best.bottleneck_s <= tight.best.bottleneck_s
     front = loose.front
-    assert all(a.objective_s < b.objective_s and a.accuracy < b.accuracy
-               for a, b in itertools.pairwise(front))
+    assert all(
+        a.objective_s < b.objective_s and a.accuracy < b.accuracy
+        for a, b in itertools.pairwise(front)
+    )
     assert loose.best.objective_s == pytest.approx(front[0].objective_s)
     # SLO: the most accurate plan whose bottleneck meets it
     slo = (loose.best.bottleneck_s + tight.best.bottleneck_s) / 2
     within = planner.plan(devices, 0.5, slo_s=slo)
     assert within.slo_met and within.best is not None
     assert within.best.bottleneck_s <= slo
-    assert within.best.accuracy == pytest.approx(max(p.accuracy for p in front
-                                                     if p.objective_s <= slo))
+    assert within.best.accuracy == pytest.approx(
+        max(p.accuracy for p in front if p.objective_s <= slo)
+    )
     assert planner.plan(devices, 0.5, slo_s=loose.best.bottleneck_s / 2).slo_met is False
 
 
@@ -207,7 +224,8 @@ def test_expected_objective_avoids_a_flaky_device_only_when_its_stall_costs_more
         if used:  # E = B + q ((B* - B) / 2 + R^2 / 2H)
             b = aware.bottleneck_s
             assert aware.objective_s == pytest.approx(
-                b + q[0] * ((after[0] - b) / 2 + 10.0 ** 2 / 7200))
+                b + q[0] * ((after[0] - b) / 2 + 10.0**2 / 7200)
+            )
     q = failure_weights([Device("a", 1, 1, 1, 0, 0.5), Device("b", 1, 1, 1, 0, 0.5)])
     assert q == pytest.approx([1 / 3, 1 / 3])  # none, a only, b only: equally likely
 
@@ -216,21 +234,33 @@ def test_view_levels_equals_brute_force() -> None:
     rng = random.Random(4)
     for _ in range(10):
         views, n_levels = 3, 4
-        t = np.sort(np.asarray([[rng.uniform(1e-3, 1e-2) for _ in range(n_levels)]
-                                for _ in range(views)]), axis=1)[:, ::-1]
-        mem = np.sort(np.asarray([[rng.uniform(1, 4) * MIB for _ in range(n_levels)]
-                                  for _ in range(views)]), axis=1)[:, ::-1]
+        t = np.sort(
+            np.asarray([[rng.uniform(1e-3, 1e-2) for _ in range(n_levels)] for _ in range(views)]),
+            axis=1,
+        )[:, ::-1]
+        mem = np.sort(
+            np.asarray([[rng.uniform(1, 4) * MIB for _ in range(n_levels)] for _ in range(views)]),
+            axis=1,
+        )[:, ::-1]
         acc = AccuracyModel.from_importance(
-            0.9, np.asarray([[0.9 - rng.uniform(0, 0.1) * lv for lv in range(n_levels)]
-                             for _ in range(views)]), 10)
-        devs = [Device(f"v{v}", rng.uniform(0.5, 2), rng.uniform(1.5, 4.5), 100, 1)
-                for v in range(views)]
+            0.9,
+            np.asarray(
+                [[0.9 - rng.uniform(0, 0.1) * lv for lv in range(n_levels)] for _ in range(views)]
+            ),
+            10,
+        )
+        devs = [
+            Device(f"v{v}", rng.uniform(0.5, 2), rng.uniform(1.5, 4.5), 100, 1)
+            for v in range(views)
+        ]
         floor = rng.uniform(0.75, 0.9)
         got = view_levels(t, mem, devs, acc.predict_views, floor, fusion_s=1e-3)
         best = None
         for lv in itertools.product(range(n_levels), repeat=views):
-            if all(mem[v, lv[v]] <= devs[v].memory_mb * MIB for v in range(views)) and \
-                    acc.predict_one(range(views), lv) >= floor:
+            if (
+                all(mem[v, lv[v]] <= devs[v].memory_mb * MIB for v in range(views))
+                and acc.predict_one(range(views), lv) >= floor
+            ):
                 b = max(1e-3, *(t[v, lv[v]] / devs[v].speed for v in range(views)))
                 best = b if best is None else min(best, b)
         assert (got is None) == (best is None)
@@ -246,8 +276,11 @@ def test_accuracy_model_is_exact_for_one_pruned_slice_and_fits_kappa() -> None:
     base = AccuracyModel.from_importance(0.95, measured, 10)
     for k in range(len(ranges)):
         for lv in range(len(RATIOS)):
-            assert base.predict_one([k], [lv]) == pytest.approx(
-                max(measured[k, : lv + 1].min(), 0), abs=1e-6) or lv == 0
+            assert (
+                base.predict_one([k], [lv])
+                == pytest.approx(max(measured[k, : lv + 1].min(), 0), abs=1e-6)
+                or lv == 0
+            )
     truth = AccuracyModel(base.z0, base.delta, 1.4, base.lo)
     combos = []
     for _ in range(12):
@@ -257,8 +290,16 @@ def test_accuracy_model_is_exact_for_one_pruned_slice_and_fits_kappa() -> None:
         units = [ranges.index(b) for b in bounds]
         combos.append(Combo(bounds, levels, truth.predict_one(units, levels)))
     table = _table(rng, n)
-    m = Measurements("toy", "h", 10, table, tuple(ranges), np.zeros((len(ranges), len(RATIOS))),
-                     measured, tuple(combos))
+    m = Measurements(
+        "toy",
+        "h",
+        10,
+        table,
+        tuple(ranges),
+        np.zeros((len(ranges), len(RATIOS))),
+        measured,
+        tuple(combos),
+    )
     fitted = fit_accuracy_model(m)
     assert fitted.kappa == pytest.approx(1.4, abs=1e-3)
     assert fitted.validation["loo_mae"] < 1e-4

@@ -30,14 +30,25 @@ DECIDE_DT = 0.5
 
 
 def _config(**overrides: float) -> ReactiveConfig:
-    values = dict(slo_s=1.0, margin_s=0.2, window_s=2.0, sustain_s=5.0, cooldown_s=10.0,
-                  restore_sustain_s=30.0, min_samples=5)
+    values = dict(
+        slo_s=1.0,
+        margin_s=0.2,
+        window_s=2.0,
+        sustain_s=5.0,
+        cooldown_s=10.0,
+        restore_sustain_s=30.0,
+        min_samples=5,
+    )
     values.update(overrides)
     return ReactiveConfig(**values)  # type: ignore[arg-type]
 
 
-def _run(policy: ReactivePolicy, latency: Callable[[float], float | None], until: float,
-         **decide_kwargs: bool) -> list[Action]:
+def _run(
+    policy: ReactivePolicy,
+    latency: Callable[[float], float | None],
+    until: float,
+    **decide_kwargs: bool,
+) -> list[Action]:
     """Feed ``latency(t)`` (None: no request finished) and decide on a fixed cadence."""
     actions = []
     steps_per_decide = round(DECIDE_DT / SAMPLE_DT)
@@ -105,8 +116,11 @@ def test_cooldown_then_prune_again_then_restore() -> None:
     # prune at 15.5; nothing during the 10 s cooldown; the window was emptied, so the quantile
     # is high again from 25.5 and a second prune follows 5 s later. Latency falls at 35: after
     # the second cooldown (to 40.5) it stays below 0.6 s for 30 s -> restore at 70.5.
-    assert kinds == [(ActionKind.PRUNE, pytest.approx(15.5)), (ActionKind.PRUNE, pytest.approx(30.5)),
-                     (ActionKind.RESTORE, pytest.approx(70.5))]
+    assert kinds == [
+        (ActionKind.PRUNE, pytest.approx(15.5)),
+        (ActionKind.PRUNE, pytest.approx(30.5)),
+        (ActionKind.RESTORE, pytest.approx(70.5)),
+    ]
     assert actions[-1].latency_s == pytest.approx(0.3)
 
 
@@ -138,12 +152,12 @@ def test_a_quiet_spell_does_not_break_a_restore_condition() -> None:
     actions = _run(ReactivePolicy(_config(min_samples=10)), sparse_low, until=60)
     assert [a.kind for a in actions] == [ActionKind.RESTORE]
     assert actions[0].at - actions[0].since >= 30.0
+
     # a prune condition does not survive a gap: high only in the same sparse bursts -> no prune
     def sparse_high(t: float) -> float | None:
         return 5.0 if t % 4.0 < 1.0 else None
 
-    assert _run(ReactivePolicy(_config(min_samples=10, sustain_s=3.0)), sparse_high,
-                until=60) == []
+    assert _run(ReactivePolicy(_config(min_samples=10, sustain_s=3.0)), sparse_high, until=60) == []
 
 
 @settings(max_examples=40, deadline=None)
@@ -153,8 +167,9 @@ def test_actions_respect_thresholds_and_cooldown(levels: list[float]) -> None:
     and each agrees with its own quantile."""
     cfg = _config()
     policy = ReactivePolicy(cfg)
-    actions = _run(policy, lambda t: levels[min(int(t // 3), len(levels) - 1)],
-                   until=3.0 * len(levels))
+    actions = _run(
+        policy, lambda t: levels[min(int(t // 3), len(levels) - 1)], until=3.0 * len(levels)
+    )
     for a, b in itertools.pairwise(actions):
         assert b.at - a.at >= cfg.cooldown_s
     for a in actions:
@@ -164,12 +179,20 @@ def test_actions_respect_thresholds_and_cooldown(levels: list[float]) -> None:
             assert a.latency_s < cfg.restore_threshold_s and a.at - a.since >= cfg.restore_sustain_s
 
 
-@pytest.mark.parametrize("overrides", [
-    {"slo_s": 0.0}, {"quantile": 0.0}, {"quantile": 1.5}, {"window_s": 0.0},
-    {"sustain_s": -1.0}, {"cooldown_s": float("nan")}, {"min_samples": 0},
-    {"restore_below_s": 1.3},  # above LAT_trigger: prune and restore would chase each other
-    {"margin_s": -1.0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"slo_s": 0.0},
+        {"quantile": 0.0},
+        {"quantile": 1.5},
+        {"window_s": 0.0},
+        {"sustain_s": -1.0},
+        {"cooldown_s": float("nan")},
+        {"min_samples": 0},
+        {"restore_below_s": 1.3},  # above LAT_trigger: prune and restore would chase each other
+        {"margin_s": -1.0},
+    ],
+)
 def test_reactive_config_validation(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         _config(**overrides)
@@ -195,9 +218,15 @@ def test_predicted_latency_md1() -> None:
     assert predicted_latency(10.0, [0.1], [0])[0] == float("inf")
 
 
-def _proactive_run(policy: ProactivePolicy, rate: float, service: list[float], until: float,
-                   start: float = 0.0, restore: list[float] | None = None,
-                   report: Callable[[float], bool] = lambda t: True) -> list[Action]:
+def _proactive_run(
+    policy: ProactivePolicy,
+    rate: float,
+    service: list[float],
+    until: float,
+    start: float = 0.0,
+    restore: list[float] | None = None,
+    report: Callable[[float], bool] = lambda t: True,
+) -> list[Action]:
     actions = []
     t, next_arrival = start, start + 1 / rate
     while t < until - 1e-9:
@@ -254,10 +283,18 @@ def test_proactive_needs_fresh_metrics_from_every_stage() -> None:
         policy.observe_stage(0.0, 2, 0, 0.1)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"rho_low": 0.8}, {"rho_high": 1.2}, {"rho_target": 0.95}, {"slo_s": -1.0},
-    {"rate_tau_s": 0.0}, {"min_arrivals": 0}, {"cooldown_s": -1.0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rho_low": 0.8},
+        {"rho_high": 1.2},
+        {"rho_target": 0.95},
+        {"slo_s": -1.0},
+        {"rate_tau_s": 0.0},
+        {"min_arrivals": 0},
+        {"cooldown_s": -1.0},
+    ],
+)
 def test_proactive_config_validation(overrides: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ProactiveConfig(**{"slo_s": 1.0, **overrides})  # type: ignore[arg-type]
@@ -292,5 +329,9 @@ def test_proactive_does_not_escalate_on_a_draining_backlog_alone() -> None:
         policy.observe_stage(t, 0, queue_depth=30, service_s=0.05)
         return False
 
-    assert _proactive_run(policy, 10.0, [0.05], until=t0 + cfg.cooldown_s - 0.1, start=3.0,
-                          report=deep_queue) == []
+    assert (
+        _proactive_run(
+            policy, 10.0, [0.05], until=t0 + cfg.cooldown_s - 0.1, start=3.0, report=deep_queue
+        )
+        == []
+    )

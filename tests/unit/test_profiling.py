@@ -43,8 +43,7 @@ def test_profile_of_resnet_xs_is_sane(xs_profile: tuple[SliceableResNet, ModelPr
     model, prof = xs_profile
     assert prof.block_names == model.block_names()
     assert all(b.compute_s > 0 for b in prof.blocks)
-    assert sum(b.param_bytes for b in prof.blocks) == 4 * sum(p.numel()
-                                                               for p in model.parameters())
+    assert sum(b.param_bytes for b in prof.blocks) == 4 * sum(p.numel() for p in model.parameters())
     x = torch.zeros(model.input_shape(1))
     with torch.no_grad():
         for block, b, d in zip(model.blocks, prof.blocks, prof.details, strict=True):
@@ -67,8 +66,9 @@ def test_profile_blocks_returns_block_profiles() -> None:
     assert all(isinstance(b, BlockProfile) for b in blocks)
 
 
-def test_profile_json_round_trip(tmp_path: Path,
-                                 xs_profile: tuple[SliceableResNet, ModelProfile]) -> None:
+def test_profile_json_round_trip(
+    tmp_path: Path, xs_profile: tuple[SliceableResNet, ModelProfile]
+) -> None:
     _, prof = xs_profile
     path = prof.save(tmp_path / "sub" / "p.json")
     again = load_profile(path)
@@ -84,17 +84,33 @@ def test_bad_profile_files(tmp_path: Path) -> None:
     bad.write_text("{")
     with pytest.raises(ConfigError, match="cannot read"):
         load_profile(bad)
-    bad.write_text(json.dumps({"kind": "profile", "version": 1, "model": {"name": "m"},
-                               "blocks": [{"name": "b", "compute_s": -1, "param_bytes": 0,
-                                           "activation_bytes": 0, "output_bytes": 0}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "kind": "profile",
+                "version": 1,
+                "model": {"name": "m"},
+                "blocks": [
+                    {
+                        "name": "b",
+                        "compute_s": -1,
+                        "param_bytes": 0,
+                        "activation_bytes": 0,
+                        "output_bytes": 0,
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(ConfigError):
         load_profile(bad)
 
 
 def test_time_calls_interleaves_and_validates() -> None:
     calls: list[int] = []
-    times = time_calls([lambda: calls.append(0), lambda: calls.append(1)], runs=6, warmup=2,
-                       rounds=3)
+    times = time_calls(
+        [lambda: calls.append(0), lambda: calls.append(1)], runs=6, warmup=2, rounds=3
+    )
     assert [len(t.wall) for t in times] == [6, 6] == [len(t.cpu) for t in times]
     assert all(np.all(t.wall >= 0) and np.all(t.cpu >= 0) for t in times)
     # warm-up of each, then rounds of two calls per function, alternating
@@ -113,13 +129,18 @@ def test_cpu_clock_ignores_waiting() -> None:
 
 
 def _own_profile(prof: ModelProfile, factor: float) -> ModelProfile:
-    blocks = tuple(BlockProfile(b.name, b.compute_s * factor, b.param_bytes,
-                                b.activation_bytes, b.output_bytes) for b in prof.blocks)
+    blocks = tuple(
+        BlockProfile(
+            b.name, b.compute_s * factor, b.param_bytes, b.activation_bytes, b.output_bytes
+        )
+        for b in prof.blocks
+    )
     return ModelProfile(blocks=blocks, model_name=prof.model_name)
 
 
-def test_device_file_with_own_profile(tmp_path: Path,
-                                      xs_profile: tuple[SliceableResNet, ModelProfile]) -> None:
+def test_device_file_with_own_profile(
+    tmp_path: Path, xs_profile: tuple[SliceableResNet, ModelProfile]
+) -> None:
     _, prof = xs_profile
     _own_profile(prof, 4.0).save(tmp_path / "profiles" / "slow.json")
     text = """
@@ -156,8 +177,7 @@ latency_ms = 1
 def test_device_file_errors(tmp_path: Path) -> None:
     base = 'name = "d"\nmemory_mb = 1\nbandwidth_mbps = 1\nlatency_ms = 0\n'
     with pytest.raises(ConfigError, match="cannot read profile"):
-        device_specs_from_toml(f'[[device]]\n{base}profile = "missing.json"\n',
-                               base_dir=tmp_path)
+        device_specs_from_toml(f'[[device]]\n{base}profile = "missing.json"\n', base_dir=tmp_path)
     with pytest.raises(ConfigError, match="missing keys"):
         device_specs_from_toml(f"[[device]]\n{base}")  # neither speed nor profile
     with pytest.raises(ConfigError, match="unknown keys"):
@@ -185,16 +205,43 @@ def test_shipped_device_files_exist() -> None:
     assert {p.name for p in DEVICE_FILES} >= {"two-pi4.toml", "three-mixed.toml", "local.toml"}
 
 
-def test_profile_and_partition_cli_end_to_end(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_and_partition_cli_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prof_path, plan_path = tmp_path / "profile.json", tmp_path / "plan.json"
-    assert cli_main(["profile", "--model", "resnet-xs", "--runs", "5", "--warmup", "1",
-                     "--out", str(prof_path)]) == 0
+    assert (
+        cli_main(
+            [
+                "profile",
+                "--model",
+                "resnet-xs",
+                "--runs",
+                "5",
+                "--warmup",
+                "1",
+                "--out",
+                str(prof_path),
+            ]
+        )
+        == 0
+    )
     assert prof_path.with_suffix(".png").stat().st_size > 0
     prof = load_profile(prof_path)
     assert prof.model_name == "resnet-xs" and prof.model_hash is None
-    assert cli_main(["partition", "--profile", str(prof_path), "--devices",
-                     str(REPO / "devices" / "local.toml"), "--out", str(plan_path)]) == 0
+    assert (
+        cli_main(
+            [
+                "partition",
+                "--profile",
+                str(prof_path),
+                "--devices",
+                str(REPO / "devices" / "local.toml"),
+                "--out",
+                str(plan_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bottleneck" in out and "equivalent cuts" in out
     doc = json.loads(plan_path.read_text())

@@ -177,7 +177,7 @@ def test_sandwich_steps_train_the_smallest_sub_network():
     x = torch.randn(64, 1, 28, 28, generator=g) * 0.3
     for i, label in enumerate(y.tolist()):
         r, c = divmod(label, 2)
-        x[i, 0, 14 * r + 3:14 * r + 11, 14 * c + 3:14 * c + 11] += 2.0
+        x[i, 0, 14 * r + 3 : 14 * r + 11, 14 * c + 3 : 14 * c + 11] += 2.0
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sampler = SubnetSampler(model.num_blocks, seed=0)
     smallest = sampler.smallest

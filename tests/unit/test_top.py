@@ -8,9 +8,22 @@ from nodes.top import PipelineView
 def test_view_tracks_nodes_latency_accuracy_and_errors():
     view = PipelineView("p", slo_s=0.1)
     view.ingest({"kind": "status", "node": "n0", "state": "online", "stage": 0}, 0.0)
-    view.ingest({"kind": "metrics", "node": "n1", "stage": 1, "level": 3, "ratio": 0.3,
-                 "queue_depth": 7, "service_s": 0.0421, "processed": 12, "errors": 1,
-                 "shed": 2, "emulated_factor": 3.0}, 1.0)
+    view.ingest(
+        {
+            "kind": "metrics",
+            "node": "n1",
+            "stage": 1,
+            "level": 3,
+            "ratio": 0.3,
+            "queue_depth": 7,
+            "service_s": 0.0421,
+            "processed": 12,
+            "errors": 1,
+            "shed": 2,
+            "emulated_factor": 3.0,
+        },
+        1.0,
+    )
     for i, lat in enumerate([0.05, 0.08, 0.2, 0.09]):
         view.ingest({"kind": "exit", "latency_s": lat}, 1.0 + i)
         view.ingest({"kind": "result", "correct": i != 2}, 1.0 + i)

@@ -88,21 +88,25 @@ def test_unknown_shipped_trace_lists_the_known_ones() -> None:
         resolve_trace("missing/dir/x.csv")
 
 
-@pytest.mark.parametrize(("body", "line", "reason"), [
-    ("timestamp,camera\n1.0,A\nabc,A\n", 6, "bad timestamp"),
-    ("timestamp,camera\n1.0,A\n-3,A\n", 6, "must be finite and >= 0"),
-    ("timestamp,camera\n1.0,A\nnan,A\n", 6, "must be finite"),
-    ("timestamp,camera\n\n# a note\n1.0,\n", 7, "missing camera"),
-    ("timestamp,camera,label\n1.0,A,3\n2.0,A\n", 6, "expected 3 fields"),
-    ("timestamp,camera\n1.0,A,extra\n", 5, "expected 2 fields"),
-    ("timestamp,camera,label\n1.0,A,cat\n", 5, "not an integer class id"),
-    ("timestamp,camera,label\n1.0,A,-1\n", 5, "negative"),
-    ("timestamp,camera,lable\n", 4, "unknown column 'lable'"),
-    ("timestamp,camera,species,species\n", 4, "appears twice"),
-    ("camera,timestamp\n", 4, "must start with 'timestamp,camera'"),
-])
-def test_loader_rejects_malformed_rows_with_line_number(tmp_path: Path, body: str, line: int,
-                                                        reason: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "line", "reason"),
+    [
+        ("timestamp,camera\n1.0,A\nabc,A\n", 6, "bad timestamp"),
+        ("timestamp,camera\n1.0,A\n-3,A\n", 6, "must be finite and >= 0"),
+        ("timestamp,camera\n1.0,A\nnan,A\n", 6, "must be finite"),
+        ("timestamp,camera\n\n# a note\n1.0,\n", 7, "missing camera"),
+        ("timestamp,camera,label\n1.0,A,3\n2.0,A\n", 6, "expected 3 fields"),
+        ("timestamp,camera\n1.0,A,extra\n", 5, "expected 2 fields"),
+        ("timestamp,camera,label\n1.0,A,cat\n", 5, "not an integer class id"),
+        ("timestamp,camera,label\n1.0,A,-1\n", 5, "negative"),
+        ("timestamp,camera,lable\n", 4, "unknown column 'lable'"),
+        ("timestamp,camera,species,species\n", 4, "appears twice"),
+        ("camera,timestamp\n", 4, "must start with 'timestamp,camera'"),
+    ],
+)
+def test_loader_rejects_malformed_rows_with_line_number(
+    tmp_path: Path, body: str, line: int, reason: str
+) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(HEADER + body, encoding="utf-8")
     with pytest.raises(TraceError, match=reason) as info:
@@ -111,15 +115,18 @@ def test_loader_rejects_malformed_rows_with_line_number(tmp_path: Path, body: st
     assert str(info.value).startswith(f"line {line}:")
 
 
-@pytest.mark.parametrize(("text", "line", "reason"), [
-    ("# t0: yesterday\ntimestamp,camera\n", 1, "bad t0"),
-    ("# t0: 2021-01-01T00:00:00+02:00\ntimestamp,camera\n", 1, "naive"),
-    ("# name: x\n# duration_s: 10\ntimestamp,camera\n11,A\n2,A\n", 4, "after the trace end"),
-    ("# duration_s: soon\ntimestamp,camera\n", 1, "bad duration_s"),
-    ("# edgeprune-trace: 2\ntimestamp,camera\n", 1, "unsupported trace format version"),
-    ("# name: a\n# name: b\ntimestamp,camera\n", 2, "given twice"),
-    ("# only a preamble\n", None, "no header row"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        ("# t0: yesterday\ntimestamp,camera\n", 1, "bad t0"),
+        ("# t0: 2021-01-01T00:00:00+02:00\ntimestamp,camera\n", 1, "naive"),
+        ("# name: x\n# duration_s: 10\ntimestamp,camera\n11,A\n2,A\n", 4, "after the trace end"),
+        ("# duration_s: soon\ntimestamp,camera\n", 1, "bad duration_s"),
+        ("# edgeprune-trace: 2\ntimestamp,camera\n", 1, "unsupported trace format version"),
+        ("# name: a\n# name: b\ntimestamp,camera\n", 2, "given twice"),
+        ("# only a preamble\n", None, "no header row"),
+    ],
+)
 def test_loader_rejects_bad_preamble(text: str, line: int | None, reason: str) -> None:
     with pytest.raises(TraceError, match=reason) as info:
         parse_trace(text, "x")
@@ -127,8 +134,10 @@ def test_loader_rejects_bad_preamble(text: str, line: int | None, reason: str) -
 
 
 def test_loader_sorts_unsorted_rows_and_keeps_metadata() -> None:
-    text = ("# name: hand\n# site: north\n# free text without a key\n"
-            "timestamp,camera,species,label\n5,B,,\n1.5,A,zebra,9\n3,A,,\n")
+    text = (
+        "# name: hand\n# site: north\n# free text without a key\n"
+        "timestamp,camera,species,label\n5,B,,\n1.5,A,zebra,9\n3,A,,\n"
+    )
     trace = parse_trace(text, "fallback")
     assert trace.name == "hand" and trace.metadata == {"site": "north"}
     assert trace.times() == [1.5, 3.0, 5.0]
@@ -137,9 +146,15 @@ def test_loader_sorts_unsorted_rows_and_keeps_metadata() -> None:
 
 
 def test_arrival_and_trace_validate() -> None:
-    for bad in [dict(t=-1.0, camera="A"), dict(t=math.inf, camera="A"), dict(t=0.0, camera=""),
-                dict(t=0.0, camera=" A"), dict(t=0.0, camera="A\nB"),
-                dict(t=0.0, camera="A", label=-2), dict(t=0.0, camera="A", sequence="")]:
+    for bad in [
+        dict(t=-1.0, camera="A"),
+        dict(t=math.inf, camera="A"),
+        dict(t=0.0, camera=""),
+        dict(t=0.0, camera=" A"),
+        dict(t=0.0, camera="A\nB"),
+        dict(t=0.0, camera="A", label=-2),
+        dict(t=0.0, camera="A", sequence=""),
+    ]:
         with pytest.raises(TraceError):
             Arrival(**bad)  # type: ignore[arg-type]
     with pytest.raises(TraceError, match="after the trace end"):
@@ -149,23 +164,40 @@ def test_arrival_and_trace_validate() -> None:
 def test_save_load_round_trip(tmp_path: Path, orinoquia: Trace) -> None:
     path = save_trace(orinoquia, tmp_path / "sub" / "copy.csv")
     assert load_trace(path) == orinoquia
-    hand = Trace((Arrival(0.25, 'cam "1", north', "s1", "impala, warthog", 3),
-                  Arrival(1e6 + 0.000001, "B")), "hand", "made up", datetime(2021, 3, 4, 5, 6),
-                 2e6, {"note": "two cameras"})
+    hand = Trace(
+        (Arrival(0.25, 'cam "1", north', "s1", "impala, warthog", 3), Arrival(1e6 + 0.000001, "B")),
+        "hand",
+        "made up",
+        datetime(2021, 3, 4, 5, 6),
+        2e6,
+        {"note": "two cameras"},
+    )
     assert load_trace(save_trace(hand, tmp_path / "hand.csv")) == hand
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + format_trace(hand).replace("\n", "\r\n").encode())
     assert load_trace(bom) == hand
 
 
-_names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1,
-                 max_size=12).map(str.strip).filter(bool)
+_names = (
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12)
+    .map(str.strip)
+    .filter(bool)
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.floats(0, 1e7).map(lambda t: round(t, 6)), _names,
-                          st.none() | _names, st.none() | st.integers(0, 999)),
-                min_size=0, max_size=20))
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1e7).map(lambda t: round(t, 6)),
+            _names,
+            st.none() | _names,
+            st.none() | st.integers(0, 999),
+        ),
+        min_size=0,
+        max_size=20,
+    )
+)
 def test_format_round_trip_property(rows: list[tuple[float, str, str | None, int | None]]) -> None:
     trace = Trace(tuple(Arrival(t, c, None, s, lab) for t, c, s, lab in rows), "prop")
     assert parse_trace(format_trace(trace), "other") == trace
@@ -173,9 +205,11 @@ def test_format_round_trip_property(rows: list[tuple[float, str, str | None, int
 
 def test_converter_reproduces_shipped_files(tmp_path: Path) -> None:
     raw = tmp_path / "raw.csv"
-    raw.write_text("timestamp,camera,species,animals\n2021-06-25T14:55:11,\"pi@1,2\",zebra,1\n"
-                   "2021-06-26T00:00:05,\"pi@1,2\",\"impala, warthog\",\"2,1\"\n",
-                   encoding="utf-8")
+    raw.write_text(
+        'timestamp,camera,species,animals\n2021-06-25T14:55:11,"pi@1,2",zebra,1\n'
+        '2021-06-26T00:00:05,"pi@1,2","impala, warthog","2,1"\n',
+        encoding="utf-8",
+    )
     trace = convert_raw(raw, "dsail", classes=("bear", "Zebra"))
     assert trace.t0 == datetime(2021, 6, 25) and trace.duration_s == 2 * 86400
     assert trace.times() == [53711.0, 86405.0]
@@ -190,8 +224,9 @@ def test_converter_reproduces_shipped_files(tmp_path: Path) -> None:
         convert_raw(raw, "orinoquia")
     shared = Path("/work/shared/traces/orinoquia_day1_arrivals.csv")
     if shared.is_file():
-        assert format_trace(convert_raw(shared, "orinoquia")) == \
-            default_trace_path("orinoquia_day1").read_text(encoding="utf-8")
+        assert format_trace(convert_raw(shared, "orinoquia")) == default_trace_path(
+            "orinoquia_day1"
+        ).read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- statistics
@@ -200,8 +235,12 @@ def test_converter_reproduces_shipped_files(tmp_path: Path) -> None:
 def _hand_trace() -> Trace:
     a = [0, 1, 2, 5, 6, 7, 200]
     b = [30, 31]
-    return Trace(tuple([Arrival(float(t), "A") for t in a] + [Arrival(float(t), "B") for t in b]),
-                 "hand", t0=datetime(2021, 1, 1, 23, 59), duration_s=300.0)
+    return Trace(
+        tuple([Arrival(float(t), "A") for t in a] + [Arrival(float(t), "B") for t in b]),
+        "hand",
+        t0=datetime(2021, 1, 1, 23, 59),
+        duration_s=300.0,
+    )
 
 
 def test_stats_on_a_hand_made_trace() -> None:
@@ -269,9 +308,9 @@ def test_generate_is_deterministic_per_seed(orinoquia_model: TraceModel) -> None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_generated_day_is_bursty_like_the_real_one(orinoquia: Trace,
-                                                   orinoquia_model: TraceModel,
-                                                   seed: int) -> None:
+def test_generated_day_is_bursty_like_the_real_one(
+    orinoquia: Trace, orinoquia_model: TraceModel, seed: int
+) -> None:
     gen = generate(orinoquia_model, 86400, 10, seed=seed, t0=orinoquia.t0 or datetime(2020, 1, 8))
     real, syn = summarize(orinoquia), summarize(gen)
     assert 5 < syn.dispersion_per_minute < 80
@@ -284,8 +323,11 @@ def test_generated_day_is_bursty_like_the_real_one(orinoquia: Trace,
     assert time_of_day_histogram(gen)[:6].sum() == 0  # night
     # a Poisson stream with the same number of images would have dispersion ~1
     rng = np.random.default_rng(seed)
-    poisson = Trace(tuple(Arrival(float(t), "p") for t in rng.uniform(0, 86400, len(gen))),
-                    "poisson", duration_s=86400.0)
+    poisson = Trace(
+        tuple(Arrival(float(t), "p") for t in rng.uniform(0, 86400, len(gen))),
+        "poisson",
+        duration_s=86400.0,
+    )
     assert index_of_dispersion(per_minute_counts(poisson)) < 1.5
 
 
@@ -300,12 +342,17 @@ def test_dsail_model_keeps_the_herd_tail(dsail: Trace) -> None:
 
 
 def test_generate_rejects_bad_arguments(orinoquia_model: TraceModel) -> None:
-    for kwargs in [dict(duration_s=0), dict(duration_s=60, cameras=0),
-                   dict(duration_s=60, cameras=["a", "a"]), dict(duration_s=60, rate_scale=-1)]:
+    for kwargs in [
+        dict(duration_s=0),
+        dict(duration_s=60, cameras=0),
+        dict(duration_s=60, cameras=["a", "a"]),
+        dict(duration_s=60, rate_scale=-1),
+    ]:
         with pytest.raises(TraceError):
             generate(orinoquia_model, **kwargs)  # type: ignore[arg-type]
-    busy = generate(orinoquia_model, 3600, ["x"], seed=0, t0=datetime(2020, 1, 8, 11),
-                    rate_scale=20)
+    busy = generate(
+        orinoquia_model, 3600, ["x"], seed=0, t0=datetime(2020, 1, 8, 11), rate_scale=20
+    )
     assert busy.cameras == ("x",) and len(busy) > 100
 
 
@@ -321,12 +368,16 @@ def test_replay_merges_and_compresses() -> None:
     b = _simple("b", [5.0, 10.0], "B")
     sched = replay_schedule([a, b], compression=10, start_offset_s=1.0)
     assert [(s.send_at_s, s.arrival.camera) for s in sched] == [
-        (1.0, "A"), (1.5, "B"), (2.0, "A"), (2.0, "B"), (3.0, "A")]
+        (1.0, "A"),
+        (1.5, "B"),
+        (2.0, "A"),
+        (2.0, "B"),
+        (3.0, "A"),
+    ]
     assert [s.send_at_s for s in replay_schedule([a, b], max_images=2)] == [0.0, 5.0]
     assert replay_schedule([a, b], max_images=0) == []
     windowed = replay_schedule([a, b], compression=2, window=(5.0, 20.0))
-    assert [(s.send_at_s, s.arrival.t) for s in windowed] == [(0.0, 5.0), (2.5, 10.0),
-                                                              (2.5, 10.0)]
+    assert [(s.send_at_s, s.arrival.t) for s in windowed] == [(0.0, 5.0), (2.5, 10.0), (2.5, 10.0)]
     send_at, arrival = sched[0]  # plain (send_at_s, Arrival) tuples
     assert arrival is a.arrivals[0] and send_at == 1.0
 
@@ -337,7 +388,12 @@ def test_replay_caps_idle_gaps_before_compression() -> None:
     # leading gap 100 -> 10; 4899 -> 10; 3998 -> 10; bursts keep their spacing
     assert [s.send_at_s for s in sched] == [5.0, 5.5, 10.5, 11.5, 16.5]
     assert [s.send_at_s for s in replay_schedule([trace], max_idle_s=1000)] == [
-        100.0, 101.0, 1101.0, 1103.0, 2103.0]
+        100.0,
+        101.0,
+        1101.0,
+        1103.0,
+        2103.0,
+    ]
 
 
 def test_replay_align_clock_and_validation() -> None:
@@ -347,8 +403,14 @@ def test_replay_align_clock_and_validation() -> None:
     assert [s.send_at_s for s in replay_schedule([b, a])] == [0.0, 0.0]
     with pytest.raises(TraceError, match="t0"):
         replay_schedule([a, _simple("c", [1.0], "C")], align="clock")
-    for kwargs in [dict(compression=0), dict(max_idle_s=-1), dict(window=(5, 5)),
-                   dict(max_images=-1), dict(start_offset_s=-1), dict(align="wall")]:
+    for kwargs in [
+        dict(compression=0),
+        dict(max_idle_s=-1),
+        dict(window=(5, 5)),
+        dict(max_images=-1),
+        dict(start_offset_s=-1),
+        dict(align="wall"),
+    ]:
         with pytest.raises(TraceError):
             replay_schedule([a], **kwargs)  # type: ignore[arg-type]
 
@@ -376,7 +438,12 @@ def test_parse_duration() -> None:
     from edgeprune.commands.trace import parse_duration
 
     assert [parse_duration(v) for v in ("90", "90s", "15m", "1.5h", "2d")] == [
-        90, 90, 900, 5400, 172800]
+        90,
+        90,
+        900,
+        5400,
+        172800,
+    ]
     for bad in ("", "1w", "-1h", "h", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_duration(bad)
@@ -390,16 +457,42 @@ def test_cli_show_fit_generate_convert(tmp_path: Path, capsys: pytest.CaptureFix
     assert _run(["trace", "fit", "orinoquia_day1", "--out", str(model), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["n_visits"] == 45
     out, png = tmp_path / "g.csv", tmp_path / "cmp.png"
-    assert _run(["trace", "generate", "--model", str(model), "--duration", "1d", "--cameras",
-                 "3", "--seed", "4", "--start", "2020-01-08T00:00", "--out", str(out),
-                 "--plot", str(png), "--real", "orinoquia_day1"]) == 0
+    assert (
+        _run(
+            [
+                "trace",
+                "generate",
+                "--model",
+                str(model),
+                "--duration",
+                "1d",
+                "--cameras",
+                "3",
+                "--seed",
+                "4",
+                "--start",
+                "2020-01-08T00:00",
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+                "--real",
+                "orinoquia_day1",
+            ]
+        )
+        == 0
+    )
     assert "dispersion" in capsys.readouterr().out
     assert load_trace(out).metadata["seed"] == "4"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = tmp_path / "raw.csv"
     raw.write_text("timestamp,camera,sequence,frame\n2020-01-08T08:19:46,A05,s1,0\n")
-    assert _run(["trace", "convert", str(raw), "--kind", "orinoquia", "--out",
-                 str(tmp_path / "c.csv")]) == 0
+    assert (
+        _run(
+            ["trace", "convert", str(raw), "--kind", "orinoquia", "--out", str(tmp_path / "c.csv")]
+        )
+        == 0
+    )
     assert load_trace(tmp_path / "c.csv").arrivals[0] == Arrival(30_000 - 14.0, "A05", "s1")
     assert _run(["trace", "show", str(out), "orinoquia_day1"]) == 0
     assert "per-minute dispersion" in capsys.readouterr().out

@@ -30,7 +30,7 @@ def _toy_dataset(n: int = 300, seed: int = 0) -> ArrayDataset:
     images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
     for i, label in enumerate(labels):
         r, c = divmod(int(label), 2)
-        images[i, 14 * r + 3:14 * r + 11, 14 * c + 3:14 * c + 11] = 220
+        images[i, 14 * r + 3 : 14 * r + 11, 14 * c + 3 : 14 * c + 11] = 220
     return ArrayDataset(images, labels.astype(np.int64), ("a", "b", "c", "d"), "toy")
 
 
@@ -82,8 +82,7 @@ def test_standard_training_still_works(splits):
 
 
 def test_width_robust_training_writes_a_checkpoint_that_loads(splits, tmp_path):
-    config = regime("width-robust", epochs=2, batch_size=32, calibration_images=64,
-                    mask_refresh=2)
+    config = regime("width-robust", epochs=2, batch_size=32, calibration_images=64, mask_refresh=2)
     ckpt = train_model(_xs(), splits, config, progress=False)
     history = ckpt.train["history"]
     assert [row["epoch"] for row in history] == [1, 2]
@@ -98,8 +97,7 @@ def test_width_robust_training_writes_a_checkpoint_that_loads(splits, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.build()(x), ckpt.build()(x))
     # the per-epoch check measures what a node runs: the composed pipeline, BN re-estimated
-    pipe = ComposedPipeline(loaded, [SliceBounds(0, loaded.build().num_blocks)],
-                            ratios=(0.0, 0.5))
+    pipe = ComposedPipeline(loaded, [SliceBounds(0, loaded.build().num_blocks)], ratios=(0.0, 0.5))
     pipe.set_levels([1])
     model = loaded.build()
     assert pruned_accuracy(model, 0.5, loaded.calibration_tensor(), x, y) == accuracy(pipe, x, y)
