@@ -15,6 +15,11 @@ retained levels are learned again.
 
 A node going offline (its Last Will, or a clean shutdown) is recorded and passed to the
 ``on_node_lost`` hook (sync or async); failure re-planning plugs in there.
+
+A message the controller cannot use (malformed JSON, a level out of range, an exit without
+its stages, ...) is ignored, counted (``state.counts["bad_messages"]``), and published on
+``errors`` with ``node: "controller"``, like the nodes' rejections. An empty payload on a
+retained topic is a clearing, not an error.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ NodeHook = Callable[[NodeEvent], Awaitable[None] | None]
 # Small control messages should not wait for Nagle's algorithm (up to 40 ms per hop).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 _MAX_BAD_LOGGED = 10
+ERROR_SOURCE = "controller"  # the `node` field of the controller's messages on `errors`
 
 
 class Controller:
@@ -190,6 +196,21 @@ class Controller:
             self._bad_logged += 1
             level = logging.WARNING if self._bad_logged <= _MAX_BAD_LOGGED else logging.DEBUG
             log.log(level, "ignored a bad message on %s: %s", topic, exc)
+            self._report_rejected(topic, payload, exc)
+
+    def _report_rejected(self, topic: str, payload: bytes, exc: CodecError) -> None:
+        """Publish a rejected input on ``errors`` (the nodes' error format)."""
+        body = {
+            "node": ERROR_SOURCE,
+            "stage": self.topics.stage_of(topic),
+            "topic": topic,
+            "request_id": exc.request_id,
+            "reason": f"controller ignored it: {exc.reason}",
+            "bytes": len(payload),
+            "shed": False,
+            "ts": self._wall(),
+        }
+        self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", body), 1, False))
 
     def _on_level(self, now: float, stage: int, payload: bytes) -> None:
         body = codec.decode_json(payload, expect_kind="level") if payload else None

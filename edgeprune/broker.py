@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from pipeline.codec import MAX_PACKET_BYTES
 from pipeline.errors import BrokerError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ BROKER_DIR = Path(__file__).resolve().parent.parent / "broker"
 DEV_CONFIG = BROKER_DIR / "dev.conf"
 """The development config that :class:`MosquittoBroker` renders by default."""
 
-DEFAULT_MAX_PACKET_SIZE = 16 * 1024 * 1024
-"""16 MiB: room for a several-MB activation tensor plus its header."""
+DEFAULT_MAX_PACKET_SIZE = MAX_PACKET_BYTES
+"""16 MiB: room for a several-MB activation tensor plus its header. Defined once in
+:mod:`pipeline.codec`, where the nodes' default payload limit is set below it."""
 
 CONFIG_NAME = "mosquitto.conf"
 LOG_NAME = "mosquitto.log"

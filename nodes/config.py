@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from nodes.emulation import Emulation
+from pipeline import codec
 from pipeline.connection import MqttSettings
 from pipeline.errors import ConfigError
 from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
 from pipeline.slicing import SliceBounds
 from pipeline.topics import check_name
-
-DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ class NodeConfig:
     queue_size: int = 512  # local queue bound; requests beyond it are shed and reported
     metrics_interval_s: float = 1.0
     threads: int = 1  # torch threads for this node
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    # below the broker's max_packet_size, so an oversized message reaches the node's error path
+    max_payload_bytes: int = codec.DEFAULT_MAX_BYTES
     emulation: Emulation = field(default_factory=Emulation)
     clock_start: float | None = None  # epoch seconds the emulation schedule counts from
     reconnect_max_s: float = 5.0

@@ -16,7 +16,13 @@ then fuses what it has. A view that missed ``fail_after`` fusions in a row is *f
 dropped, and fusion no longer waits for it (results then come without the timeout's delay);
 a failed view that delivers again is waited for again. A view arriving after its request was
 fused is counted as late and ignored. Every request that reached the fusion node with at least
-one view gets exactly one result, which names the views fused and the views missing.
+one view gets exactly one result, which names the views fused and the views missing (or, when
+its features are so large that the fused output is not finite, one error on ``errors``).
+
+Bad input (a message that does not decode, NaN or infinite features, a wrong view) is reported
+on ``errors`` in the slice nodes' format and the service serves on; whatever fails while
+handling one message is reported the same way. A service that stops on an error publishes its
+retained status ``offline`` with the reason first.
 
 Computation is small (a branch is ~1 MMAC) and runs on the event loop.
 """
@@ -145,6 +151,15 @@ class _Service:
                             await client.publish(
                                 status, self._status("offline", "shutdown"), qos=1, retain=True
                             )
+                    except Exception as exc:
+                        if not isinstance(exc, aiomqtt.MqttError):
+                            # leaving `async with` disconnects cleanly: no Last Will
+                            reason = f"stopped on error: {type(exc).__name__}: {exc}"[:200]
+                            with contextlib.suppress(aiomqtt.MqttError):
+                                await client.publish(
+                                    status, self._status("offline", reason), qos=1, retain=True
+                                )
+                        raise
                     finally:
                         for t in tasks:
                             t.cancel()
@@ -160,9 +175,32 @@ class _Service:
 
     async def _listen(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:  # ends with MqttError on disconnect
+            topic = str(message.topic)
             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            for topic, body in self.handle(str(message.topic), bytes(payload)):
-                await client.publish(topic, body, qos=1)
+            try:
+                out = self.handle(topic, bytes(payload))
+            except Exception as exc:  # last resort: one message must never stop the service
+                log.exception("%s: failed to handle a message on %s", self.node_id, topic)
+                out = [self.error(f"internal error: {type(exc).__name__}: {exc}", topic, payload)]
+            for reply_topic, body in out:
+                await client.publish(reply_topic, body, qos=1)
+
+    def error(
+        self, reason: str, topic: str, payload: bytes, request_id: str | None = None
+    ) -> tuple[str, bytes]:
+        """The ``errors`` message (the slice nodes' format) for an input this service refused."""
+        log.warning("%s: rejected a message on %s: %s", self.node_id, topic, reason)
+        body = {
+            "node": self.node_id,
+            "stage": None,
+            "topic": topic,
+            "request_id": request_id,
+            "reason": reason,
+            "bytes": len(payload),
+            "shed": False,
+            "ts": time.time(),
+        }
+        return self.topics.base.errors, codec.encode_json("error", body)
 
     async def publish(self, topic: str, body: bytes) -> None:
         if self.client is not None:
@@ -210,8 +248,7 @@ class BranchNode(_Service):
                 )
         except CodecError as exc:
             self.errors += 1
-            log.warning("view %d: rejected a message on %s: %s", self.view, topic, exc)
-            return []
+            return [self.error(exc.reason, topic, payload, exc.request_id)]
         pixels = np.frombuffer(msg.image, dtype=np.uint8).reshape(msg.image_shape)
         started = time.perf_counter()
         feat, channels = self.model.branch(
@@ -303,8 +340,7 @@ class FusionNode(_Service):
                 raise CodecError("features must name their view and carry a tensor", msg.request_id)
         except CodecError as exc:
             self.stats.errors += 1
-            log.warning("fusion: rejected a message on %s: %s", topic, exc)
-            return []
+            return [self.error(exc.reason, topic, payload, exc.request_id)]
         rid = msg.request_id
         if self.misses[v] >= self.fail_after:
             log.info("fusion: view %d is back", v)
@@ -354,7 +390,26 @@ class FusionNode(_Service):
                     "fusion: view %d failed (missed %d in a row); dropped", v, self.fail_after
                 )
                 newly_failed = True
-        probs = torch.softmax(self.model.fuse(p.outputs)[0], dim=0)
+        out = [self._result(rid, p, present, missing, why)]
+        if newly_failed:  # requests that now only wait for failed views go at once
+            for other in [
+                r
+                for r, q in self.pending.items()
+                if all(q.outputs[u] is not None or u in self.failed for u in range(self.n_views))
+            ]:
+                out += self._fuse(other, "failed views dropped")
+        return out
+
+    def _result(
+        self, rid: str, p: _Pending, present: list[int], missing: list[int], why: str
+    ) -> tuple[str, bytes]:
+        """The result of a fused request, or an error when its fused output is not finite."""
+        fused = self.model.fuse(p.outputs)
+        if not bool(torch.isfinite(fused).all()):
+            self.stats.errors += 1
+            reason = "the fused output is not finite (feature values too large?)"
+            return self.error(reason, self.topics.features_all, b"", rid)
+        probs = torch.softmax(fused[0], dim=0)
         index = int(probs.argmax())
         names = self.model.ckpt.config.trunk.class_names
         self.stats.fused += 1
@@ -375,15 +430,7 @@ class FusionNode(_Service):
             "entry_ts": p.msg.entry_ts,
         }
         self.results.append(body)
-        out = [(self.topics.base.results, codec.encode_json("result", body))]
-        if newly_failed:  # requests that now only wait for failed views go at once
-            for other in [
-                r
-                for r, q in self.pending.items()
-                if all(q.outputs[u] is not None or u in self.failed for u in range(self.n_views))
-            ]:
-                out += self._fuse(other, "failed views dropped")
-        return out
+        return self.topics.base.results, codec.encode_json("result", body)
 
 
 async def publish_view_levels(

@@ -16,8 +16,13 @@ worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of the
   the node while it reconnects are delivered when it returns.
 - When the local queue is full, a new request is shed: it is reported on ``errors`` with its
   request id and counted in metrics; never silently dropped.
-- Bad input (malformed msgpack, wrong shape or dtype, unknown schema version, oversized
-  payload, an image that does not decode) is reported on ``errors``; the node serves on.
+- Bad input (malformed msgpack, wrong shape or dtype, NaN or infinite values, unknown schema
+  version, oversized payload, an image that does not decode, a level or plan it cannot apply)
+  is reported on ``errors``; the node serves on. A bad retained message (level, plan) is
+  reported once per distinct payload, not again on every reconnect. Whatever goes wrong with
+  one message is caught at its loop (intake, worker) and reported: it never stops the node.
+- A node that stops on an error publishes its retained status ``offline`` with the reason
+  before it leaves the broker (the Last Will covers only a lost connection).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +58,7 @@ from pipeline.topics import Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 32  # QoS 1 publishes in flight per node
+BAD_RETAINED_REMEMBERED = 64  # distinct bad level/plan payloads remembered (reported once)
 
 
 @dataclass
@@ -95,7 +102,9 @@ class SliceNode:
         self._compute_s: deque[float] = deque(maxlen=50)
         self._started = time.time()
         self._clock0 = config.clock_start if config.clock_start is not None else self._started
-        self._plan_version = -1
+        self._plan_version = -1  # the plan this node runs: advances once its slice is built
+        self._plan_wanted = -1  # the newest plan accepted (being built, or applied)
+        self._bad_retained: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._busy = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self._subscribed_stage: int | None = None
@@ -154,10 +163,18 @@ class SliceNode:
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t is not stopper and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+                exc = None if t is stopper else t.exception()
+                if exc is not None:
+                    log.error(
+                        "node %s stops: its %s task failed",
+                        self.config.node_id,
+                        t.get_name(),
+                        exc_info=exc,
+                    )
+                    await self._say_goodbye(_stop_reason(exc))
+                    raise exc
             await self._drain(timeout=5.0)
-            await self._say_goodbye()
+            await self._say_goodbye("shutdown")
         finally:
             # cancelling the connection task leaves its `async with client` cleanly
             placing = list(self._placing)
@@ -174,15 +191,20 @@ class SliceNode:
         ) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
-    async def _say_goodbye(self) -> None:
+    async def _say_goodbye(self, reason: str) -> None:
+        """Publish the retained ``offline`` status with ``reason``, if connected. (When the
+        connection is already lost, the broker has published the Last Will instead.)"""
         client = self._client
         if client is None or not self._connected.is_set():
             return
+        await self._publish_offline(client, reason)
+
+    async def _publish_offline(self, client: aiomqtt.Client, reason: str) -> None:
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 client.publish(
                     self.topics.status(self.config.node_id),
-                    self._status("offline", "shutdown"),
+                    self._status("offline", reason),
                     qos=1,
                     retain=True,
                 ),
@@ -224,10 +246,17 @@ class SliceNode:
                 async with client:
                     self._client = client
                     backoff = 0.2
-                    await self._on_connect(client)
-                    self._connected.set()
-                    async for message in client.messages:
-                        self._dispatch(message)
+                    try:
+                        await self._on_connect(client)
+                        self._connected.set()
+                        async for message in client.messages:
+                            self._dispatch(message)
+                    except Exception as exc:
+                        if not isinstance(exc, aiomqtt.MqttError):
+                            # leaving `async with` disconnects cleanly, so no Last Will: say it
+                            await self._publish_offline(client, _stop_reason(exc))
+                            self._connected.clear()
+                        raise
             except aiomqtt.MqttError as exc:
                 raise_if_cancelling(exc)
                 self._connected.clear()
@@ -275,12 +304,16 @@ class SliceNode:
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = str(message.topic)
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        if topic == self.topics.plan:
-            self._on_plan(bytes(payload))
-        elif self.stage is not None and topic == self.topics.control_stage(self.stage):
-            self._on_level(bytes(payload))
-        elif self.stage is not None and topic == self.topics.stage(self.stage):
-            self._on_stage(payload, topic)
+        try:
+            if topic == self.topics.plan:
+                self._on_plan(bytes(payload))
+            elif self.stage is not None and topic == self.topics.control_stage(self.stage):
+                self._on_level(bytes(payload))
+            elif self.stage is not None and topic == self.topics.stage(self.stage):
+                self._on_stage(payload, topic)
+        except Exception as exc:  # last resort: one message must never stop the node
+            log.exception("failed to handle a message on %s", topic)
+            self._reject(f"internal error: {type(exc).__name__}: {exc}", None, topic, len(payload))
 
     def _on_stage(self, payload: bytes | bytearray, topic: str) -> None:
         self._counters.received += 1
@@ -306,6 +339,15 @@ class SliceNode:
         self._queue.put_nowait(_Request(msg, time.perf_counter()))
 
     def _on_level(self, payload: bytes) -> None:
+        topic = self.topics.control_stage(self.stage or 0)
+        if not payload:  # the retained level was cleared: back to the start level
+            if self.slice is not None and self.slice.level != 0:
+                self.slice.set_level(0)
+                self._counters.level_changes += 1
+            log.info("stage %s: retained level cleared; level 0 (unpruned)", self.stage)
+            return
+        if self._known_bad(topic, payload):
+            return  # reported when it first came; the level stays
         try:
             body = codec.decode_json(payload, expect_kind="level")
             level = body["level"]
@@ -315,12 +357,7 @@ class SliceNode:
                 return
             self.slice.set_level(level)
         except (CodecError, KeyError, ConfigError) as exc:
-            self._reject(
-                f"bad control message: {exc}",
-                None,
-                self.topics.control_stage(self.stage or 0),
-                len(payload),
-            )
+            self._reject_retained(f"bad control message: {exc}", topic, payload)
             return
         self._counters.level_changes += 1
         log.info(
@@ -333,16 +370,33 @@ class SliceNode:
         )
 
     def _on_plan(self, payload: bytes) -> None:
+        topic = self.topics.plan
+        if not payload:
+            log.info("retained plan cleared; node %s keeps its placement", self.config.node_id)
+            return
+        if self._known_bad(topic, payload):
+            return  # reported when it first came
         try:
             plan = PlanMessage.from_json(payload)
         except (CodecError, ConfigError) as exc:
-            self._reject(f"bad plan: {exc}", None, self.topics.plan, len(payload))
+            self._reject_retained(f"bad plan: {exc}", topic, payload)
             return
-        if plan.version <= self._plan_version:
+        if plan.num_blocks != self.num_blocks:
+            # its stages would not cover this model: the last one would send to a stage
+            # nobody serves, and every request would vanish
+            self._reject_retained(
+                f"bad plan: v{plan.version} is for a model of {plan.num_blocks} blocks; this "
+                f"node's model has {self.num_blocks}; {self._serving()}",
+                topic,
+                payload,
+            )
             return
-        self._plan_version = plan.version
+        if plan.version <= self._plan_wanted:
+            return
+        self._plan_wanted = plan.version
         placement = plan.placement_of(self.config.node_id)
         if placement is None:
+            self._plan_version = plan.version
             if self.config.stage is None:
                 log.info(
                     "plan v%d has no stage for node %s; idle", plan.version, self.config.node_id
@@ -354,28 +408,40 @@ class SliceNode:
             and stage == self.stage
             and bounds == self.slice.model_slice.bounds
         ):
+            self._plan_version = plan.version
             return
         # Build off the event loop (in the slice thread, after the request it is computing):
         # metrics, heartbeats, control messages and SIGTERM are served meanwhile, and the
         # requests already queued for the old slice are still computed by it.
         task = asyncio.get_running_loop().create_task(
-            self._apply_placement(plan.version, stage, bounds, len(payload))
+            self._apply_placement(plan.version, stage, bounds, payload)
         )
         self._placing.add(task)
         task.add_done_callback(self._placing.discard)
 
     async def _apply_placement(
-        self, version: int, stage: int, bounds: SliceBounds, size: int
+        self, version: int, stage: int, bounds: SliceBounds, payload: bytes
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._build, bounds)
-            if version != self._plan_version:
-                return  # a newer plan came while building; it places the node
-            self._place(stage, bounds)
-        except EdgepruneError as exc:
-            self._reject(f"cannot apply plan v{version}: {exc}", None, self.topics.plan, size)
+        except Exception as exc:  # a ConfigError, or e.g. MemoryError on a small device
+            log.exception(
+                "cannot build blocks [%d, %d) for plan v%d", bounds.start, bounds.end, version
+            )
+            if self._plan_wanted == version:
+                self._plan_wanted = self._plan_version  # a corrected plan may reuse the version
+            reason = exc if isinstance(exc, EdgepruneError) else f"{type(exc).__name__}: {exc}"
+            self._reject_retained(
+                f"cannot apply plan v{version}: {reason}; {self._serving()}",
+                self.topics.plan,
+                payload,
+            )
             return
+        if version != self._plan_wanted:
+            return  # a newer plan came while building; it places the node
+        self._place(stage, bounds)
+        self._plan_version = version
         self._counters.plan_changes += 1
         log.info(
             "plan v%d applied: stage %d, blocks [%d, %d)", version, stage, bounds.start, bounds.end
@@ -383,6 +449,31 @@ class SliceNode:
         if self._client is not None and self._connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):  # a reconnect subscribes again
                 await self._subscribe_stage(self._client)
+
+    def _serving(self) -> str:
+        """What the node keeps doing after refusing a plan, for the error's reason."""
+        if self.slice is None:
+            return "the node stays idle"
+        b = self.slice.model_slice.bounds
+        return f"still serving blocks [{b.start}, {b.end}) as stage {self.stage}"
+
+    def _known_bad(self, topic: str, payload: bytes) -> bool:
+        """Whether this exact payload on ``topic`` was already rejected."""
+        key = (topic, hashlib.blake2b(payload, digest_size=16).digest())
+        if key in self._bad_retained:
+            self._bad_retained.move_to_end(key)
+            log.debug("ignored a bad message on %s, reported before", topic)
+            return True
+        return False
+
+    def _reject_retained(self, reason: str, topic: str, payload: bytes) -> None:
+        """Reject a level or plan message once per distinct payload: being retained, it comes
+        again on every reconnect, and that is no new error."""
+        key = (topic, hashlib.blake2b(payload, digest_size=16).digest())
+        self._bad_retained[key] = None
+        while len(self._bad_retained) > BAD_RETAINED_REMEMBERED:
+            self._bad_retained.popitem(last=False)
+        self._reject(reason, None, topic, len(payload))
 
     def _reject(
         self, reason: str, request_id: str | None, topic: str, size: int, shed: bool = False
@@ -426,6 +517,14 @@ class SliceNode:
             self._busy = True
             try:
                 await self._process(req, loop)
+            except Exception as exc:  # last resort: the worker serves on, whatever happened
+                log.exception("failed to serve %s", req.msg.request_id)
+                self._reject(
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    req.msg.request_id,
+                    self.topics.stage(self.stage or 0),
+                    0,
+                )
             finally:
                 self._busy = False
 
@@ -485,6 +584,10 @@ class SliceNode:
         else:
             x, channels = tensor_from_message(msg, slice_.model_slice.in_shape)
             out = slice_(x, channels, msg.hops[-1].level if msg.hops else None)
+        if not bool(torch.isfinite(out.tensor).all()):
+            raise CodecError(
+                "the slice's output is not finite (input values too large?)", msg.request_id
+            )
         return out, time.perf_counter() - t0, time.thread_time() - c0
 
     def _emit(
@@ -497,58 +600,57 @@ class SliceNode:
             names = self.ckpt.config.class_names
             now = time.time()
             levels = [h.level for h in hops]
-            self._outbox.put_nowait(
-                (
-                    self.topics.results,
-                    codec.encode_json(
-                        "result",
-                        {
-                            "request_id": msg.request_id,
-                            "camera": msg.camera,
-                            "label": names[index] if names else str(index),
-                            "label_index": index,
-                            "score": round(score, 5),
-                            "true_label": msg.label,
-                            "correct": None if msg.label is None else msg.label == index,
-                            "levels": levels,
-                            "attempt": msg.attempt,
-                            "entry_ts": msg.entry_ts,
-                        },
-                    ),
-                    1,
-                    False,
-                )
+            # both encoded before either is queued: nothing goes out half-emitted
+            result = (
+                self.topics.results,
+                codec.encode_json(
+                    "result",
+                    {
+                        "request_id": msg.request_id,
+                        "camera": msg.camera,
+                        "label": names[index] if names else str(index),
+                        "label_index": index,
+                        "score": round(score, 5),
+                        "true_label": msg.label,
+                        "correct": None if msg.label is None else msg.label == index,
+                        "levels": levels,
+                        "attempt": msg.attempt,
+                        "entry_ts": msg.entry_ts,
+                    },
+                ),
+                1,
+                False,
             )
-            self._outbox.put_nowait(
-                (
-                    self.topics.exits,
-                    codec.encode_json(
-                        "exit",
-                        {
-                            "request_id": msg.request_id,
-                            "camera": msg.camera,
-                            "capture_ts": msg.capture_ts,
-                            "entry_ts": msg.entry_ts,
-                            "exit_ts": now,
-                            "latency_s": now - msg.entry_ts,
-                            "attempt": msg.attempt,
-                            "correct": None if msg.label is None else msg.label == index,
-                            "stages": [
-                                {
-                                    "stage": h.stage,
-                                    "node": h.node,
-                                    "queue_s": h.queue_s,
-                                    "compute_s": h.compute_s,
-                                    "level": h.level,
-                                }
-                                for h in hops
-                            ],
-                        },
-                    ),
-                    1,
-                    False,
-                )
+            exit_ = (
+                self.topics.exits,
+                codec.encode_json(
+                    "exit",
+                    {
+                        "request_id": msg.request_id,
+                        "camera": msg.camera,
+                        "capture_ts": msg.capture_ts,
+                        "entry_ts": msg.entry_ts,
+                        "exit_ts": now,
+                        "latency_s": now - msg.entry_ts,
+                        "attempt": msg.attempt,
+                        "correct": None if msg.label is None else msg.label == index,
+                        "stages": [
+                            {
+                                "stage": h.stage,
+                                "node": h.node,
+                                "queue_s": h.queue_s,
+                                "compute_s": h.compute_s,
+                                "level": h.level,
+                            }
+                            for h in hops
+                        ],
+                    },
+                ),
+                1,
+                False,
             )
+            self._outbox.put_nowait(result)
+            self._outbox.put_nowait(exit_)
             return
         tensor = out.tensor.contiguous().numpy()
         channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None
@@ -632,6 +734,7 @@ class SliceNode:
             "errors": self._counters.errors,
             "shed": self._counters.shed,
             "level_changes": self._counters.level_changes,
+            "plan_version": self._plan_version,
             "emulated_factor": self.config.emulation.factor_at(t),
             "emulation": self.config.emulation.describe(),
             "uptime_s": time.time() - self._started,
@@ -648,3 +751,8 @@ class SliceNode:
                         codec.encode_json("metrics", self.metrics()),
                         qos=0,
                     )
+
+
+def _stop_reason(exc: BaseException) -> str:
+    """The ``reason`` of the offline status of a node that stops on ``exc``."""
+    return f"stopped on error: {type(exc).__name__}: {exc}"[:200]

@@ -24,7 +24,9 @@ A *tensor* is ``{dtype: str, shape: [int, ...], data: bin}``, plus ``as: "float3
 float32 tensor travels as float16. ``data`` is the raw little-endian C-order bytes; never
 pickle. ``dtype`` is one of ``WIRE_DTYPES`` (float32, float16, uint8, int8, int32, int64: the
 float types carry activations, the integer types quantised activations and indices; nothing
-else has a use here). Shapes have rank 1 to ``MAX_RANK`` and no zero dimension.
+else has a use here). Shapes have rank 1 to ``MAX_RANK`` and no zero dimension. A float tensor
+must hold finite values only: NaN or infinity is refused at intake (it would poison every
+score downstream).
 
 Unknown keys are ignored, so adding an optional key keeps version 1; anything else bumps it.
 The payload (``img`` or ``x``) is written last, so encoding copies the tensor bytes once.
@@ -51,7 +53,14 @@ import numpy as np
 from pipeline.errors import CodecError
 
 SCHEMA_VERSION = 1
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+MAX_PACKET_BYTES = 16 * 1024 * 1024
+"""The broker's ``max_packet_size`` (``edgeprune broker``, ``broker/*.conf``): 16 MiB, room for
+a several-MB activation tensor. The broker disconnects a client that sends a bigger packet."""
+PACKET_HEADROOM_BYTES = 64 * 1024
+"""Room for what an MQTT packet carries besides its payload (fixed header, topic, properties)."""
+DEFAULT_MAX_BYTES = MAX_PACKET_BYTES - PACKET_HEADROOM_BYTES
+"""The largest stage message a node accepts by default: below the broker's packet limit, so a
+message too big for the node still reaches it and is reported on ``errors``."""
 DEFAULT_MAX_JSON_BYTES = 65536
 MAX_RANK = 6
 MAX_NAME = 128  # characters in a request id, camera, node name or meta key/value
@@ -168,6 +177,8 @@ class StageMessage:
         if x.dtype.name not in WIRE_DTYPES:
             raise ValueError(f"tensor dtype {x.dtype.name} is not one of {sorted(WIRE_DTYPES)}")
         _shape(x.shape, "tensor shape")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError("tensor has non-finite values (NaN or infinity)")
         if self.image_format is not None or self.image_shape is not None:
             raise ValueError("a tensor message has no image_format/image_shape")
         full = self.full_channels
@@ -194,7 +205,8 @@ class StageMessage:
 
 def encode_stage(msg: StageMessage, *, float16: bool = False) -> bytes:
     """The msgpack bytes of ``msg``. With ``float16``, a float32 tensor travels as float16
-    (half the bytes; values beyond +-65504 become inf) and decodes back to float32."""
+    (half the bytes) and decodes back to float32; a tensor with values beyond float16's range
+    (+-65504), which would become infinite, travels as float32."""
     head: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "kind": "stage",
@@ -228,8 +240,10 @@ def encode_stage(msg: StageMessage, *, float16: bool = False) -> bytes:
         raise ValueError("a stage message needs an image or a tensor")
     body = {}
     if float16 and x.dtype.name == "float32":
-        x = x.astype(WIRE_DTYPES["float16"])
-        body["as"] = "float32"
+        half = x.astype(WIRE_DTYPES["float16"])
+        if np.isfinite(half).all():
+            x = half
+            body["as"] = "float32"
     x = np.ascontiguousarray(x, dtype=WIRE_DTYPES[x.dtype.name])  # no copy when already so
     body.update(dtype=x.dtype.name, shape=list(x.shape))
     return _pack_with_payload(head, "x", body, x.data.cast("B"))

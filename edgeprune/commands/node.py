@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-payload-bytes",
         type=int,
         default=None,
-        help="reject stage messages larger than this (default 16 MiB)",
+        help="reject stage messages larger than this, reported on errors (default 16 MiB - "
+        "64 KiB: below the broker's max_packet_size, which disconnects the sender instead)",
     )
     parser.add_argument(
         "--metrics-interval",

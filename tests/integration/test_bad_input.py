@@ -3,6 +3,9 @@
 Each bad message must come back on ``errors`` with a reason (and the request id when it was
 readable), be counted in the node's ``errors`` counter (in-process and in the published
 metrics), and leave the node serving: a good image sent afterwards still gets its result.
+Further down: plans that do not fit or fail to build, retained levels (garbage, cleared, across
+a broker restart), both payload limits, the controller's rejections, and a node that stops on
+an error (its retained status must say so).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +24,19 @@ import msgpack
 import numpy as np
 import pytest
 
+from controller.service import Controller
+from nodes import node as node_module
 from nodes.camera import encode_image
+from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
-from pipeline.slicing import parse_cuts
+from pipeline.connection import MqttSettings
+from pipeline.plan_message import PlanMessage
+from pipeline.slicing import SliceBounds, parse_cuts
 from pipeline.topics import Topics
-from tests.helpers import running_nodes, wait_until
+from tests.helpers import clear_retained, collecting, publish_level, running_nodes, wait_until
+from tests.unit.test_controller_service import calibration as synthetic_calibration
+from tests.unit.test_controller_service import config as controller_config
 
 BOUNDS = parse_cuts("3", 5)  # stage 0 runs blocks [0, 3), stage 1 runs [3, 5)
 MAX_PAYLOAD = 64 * 1024  # the nodes' max_payload_bytes; far below the broker's packet limit
@@ -61,11 +73,13 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(checkpoint: Any, test_images: Any, mqtt: Any, pipe: str) -> AsyncIterator[Rig]:
+async def rig(
+    checkpoint: Any, test_images: Any, mqtt: Any, pipe: str, **node_config: Any
+) -> AsyncIterator[Rig]:
     topics = Topics(pipe)
     watch = Watch()
     async with (
-        running_nodes(checkpoint, mqtt, pipe, BOUNDS, **NODE_CONFIG) as nodes,
+        running_nodes(checkpoint, mqtt, pipe, BOUNDS, **{**NODE_CONFIG, **node_config}) as nodes,
         aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
     ):
         for t in (topics.errors, topics.results, topics.metrics_all):
@@ -254,3 +268,333 @@ async def test_bad_control_message(checkpoint, test_images, mqtt, topic_prefix, 
         assert error["reason"].startswith("bad control message")
         assert error["topic"] == r.pipe.control_stage(1)
         assert r.nodes[1].metrics()["level"] == 0 and r.nodes[1].metrics()["level_changes"] == 0
+
+
+# ---- values, failures while serving ----------------------------------------------------
+
+
+def _with_values(payload: bytes, values: dict[int, float]) -> bytes:
+    """``payload`` with tensor elements (flat index -> value) overwritten on the wire: a sender
+    that does not validate, since a StageMessage refuses non-finite values."""
+    wire = msgpack.unpackb(payload)
+    x = np.frombuffer(wire["x"]["data"], dtype=wire["x"]["dtype"]).copy()
+    for index, value in values.items():
+        x[index] = value
+    wire["x"]["data"] = x.tobytes()
+    return bytes(msgpack.packb(wire))
+
+
+async def _good_result(r: Rig) -> dict[str, Any]:
+    """Send a good image; return its result once it comes."""
+    rid = _rid("good")
+    await r.client.publish(r.pipe.stage(0), _stage0(rid, r.image), qos=1)
+    await wait_until(
+        lambda: any(x["request_id"] == rid for x in r.watch.results),
+        what=f"a result for the good request {rid}",
+    )
+    [result] = [x for x in r.watch.results if x["request_id"] == rid]
+    return result
+
+
+async def test_nan_and_infinite_activations_are_rejected_and_the_node_serves_on(
+    checkpoint, test_images, mqtt, topic_prefix
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        sent = {}
+        for case, value in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
+            rid = _rid(case)
+            sent[rid] = _with_values(_stage1(rid, _stage1_input(r)), {0: 1.0, 7: value})
+            await r.client.publish(r.pipe.stage(1), sent[rid], qos=1)
+        await wait_until(lambda: len(r.watch.errors) == 3, what="three errors")
+        assert [e["request_id"] for e in r.watch.errors] == list(sent)
+        for error in r.watch.errors:
+            assert error["node"] == "n1" and error["topic"] == r.pipe.stage(1)
+            assert "non-finite values" in error["reason"], error["reason"]
+            assert error["bytes"] == len(sent[error["request_id"]])
+        assert (await _good_result(r))["levels"] == [0, 0]
+        assert r.nodes[1].metrics()["errors"] == 3
+
+
+async def test_huge_finite_activations_whose_output_overflows_are_rejected(
+    checkpoint, test_images, mqtt, topic_prefix
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        rid = _rid("huge")
+        x = np.full((1, *r.nodes[1].slice.model_slice.in_shape), 3e38, dtype=np.float32)  # type: ignore[union-attr]
+        await rejected_then_served(
+            r, r.pipe.stage(1), _stage1(rid, x), node=1, reason="not finite", request_id=rid
+        )
+
+
+async def test_an_unexpected_failure_while_serving_is_reported_and_the_worker_serves_on(
+    checkpoint, test_images, mqtt, topic_prefix, monkeypatch
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        node = r.nodes[1]
+        real_emit = node._emit
+        failures = []
+
+        def emit_failing_once(*args: Any) -> None:
+            if not failures:
+                failures.append(args)
+                raise RuntimeError("injected: the outbox is broken")
+            real_emit(*args)
+
+        monkeypatch.setattr(node, "_emit", emit_failing_once)
+        rid = _rid("internal")
+        await rejected_then_served(
+            r,
+            r.pipe.stage(1),
+            _stage1(rid, _stage1_input(r)),
+            node=1,
+            reason="internal error: RuntimeError: injected: the outbox is broken",
+            request_id=rid,
+        )
+
+
+# ---- plans ----------------------------------------------------------------------------------
+
+MOVED = [SliceBounds(0, 2), SliceBounds(2, 5)]  # the cut moved from 3 to 2
+
+
+def _plan_version(r: Rig) -> list[int]:
+    return [n.metrics()["plan_version"] for n in r.nodes]
+
+
+async def test_a_plan_for_a_model_of_other_blocks_is_rejected(
+    checkpoint, test_images, mqtt, topic_prefix
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        # before: n1 took [3, 4), was no longer last, and sent every request to a stage/2
+        # that nobody serves
+        plan = PlanMessage.build(1, 4, [SliceBounds(0, 3), SliceBounds(3, 4)], ["n0", "n1"])
+        await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
+        try:
+            await wait_until(
+                lambda: {e["node"] for e in r.watch.errors} == {"n0", "n1"},
+                what="both nodes rejecting the plan",
+            )
+            for e in r.watch.errors:
+                assert e["topic"] == r.pipe.plan
+                assert "model of 4 blocks; this node's model has 5" in e["reason"], e["reason"]
+                assert f"still serving blocks [{BOUNDS[e['stage']].start}," in e["reason"]
+            assert (await _good_result(r))["levels"] == [0, 0]
+            assert [n.slice.model_slice.bounds for n in r.nodes] == BOUNDS  # type: ignore[union-attr]
+            assert _plan_version(r) == [-1, -1] and len(r.watch.errors) == 2
+        finally:
+            await clear_retained(mqtt, topic_prefix, [r.pipe.plan])
+
+
+async def test_the_plan_version_advances_only_once_the_new_slice_is_built(
+    checkpoint, test_images, mqtt, topic_prefix, monkeypatch
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        building, release = threading.Event(), threading.Event()
+        real_build = node_module.build_prunable
+
+        def held_build(*args: Any, **kwargs: Any) -> Any:
+            building.set()
+            if not release.wait(60):
+                raise TimeoutError("the test never released the build")
+            return real_build(*args, **kwargs)
+
+        monkeypatch.setattr(node_module, "build_prunable", held_build)
+        plan = PlanMessage.build(1, 5, MOVED, ["n0", "n1"], "move the cut")
+        await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
+        try:
+            await wait_until(building.is_set, what="a node building its new slice")
+            assert _plan_version(r) == [-1, -1]  # not before its slice exists
+            release.set()
+            await wait_until(lambda: _plan_version(r) == [1, 1], what="plan v1 applied")
+            assert [n.slice.model_slice.bounds for n in r.nodes] == MOVED  # type: ignore[union-attr]
+            assert (await _good_result(r))["levels"] == [0, 0]
+            assert r.watch.errors == []
+        finally:
+            release.set()
+            await clear_retained(mqtt, topic_prefix, [r.pipe.plan])
+
+
+async def test_a_plan_that_fails_to_build_is_reported_and_the_old_slice_serves_on(
+    checkpoint, test_images, mqtt, topic_prefix, monkeypatch
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+
+        def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+            raise MemoryError("injected: no room for another slice")
+
+        monkeypatch.setattr(node_module, "build_prunable", out_of_memory)
+        plan = PlanMessage.build(1, 5, MOVED, ["n0", "n1"], "move the cut")
+        await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
+        try:
+            await wait_until(
+                lambda: {e["node"] for e in r.watch.errors} == {"n0", "n1"},
+                what="both nodes reporting the failed build",
+            )
+            for e in r.watch.errors:
+                assert e["topic"] == r.pipe.plan
+                assert e["reason"].startswith("cannot apply plan v1: MemoryError: injected")
+                assert "still serving blocks" in e["reason"]
+            assert _plan_version(r) == [-1, -1]
+            assert [n.slice.model_slice.bounds for n in r.nodes] == BOUNDS  # type: ignore[union-attr]
+            assert (await _good_result(r))["levels"] == [0, 0]
+            assert len(r.watch.errors) == 2
+        finally:
+            await clear_retained(mqtt, topic_prefix, [r.pipe.plan])
+
+
+# ---- retained levels ----------------------------------------------------------------------
+
+
+async def test_clearing_the_retained_level_is_no_error_and_returns_the_node_to_level_0(
+    checkpoint, test_images, mqtt, topic_prefix
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        await publish_level(mqtt, topic_prefix, stage=1, level=1, ratio=0.5)
+        await wait_until(lambda: r.nodes[1].metrics()["level"] == 1, what="n1 at level 1")
+        await clear_retained(mqtt, topic_prefix, [r.pipe.control_stage(1)])
+        await wait_until(lambda: r.nodes[1].metrics()["level"] == 0, what="n1 back at level 0")
+        assert (await _good_result(r))["levels"] == [0, 0]
+        assert r.watch.errors == [] and r.nodes[1].metrics()["errors"] == 0
+
+
+async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level_stays(
+    checkpoint, test_images, topic_prefix, broker_factory
+):
+    broker = broker_factory(persistence=True)  # the retained messages survive its restart
+    mqtt = MqttSettings(host=broker.host, port=broker.port)
+    topics = Topics(topic_prefix)
+    image = encode_image(test_images.images[0], "png")[0]
+    async with running_nodes(checkpoint, mqtt, topic_prefix, BOUNDS, **NODE_CONFIG) as nodes:
+        n1 = nodes[1]
+        await publish_level(mqtt, topic_prefix, stage=1, level=1, ratio=0.5)
+        await wait_until(lambda: n1.metrics()["level"] == 1, what="n1 at level 1")
+        async with (
+            collecting(mqtt, topic_prefix) as col,
+            aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+        ):
+            await client.publish(topics.control_stage(1), b"\xfflevel=3", qos=1, retain=True)
+            await wait_until(lambda: len(col.errors) == 1, what="the garbage level reported")
+        assert col.errors[0]["reason"].startswith("bad control message: malformed JSON")
+        assert n1.metrics()["level"] == 1
+
+        restarted = time.time()
+        broker.restart()  # every client reconnects; the node gets the retained garbage again
+        async with (
+            collecting(mqtt, topic_prefix) as col,
+            aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+        ):
+            await wait_until(
+                lambda: any(
+                    s["node"] == "n1" and s["state"] == "online" and s["ts"] > restarted
+                    for s in col.statuses
+                ),
+                what="n1 online again after the restart",
+            )
+            # the retained level reached n1 before this request did (one connection, in order)
+            rid = _rid("good")
+            await client.publish(topics.stage(0), _stage0(rid, image), qos=1)
+            await wait_until(
+                lambda: any(x["request_id"] == rid for x in col.results), what="a result"
+            )
+        assert col.errors == []  # not reported again
+        assert [x["levels"] for x in col.results if x["request_id"] == rid] == [[0, 1]]
+        assert n1.metrics()["errors"] == 1 and n1.metrics()["level"] == 1
+
+
+# ---- payload limits: the node's, below the broker's ---------------------------------------
+
+
+async def test_a_payload_over_the_node_limit_but_under_the_broker_limit_is_reported(
+    checkpoint, test_images, mqtt, topic_prefix, mosquitto
+):
+    limit = NodeConfig(node_id="default").max_payload_bytes  # the nodes' default limit
+    async with rig(checkpoint, test_images, mqtt, topic_prefix, max_payload_bytes=limit) as r:
+        rid = _rid("limit")
+        sample_bytes = 4 * int(np.prod(r.nodes[1].slice.model_slice.in_shape))  # type: ignore[union-attr]
+        payload = _stage1(rid, _stage1_input(r, batch=limit // sample_bytes + 1))
+        # the broker passes it (the topic and MQTT header fit in what is left)
+        assert limit < len(payload) < mosquitto.max_packet_size - 1024
+        error = await rejected_then_served(
+            r,
+            r.pipe.stage(1),
+            payload,
+            node=1,
+            reason=f"exceeds the limit of {limit}",
+            request_id=rid,
+        )
+        assert error["bytes"] == len(payload)
+
+
+async def test_a_payload_over_the_broker_limit_is_refused_and_the_node_serves_on(
+    checkpoint, test_images, mqtt, topic_prefix, mosquitto
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        too_big = b"\x00" * (mosquitto.max_packet_size + 1)
+        with contextlib.suppress(aiomqtt.MqttError):  # the broker disconnects the sender
+            async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as sender:
+                await asyncio.wait_for(sender.publish(r.pipe.stage(1), too_big, qos=1), 20)
+        assert "disconnected due to oversize packet" in mosquitto.log_path.read_text()
+        assert (await _good_result(r))["levels"] == [0, 0]  # n1 stayed connected
+        assert r.watch.errors == [] and r.nodes[1].metrics()["received"] == 1
+
+
+# ---- the controller's rejections ----------------------------------------------------------
+
+
+async def test_the_controller_publishes_the_inputs_it_rejects_on_errors(mqtt, topic_prefix):
+    topics = Topics(topic_prefix)
+    controller = Controller(controller_config(), synthetic_calibration(), mqtt, pipe=topic_prefix)
+    stop = asyncio.Event()
+    bad_level = codec.encode_json(
+        "level", {"stage": 1, "level": 99, "ratio": 0.5, "seq": 1, "reason": "test"}
+    )
+    async with collecting(mqtt, topic_prefix) as col:
+        task = asyncio.create_task(controller.run(stop))
+        try:
+            await asyncio.wait_for(controller.ready.wait(), 20)
+            async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+                await client.publish(topics.control_stage(0), b"", qos=1)  # a clearing
+                await client.publish(topics.exits, b"{not json", qos=1)
+                await client.publish(topics.control_stage(1), bad_level, qos=1)
+            await wait_until(lambda: len(col.errors) == 2, what="the controller's two errors")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    exits_error, level_error = col.errors
+    assert {exits_error["node"], level_error["node"]} == {"controller"}
+    assert exits_error["topic"] == topics.exits and exits_error["stage"] is None
+    assert "malformed JSON" in exits_error["reason"] and exits_error["bytes"] == 9
+    assert level_error["topic"] == topics.control_stage(1) and level_error["stage"] == 1
+    assert "level 99 out of range" in level_error["reason"]
+    assert controller.state.counts["bad_messages"] == 2
+
+
+# ---- a node that stops on an error -------------------------------------------------------
+
+
+async def test_a_node_that_stops_on_an_error_leaves_its_status_offline_with_the_reason(
+    checkpoint, mqtt, topic_prefix, monkeypatch
+):
+    config = NodeConfig(
+        node_id="n1", pipe=topic_prefix, stage=1, bounds=BOUNDS[1], mqtt=mqtt, **NODE_CONFIG
+    )
+    node = SliceNode(config, checkpoint)
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.ready.wait(), 60)
+
+        def broken_metrics() -> dict[str, Any]:
+            raise RuntimeError("injected: the metrics source failed")
+
+        monkeypatch.setattr(node, "metrics", broken_metrics)  # its metrics loop fails next
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(task, 20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    async with collecting(mqtt, topic_prefix) as col:  # a new subscriber: the retained status
+        await wait_until(lambda: bool(col.statuses), what="n1's retained status")
+    [status] = col.statuses
+    assert status["node"] == "n1" and status["state"] == "offline"
+    assert status["reason"] == "stopped on error: RuntimeError: injected: the metrics source failed"
+    await clear_retained(mqtt, topic_prefix, [Topics(topic_prefix).status("n1")])

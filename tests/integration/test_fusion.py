@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiomqtt
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ from nodes.fusion import BranchNode, FusionNode, ViewTopics, publish_view_levels
 from pipeline.data import load_animal_mnist, split_dataset
 from pipeline.multiview import MultiViewCheckpoint, PrunedMultiView, view_levels
 from pipeline.partition import MIB, Device
-from tests.helpers import DATA_DIR, wait_until
+from tests.helpers import DATA_DIR, collecting, wait_until
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "multiview-xs.pt"
 TIMEOUT_S, FAIL_AFTER, N = 0.5, 3, 30
@@ -200,3 +201,53 @@ async def test_branch_and_fusion_commands_serve_the_topology(mqtt, topic_prefix,
     assert rc == 0, log_path.read_text()
     assert sorted(r["request_id"] for r in col.results) == [f"s{i}" for i in range(5)]
     assert all(r["views"] == [0, 1, 2] and r["levels"] == list(levels) for r in col.results)
+
+
+async def test_fusion_reports_bad_features_on_errors_and_serves_on(mqtt, topic_prefix):
+    """NaN features are refused at intake, features so large that the fused output overflows
+    are refused after fusing (before: the service died on the NaN score), and a good request
+    afterwards gets its result."""
+    pm = PrunedMultiView(MultiViewCheckpoint.load(CHECKPOINT))
+    test = split_dataset(load_animal_mnist(DATA_DIR)).test
+    crops = [v.crop(test.images[:1]) for v in pm.ckpt.config.views]
+    topics = ViewTopics(topic_prefix)
+    branches = [BranchNode(mqtt, topic_prefix, v, pm) for v in range(3)]  # run offline here
+
+    def features(rid: str, v: int, value: float | None = None) -> tuple[str, bytes]:
+        [(topic, body)] = branches[v].handle(topics.view(v), view_message(rid, "cam", crops[v][0]))
+        if value is None:
+            return topic, body
+        wire = msgpack.unpackb(body)
+        x = np.frombuffer(wire["x"]["data"], dtype=np.float32).copy()
+        x[:] = value
+        wire["x"]["data"] = x.tobytes()
+        return topic, msgpack.packb(wire)
+
+    fusion = FusionNode(mqtt, topic_prefix, pm, timeout_s=10.0)
+    stop = asyncio.Event()
+    async with (
+        collecting(mqtt, topic_prefix) as col,
+        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+    ):
+        task = asyncio.create_task(fusion.run(stop))
+        try:
+            await asyncio.wait_for(fusion.ready.wait(), 20)
+            sent = [features("nan", 0, float("nan"))]
+            sent += [features("huge", v, 3e38) for v in range(3)]
+            sent += [features("good", v) for v in range(3)]
+            for topic, body in sent:
+                await client.publish(topic, body, qos=1)
+            await wait_until(lambda: len(col.results) == 1, 20, "the good request's result")
+            await wait_until(lambda: len(col.errors) == 2, 20, "two errors")
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+    nan_error, huge_error = col.errors
+    assert nan_error["node"] == "fusion" and nan_error["request_id"] == "nan"
+    assert "non-finite" in nan_error["reason"] and nan_error["topic"] == topics.features(0)
+    assert (
+        huge_error["request_id"] == "huge" and "fused output is not finite" in huge_error["reason"]
+    )
+    [result] = col.results
+    assert result["request_id"] == "good" and result["views"] == [0, 1, 2]
+    assert fusion.stats.errors == 2

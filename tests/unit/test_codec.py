@@ -74,15 +74,22 @@ def decode_or_codec_error(data: bytes) -> StageMessage | None:
 shapes = hnp.array_shapes(min_dims=1, max_dims=codec.MAX_RANK, min_side=1, max_side=5)
 
 
+def _wire_arrays(name: str) -> st.SearchStrategy[np.ndarray]:
+    """Arrays of a wire dtype; float ones finite (NaN and infinity are refused)."""
+    dtype = np.dtype(name)
+    if dtype.kind != "f":
+        return hnp.arrays(dtype, shapes)
+    finite = st.floats(allow_nan=False, allow_infinity=False, width=8 * dtype.itemsize)
+    return hnp.arrays(dtype, shapes, elements=finite)
+
+
 @FAST
-@given(
-    st.sampled_from(sorted(WIRE_DTYPES)).flatmap(lambda name: hnp.arrays(np.dtype(name), shapes))
-)
+@given(st.sampled_from(sorted(WIRE_DTYPES)).flatmap(_wire_arrays))
 def test_tensor_round_trip_is_bit_exact(x: np.ndarray) -> None:
     out = decode_stage(encode_stage(tensor_message(x)))
     assert out.tensor is not None
     assert out.tensor.dtype == x.dtype and out.tensor.shape == x.shape
-    assert out.tensor.tobytes() == x.tobytes()  # bit-exact, NaN payloads included
+    assert out.tensor.tobytes() == x.tobytes()  # bit-exact
     assert out.transport_dtype == x.dtype.name
     assert not out.tensor.flags.writeable
     assert (out.request_id, out.camera, out.stage, out.label, out.attempt) == (
@@ -533,3 +540,43 @@ def test_decode_json_reports_the_request_id() -> None:
 def test_decode_json_raises_only_codec_error(data: bytes) -> None:
     with contextlib.suppress(CodecError):
         assert isinstance(decode_json(data), dict)
+
+
+# ---- non-finite values, and the payload limits -------------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_tensor_values_are_refused(value: float, dtype: str) -> None:
+    x = np.ones((1, 4, 3, 3), dtype=dtype)
+    x[0, 2, 1, 1] = value
+    with pytest.raises(ValueError, match="non-finite"):
+        tensor_message(x)
+    obj = wire(tensor_message(np.ones((1, 4, 3, 3), dtype=dtype)))
+    obj["x"]["data"] = x.tobytes()
+    with pytest.raises(CodecError) as info:
+        decode_stage(msgpack.packb(obj))
+    assert "non-finite" in info.value.reason and info.value.request_id == "req-1"
+
+
+def test_float16_transport_keeps_float32_for_values_beyond_float16() -> None:
+    x = np.array([[1.5, -2.0, 1e5, 3e38]], dtype=np.float32)
+    out = decode_stage(encode_stage(tensor_message(x), float16=True))
+    assert out.transport_dtype == "float32"  # as float16 they would have become infinite
+    np.testing.assert_array_equal(out.tensor, x)
+
+
+def test_the_nodes_payload_limit_is_below_the_broker_packet_size_everywhere() -> None:
+    from edgeprune.broker import BROKER_DIR, DEFAULT_MAX_PACKET_SIZE
+    from nodes.config import NodeConfig
+
+    assert DEFAULT_MAX_PACKET_SIZE == codec.MAX_PACKET_BYTES
+    assert NodeConfig(node_id="n0").max_payload_bytes == codec.DEFAULT_MAX_BYTES
+    assert codec.DEFAULT_MAX_BYTES < codec.MAX_PACKET_BYTES
+    for conf in sorted(BROKER_DIR.glob("*.conf")):
+        limits = [
+            int(line.split()[1])
+            for line in conf.read_text().splitlines()
+            if line.startswith("max_packet_size ")
+        ]
+        assert limits == [codec.MAX_PACKET_BYTES], conf.name
