@@ -165,6 +165,8 @@ def test_dockerfile_installs_torch_first_then_the_project() -> None:
     assert "ARG TORCH_VERSION=2.13.0" in text
     assert text.index("RUN pip install .") > torch
     assert "COPY models/ models/" in text and "COPY traces/ traces/" in text
+    # the package ships the default model through a link into models/: copied before install
+    assert text.index("COPY models/ models/") < text.index("RUN pip install .")
     assert "USER edgeprune" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"runs/", ".venv", "data/"} <= set(ignored)  # no secrets or caches in the image
