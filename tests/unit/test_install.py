@@ -1,7 +1,7 @@
 """A non-editable install (`pip install .`) finds the default model outside the repository.
 
 The project is copied the way the Dockerfile copies it (the packages, pyproject.toml, README
-and models/resnet-s.pt), installed with `pip install --no-deps --no-build-isolation --target`
+and models/resnet-s.pt; also broker/ and experiments/), installed with `pip install --no-deps --no-build-isolation --target`
 (the dependencies, torch included, come from this venv), and run from an empty directory.
 """
 
@@ -33,6 +33,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in PACKAGES:
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
+    for name in ("broker", "experiments"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
     (source / "models").mkdir()
     shutil.copy2(REPO / "models" / "resnet-s.pt", source / "models" / "resnet-s.pt")
     target = root / "site"
@@ -84,6 +86,26 @@ def test_default_model_resolves_outside_the_repository(installed: Path, tmp_path
     assert Path(module).is_relative_to(installed)  # the installed copy, not the checkout
     assert Path(default).is_relative_to(installed) and loaded == default
     assert model_hash == load_checkpoint(REPO / "models" / "resnet-s.pt").model_hash()
+
+
+def test_broker_configs_and_demo_scenario_ship(installed: Path, tmp_path: Path) -> None:
+    shipped = installed / "edgeprune" / "package_data"
+    confs = sorted(p.name for p in (shipped / "broker").iterdir())
+    assert confs == sorted(p.name for p in (REPO / "broker").glob("*.conf"))
+    assert (shipped / "experiments" / "demo.toml").is_file()
+    code = (
+        "import json; from edgeprune.broker import DEV_CONFIG; "
+        "from edgeprune.commands.demo import DEMO_CONFIG; "
+        "print(json.dumps([str(DEV_CONFIG), str(DEMO_CONFIG)]))"
+    )
+    proc = _run(installed, tmp_path, sys.executable, "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert all(Path(p).is_relative_to(installed) for p in json.loads(proc.stdout))
+    printed = _run(
+        installed, tmp_path, str(installed / "bin" / "edgeprune"), "broker", "--print-config"
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert "listener 1883 127.0.0.1" in printed.stdout
 
 
 @pytest.mark.slow  # profiles every block of the model: several seconds
