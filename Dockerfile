@@ -26,6 +26,11 @@ WORKDIR /app
 # Pass --build-arg TORCH_INDEX_URL=https://pypi.org/simple to take it from PyPI instead.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
+# The trained checkpoints (docker-compose.yml also mounts ./models over them, read-only, so a
+# retrained model needs no rebuild). Before the install: the package ships the default model
+# (pipeline/default_model/resnet-s.pt is a link to models/resnet-s.pt).
+COPY models/ models/
+
 # Then edgeprune and its other dependencies (torch is already satisfied).
 COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
@@ -35,9 +40,7 @@ COPY traces/ traces/
 COPY edgeprune/ edgeprune/
 RUN pip install . && python -c "import torch, edgeprune; print('torch', torch.__version__)"
 
-# The trained checkpoints (docker-compose.yml also mounts ./models over them, read-only, so a
-# retrained model needs no rebuild) and the dataset the camera reads.
-COPY models/ models/
+# The dataset the camera reads.
 RUN edgeprune data fetch --data-dir /app/data
 
 # Not root. runs/ is where calibration files and reports go (a volume in docker-compose.yml).

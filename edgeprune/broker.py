@@ -41,8 +41,9 @@ from pipeline.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 
-BROKER_DIR = Path(__file__).resolve().parent.parent / "broker"
-"""The repository's ``broker/`` folder, which holds the Mosquitto configs."""
+BROKER_DIR = (Path(__file__).resolve().parent / "package_data" / "broker").resolve()
+"""The Mosquitto configs: the repository's ``broker/`` folder (``package_data/broker`` links to
+it), or the copy of its ``*.conf`` a non-editable install carries."""
 
 DEV_CONFIG = BROKER_DIR / "dev.conf"
 """The development config that :class:`MosquittoBroker` renders by default."""

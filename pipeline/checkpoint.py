@@ -23,7 +23,10 @@ from pipeline.models import ResNetConfig, SliceableResNet, build_model
 
 FORMAT = "edgeprune-checkpoint"
 FORMAT_VERSION = 1
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "resnet-s.pt"
+# The default model, shipped as package data: in a checkout (and an editable install)
+# default_model/resnet-s.pt is a link to models/resnet-s.pt, which this resolves to; in a
+# non-editable install it is the copy the wheel carries.
+DEFAULT_CHECKPOINT = (Path(__file__).resolve().parent / "default_model" / "resnet-s.pt").resolve()
 
 
 @dataclass

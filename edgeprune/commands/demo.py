@@ -13,7 +13,11 @@ from edgeprune.commands._common import add_data_dir, add_json, data_dir
 
 log = logging.getLogger("edgeprune.demo")
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "demo.toml"
+# experiments/demo.toml (package_data/experiments links to experiments/; a non-editable
+# install carries a copy of its *.toml)
+DEMO_CONFIG = (
+    Path(__file__).resolve().parents[1] / "package_data" / "experiments" / "demo.toml"
+).resolve()
 QUICK_CHECKPOINT = Path("runs") / "demo" / "quick-resnet-s.pt"
 
 
