@@ -1,6 +1,6 @@
 """The slice node: an asyncio service that runs one slice of the model on one device.
 
-    subscribe stage/<i> -> bounded local queue -> worker thread runs the slice at its level
+    subscribe stage/<i> (stage 0: stage/0/+, one topic per camera) -> bounded local queue -> worker thread runs the slice at its level
         -> publish stage/<i+1>, or (last stage) results + exits
 
 One :class:`SliceNode` owns one MQTT connection at a time and four tasks (connection,
@@ -14,7 +14,7 @@ worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of the
   is away is published once the node is back.
 - The session is persistent (fixed client id, clean_session false), so QoS 1 messages sent to
   the node while it reconnects are delivered when it returns.
-- When the local queue is full, a new request is shed: it is reported on ``errors`` with its
+- When the local queue is full, a new request is shed: it is reported on ``errors/<node>`` with its
   request id and counted in metrics; never silently dropped.
 - Bad input (malformed msgpack, wrong shape or dtype, unknown schema version, oversized
   payload, an image that does not decode) is reported on ``errors``; the node serves on.
@@ -47,7 +47,7 @@ from pipeline.models import SliceableResNet
 from pipeline.plan_message import PlanMessage
 from pipeline.pruning import PrunableSlice
 from pipeline.slicing import SliceBounds
-from pipeline.topics import Topics
+from pipeline.topics import Topics, camera_level
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,10 @@ class SliceNode:
         if self.stage is None or self._subscribed_stage == self.stage:
             return
         if self._subscribed_stage is not None:
-            await client.unsubscribe(self.topics.stage(self._subscribed_stage))
+            await client.unsubscribe(self.topics.stage_input(self._subscribed_stage))
             await client.unsubscribe(self.topics.control_stage(self._subscribed_stage))
         await client.subscribe(self.topics.control_stage(self.stage), qos=1)
-        await client.subscribe(self.topics.stage(self.stage), qos=1)
+        await client.subscribe(self.topics.stage_input(self.stage), qos=1)
         self._subscribed_stage = self.stage
         log.info(
             "node %s serves stage %d, blocks [%d, %d)",
@@ -279,8 +279,13 @@ class SliceNode:
             self._on_plan(bytes(payload))
         elif self.stage is not None and topic == self.topics.control_stage(self.stage):
             self._on_level(bytes(payload))
-        elif self.stage is not None and topic == self.topics.stage(self.stage):
+        elif self.stage is not None and self._is_input(topic):
             self._on_stage(payload, topic)
+
+    def _is_input(self, topic: str) -> bool:
+        if self.stage == 0:
+            return self.topics.camera_of(topic) is not None
+        return topic == self.topics.stage(self.stage or 0)
 
     def _on_stage(self, payload: bytes | bytearray, topic: str) -> None:
         self._counters.received += 1
@@ -290,6 +295,7 @@ class SliceNode:
                 raise CodecError(
                     f"message for stage {msg.stage} arrived on stage {self.stage}", msg.request_id
                 )
+            _check_camera(self.topics, topic, msg)
         except CodecError as exc:
             self._reject(exc.reason, exc.request_id, topic, len(payload))
             return
@@ -399,7 +405,7 @@ class SliceNode:
         )
         self._outbox.put_nowait(
             (
-                self.topics.errors,
+                self.topics.node_errors(self.config.node_id),
                 codec.encode_json(
                     "error",
                     {
@@ -648,3 +654,17 @@ class SliceNode:
                         codec.encode_json("metrics", self.metrics()),
                         qos=0,
                     )
+
+
+def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:
+    """A stage-0 message must come on its own camera's topic: the secure broker lets camera
+    ``<id>`` write only ``stage/0/<id>``, so this is what stops it speaking for another camera.
+
+    Raises:
+        CodecError: the message's camera is not the topic's.
+    """
+    level = topics.camera_of(topic)
+    if level is not None and camera_level(msg.camera) != level:
+        raise CodecError(
+            f"camera {msg.camera!r} in a message on camera {level!r}'s topic", msg.request_id
+        )
