@@ -17,7 +17,7 @@ worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of the
 - When the local queue is full, a new request is shed: it is reported on ``errors/<node>`` with its
   request id and counted in metrics; never silently dropped.
 - Bad input (malformed msgpack, wrong shape or dtype, unknown schema version, oversized
-  payload, an image that does not decode) is reported on ``errors``; the node serves on.
+  payload, an image that does not decode) is reported on ``errors/<node>``; the node serves on.
 """
 
 from __future__ import annotations

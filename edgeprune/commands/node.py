@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "node",
         help="run one slice of the model as an MQTT service",
-        description="A slice node: subscribes to edgeprune/<pipe>/stage/<i>, runs blocks "
+        description="A slice node: subscribes to edgeprune/<pipe>/stage/<i> (stage 0: "
+        "stage/0/+, every camera), runs blocks "
         "[start, end) of the model at the level retained on control/stage/<i>, and publishes "
         "to stage/<i+1> (or, as the last stage, to results and exits). Without --stage and "
         "--start/--end it waits for the retained plan (control/plan) and finds itself by "
