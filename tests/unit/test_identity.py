@@ -69,3 +69,14 @@ def test_node_cli_takes_its_id_from_the_user(monkeypatch: pytest.MonkeyPatch) ->
     assert build_config(parser.parse_args(["node"])).node_id == "n1"
     with pytest.raises(ConfigError, match="may not publish as node 'n0'"):
         build_config(parser.parse_args(["node", "--node-id", "n0"]))
+
+
+def test_pi_camera_publishes_as_its_users_camera(capsys: pytest.CaptureFixture[str]) -> None:
+    from nodes import pi_camera
+
+    assert pi_camera.parse_args(["--username", "camera-trap3"]).camera_id == "trap3"
+    assert pi_camera.parse_args(["--camera-id", "trap9"]).camera_id == "trap9"
+    assert pi_camera.parse_args([]).camera_id == "picam"
+    with pytest.raises(SystemExit):
+        pi_camera.parse_args(["--username", "camera-trap3", "--camera-id", "trap4"])
+    assert "may publish only as camera 'trap3'" in capsys.readouterr().err
