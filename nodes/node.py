@@ -1,6 +1,7 @@
 """The slice node: an asyncio service that runs one slice of the model on one device.
 
-    subscribe stage/<i> (stage 0: stage/0/+, one topic per camera) -> bounded local queue -> worker thread runs the slice at its level
+    subscribe stage/<i> (stage 0: stage/0/+, one topic per camera) -> bounded local queue
+        -> worker thread runs the slice at its level
         -> publish stage/<i+1>, or (last stage) results + exits
 
 One :class:`SliceNode` owns one MQTT connection at a time and four tasks (connection,
@@ -14,8 +15,8 @@ worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of the
   is away is published once the node is back.
 - The session is persistent (fixed client id, clean_session false), so QoS 1 messages sent to
   the node while it reconnects are delivered when it returns.
-- When the local queue is full, a new request is shed: it is reported on ``errors/<node>`` with its
-  request id and counted in metrics; never silently dropped.
+- When the local queue is full, a new request is shed: it is reported on ``errors/<node>``
+  with its request id and counted in metrics; never silently dropped.
 - Bad input (malformed msgpack, wrong shape or dtype, unknown schema version, oversized
   payload, an image that does not decode) is reported on ``errors/<node>``; the node serves on.
 """
