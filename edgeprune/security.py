@@ -11,8 +11,9 @@ needs, and writes ``<run dir>/secure.conf``, a complete Mosquitto config::
     <run dir>/credentials.json     every user's role and password, 0600
     <run dir>/credentials/<user>.env  EDGEPRUNE_MQTT_* for one user, 0600 (write_env_files)
 
-User names carry their role: ``camera`` (or ``camera-<x>``), ``node-<node id>``,
-``controller``, ``observer`` (or ``observer-<x>``). Passwords of users already in
+User names carry their role and identity: ``camera-<camera id>``, ``node-<node id>``,
+``controller``, ``observer`` (or ``observer-<x>``); :func:`render_acl` ties each writer to its
+identity. Passwords of users already in
 ``credentials.json`` are kept, so a restart does not break deployed devices. The tools are the
 ``openssl`` and ``mosquitto_passwd`` command lines; their failures become :class:`BrokerError`.
 """
@@ -32,13 +33,15 @@ from pathlib import Path
 from edgeprune.broker import BROKER_DIR
 from pipeline.connection import MqttSettings
 from pipeline.errors import BrokerError, ConfigError
-from pipeline.topics import ROOT, check_name
+from pipeline.topics import ROOT, camera_level, check_name
 
 SECURE_TEMPLATE = BROKER_DIR / "secure.conf"
 """The secure config template; :func:`prepare_secure_broker` fills in its ``@NAME@`` tokens."""
 
 SECURE_PORT = 8883
-DEFAULT_USERS = ("camera", "node-n0", "node-n1", "controller", "observer")
+DEFAULT_USERS = ("camera-cam0", "node-n0", "node-n1", "controller", "observer")
+DEFAULT_ACL_PIPE = "default"
+"""The pipe the ACL allows unless told otherwise (``--acl-pipe``); ``+`` allows any pipe."""
 DEFAULT_SERVER_NAMES = ("127.0.0.1", "localhost", "broker")
 """Names in the server certificate: loopback, and the broker's Compose service name."""
 
@@ -49,34 +52,94 @@ _MOSQUITTO_PASSWD = ("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
 
 @dataclass(frozen=True)
 class BrokerUser:
-    """One MQTT account. ``node`` is the node id of a ``node-<id>`` user, else None."""
+    """One MQTT account. ``node`` is the node id of a ``node-<id>`` user, ``camera`` the camera
+    id of a ``camera-<id>`` user; None otherwise."""
 
     name: str
     role: str
     node: str | None = None
+    camera: str | None = None
 
     @classmethod
     def parse(cls, name: str) -> BrokerUser:
-        """``camera[-x]``, ``node-<id>``, ``controller`` or ``observer[-x]``.
+        """``camera-<id>``, ``node-<id>``, ``controller`` or ``observer[-x]``.
 
         Raises:
-            ConfigError: an unknown role or a name that cannot be a topic level.
+            ConfigError: an unknown role, a camera without its id, or a name that cannot be a
+                topic level.
         """
         check_name("user", name)
         if name.startswith("node-") and len(name) > len("node-"):
-            return cls(name, "node", check_name("node", name[len("node-") :]))
-        for role in ("camera", "observer"):
-            if name == role or name.startswith(role + "-"):
-                return cls(name, role)
+            return cls(name, "node", node=name[len("node-") :])
+        if name.startswith("camera-") and len(name) > len("camera-"):
+            return cls(name, "camera", camera=name[len("camera-") :])
+        if name == "camera":
+            raise ConfigError(
+                "user 'camera': every camera gets its own user, camera-<camera id> "
+                "(e.g. camera-cam0), and may publish only that camera's images"
+            )
+        if name == "observer" or name.startswith("observer-"):
+            return cls(name, "observer")
         if name == "controller":
             return cls(name, "controller")
         raise ConfigError(
-            f"user {name!r}: names are camera[-x], node-<node id>, controller or observer[-x]"
+            f"user {name!r}: names are camera-<camera id>, node-<node id>, controller or "
+            "observer[-x]"
         )
 
 
+def account_of(username: str | None) -> BrokerUser | None:
+    """The edgeprune account a user name stands for; None for a name of another form (a
+    broker whose users and ACL the operator made by hand)."""
+    if not username:
+        return None
+    try:
+        return BrokerUser.parse(username)
+    except ConfigError:
+        return None
+
+
+def node_id_for(username: str | None, node_id: str | None) -> str:
+    """The node id a node runs as: ``node_id``, else the ``<id>`` of a ``node-<id>`` user.
+
+    Raises:
+        ConfigError: no node id at all, or an edgeprune user that may not publish as this
+            node (the secure broker would drop its every message silently).
+    """
+    user = account_of(username)
+    if node_id is None:
+        if user is None or user.node is None:
+            raise ConfigError("--node-id is required (or log in as node-<id>)")
+        return user.node
+    if user is not None and user.node != node_id:
+        raise ConfigError(
+            f"user {username!r} may not publish as node {node_id!r} on the secure broker "
+            f"(its ACL ties node-<id> to node <id>): log in as node-{node_id}"
+        )
+    return node_id
+
+
+def camera_id_for(username: str | None, camera_id: str | None) -> str | None:
+    """The camera id a camera publishes as: ``camera_id``, else the ``<id>`` of a
+    ``camera-<id>`` user, else None (the schedule's own camera ids).
+
+    Raises:
+        ConfigError: an edgeprune user that may not publish as this camera.
+    """
+    user = account_of(username)
+    if user is not None and user.camera is None:
+        raise ConfigError(f"user {username!r} may not publish images: log in as camera-<id>")
+    if user is None or camera_id == user.camera:
+        return camera_id
+    if camera_id is None:
+        return user.camera
+    raise ConfigError(
+        f"user {username!r} may publish only as camera {user.camera!r}, not {camera_id!r}"
+    )
+
+
 def parse_users(text: str | Iterable[str]) -> tuple[BrokerUser, ...]:
-    """Users from ``"camera,node-n0,..."`` (or a list of names); duplicates are refused."""
+    """Users from ``"camera-cam0,node-n0,..."`` (or a list of names); duplicates are refused."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
     if not names:
@@ -113,14 +176,20 @@ def parse_placements(text: str) -> dict[str, Placement]:
 def render_acl(
     users: Sequence[BrokerUser],
     *,
-    pipe: str = "+",
+    pipe: str = DEFAULT_ACL_PIPE,
     placements: Mapping[str, Placement] | None = None,
 ) -> str:
     """The Mosquitto ACL file for ``users`` on pipe ``pipe`` (``+``: any pipe).
 
-    A node without a placement may read and write every stage topic (it can follow re-plans
-    without a new ACL); with one it reads only its stage and writes only the next stage, or
-    results and exits when last. Either way it writes only its own ``nodes/<id>/...`` topics.
+    Every writer is tied to its identity: camera ``<c>`` writes only ``stage/0/<c>``; node
+    ``<n>`` writes only its own ``nodes/<n>/...`` (status, metrics, Last Will) and
+    ``errors/<n>``, never a camera's images nor ``control/#``. A node without a placement may
+    write every stage topic past 0 (``stage/+`` cannot match the two-level ``stage/0/<c>``),
+    ``results`` and ``exits``: any node may be moved to any stage by a retained plan. With a
+    placement it reads only its stage and writes only the next one, or results and exits when
+    last. The rules name each identity literally (``user`` sections, no ``pattern`` lines):
+    Mosquitto's ``%u`` must fill a whole topic level and would be ``node-n0`` where the topics
+    carry ``n0``, and ``%c`` is whatever client id the client chose.
     """
     if pipe != "+":
         check_name("pipe", pipe)
@@ -134,7 +203,10 @@ def render_acl(
     for user in users:
         lines += ["", f"user {user.name}"]
         if user.role == "camera":
-            rules = [("write", f"{base}/stage/0"), ("read", f"{base}/results")]
+            rules = [
+                ("write", f"{base}/stage/0/{camera_level(str(user.camera))}"),
+                ("read", f"{base}/results"),
+            ]
         elif user.role == "controller":
             rules = [
                 ("read", everything),
@@ -144,27 +216,34 @@ def render_acl(
         elif user.role == "observer":
             rules = [("read", everything), ("read", "$SYS/#")]
         else:
-            rules = _node_rules(base, str(user.node), (placements or {}).get(str(user.node)))
+            node = str(user.node)
+            placement = (placements or {}).get(node)
+            rules = [
+                ("read", f"{base}/control/plan"),
+                ("readwrite", f"{base}/nodes/{node}/#"),
+                ("write", f"{base}/errors/{node}"),
+                *(_unplaced_rules(base) if placement is None else _placed_rules(base, placement)),
+            ]
         lines += [f"topic {access} {topic}" for access, topic in rules]
     return "\n".join(lines) + "\n"
 
 
-def _node_rules(base: str, node: str, placement: Placement | None) -> list[tuple[str, str]]:
-    rules = [
-        ("read", f"{base}/control/plan"),
-        ("readwrite", f"{base}/nodes/{node}/#"),
-        ("write", f"{base}/errors"),
+def _unplaced_rules(base: str) -> list[tuple[str, str]]:
+    return [
+        ("read", f"{base}/stage/0/+"),  # every camera's images
+        ("readwrite", f"{base}/stage/+"),  # stages past 0: one level, never stage/0/<camera>
+        ("read", f"{base}/control/stage/+"),
+        ("write", f"{base}/results"),
+        ("write", f"{base}/exits"),
     ]
-    if placement is None:
-        return [
-            *rules,
-            ("readwrite", f"{base}/stage/+"),
-            ("read", f"{base}/control/stage/+"),
-            ("write", f"{base}/results"),
-            ("write", f"{base}/exits"),
-        ]
+
+
+def _placed_rules(base: str, placement: Placement) -> list[tuple[str, str]]:
     i = placement.stage
-    rules += [("read", f"{base}/stage/{i}"), ("read", f"{base}/control/stage/{i}")]
+    rules = [
+        ("read", f"{base}/stage/0/+" if i == 0 else f"{base}/stage/{i}"),
+        ("read", f"{base}/control/stage/{i}"),
+    ]
     if placement.is_last:
         return [*rules, ("write", f"{base}/results"), ("write", f"{base}/exits")]
     return [*rules, ("write", f"{base}/stage/{i + 1}")]
@@ -454,7 +533,7 @@ def prepare_secure_broker(
     run_dir: Path,
     users: Sequence[BrokerUser] | str = ",".join(DEFAULT_USERS),
     *,
-    pipe: str = "+",
+    pipe: str = DEFAULT_ACL_PIPE,
     placements: Mapping[str, Placement] | None = None,
     server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
     client_certs: bool = False,

@@ -1,5 +1,8 @@
 """The camera: publishes images to stage 0 as an IoT camera trap would, and tracks results.
 
+Each shot goes to its camera's own topic, ``stage/0/<camera>`` (:meth:`Topics.camera_stage`),
+so that the secure broker can let user ``camera-<id>`` write only its own images.
+
 Images come from the dataset's test split or a folder; send times come from a fixed rate or a
 replayed trace. Each message carries a request id, the camera id, the capture time and, when
 known, the true label (so accuracy can be tracked live).
@@ -271,7 +274,7 @@ class Camera:
         )
         payload = codec.encode_stage(msg)
         self.journal.add(request_id, shot.camera, payload, now)
-        await self._publish(self.topics.stage(0), payload)
+        await self._publish(self.topics.camera_stage(shot.camera), payload)
         self.report.sent += 1
 
     async def _resend_loop(self) -> None:
@@ -287,7 +290,7 @@ class Camera:
                     self.resend_after_s,
                 )
                 self.journal.mark_resent(req.request_id)
-                await self._publish(self.topics.stage(0), req.payload)
+                await self._publish(self.topics.camera_stage(req.camera), req.payload)
 
     async def _listen(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -1,6 +1,7 @@
 """The slice node: an asyncio service that runs one slice of the model on one device.
 
-    subscribe stage/<i> -> bounded local queue -> worker thread runs the slice at its level
+    subscribe stage/<i> (stage 0: stage/0/+, one topic per camera) -> bounded local queue
+        -> worker thread runs the slice at its level
         -> publish stage/<i+1>, or (last stage) results + exits
 
 One :class:`SliceNode` owns one MQTT connection at a time and four tasks (connection,
@@ -14,11 +15,11 @@ worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of the
   is away is published once the node is back.
 - The session is persistent (fixed client id, clean_session false), so QoS 1 messages sent to
   the node while it reconnects are delivered when it returns.
-- When the local queue is full, a new request is shed: it is reported on ``errors`` with its
-  request id and counted in metrics; never silently dropped.
+- When the local queue is full, a new request is shed: it is reported on ``errors/<node>``
+  with its request id and counted in metrics; never silently dropped.
 - Bad input (malformed msgpack, wrong shape or dtype, NaN or infinite values, unknown schema
   version, oversized payload, an image that does not decode, a level or plan it cannot apply)
-  is reported on ``errors``; the node serves on. A bad retained message (level, plan) is
+  is reported on ``errors/<node>``; the node serves on. A bad retained message (level, plan) is
   reported once per distinct payload, not again on every reconnect. Whatever goes wrong with
   one message is caught at its loop (intake, worker) and reported: it never stops the node.
 - A node that stops on an error publishes its retained status ``offline`` with the reason
@@ -53,7 +54,7 @@ from pipeline.models import SliceableResNet
 from pipeline.plan_message import PlanMessage
 from pipeline.pruning import PrunableSlice
 from pipeline.slicing import SliceBounds
-from pipeline.topics import Topics
+from pipeline.topics import Topics, camera_level
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +287,10 @@ class SliceNode:
         if self.stage is None or self._subscribed_stage == self.stage:
             return
         if self._subscribed_stage is not None:
-            await client.unsubscribe(self.topics.stage(self._subscribed_stage))
+            await client.unsubscribe(self.topics.stage_input(self._subscribed_stage))
             await client.unsubscribe(self.topics.control_stage(self._subscribed_stage))
         await client.subscribe(self.topics.control_stage(self.stage), qos=1)
-        await client.subscribe(self.topics.stage(self.stage), qos=1)
+        await client.subscribe(self.topics.stage_input(self.stage), qos=1)
         self._subscribed_stage = self.stage
         log.info(
             "node %s serves stage %d, blocks [%d, %d)",
@@ -309,11 +310,16 @@ class SliceNode:
                 self._on_plan(bytes(payload))
             elif self.stage is not None and topic == self.topics.control_stage(self.stage):
                 self._on_level(bytes(payload))
-            elif self.stage is not None and topic == self.topics.stage(self.stage):
+            elif self.stage is not None and self._is_input(topic):
                 self._on_stage(payload, topic)
         except Exception as exc:  # last resort: one message must never stop the node
             log.exception("failed to handle a message on %s", topic)
             self._reject(f"internal error: {type(exc).__name__}: {exc}", None, topic, len(payload))
+
+    def _is_input(self, topic: str) -> bool:
+        if self.stage == 0:
+            return self.topics.camera_of(topic) is not None
+        return topic == self.topics.stage(self.stage or 0)
 
     def _on_stage(self, payload: bytes | bytearray, topic: str) -> None:
         self._counters.received += 1
@@ -323,6 +329,7 @@ class SliceNode:
                 raise CodecError(
                     f"message for stage {msg.stage} arrived on stage {self.stage}", msg.request_id
                 )
+            _check_camera(self.topics, topic, msg)
         except CodecError as exc:
             self._reject(exc.reason, exc.request_id, topic, len(payload))
             return
@@ -490,7 +497,7 @@ class SliceNode:
         )
         self._outbox.put_nowait(
             (
-                self.topics.errors,
+                self.topics.node_errors(self.config.node_id),
                 codec.encode_json(
                     "error",
                     {
@@ -756,3 +763,17 @@ class SliceNode:
 def _stop_reason(exc: BaseException) -> str:
     """The ``reason`` of the offline status of a node that stops on ``exc``."""
     return f"stopped on error: {type(exc).__name__}: {exc}"[:200]
+
+
+def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:
+    """A stage-0 message must come on its own camera's topic: the secure broker lets camera
+    ``<id>`` write only ``stage/0/<id>``, so this is what stops it speaking for another camera.
+
+    Raises:
+        CodecError: the message's camera is not the topic's.
+    """
+    level = topics.camera_of(topic)
+    if level is not None and camera_level(msg.camera) != level:
+        raise CodecError(
+            f"camera {msg.camera!r} in a message on camera {level!r}'s topic", msg.request_id
+        )

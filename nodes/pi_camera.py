@@ -6,7 +6,8 @@ camera is used (Raspberry Pi OS ships it). It imports neither torch, numpy nor a
 package, so the few wire-format facts it needs are copied here from ``pipeline/codec.py``
 and ``pipeline/topics.py`` (keep them in sync if the schema version changes):
 
-- topic ``edgeprune/<pipe>/stage/0``, QoS 1, not retained;
+- topic ``edgeprune/<pipe>/stage/0/<camera id>``, QoS 1, not retained (the secure broker
+  lets user ``camera-<id>`` write only its own camera's topic);
 - payload: one msgpack map ``{v: 1, kind: "stage", id, cam, st: 0, t0, tc, att: 0,
   hops: [], meta: {...}, img: {fmt: "png" | "jpeg", data: <bin>}}`` where ``id`` is the
   request id, ``cam`` the camera id (1 to 128 characters each), ``tc`` the capture time and
@@ -266,7 +267,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate: enables TLS")
     p.add_argument("--pipe", default="default", help="pipeline name (edgeprune/<pipe>/...)")
-    p.add_argument("--camera-id", default="picam", help="camera id carried by every message")
+    p.add_argument(
+        "--camera-id",
+        default=None,
+        help="camera id carried by every message (default: <id> of a camera-<id> user, else picam)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--folder",
@@ -309,6 +314,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not PIPE_NAME.match(args.pipe):
         p.error(f"pipe name {args.pipe!r} must be 1-64 of letters, digits, '_', '.', '-'")
+    user = args.username or ""
+    user_camera = user.removeprefix("camera-") if user.startswith("camera-") else None
+    if args.camera_id is None:
+        args.camera_id = user_camera or "picam"
+    elif user_camera is not None and args.camera_id != user_camera:
+        p.error(
+            f"user {args.username} may publish only as camera {user_camera!r}, "
+            f"not {args.camera_id!r}"
+        )
     if not 0 < len(args.camera_id) <= 64 or not PIPE_NAME.match(args.camera_id):
         p.error("camera id must be 1-64 of letters, digits, '_', '.', '-'")
     if args.interval < 0 or args.count < 0 or args.queue < 1 or not 1 <= args.quality <= 95:
@@ -345,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     run = uuid.uuid4().hex[:8]
-    topic = f"{TOPIC_ROOT}/{args.pipe}/stage/0"
+    topic = f"{TOPIC_ROOT}/{args.pipe}/stage/0/{args.camera_id}"
     pub = Publisher(args, f"edgeprune-picam-{args.camera_id}-{run}"[:64])
     sent = dropped = 0
     next_at = time.monotonic()

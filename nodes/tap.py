@@ -58,9 +58,9 @@ class TapRecord:
 
 
 def is_stage_topic(topic: str) -> bool:
-    """``edgeprune/<pipe>/stage/<i>``: the binary msgpack topics."""
+    """``edgeprune/<pipe>/stage/<i>`` and ``stage/0/<camera>``: the binary msgpack topics."""
     parts = topic.split("/")
-    return len(parts) == 4 and parts[0] == ROOT and parts[2] == "stage"
+    return len(parts) in (4, 5) and parts[0] == ROOT and parts[2] == "stage"
 
 
 def describe(

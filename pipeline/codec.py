@@ -240,7 +240,8 @@ def encode_stage(msg: StageMessage, *, float16: bool = False) -> bytes:
         raise ValueError("a stage message needs an image or a tensor")
     body = {}
     if float16 and x.dtype.name == "float32":
-        half = x.astype(WIRE_DTYPES["float16"])
+        with np.errstate(over="ignore"):  # values beyond float16 are sent as float32 instead
+            half = x.astype(WIRE_DTYPES["float16"])
         if np.isfinite(half).all():
             x = half
             body["as"] = "float32"

@@ -1,6 +1,7 @@
 """MQTT topic names of one pipeline (DESIGN.md, "Data flow"). Pure strings, no networking.
 
-edgeprune/<pipe>/stage/<i>                 msgpack stage messages        QoS 1
+edgeprune/<pipe>/stage/0/<camera>          msgpack images of one camera  QoS 1
+edgeprune/<pipe>/stage/<i>  (i >= 1)       msgpack stage messages        QoS 1
 edgeprune/<pipe>/results                   JSON label per request        QoS 1
 edgeprune/<pipe>/exits                     JSON timings per request      QoS 1
 edgeprune/<pipe>/control/stage/<i>         JSON level of stage i         QoS 1, retained
@@ -8,7 +9,12 @@ edgeprune/<pipe>/control/plan              JSON slice bounds per stage   QoS 1, 
 edgeprune/<pipe>/control/decisions         JSON controller decisions     QoS 1
 edgeprune/<pipe>/nodes/<node>/status       JSON online / offline (Will)  QoS 1, retained
 edgeprune/<pipe>/nodes/<node>/metrics      JSON queue, service time ...  QoS 0
-edgeprune/<pipe>/errors                    JSON what was rejected, why   QoS 1
+edgeprune/<pipe>/errors/<node>             JSON what a node rejected     QoS 1
+edgeprune/<pipe>/errors                    JSON what the controller did  QoS 1
+                                           not accept (errors/# reads both)
+
+The camera and node levels let the secure broker's ACL tie a writer to its identity
+(edgeprune/security.py): camera-<id> may write only stage/0/<id>, node-<id> only errors/<id>.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def camera_level(camera: str) -> str:
+    """The topic level of a camera id: every character other than letters, digits, ``_``,
+    ``.`` and ``-`` becomes ``_``, at most 64 characters (trace camera ids such as
+    ``raspberry-pi-2@-0.39,36.96`` carry ``@`` and ``,``)."""
+    level = re.sub(r"[^A-Za-z0-9_.\-]", "_", camera)[:64]
+    if not level:
+        raise ConfigError("camera id must not be empty")
+    return level
+
+
 @dataclass(frozen=True)
 class Topics:
     pipe: str = "default"
@@ -41,7 +57,28 @@ class Topics:
         return f"{ROOT}/{self.pipe}"
 
     def stage(self, i: int) -> str:
+        """Stage ``i``'s topic; stage 0's messages go to :meth:`camera_stage` below it."""
         return f"{self.base}/stage/{i}"
+
+    def camera_stage(self, camera: str) -> str:
+        """Where camera ``camera`` publishes its images: ``stage/0/<camera level>``."""
+        return f"{self.stage(0)}/{camera_level(camera)}"
+
+    @property
+    def camera_stage_all(self) -> str:
+        """Every camera's images (the node of stage 0 subscribes to this)."""
+        return f"{self.stage(0)}/+"
+
+    def stage_input(self, i: int) -> str:
+        """The filter the node of stage ``i`` subscribes to."""
+        return self.camera_stage_all if i == 0 else self.stage(i)
+
+    def camera_of(self, topic: str) -> str | None:
+        """The camera level of a ``stage/0/<camera>`` topic, else None."""
+        parts = topic.split("/")
+        if len(parts) == 5 and parts[:4] == [ROOT, self.pipe, "stage", "0"] and parts[4]:
+            return parts[4]
+        return None
 
     @property
     def results(self) -> str:
@@ -82,7 +119,17 @@ class Topics:
 
     @property
     def errors(self) -> str:
+        """The controller's (pipe-level) errors."""
         return f"{self.base}/errors"
+
+    def node_errors(self, node: str) -> str:
+        """What node ``node`` rejected: ``errors/<node>``."""
+        return f"{self.errors}/{check_name('node', node)}"
+
+    @property
+    def errors_all(self) -> str:
+        """Every error of the pipe: ``errors/#`` matches ``errors`` and ``errors/<node>``."""
+        return f"{self.errors}/#"
 
     @property
     def everything(self) -> str:
@@ -96,11 +143,13 @@ class Topics:
         return None
 
     def stage_of(self, topic: str) -> int | None:
-        """The stage index in a stage or control/stage topic, else None."""
+        """The stage index in a stage, camera (stage 0) or control/stage topic, else None."""
         parts = topic.split("/")
         try:
             if len(parts) == 4 and parts[2] == "stage":
                 return int(parts[3])
+            if self.camera_of(topic) is not None:
+                return 0
             if len(parts) == 5 and parts[2:4] == ["control", "stage"]:
                 return int(parts[4])
         except ValueError:

@@ -1,7 +1,8 @@
 """`edgeprune broker`: run a local Mosquitto in the foreground until Ctrl-C or SIGTERM.
 
-``--secure`` runs ``broker/secure.conf`` instead of ``dev.conf``: passwords, a per-role ACL and
-a TLS listener, all made by :mod:`edgeprune.security` in the run directory.
+``--secure`` runs ``broker/secure.conf`` instead of ``dev.conf``: passwords, an ACL that ties
+every camera and node to its own id on one pipe, and a TLS listener, all made by
+:mod:`edgeprune.security` in the run directory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from types import FrameType
 
 from edgeprune.broker import DEFAULT_MAX_PACKET_SIZE, DEV_CONFIG, MosquittoBroker
 from edgeprune.security import (
+    DEFAULT_ACL_PIPE,
     DEFAULT_SERVER_NAMES,
     DEFAULT_USERS,
     SECURE_PORT,
@@ -37,7 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             f"Start Mosquitto from {DEV_CONFIG.name} (rendered into a run directory with the "
             "chosen port and limits), wait until it answers MQTT, and keep it running until "
             "Ctrl-C or SIGTERM. Anonymous and unencrypted: for one machine or a trusted LAN. "
-            "With --secure: secure.conf, one password per user, an ACL per role and TLS only, "
+            "With --secure: secure.conf, one password per user, an ACL that lets each camera "
+            "and node write only under its own id, and TLS only, "
             "with a local CA; the credentials stay in the run directory (mode 0600)."
         ),
     )
@@ -89,7 +92,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sec.add_argument(
         "--users",
         default=",".join(DEFAULT_USERS),
-        help="comma-separated users: camera[-x], node-<node id>, controller, observer[-x] "
+        help="comma-separated users: camera-<camera id>, node-<node id>, controller, "
+        "observer[-x]; each camera and node may write only under its own id "
         "(default %(default)s)",
     )
     sec.add_argument(
@@ -97,12 +101,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         metavar="NODE:STAGE,...",
         help="restrict each node to its stage (reads stage i, writes stage i+1, or results "
-        "and exits for the highest stage); default: nodes may use any stage topic",
+        "and exits for the highest stage); default: nodes may read every stage and write "
+        "stages 1 and up, results and exits (a re-plan may move them), never a camera's "
+        "stage/0/<camera>",
     )
     sec.add_argument(
         "--acl-pipe",
-        default="+",
-        help="pipeline name the ACL allows (default '+': any pipe)",
+        default=DEFAULT_ACL_PIPE,
+        help="the one pipeline the users may use (default %(default)s, as --pipe's default; "
+        "'+': any pipe, so a node could also write other pipes' results)",
     )
     sec.add_argument(
         "--tls-names",

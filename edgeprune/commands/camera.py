@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "camera",
         help="publish images to stage 0 (fixed rate or trace replay)",
         description="An IoT camera: publishes images (PNG by default) to "
-        "edgeprune/<pipe>/stage/0 from the dataset's test split or a folder, at a fixed rate "
-        "or at the times of a camera-trap trace (time compression allowed). Each message "
+        "edgeprune/<pipe>/stage/0/<camera> from the dataset's test split or a folder, at a "
+        "fixed rate or at the times of a camera-trap trace (time compression allowed). Each message "
         "carries a request id, the camera id, the capture time and the true label when known. "
         "Every image is journaled until its result is seen, re-sent after --resend-after "
         "seconds, and results are de-duplicated by request id. Prints a summary at the end.",
@@ -48,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sched.add_argument("--rate", type=float, default=5.0, help="images per second")
     sched.add_argument("--count", type=int, default=100, help="images to send at --rate")
     sched.add_argument("--cameras", type=int, default=1, help="camera ids at --rate")
+    sched.add_argument(
+        "--camera-id",
+        default=None,
+        help="publish every image as this one camera, whatever the schedule says (default: "
+        "<id> of a camera-<id> MQTT user, which may publish only as that camera)",
+    )
     sched.add_argument(
         "--trace",
         action="append",
@@ -131,15 +138,21 @@ def build_shots(args: argparse.Namespace, labels, n_images: int):  # -> list[Sho
 
 def run(args: argparse.Namespace) -> int:
     from edgeprune.commands._common import run_service
+    from edgeprune.security import camera_id_for
     from nodes.camera import Camera, load_source
     from nodes.journal import RequestJournal
 
+    mqtt = mqtt_settings(args)
+    camera_id = camera_id_for(mqtt.username, args.camera_id)
     source = load_source(args.dataset, data_dir(args), args.split)
     shots = build_shots(args, source.labels, len(source))
+    if camera_id is not None:
+        shots = [dataclasses.replace(s, camera=camera_id) for s in shots]
+        log.info("camera: every image is published as camera %s", camera_id)
     log.info("camera: %d images over %.1f s", len(shots), shots[-1].at_s if shots else 0.0)
     journal = RequestJournal(args.journal or ":memory:")
     camera = Camera(
-        mqtt_settings(args),
+        mqtt,
         pipe_name(args),
         source,
         shots,

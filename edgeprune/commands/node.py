@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "node",
         help="run one slice of the model as an MQTT service",
-        description="A slice node: subscribes to edgeprune/<pipe>/stage/<i>, runs blocks "
+        description="A slice node: subscribes to edgeprune/<pipe>/stage/<i> (stage 0: "
+        "stage/0/+, every camera), runs blocks "
         "[start, end) of the model at the level retained on control/stage/<i>, and publishes "
         "to stage/<i+1> (or, as the last stage, to results and exits). Without --stage and "
         "--start/--end it waits for the retained plan (control/plan) and finds itself by "
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--node-id",
         required=False,
         default=None,
-        help="node name (topic level); required unless in --config",
+        help="node name (topic level); default: <id> of a node-<id> MQTT user, or --config's",
     )
     parser.add_argument(
         "--config",
@@ -98,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):  # -> NodeConfig
+    from edgeprune.security import node_id_for
     from nodes.config import NodeConfig
     from nodes.emulation import Emulation
     from pipeline.errors import ConfigError
@@ -132,10 +134,12 @@ def build_config(args: argparse.Namespace):  # -> NodeConfig
     if args.slowdown is not None or args.slow_window:
         overrides["emulation"] = Emulation.parse(args.slowdown or 1.0, args.slow_window)
     if args.config:
-        return NodeConfig.from_toml(args.config, **overrides)
-    if not args.node_id:
-        raise ConfigError("--node-id is required (or give it in --config)")
-    return NodeConfig(**{k: v for k, v in overrides.items() if v is not None})
+        config = NodeConfig.from_toml(args.config, **overrides)
+    else:
+        overrides["node_id"] = node_id_for(overrides["mqtt"].username, args.node_id)
+        config = NodeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    node_id_for(config.mqtt.username, config.node_id)  # the secure broker's ACL must agree
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

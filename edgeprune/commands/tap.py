@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="FILTER",
-        help="MQTT topic filter, relative to edgeprune/<pipe>/ (e.g. 'stage/+', "
-        "'errors', 'nodes/+/metrics') or absolute; repeatable "
+        help="MQTT topic filter, relative to edgeprune/<pipe>/ (e.g. 'stage/#', "
+        "'errors/#', 'nodes/+/metrics') or absolute; repeatable "
         "(default: everything of the pipe)",
     )
     parser.add_argument(

@@ -1,8 +1,8 @@
 """The harness's own MQTT subscriber: records every message of one run, and prints live status.
 
-:class:`Recorder` subscribes to the pipe's ``stage/0`` (what the camera sent: request id and
+:class:`Recorder` subscribes to the pipe's ``stage/0/+`` (what the camera sent: request id and
 entry time), ``results``, ``exits``, ``control/#`` (levels and decisions), ``nodes/+/status``,
-``nodes/+/metrics`` and ``errors``. Every JSON message is kept in memory and appended to an
+``nodes/+/metrics`` and ``errors/#``. Every JSON message is kept in memory and appended to an
 ``events.jsonl`` file with the time it was received (``rx``), so a report can be recomputed
 from the file alone (:func:`load_events`). Stage tensors past stage 0 are never subscribed to.
 
@@ -121,13 +121,13 @@ class Recorder:
             **self.mqtt.aiomqtt_kwargs(), logger=logging.getLogger("aiomqtt")
         ) as client:
             for topic, qos in (
-                (t.stage(0), 1),
+                (t.camera_stage_all, 1),
                 (t.results, 1),
                 (t.exits, 1),
                 (f"{t.base}/control/#", 1),
                 (t.status_all, 1),
                 (t.metrics_all, 0),
-                (t.errors, 1),
+                (t.errors_all, 1),
             ):
                 await client.subscribe(topic, qos=qos)
             self.ready.set()
@@ -138,7 +138,7 @@ class Recorder:
         """Classify and record one message (public for tests and replays)."""
         data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
         try:
-            if topic == self.topics.stage(0):
+            if self.topics.camera_of(topic) is not None:
                 msg = codec.decode_stage(data)
                 self._keep(
                     "send",

@@ -2,7 +2,7 @@
 
 Definitions (the same for every policy):
 
-- **sent**: distinct request ids the camera published on ``stage/0``; **completed**: distinct
+- **sent**: distinct request ids the camera published on ``stage/0/<camera>``; **completed**: distinct
   ids with a result. Latency is the ``exits`` message's ``latency_s`` (exit time at the last
   node minus the camera's entry time; all processes share this machine's clock).
 - **SLO attainment**: requests with latency <= SLO over requests SENT (a lost or unfinished

@@ -333,7 +333,9 @@ class ExperimentRunner:
                     image=image,
                     image_format="png",
                 )
-                await client.publish(Topics(pipe).stage(0), codec.encode_stage(msg), qos=1)
+                await client.publish(
+                    Topics(pipe).camera_stage(msg.camera), codec.encode_stage(msg), qos=1
+                )
         await _until(
             lambda: len(recorder.events["exit"]) >= n, 60.0, "the warm-up exits", group, fail=False
         )

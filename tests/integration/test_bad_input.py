@@ -56,6 +56,7 @@ class Watch:
     errors: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    error_topics: list[str] = field(default_factory=list)  # where each error came
 
     def errors_of(self, node: str) -> list[dict[str, Any]]:
         return [e for e in self.errors if e["node"] == node]
@@ -82,7 +83,7 @@ async def rig(
         running_nodes(checkpoint, mqtt, pipe, BOUNDS, **{**NODE_CONFIG, **node_config}) as nodes,
         aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
     ):
-        for t in (topics.errors, topics.results, topics.metrics_all):
+        for t in (topics.errors_all, topics.results, topics.metrics_all):
             await client.subscribe(t, qos=1)
 
         async def listen() -> None:
@@ -91,6 +92,8 @@ async def rig(
                 {"error": watch.errors, "result": watch.results, "metrics": watch.metrics}[
                     body["kind"]
                 ].append(body)
+                if body["kind"] == "error":
+                    watch.error_topics.append(str(message.topic))
 
         task = asyncio.create_task(listen())
         try:
@@ -100,11 +103,14 @@ async def rig(
             await asyncio.gather(task, return_exceptions=True)
 
 
+CAMERA = "cam-test"
+
+
 def _stage0(rid: str, image: bytes, fmt: str = "png") -> bytes:
     return codec.encode_stage(
         codec.StageMessage(
             request_id=rid,
-            camera="cam-test",
+            camera=CAMERA,
             stage=0,
             entry_ts=1.7e9,
             capture_ts=1.7e9,
@@ -118,7 +124,7 @@ def _stage1(rid: str, tensor: np.ndarray) -> bytes:
     return codec.encode_stage(
         codec.StageMessage(
             request_id=rid,
-            camera="cam-test",
+            camera=CAMERA,
             stage=1,
             entry_ts=1.7e9,
             capture_ts=1.7e9,
@@ -147,12 +153,13 @@ async def rejected_then_served(
     await wait_until(lambda: bool(r.watch.errors_of(name)), what=f"an error from {name}")
     [error] = r.watch.errors  # exactly one error, from the node that got the message
     assert error["node"] == name and error["stage"] == node
+    assert r.watch.error_topics == [r.pipe.node_errors(name)]  # the ACL ties it to the node
     assert reason in error["reason"], error["reason"]
     assert error["request_id"] == request_id
     assert error["shed"] is False and error["ts"] > 0
 
     good = _rid("good")
-    await r.client.publish(r.pipe.stage(0), _stage0(good, r.image), qos=1)
+    await r.client.publish(r.pipe.camera_stage(CAMERA), _stage0(good, r.image), qos=1)
     await wait_until(
         lambda: any(x["request_id"] == good for x in r.watch.results),
         what="a result for the good request after the bad one",
@@ -246,8 +253,29 @@ async def test_image_that_does_not_decode(checkpoint, test_images, mqtt, topic_p
         rid = _rid("image")
         payload = _stage0(rid, b"these bytes are not a PNG file")
         await rejected_then_served(
-            r, r.pipe.stage(0), payload, node=0, reason="image does not decode", request_id=rid
+            r,
+            r.pipe.camera_stage(CAMERA),
+            payload,
+            node=0,
+            reason="image does not decode",
+            request_id=rid,
         )
+
+
+async def test_image_on_another_cameras_topic(checkpoint, test_images, mqtt, topic_prefix):
+    """Camera ``<id>`` may write only ``stage/0/<id>`` on the secure broker; the node checks
+    that the message's camera is the topic's, so no camera can speak for another."""
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        rid = _rid("forged")
+        error = await rejected_then_served(
+            r,
+            r.pipe.camera_stage("cam-other"),
+            _stage0(rid, r.image),
+            node=0,
+            reason="camera 'cam-test' in a message on camera 'cam-other''s topic",
+            request_id=rid,
+        )
+        assert error["topic"] == r.pipe.camera_stage("cam-other")
 
 
 @pytest.mark.parametrize("variant", ["level out of range", "not JSON"])
@@ -287,7 +315,7 @@ def _with_values(payload: bytes, values: dict[int, float]) -> bytes:
 async def _good_result(r: Rig) -> dict[str, Any]:
     """Send a good image; return its result once it comes."""
     rid = _rid("good")
-    await r.client.publish(r.pipe.stage(0), _stage0(rid, r.image), qos=1)
+    await r.client.publish(r.pipe.camera_stage(CAMERA), _stage0(rid, r.image), qos=1)
     await wait_until(
         lambda: any(x["request_id"] == rid for x in r.watch.results),
         what=f"a result for the good request {rid}",
@@ -492,7 +520,7 @@ async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level
             )
             # the retained level reached n1 before this request did (one connection, in order)
             rid = _rid("good")
-            await client.publish(topics.stage(0), _stage0(rid, image), qos=1)
+            await client.publish(topics.camera_stage(CAMERA), _stage0(rid, image), qos=1)
             await wait_until(
                 lambda: any(x["request_id"] == rid for x in col.results), what="a result"
             )

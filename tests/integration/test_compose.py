@@ -406,7 +406,9 @@ async def test_health_checks_work_against_the_secure_broker(
 ) -> None:
     """The same check, with the env a secure deployment gives (docs/deploy.md): TLS and a
     password; a node is healthy once its retained status says online."""
-    setup = prepare_secure_broker(tmp_path / "secure", "node-n0,controller,observer")
+    setup = prepare_secure_broker(
+        tmp_path / "secure", "node-n0,controller,observer", pipe=topic_prefix
+    )
     broker = broker_factory(
         template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
     )
@@ -483,7 +485,12 @@ def test_secure_override_in_the_docs_is_valid(tmp_path: Path) -> None:
     assert broker["command"] == ["mosquitto", "-c", str(setup.config_template)]
     assert f"{setup.run_dir}:{setup.run_dir}:ro" in broker["volumes"]
     assert broker["environment"]["EDGEPRUNE_MQTT_USERNAME"] == "observer"
-    users = {"controller": "controller", "node0": "node-n0", "node1": "node-n1", "camera": "camera"}
+    users = {
+        "controller": "controller",
+        "node0": "node-n0",
+        "node1": "node-n1",
+        "camera": "camera-cam0",
+    }
     for name, user in users.items():
         env = services[name]["environment"]
         assert env["EDGEPRUNE_MQTT_USERNAME"] == user, name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import ssl
@@ -38,22 +39,25 @@ from edgeprune.security import (
 from nodes.camera import Camera, ImageSource, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
+from pipeline import codec
 from pipeline.connection import MqttSettings
 from pipeline.errors import ConfigError
 from pipeline.slicing import parse_cuts
 from pipeline.topics import Topics
 from tests.conftest import BrokerFactory
-from tests.helpers import REPO, LineReader, collecting, stop_process, wait_until
+from tests.helpers import DATA_DIR, REPO, LineReader, collecting, stop_process, wait_until
 
 TIMEOUT = 10.0
+USERS = "camera-cam0,camera-cam1,node-n0,node-n1,controller,observer"
 
 
 @pytest.fixture(scope="module")
 def secure(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[MosquittoBroker, SecureSetup]]:
-    """One secure broker for the module: the default users, any pipe, TLS on a free port."""
-    setup = prepare_secure_broker(tmp_path_factory.mktemp("secure-broker"))
+    """One secure broker for the module: two cameras, two nodes, a controller and an
+    observer on any pipe (``--acl-pipe +``: each test has its own pipe), TLS on a free port."""
+    setup = prepare_secure_broker(tmp_path_factory.mktemp("secure-broker"), USERS, pipe="+")
     broker = MosquittoBroker(
         template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
     )
@@ -94,7 +98,7 @@ async def test_anonymous_and_wrong_passwords_are_refused(secure) -> None:
         host=broker.host,
         port=broker.port,
         tls_ca=setup.ca_cert,
-        username="camera",
+        username="camera-cam0",
         password="not-the-password",
     )
     stranger = MqttSettings(
@@ -104,7 +108,7 @@ async def test_anonymous_and_wrong_passwords_are_refused(secure) -> None:
         with pytest.raises(aiomqtt.MqttCodeError, match=r"(?i)not authori"):
             async with _client(settings):
                 pass
-    async with _client(_as(secure, "camera")):  # the right password gets in
+    async with _client(_as(secure, "camera-cam0")):  # the right password gets in
         pass
 
 
@@ -118,8 +122,8 @@ async def test_plain_mqtt_on_the_tls_port_fails(secure) -> None:
             MqttSettings(
                 host=broker.host,
                 port=broker.port,
-                username="camera",
-                password=setup.passwords["camera"],
+                username="camera-cam0",
+                password=setup.passwords["camera-cam0"],
             ),
             timeout=1.0,
         ):
@@ -163,14 +167,19 @@ async def test_clients_verify_the_broker_certificate(secure, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("intruder", "suffix", "owner"),
     [
-        ("camera", "control/stage/0", "controller"),
-        ("camera", "control/plan", "controller"),
-        ("camera", "stage/1", "node-n0"),
-        ("node-n0", "nodes/n1/status", "node-n1"),
+        ("camera-cam0", "control/stage/0", "controller"),  # a camera publishing control
+        ("camera-cam0", "control/plan", "controller"),
+        ("camera-cam0", "stage/1", "node-n0"),
+        ("camera-cam0", "stage/0/cam1", "camera-cam1"),  # another camera's images
+        ("camera-cam0", "errors/n0", "node-n0"),
+        ("node-n0", "stage/0/cam0", "camera-cam0"),  # a node forging stage 0
+        ("node-n0", "nodes/n1/status", "node-n1"),  # another node's status
         ("node-n0", "nodes/n1/metrics", "node-n1"),
+        ("node-n0", "errors/n1", "node-n1"),  # an error under another node's name
+        ("node-n0", "errors", "controller"),  # ... or the controller's
         ("node-n0", "control/stage/1", "controller"),
         ("observer", "results", "node-n1"),
-        ("controller", "stage/0", "camera"),
+        ("controller", "stage/0/cam0", "camera-cam0"),
     ],
 )
 async def test_forbidden_publish_is_not_delivered(
@@ -192,7 +201,7 @@ async def test_forbidden_publish_is_not_delivered(
 async def test_camera_reads_results_but_not_control(secure, topic_prefix: str) -> None:
     t = Topics(topic_prefix)
     async with (
-        _client(_as(secure, "camera")) as camera,
+        _client(_as(secure, "camera-cam0")) as camera,
         _client(_as(secure, "controller")) as controller,
         _client(_as(secure, "node-n1")) as node,
     ):
@@ -258,9 +267,7 @@ async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
 ) -> None:
     run_dir = tmp_path / "placed"
     setup = prepare_secure_broker(
-        run_dir,
-        "camera,node-n0,node-n1,controller,observer",
-        placements=parse_placements("n0:0,n1:1"),
+        run_dir, USERS, pipe=topic_prefix, placements=parse_placements("n0:0,n1:1")
     )
     broker = broker_factory(
         template=setup.config_template, run_dir=run_dir, tls_context=setup.probe_context()
@@ -282,6 +289,7 @@ async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
             return (await _first_message(reader)).payload == b"probe"
 
     assert await delivered("node-n0", t.stage(1))  # n0 serves stage 0: writes stage 1
+    assert not await delivered("node-n0", t.camera_stage("cam0"))  # reads it, never writes
     assert not await delivered("node-n0", t.stage(2))
     assert not await delivered("node-n0", t.results)
     assert await delivered("node-n1", t.results)  # n1 is last
@@ -290,9 +298,7 @@ async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
     # Re-plan: n0 now serves the last stage. Regenerate the ACL, SIGHUP, and it applies.
     log_size = broker.log_path.stat().st_size
     prepare_secure_broker(
-        run_dir,
-        "camera,node-n0,node-n1,controller,observer",
-        placements=parse_placements("n1:0,n0:1"),
+        run_dir, USERS, pipe=topic_prefix, placements=parse_placements("n1:0,n0:1")
     )
     broker.reload()
     await wait_until(
@@ -305,25 +311,71 @@ async def test_placements_pin_nodes_to_their_stage_and_reload_on_sighup(
 async def test_client_certificates_when_required(
     broker_factory: BrokerFactory, tmp_path: Path
 ) -> None:
-    setup = prepare_secure_broker(tmp_path / "mtls", "observer,camera", client_certs=True)
+    setup = prepare_secure_broker(tmp_path / "mtls", "observer,camera-cam0", client_certs=True)
     broker = broker_factory(
         template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
     )
-    settings = setup.settings("camera", broker.host, broker.port)
-    assert settings.tls_cert == setup.cert_dir / "camera.crt"
+    settings = setup.settings("camera-cam0", broker.host, broker.port)
+    assert settings.tls_cert == setup.cert_dir / "camera-cam0.crt"
     async with _client(settings):
         pass
     without_cert = MqttSettings(
         host=broker.host,
         port=broker.port,
-        username="camera",
-        password=setup.passwords["camera"],
+        username="camera-cam0",
+        password=setup.passwords["camera-cam0"],
         tls_ca=setup.ca_cert,
     )
     with pytest.raises(aiomqtt.MqttError):
         async with _client(without_cert, timeout=1.0):
             pass
     assert "peer did not return a certificate" in broker.log_tail()
+
+
+async def test_identity_is_the_user_not_the_client_id(secure, topic_prefix: str) -> None:
+    """A camera that connects with node n0's client id still cannot speak for n0: the ACL
+    names users, and the client id is whatever the client says (why no ``%c`` pattern)."""
+    t = Topics(topic_prefix)
+    node_client_id = f"edgeprune-{topic_prefix}-n0"
+    async with (
+        _client(_as(secure, "observer")) as reader,
+        aiomqtt.Client(
+            **_as(secure, "camera-cam0").aiomqtt_kwargs(), identifier=node_client_id
+        ) as impostor,
+    ):
+        await reader.subscribe(t.status("n0"), qos=1)
+        await impostor.publish(t.status("n0"), b"forged", qos=1)
+        async with _client(_as(secure, "node-n0")) as node:
+            await node.publish(t.status("n0"), b"genuine", qos=1)
+            message = await _first_message(reader)
+    assert message.payload == b"genuine"
+
+
+async def test_a_node_cannot_write_another_pipes_results(
+    broker_factory: BrokerFactory, tmp_path: Path, topic_prefix: str
+) -> None:
+    """With the ACL bound to one pipe (the default, ``--acl-pipe``), a node of that pipe
+    cannot write the results (nor anything) of another pipe on the same broker."""
+    mine, other = Topics(topic_prefix), Topics(f"{topic_prefix}-other")
+    setup = prepare_secure_broker(tmp_path / "one-pipe", "node-n1,observer", pipe=mine.pipe)
+    node_user, observer = parse_users("node-n1,observer")
+    # the reader must see every pipe, or the test would prove nothing
+    setup.acl_file.write_text(
+        render_acl([node_user], pipe=mine.pipe) + render_acl([observer], pipe="+")
+    )
+    broker = broker_factory(
+        template=setup.config_template, run_dir=setup.run_dir, tls_context=setup.probe_context()
+    )
+    async with (
+        _client(setup.settings("observer", broker.host, broker.port)) as reader,
+        _client(setup.settings("node-n1", broker.host, broker.port)) as node,
+    ):
+        await reader.subscribe(other.results, qos=1)
+        await reader.subscribe(mine.results, qos=1)
+        await node.publish(other.results, b"forged", qos=1)  # in order on one connection:
+        await node.publish(mine.results, b"genuine", qos=1)  # the genuine one comes second
+        message = await _first_message(reader)
+    assert (message.topic.value, message.payload) == (mine.results, b"genuine")
 
 
 # ---- the real components, each under its own account ----------------------------------------
@@ -357,7 +409,7 @@ async def test_pipeline_runs_on_the_secure_broker(
                 lambda: {s["node"] for s in col.statuses if s["state"] == "online"} == {"n0", "n1"}
             )
             camera = Camera(
-                _as(secure, "camera"),
+                _as(secure, "camera-cam0"),
                 topic_prefix,
                 test_images,
                 rate_schedule(50.0, 10, n_images=100),
@@ -366,18 +418,67 @@ async def test_pipeline_runs_on_the_secure_broker(
             )
             report = await camera.run()
             await wait_until(lambda: len(col.exits) >= 10, what="10 exits")
+            assert len(col.result_counts()) == 10 and not col.errors
+            # a node's error goes out on errors/<node>, which its own user may write
+            async with _client(_as(secure, "node-n0")) as upstream:
+                await upstream.publish(Topics(topic_prefix).stage(1), b"\xc1 no msgpack", qos=1)
+            await wait_until(lambda: bool(col.errors), what="n1's error")
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert report.completed == 10 and report.lost == 0
-    assert len(col.result_counts()) == 10 and not col.errors
+    assert [(e["node"], e["reason"].split(":")[0]) for e in col.errors] == [
+        ("n1", "malformed msgpack")
+    ]
+
+
+async def test_camera_cli_publishes_as_its_users_camera(secure, topic_prefix: str) -> None:
+    """``edgeprune camera`` logged in as camera-cam1 replays a trace whose camera ids are
+    others (``raspberry-pi-2@...``): every image goes out as cam1, on cam1's own topic."""
+    broker, setup = secure
+    t = Topics(topic_prefix)
+    env = {**os.environ, **setup.env("camera-cam1", broker.host, broker.port)}
+    async with _client(_as(secure, "observer")) as reader:
+        await reader.subscribe(t.camera_stage_all, qos=1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "edgeprune",
+            "camera",
+            "--pipe",
+            topic_prefix,
+            "--data-dir",
+            str(DATA_DIR),
+            "--trace",
+            "dsail_porini",
+            "--compression",
+            "1000",
+            "--max-idle",
+            "0.1",
+            "--max-images",
+            "3",
+            "--no-track",
+            cwd=REPO,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        seen = []
+        async with asyncio.timeout(60):
+            async for message in reader.messages:
+                seen.append((message.topic.value, codec.decode_stage(message.payload).camera))
+                if len(seen) == 3:
+                    break
+        _, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    assert seen == [(t.camera_stage("cam1"), "cam1")] * 3
 
 
 # ---- the files -------------------------------------------------------------------------------
 
 
 def test_files_are_private_and_passwords_survive_a_rerun(tmp_path: Path) -> None:
-    setup = prepare_secure_broker(tmp_path / "run", "camera,node-n0,observer")
+    setup = prepare_secure_broker(tmp_path / "run", "camera-cam0,node-n0,observer")
     private = [
         setup.credentials_file,
         setup.password_file,
@@ -401,26 +502,37 @@ def test_files_are_private_and_passwords_survive_a_rerun(tmp_path: Path) -> None
     assert "allow_anonymous false" in text and f"acl_file {setup.acl_file}" in text
 
     ca = setup.ca_cert.read_bytes()
-    again = prepare_secure_broker(tmp_path / "run", "camera,node-n0,observer,node-n1")
+    again = prepare_secure_broker(tmp_path / "run", "camera-cam0,node-n0,observer,node-n1")
     assert {u: again.passwords[u] for u in setup.passwords} == dict(setup.passwords)
     assert again.ca_cert.read_bytes() == ca
     assert "user node-n1" in again.acl_file.read_text()
 
 
-def test_user_names_carry_their_role() -> None:
+def test_user_names_carry_their_role_and_identity() -> None:
     users = parse_users("camera-north,node-n0,controller,observer")
-    assert [(u.role, u.node) for u in users] == [
-        ("camera", None),
-        ("node", "n0"),
-        ("controller", None),
-        ("observer", None),
+    assert [(u.role, u.node, u.camera) for u in users] == [
+        ("camera", None, "north"),
+        ("node", "n0", None),
+        ("controller", None, None),
+        ("observer", None, None),
     ]
-    for bad in ("admin", "node-", "camera,camera", "node-a/b", ""):
+    for bad in ("admin", "node-", "camera", "camera-", "camera-a,camera-a", "node-a/b", ""):
         with pytest.raises(ConfigError):
             parse_users(bad)
-    acl = render_acl(parse_users("node-n0"), pipe="farm")
+    acl = render_acl(parse_users("node-n0,camera-north"), pipe="farm")
     assert "topic readwrite edgeprune/farm/nodes/n0/#" in acl
-    assert "nodes/+" not in acl and "edgeprune/#" not in acl
+    assert "topic write edgeprune/farm/errors/n0" in acl
+    assert "topic write edgeprune/farm/stage/0/north" in acl
+    assert "nodes/+" not in acl and "edgeprune/#" not in acl and "errors/+" not in acl
+    assert "stage/0\n" not in acl and "stage/#" not in acl  # no way into another's stage 0
+    assert "pattern" not in acl  # identities are literal: see render_acl
+
+
+def test_least_privilege_is_the_default() -> None:
+    """Without --acl-pipe, the users are bound to the default pipe, as every component is."""
+    acl = render_acl(parse_users("camera-cam0,node-n0,controller,observer"))
+    topics = [line.split()[-1] for line in acl.splitlines() if line.startswith("topic ")]
+    assert all(t.startswith("edgeprune/default/") or t == "$SYS/#" for t in topics), topics
 
 
 # ---- edgeprune broker --secure -----------------------------------------------------------------
@@ -442,7 +554,7 @@ async def test_cli_secure_prints_where_the_credentials_are(
             "--run-dir",
             str(run_dir),
             "--users",
-            "camera,node-n0,observer",
+            "camera-cam0,node-n0,observer",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -457,7 +569,7 @@ async def test_cli_secure_prints_where_the_credentials_are(
         assert match, out
         assert f"{run_dir / 'credentials.json'} (mode 0600)" in out
         env_file = run_dir / "credentials" / "node-n0.env"
-        assert f"set -a; . {run_dir / 'credentials' / 'camera.env'}; set +a" in out
+        assert f"set -a; . {run_dir / 'credentials' / 'camera-cam0.env'}; set +a" in out
         env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
         assert env["EDGEPRUNE_MQTT_PORT"] == match.group(1)
         assert env["EDGEPRUNE_MQTT_PASSWORD"] not in out  # never printed
