@@ -30,6 +30,7 @@ validated by leave-one-out. A configuration with one pruned slice is predicted e
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -538,9 +539,14 @@ def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
     return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
 
 
-def accuracy_cache(m: Measurements, tag: str, root: Path = Path("runs/slimedge")) -> Path:
-    """Where :class:`MeasuredAccuracy` keeps the accuracies of ``m``'s model on one set."""
-    return root / f"accuracy-{m.model_name}-{m.model_hash}-{tag}.json"
+def accuracy_cache(m: Measurements, data: ArrayDataset, root: Path = Path("runs/slimedge")) -> Path:
+    """Where :class:`MeasuredAccuracy` keeps the accuracies of ``m``'s model on ``data``: the
+    file is named after the model and the set's name and content (images and labels), so a
+    changed data set never reads another's accuracies."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+    digest.update(np.ascontiguousarray(data.labels).tobytes())
+    name = data.name.replace("/", "-")
+    return root / f"accuracy-{m.model_name}-{m.model_hash}-{name}-{digest.hexdigest()[:12]}.json"
 
 
 def load_or_measure(

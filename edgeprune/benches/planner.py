@@ -152,12 +152,10 @@ def run(args: argparse.Namespace) -> BenchReport:
     bank = SliceBank(ckpt, m.costs.ratios, int(m.meta.get("round_to", 8)))
     veto_half, check_half = split_halves(splits.val)
 
-    def measured_on(data: Any, tag: str) -> MeasuredAccuracy:
-        return MeasuredAccuracy(bank, data, accuracy_cache(m, tag))
+    def measured_on(data: Any) -> MeasuredAccuracy:
+        return MeasuredAccuracy(bank, data, accuracy_cache(m, data))
 
-    veto = measured_on(veto_half, "val-a")
-    check = measured_on(check_half, "val-b")
-    test = measured_on(splits.test, "test")
+    veto, check, test = measured_on(veto_half), measured_on(check_half), measured_on(splits.test)
 
     def planner_with(margin: float | None) -> Planner:
         if margin is None:

@@ -16,10 +16,13 @@ from controller.importance import (
     Combo,
     CostTable,
     Measurements,
+    accuracy_cache,
     contiguous_ranges,
     fit_accuracy_model,
+    split_halves,
 )
 from controller.planner import Planner, configuration_count, failure_weights
+from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
 from pipeline.multiview import view_levels
 from pipeline.partition import MIB, Device, partition
@@ -356,3 +359,25 @@ def test_a_vetoed_configuration_is_not_tried_again_on_other_devices() -> None:
     assert vetoes > 0
     starved = Planner(table, acc, measured=unpruned_only, veto_tries=vetoes)
     assert starved.plan(_uniform_devices(table, 6), 0.5).best is None
+
+
+def test_measured_accuracies_of_different_data_never_share_a_cache_file() -> None:
+    """The cache is named after the set's content: a set with other labels or other images
+    (same name, same model) gets its own file; the halves of a split are disjoint."""
+    rng = random.Random(3)
+    table = _table(rng, 2)
+    ranges = contiguous_ranges(2)
+    m = Measurements("m", "h", 10, table, tuple(ranges), np.zeros((3, 4)), np.full((3, 4), 0.9), ())
+    images = np.zeros((20, 2, 2), dtype=np.uint8)
+    labels = np.arange(20) % 2
+    data = ArrayDataset(images, labels, ("a", "b"), "set/test")
+    relabelled = ArrayDataset(images, 1 - labels, ("a", "b"), "set/test")
+    blank = ArrayDataset(images + 1, labels, ("a", "b"), "set/test")
+    paths = {accuracy_cache(m, d) for d in (data, relabelled, blank)}
+    assert len(paths) == 3 and all(p.parent.name == "slimedge" for p in paths)
+    assert accuracy_cache(m, data) == accuracy_cache(
+        m, ArrayDataset(images, labels, ("a", "b"), "set/test")
+    )
+    a, b = split_halves(data)
+    assert len(a) + len(b) == len(data) and a.name == "set/test/a"
+    assert sorted(np.bincount(a.labels).tolist()) == sorted(np.bincount(b.labels).tolist())
