@@ -70,7 +70,7 @@ Method = Literal["auto", "exact", "nsga2"]
 EXACT_LIMIT = 200_000
 # the measured veto's margin `edgeprune bench planner` chose on the validation split for the
 # default model (docs/bench/planner.md); `edgeprune plan --veto-margin` overrides it
-DEFAULT_VETO_MARGIN = 0.01
+DEFAULT_VETO_MARGIN = 0.0
 _TOL = 1e-12
 
 
