@@ -30,6 +30,7 @@ validated by leave-one-out. A configuration with one pruned slice is predicted e
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -349,6 +350,70 @@ def accuracy_of(
     return float((logits.argmax(1) == y).float().mean())
 
 
+def split_halves(data: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """``data`` cut in two seeded, stratified halves (``<name>/a``, ``<name>/b``). The planner's
+    measured veto uses half a of the validation split and its margin is chosen on half b, so
+    that the test split is left for the final figure."""
+    rng = np.random.default_rng(seed)
+    a: list[NDArray[np.intp]] = []
+    b: list[NDArray[np.intp]] = []
+    for c in np.unique(data.labels):
+        idx = np.flatnonzero(data.labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        a.append(idx[: len(idx) // 2])
+        b.append(idx[len(idx) // 2 :])
+    return (
+        data.subset(np.sort(np.concatenate(a)), f"{data.name}/a"),
+        data.subset(np.sort(np.concatenate(b)), f"{data.name}/b"),
+    )
+
+
+class MeasuredAccuracy:
+    """The real end-to-end accuracy of configurations (slice bounds, a level per slice) on one
+    labelled set, measured once each (:func:`accuracy_of`) and remembered, in a JSON file too
+    when ``cache`` is given (keyed by the configuration; name the file after the model and the
+    set). Callable as the planner's measured veto (``Planner(measured=...)``)."""
+
+    def __init__(self, bank: SliceBank, data: ArrayDataset, cache: Path | None = None) -> None:
+        self.bank, self.data, self.cache = bank, data, cache
+        self._x: torch.Tensor | None = None
+        self._y = torch.from_numpy(data.labels)
+        self.known: dict[str, float] = {}
+        if cache is not None and cache.exists():
+            try:
+                self.known = {str(k): float(v) for k, v in json.loads(cache.read_text()).items()}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"cannot read measured accuracies {cache}: {exc}") from exc
+        self._saved = len(self.known)
+
+    @staticmethod
+    def key(bounds: Sequence[Range], levels: Sequence[int]) -> str:
+        return json.dumps(
+            [[int(i), int(j), int(lv)] for (i, j), lv in zip(bounds, levels, strict=True)]
+        )
+
+    def __call__(self, bounds: Sequence[Range], levels: Sequence[int]) -> float:
+        key = self.key(bounds, levels)
+        if key not in self.known:
+            if self._x is None:
+                self._x = self.bank.ckpt.preprocess(self.data.images)
+            self.known[key] = accuracy_of(
+                self.bank, self._x, self._y, [(int(i), int(j)) for i, j in bounds], list(levels)
+            )
+            log.debug("measured %s on %s: %.4f", key, self.data.name, self.known[key])
+        return self.known[key]
+
+    def save(self) -> None:
+        """Write the cache file if something new was measured."""
+        if self.cache is None or len(self.known) == self._saved:
+            return
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.known, indent=0))
+        tmp.replace(self.cache)
+        self._saved = len(self.known)
+
+
 def sample_combos(
     base: AccuracyModel, n: int, count: int, seed: int = 0, region: float = 0.8
 ) -> list[tuple[tuple[Range, ...], tuple[int, ...]]]:
@@ -472,6 +537,16 @@ def _tail_accuracy(
 
 def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
     return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
+
+
+def accuracy_cache(m: Measurements, data: ArrayDataset, root: Path = Path("runs/slimedge")) -> Path:
+    """Where :class:`MeasuredAccuracy` keeps the accuracies of ``m``'s model on ``data``: the
+    file is named after the model and the set's name and content (images and labels), so a
+    changed data set never reads another's accuracies."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+    digest.update(np.ascontiguousarray(data.labels).tobytes())
+    name = data.name.replace("/", "-")
+    return root / f"accuracy-{m.model_name}-{m.model_hash}-{name}-{digest.hexdigest()[:12]}.json"
 
 
 def load_or_measure(

@@ -36,6 +36,14 @@ constraint domination on memory overflow + accuracy deficit; seeded with the bes
 at every uniform level; the best result hill-climbed over one-step neighbours). The Pareto
 front (objective vs accuracy, memory-feasible: all configurations when exact, all NSGA-II
 evaluated otherwise) comes with either.
+
+**Measured veto** (``measured``, e.g. :class:`~controller.importance.MeasuredAccuracy` on
+half a of the validation split): candidates are taken in the order above and a candidate is
+kept only if its real accuracy is at least ``floor + measured_margin``; a configuration
+(slice bounds and levels) vetoed once is skipped on every other placement, and after
+``veto_tries`` distinct vetoed configurations there is no plan. The predicted accuracy still
+has to meet the floor. ``edgeprune bench planner`` chooses the margin on the other half of the
+validation split.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import bisect
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +68,9 @@ from pipeline.slicing import SliceBounds
 Objective = Literal["bottleneck", "expected"]
 Method = Literal["auto", "exact", "nsga2"]
 EXACT_LIMIT = 200_000
+# the measured veto's margin `edgeprune bench planner` chose on the validation split for the
+# default model (docs/bench/planner.md); `edgeprune plan --veto-margin` overrides it
+DEFAULT_VETO_MARGIN = 0.0
 _TOL = 1e-12
 
 
@@ -264,6 +275,8 @@ class Planner:
         population: int = 80,
         generations: int = 60,
         measured: Callable[[tuple[tuple[int, int], ...], tuple[int, ...]], float] | None = None,
+        measured_margin: float = 0.0,
+        veto_tries: int = 100,
     ) -> None:
         ranges = contiguous_ranges(table.n_blocks)
         if accuracy.delta.shape != (len(ranges), table.n_levels):
@@ -276,7 +289,11 @@ class Planner:
         self.outage_factor = outage_factor
         self.stall_s = recovery_s**2 / (2.0 * horizon_s)
         self.population, self.generations = population, generations
-        self.measured = measured  # real accuracy of (slice bounds, levels): vetoes the model
+        # real accuracy of (slice bounds, levels): a plan is kept only if it measures at least
+        # floor + measured_margin (the margin covers the gap to data the veto has not seen);
+        # after veto_tries distinct vetoed configurations the plan is None
+        self.measured, self.measured_margin = measured, measured_margin
+        self.veto_tries = veto_tries
         self._memo: dict[tuple[Any, ...], PlanResult] = {}  # plans are pure: reuse them
 
     def count(self, n_devices: int, n_levels: int | None = None) -> int:
@@ -335,9 +352,14 @@ class Planner:
 
             def accept(i: int) -> bool:
                 edges, _, lv = ev.decode(i)
-                return measured(tuple(itertools.pairwise(edges)), lv) >= floor - _TOL
+                bounds = tuple(itertools.pairwise(edges))
+                return measured(bounds, lv) >= floor + self.measured_margin - _TOL
 
-        best, slo_met = _choose(ev, floor, slo_s, accept)
+        def config(i: int) -> Hashable:  # what the measured veto depends on: bounds and levels
+            edges, _, lv = ev.decode(i)
+            return edges, lv
+
+        best, slo_met = _choose(ev, floor, slo_s, accept, self.veto_tries, config)
         ok = np.flatnonzero(ev.fits)
         front = ok[_front(ev.objective[ok], ev.accuracy[ok], ev.total[ok])]
 
@@ -604,9 +626,11 @@ def _choose(
     slo_s: float | None,
     accept: Callable[[int], bool] | None = None,
     tries: int = 25,
+    config: Callable[[int], Hashable] | None = None,
 ) -> tuple[int | None, bool | None]:
     """Index of the best configuration (module docstring) and whether the SLO is met.
-    ``accept`` (the measured-accuracy check) may veto candidates, at most ``tries`` times."""
+    ``accept`` (the measured-accuracy check) may veto candidates, at most ``tries`` distinct
+    ones: a candidate whose ``config`` (what the check depends on) was vetoed is skipped."""
     ok = np.flatnonzero(ev.fits & (ev.accuracy >= floor - _TOL))
     stages = ev.stages[ok]
     within = (
@@ -625,9 +649,16 @@ def _choose(
             )
         )
     ]
-    for i in order[:tries] if accept is not None else order[:1]:
+    vetoed: set[Hashable] = set()
+    for i in order if accept is not None else order[:1]:
+        key = config(int(i)) if config is not None else int(i)
+        if key in vetoed:
+            continue
         if accept is None or accept(int(i)):
             return int(i), None if slo_s is None else bool(within[np.searchsorted(ok, i)])
+        vetoed.add(key)
+        if len(vetoed) >= tries:
+            break
     return None, None if slo_s is None else False
 
 

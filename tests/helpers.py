@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 
+from controller.importance import (
+    Measurements,
+    SliceBank,
+    block_inputs,
+    contiguous_ranges,
+    measure_costs,
+)
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
@@ -203,3 +211,28 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> int:
         proc.kill()
         proc.wait(10)
         raise
+
+
+def stand_in_measurements(checkpoint: Checkpoint) -> Measurements:
+    """Real per-block costs (briefly timed) and a stand-in importance that grows with ratio and
+    slice length, as the measurements file the planner loads (no combos: kappa = 1)."""
+    bank = SliceBank(checkpoint)
+    costs, _ = measure_costs(
+        bank,
+        block_inputs(bank.model, checkpoint.calibration_tensor(2)),
+        runs=5,
+        warmup=1,
+        ranges=False,
+    )
+    ranges = contiguous_ranges(costs.n_blocks)
+    acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
+    return Measurements(
+        checkpoint.config.name,
+        checkpoint.model_hash(),
+        checkpoint.config.num_classes,
+        costs,
+        tuple(ranges),
+        np.zeros_like(acc),
+        acc,
+        (),
+    )

@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgeprune.commands._common import add_json, format_table, print_json
+from edgeprune.benches.goals import BenchReport, GoalSpec
+from edgeprune.commands._common import add_json, format_table
 
 DEFAULT_SIZES = ("16KB", "200KB", "800KB", "4MB")
 MIB = 1024 * 1024
 _UNITS = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": MIB, "MIB": MIB}
+# a comparison with a memory copy, no promise: the hop's budget is `bench hop`'s goal
+GOALS: tuple[GoalSpec, ...] = ()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -153,11 +156,12 @@ def _measure_one(msg: Any, x: Any, repeats: int) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> BenchReport:
     result = measure(args.sizes, args.repeats)
-    if args.json:
-        print_json(result)
-        return 0
+    return BenchReport(result, render(result), ())
+
+
+def render(result: dict[str, Any]) -> str:
     keys = [
         "size",
         "wire_bytes",
@@ -172,28 +176,27 @@ def run(args: argparse.Namespace) -> int:
     ]
     f16_keys = ["wire_bytes", "codec_ms_per_MB", "ratio"]
     rows = [[r[k] for k in keys] + [r["float16"][k] for k in f16_keys] for r in result["sizes"]]
-    print(
-        f"msgpack stage codec vs memcpy, ms per MiB of float32 tensor, median (and p95) of "
-        f"{result['repeats']} runs"
+    return "\n".join(
+        [
+            f"msgpack stage codec vs memcpy, ms per MiB of float32 tensor, median (and p95) of "
+            f"{result['repeats']} runs",
+            format_table(
+                [
+                    "size",
+                    "wire B",
+                    "us/msg",
+                    "enc",
+                    "dec",
+                    "enc+dec",
+                    "p95",
+                    "memcpy",
+                    "p95",
+                    "codec/memcpy",
+                    "f16 wire B",
+                    "f16 enc+dec",
+                    "f16/memcpy",
+                ],
+                rows,
+            ),
+        ]
     )
-    print(
-        format_table(
-            [
-                "size",
-                "wire B",
-                "us/msg",
-                "enc",
-                "dec",
-                "enc+dec",
-                "p95",
-                "memcpy",
-                "p95",
-                "codec/memcpy",
-                "f16 wire B",
-                "f16 enc+dec",
-                "f16/memcpy",
-            ],
-            rows,
-        )
-    )
-    return 0

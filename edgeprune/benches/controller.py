@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 
+from edgeprune.benches.goals import BenchReport, GoalSpec
 from edgeprune.commands._common import add_json
+
+DECISION_GOAL = GoalSpec("decision_ms_8_slices", "<=", 1.0)
+GOALS = (DECISION_GOAL,)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> BenchReport:
     from edgeprune.benches.controller_impl import run
 
     return run(args)

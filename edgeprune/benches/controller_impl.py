@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from controller.optimizer import Decision, brute_force, solve_bottleneck, solve_sum
-from edgeprune.commands._common import format_table, print_json
+from edgeprune.benches.controller import DECISION_GOAL
+from edgeprune.benches.goals import BenchReport
+from edgeprune.commands._common import format_table
 from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 SIZES = (2, 4, 8)
@@ -96,11 +98,13 @@ def measure(runs: int, brute_runs: int, n_instances: int, seed: int) -> dict[str
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> BenchReport:
     result = measure(args.runs, args.brute_runs, args.instances, args.seed)
-    if args.json:
-        print_json(result)
-        return 0
+    goals = (DECISION_GOAL.measured(result["decision_ms_8_slices"]),)
+    return BenchReport(result, render(result), goals)
+
+
+def render(result: dict[str, Any]) -> str:
     rows = []
     for n, e in result["sizes"].items():
         for obj in ("bottleneck", "sum"):
@@ -114,14 +118,13 @@ def run(args: argparse.Namespace) -> int:
                     e.get(f"agree_{obj}", "-"),
                 ]
             )
-    print(
-        f"decision time, 6 levels, median of {result['runs']} calls over "
-        f"{result['instances']} random instances per size"
+    return "\n".join(
+        [
+            f"decision time, 6 levels, median of {result['runs']} calls over "
+            f"{result['instances']} random instances per size",
+            format_table(
+                ["slices", "objective", "ours ms", "brute ms", "brute/ours", "same optimum"], rows
+            ),
+            f"decision_ms_8_slices (bottleneck) = {result['decision_ms_8_slices']:.4f}",
+        ]
     )
-    print(
-        format_table(
-            ["slices", "objective", "ours ms", "brute ms", "brute/ours", "same optimum"], rows
-        )
-    )
-    print(f"decision_ms_8_slices (bottleneck) = {result['decision_ms_8_slices']:.4f}")
-    return 0

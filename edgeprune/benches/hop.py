@@ -41,18 +41,22 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.benches.codec import _parse_sizes, _size_bytes
+from edgeprune.benches.goals import BenchReport, Goal, GoalSpec
 from edgeprune.commands._common import (
     add_checkpoint,
     add_data_dir,
     add_json,
     data_dir,
     format_table,
-    print_json,
 )
 
 DEFAULT_SIZES = ("16KB", "200KB", "800KB")
 HOP_GOAL_MS = 1.0  # p50 at 200 KB on loopback
 THROUGHPUT_GOAL = 0.9  # of the compute bound
+GOALS = (
+    GoalSpec("hop_p50_ms_200KB", "<=", HOP_GOAL_MS),
+    GoalSpec("throughput_fraction_of_bound", ">=", THROUGHPUT_GOAL),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -633,9 +637,8 @@ def render(r: dict[str, Any]) -> str:
     frac = r["throughput_fraction_of_bound"]
     out += [
         "",
-        f"hop_p50_ms_200KB = {r['hop_p50_ms_200KB']:.3f} (goal <= {HOP_GOAL_MS}); "
-        f"throughput_fraction_of_bound = "
-        f"{'-' if frac is None else format(frac, '.3f')} (goal >= {THROUGHPUT_GOAL}); "
+        f"hop_p50_ms_200KB = {r['hop_p50_ms_200KB']:.3f}; "
+        f"throughput_fraction_of_bound = {'-' if frac is None else format(frac, '.3f')}; "
         f"{r['cpus']} CPUs, load average {r['load_avg_1m']:.2f}",
     ]
     return "\n".join(out)
@@ -694,15 +697,21 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> BenchReport:
     report = measure(args)
     json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
     plot(report, png_path)
     report["files"] = {"json": str(json_path), "png": str(png_path)}
     json_path.write_text(json.dumps(report, indent=2))
-    if args.json:
-        print_json(report)
-    else:
-        print(render(report))
-        print(f"wrote {json_path} and {png_path}")
-    return 0
+    text = f"{render(report)}\nwrote {json_path} and {png_path}"
+    return BenchReport(report, text, goals(report, throughput=not args.skip_throughput))
+
+
+def goals(report: dict[str, Any], *, throughput: bool = True) -> tuple[Goal, ...]:
+    """The figures ``GOALS`` name, as measured; without the throughput part, its goal is
+    left out (not missed)."""
+    return tuple(
+        spec.measured(report[spec.figure])
+        for spec in GOALS
+        if throughput or spec.figure != "throughput_fraction_of_bound"
+    )

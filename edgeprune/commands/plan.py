@@ -83,10 +83,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measurements JSON (default runs/slimedge/measurements-<model>.json)",
     )
     parser.add_argument("--front", type=int, default=12, help="Pareto points to print")
+    veto = parser.add_mutually_exclusive_group()
+    veto.add_argument(
+        "--veto-margin",
+        type=float,
+        default=None,
+        help="a plan must measure at least floor + this on half a of the validation split "
+        "(the measured veto; default: the margin `edgeprune bench planner` chose on the "
+        "validation split for the default model)",
+    )
+    veto.add_argument(
+        "--no-veto", action="store_true", help="predicted accuracy only (no measured veto)"
+    )
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="measure the chosen plan's real accuracy on the test split",
+        help="measure the chosen plan's real accuracy on the test split; below the floor it "
+        "is an error and nothing is published or written",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the plan as JSON")
     parser.add_argument(
@@ -116,8 +129,15 @@ def _stage_rows(plan: Any, names: list[str]) -> list[list[Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.importance import SliceBank, accuracy_of, fit_accuracy_model, load_or_measure
-    from controller.planner import Planner
+    from controller.importance import (
+        MeasuredAccuracy,
+        SliceBank,
+        accuracy_cache,
+        fit_accuracy_model,
+        load_or_measure,
+        split_halves,
+    )
+    from controller.planner import DEFAULT_VETO_MARGIN, Planner
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
     from pipeline.errors import ConfigError
@@ -129,26 +149,37 @@ def run(args: argparse.Namespace) -> int:
     m = load_or_measure(ckpt, splits.val, args.measurements, progress=not args.json)
     accuracy = fit_accuracy_model(m)
     floor = args.floor if args.floor is not None else m.unpruned_accuracy - args.max_drop
+    bank = SliceBank(ckpt, m.costs.ratios, int(m.meta.get("round_to", 8)))
+    margin = None if args.no_veto else args.veto_margin
+    if margin is None and not args.no_veto:
+        margin = DEFAULT_VETO_MARGIN
+    veto = None
+    if margin is not None:
+        veto_half = split_halves(splits.val)[0]
+        veto = MeasuredAccuracy(bank, veto_half, accuracy_cache(m, veto_half))
     planner = Planner(
         m.costs,
         accuracy,
         exact_limit=args.exact_limit,
         max_stages=args.max_stages,
         recovery_s=args.recovery_s,
+        measured=veto,
+        measured_margin=margin or 0.0,
     )
     slo = None if args.slo_ms is None else args.slo_ms / 1e3
     result = planner.plan(devices, floor, objective=args.objective, slo_s=slo, method=args.method)
     unpruned = planner.plan(devices, floor, levels=0).best
-    uniform = next(
-        (
-            p
-            for lv in range(m.costs.n_levels)
-            if (p := planner.plan(devices, floor, levels=lv).best) is not None
-        ),
-        None,
-    )
+    uniform_plans = [
+        p for lv in range(m.costs.n_levels) if (p := planner.plan(devices, floor, levels=lv).best)
+    ]
+    uniform = min(uniform_plans, key=lambda p: p.bottleneck_s) if uniform_plans else None
+    if veto is not None:
+        veto.save()
     out: dict[str, Any] = {
         "floor": floor,
+        "veto": None
+        if veto is None
+        else {"measured_on": f"{veto.data.name} ({len(veto.data)} images)", "margin": margin},
         "unpruned_accuracy": m.unpruned_accuracy,
         "accuracy_model": {"kappa": accuracy.kappa, **accuracy.validation},
         **result.to_dict(),
@@ -159,18 +190,25 @@ def run(args: argparse.Namespace) -> int:
     if best is None:
         if args.json:
             print_json(out)
+        measured = "" if veto is None else f" and measured accuracy >= {floor + margin:.3f}"
         raise ConfigError(
             f"no plan on {[d.name for d in devices]} fits the memory caps with "
-            f"predicted accuracy >= {floor:.3f}"
+            f"predicted accuracy >= {floor:.3f}{measured}"
         )
     if args.verify:
-        import torch
-
-        bank = SliceBank(ckpt, m.costs.ratios)
-        x, y = ckpt.preprocess(splits.test.images), torch.from_numpy(splits.test.labels)
-        out["measured_accuracy_test"] = accuracy_of(
-            bank, x, y, [(s.start, s.end) for s in best.stages], best.levels
-        )
+        test = MeasuredAccuracy(bank, splits.test, accuracy_cache(m, splits.test))
+        measured_test = test([(s.start, s.end) for s in best.stages], best.levels)
+        test.save()
+        out["measured_accuracy_test"] = measured_test
+        out["verified"] = measured_test >= floor
+        if not out["verified"]:
+            if args.json:
+                print_json(out)
+            raise ConfigError(
+                f"the plan (levels {list(best.levels)}) measures {measured_test:.4f} on the "
+                f"test split, below the floor {floor:.4f} (predicted {best.accuracy:.4f}): "
+                "not published"
+            )
     message = best.to_message(1, "edgeprune plan")
     if args.publish:
         version = _publish(args, best)
@@ -204,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, p in (
         ("unpruned (best level-0 partition)", unpruned),
-        ("uniform (smallest level meeting the floor)", uniform),
+        ("uniform (best level meeting the bounds)", uniform),
     ):
         print(
             f"{name}: "

@@ -23,7 +23,6 @@ import pytest
 from controller.failover import FailoverMonitor, FailoverSettings, run_failover
 from controller.importance import (
     AccuracyModel,
-    Measurements,
     SliceBank,
     block_inputs,
     contiguous_ranges,
@@ -42,7 +41,14 @@ from pipeline.partition import MIB, Device
 from pipeline.plan_message import PlanMessage
 from pipeline.slicing import SliceBounds
 from pipeline.topics import Topics
-from tests.helpers import REPO, collecting, node_process, stop_process, wait_until
+from tests.helpers import (
+    REPO,
+    collecting,
+    node_process,
+    stand_in_measurements,
+    stop_process,
+    wait_until,
+)
 
 RESEND_S = 2.0
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.1)
@@ -182,31 +188,6 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     assert len(report.results) == report.sent
 
 
-def _measurements(checkpoint: Checkpoint) -> Measurements:
-    """Real per-block costs (briefly timed) and the stand-in importance of ``_planner``, as the
-    measurements file the controller loads (no combos: kappa = 1)."""
-    bank = SliceBank(checkpoint)
-    costs, _ = measure_costs(
-        bank,
-        block_inputs(bank.model, checkpoint.calibration_tensor(2)),
-        runs=5,
-        warmup=1,
-        ranges=False,
-    )
-    ranges = contiguous_ranges(costs.n_blocks)
-    acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
-    return Measurements(
-        checkpoint.config.name,
-        checkpoint.model_hash(),
-        checkpoint.config.num_classes,
-        costs,
-        tuple(ranges),
-        np.zeros_like(acc),
-        acc,
-        (),
-    )
-
-
 def _calibration(
     checkpoint: Checkpoint, bounds: list[tuple[int, int]], ratios: tuple[float, ...]
 ) -> Calibration:
@@ -241,7 +222,7 @@ async def _retained_plan(mqtt: MqttSettings, topics: Topics) -> PlanMessage | No
 async def test_controller_cli_failover_publishes_a_retained_plan_without_the_killed_node(
     checkpoint, mqtt, topic_prefix, tmp_path: Path
 ):
-    m = _measurements(checkpoint)
+    m = stand_in_measurements(checkpoint)
     m_path = m.save(tmp_path / "measurements.json")
     n = m.costs.n_blocks
     bounds = [(0, 2), (2, 4), (4, n)]

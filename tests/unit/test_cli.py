@@ -277,3 +277,34 @@ def test_help_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_data
+def test_bench_prune_check_exits_1_and_names_a_missed_goal(trained, tmp_path, capsys):
+    """A switch can never take 0 ms: with that target --check fails and names switch_ms;
+    without --check the same run exits 0."""
+    argv = [
+        "bench",
+        "prune",
+        "--checkpoint",
+        str(trained),
+        "--cuts",
+        "2",
+        "--repeats",
+        "10",
+        "--switch-runs",
+        "100",
+        "--switch-trials",
+        "10",
+        "--out",
+        str(tmp_path / "bp"),
+        "--goal",
+        "switch_ms=0",
+    ]
+    assert _run(*argv, "--check") == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("edgeprune bench prune: goal missed:")
+    assert "switch_ms = " in captured.err and "(goal <= 0): NOT met" in captured.err
+    assert "speedup_over_mac_at_0.3 = " in captured.out
+    assert _run(*argv) == 0
+    assert "switch_ms = " in capsys.readouterr().out

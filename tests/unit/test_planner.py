@@ -16,10 +16,13 @@ from controller.importance import (
     Combo,
     CostTable,
     Measurements,
+    accuracy_cache,
     contiguous_ranges,
     fit_accuracy_model,
+    split_halves,
 )
 from controller.planner import Planner, configuration_count, failure_weights
+from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
 from pipeline.multiview import view_levels
 from pipeline.partition import MIB, Device, partition
@@ -303,3 +306,78 @@ def test_accuracy_model_is_exact_for_one_pruned_slice_and_fits_kappa() -> None:
     fitted = fit_accuracy_model(m)
     assert fitted.kappa == pytest.approx(1.4, abs=1e-3)
     assert fitted.validation["loo_mae"] < 1e-4
+
+
+def _uniform_devices(table: CostTable, m: int) -> list[Device]:
+    """``m`` identical devices that hold the whole model: many placements tie."""
+    full = table.footprint(0) / MIB
+    return [Device(f"d{k}", 1.0, 2 * full, 1e4, 0.0, 0.0) for k in range(m)]
+
+
+def test_the_measured_veto_with_a_margin_is_planning_on_the_measured_accuracy() -> None:
+    """A measurement 0.05 below the prediction and a margin of 0.02: the plan is the one the
+    predicted model alone gives for a floor 0.07 higher."""
+    rng = random.Random(5)
+    table, acc = _table(rng, 4), _accuracy(rng, 4)
+    index = {r: k for k, r in enumerate(contiguous_ranges(4))}
+    calls: list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = []
+
+    def measured(bounds: tuple[tuple[int, int], ...], levels: tuple[int, ...]) -> float:
+        calls.append((bounds, levels))
+        return acc.predict_one([index[b] for b in bounds], levels) - 0.05
+
+    devices = _devices(rng, 3, table)
+    for floor in (0.80, 0.85, 0.88):
+        vetoed = Planner(table, acc, measured=measured, measured_margin=0.02).plan(devices, floor)
+        plain = Planner(table, acc).plan(devices, floor + 0.07)
+        assert (vetoed.best is None) == (plain.best is None)
+        if plain.best is not None and vetoed.best is not None:
+            assert vetoed.best.objective_s == pytest.approx(plain.best.objective_s)
+            bounds = tuple((st.start, st.end) for st in vetoed.best.stages)
+            assert measured(bounds, vetoed.best.levels) >= floor + 0.02 - 1e-9
+    assert calls, "the veto was never asked"
+
+
+def test_a_vetoed_configuration_is_not_tried_again_on_other_devices() -> None:
+    """Every pruned configuration measures below the floor; with six identical devices each
+    two-slice configuration has 15 placements, yet the veto spends one try per configuration
+    and reaches the unpruned plan."""
+    rng = random.Random(2)
+    table, acc = _table(rng, 2), _accuracy(rng, 2)
+    asked: list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = []
+
+    def unpruned_only(bounds: tuple[tuple[int, int], ...], levels: tuple[int, ...]) -> float:
+        asked.append((bounds, levels))
+        return 0.95 if not any(levels) else 0.1
+
+    pruned_configs = (len(RATIOS) - 1) + (len(RATIOS) ** 2 - 1)  # one slice, two slices
+    planner = Planner(table, acc, measured=unpruned_only, veto_tries=pruned_configs + 1)
+    best = planner.plan(_uniform_devices(table, 6), 0.5).best
+    assert best is not None and not any(best.levels)
+    assert len(asked) == len(set(asked)) <= pruned_configs + 1
+    vetoes = len(asked) - 1
+    assert vetoes > 0
+    starved = Planner(table, acc, measured=unpruned_only, veto_tries=vetoes)
+    assert starved.plan(_uniform_devices(table, 6), 0.5).best is None
+
+
+def test_measured_accuracies_of_different_data_never_share_a_cache_file() -> None:
+    """The cache is named after the set's content: a set with other labels or other images
+    (same name, same model) gets its own file; the halves of a split are disjoint."""
+    rng = random.Random(3)
+    table = _table(rng, 2)
+    ranges = contiguous_ranges(2)
+    m = Measurements("m", "h", 10, table, tuple(ranges), np.zeros((3, 4)), np.full((3, 4), 0.9), ())
+    images = np.zeros((20, 2, 2), dtype=np.uint8)
+    labels = np.arange(20) % 2
+    data = ArrayDataset(images, labels, ("a", "b"), "set/test")
+    relabelled = ArrayDataset(images, 1 - labels, ("a", "b"), "set/test")
+    blank = ArrayDataset(images + 1, labels, ("a", "b"), "set/test")
+    paths = {accuracy_cache(m, d) for d in (data, relabelled, blank)}
+    assert len(paths) == 3 and all(p.parent.name == "slimedge" for p in paths)
+    assert accuracy_cache(m, data) == accuracy_cache(
+        m, ArrayDataset(images, labels, ("a", "b"), "set/test")
+    )
+    a, b = split_halves(data)
+    assert len(a) + len(b) == len(data) and a.name == "set/test/a"
+    assert sorted(np.bincount(a.labels).tolist()) == sorted(np.bincount(b.labels).tolist())
