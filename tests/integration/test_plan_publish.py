@@ -9,8 +9,6 @@ validation split, accepts the plan, and the verification on the test split must 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -27,16 +25,6 @@ from tests.helpers import DATA_DIR, REPO, clear_retained, stand_in_measurements
 
 FLOOR = "0.5"  # the default model measures ~0.99; blank images give one class (~0.1)
 MARKER = b"marker"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures the root logger; give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,16 +27,6 @@ from edgeprune.commands.bench import BENCHES
 from pipeline.errors import ConfigError
 
 TINY_CONTROLLER = ["--runs", "20", "--brute-runs", "2", "--instances", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures the root logger; give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(

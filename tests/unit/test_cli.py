@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ needs_data = pytest.mark.skipif(
     not (DATA_DIR / "animal_mnist.npz").exists(),
     reason="Animal-MNIST is not cached (run `edgeprune data fetch`)",
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures the root logger; give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _run(*argv: str) -> int:
@@ -208,26 +197,18 @@ def test_an_argparse_type_error_exits_2(capsys):
     assert "--repeats" in capsys.readouterr().err
 
 
+def _tiny_bench_prune(checkpoint: Path, out: Path) -> list[str]:
+    """``bench prune`` on two slices with few timed calls: seconds, not minutes."""
+    return [
+        *("bench", "prune", "--checkpoint", str(checkpoint), "--cuts", "2"),
+        *("--repeats", "10", "--switch-runs", "100", "--switch-trials", "10", "--out", str(out)),
+    ]
+
+
 @needs_data
 def test_bench_prune_json_has_the_headline_and_a_row_per_slice_and_level(trained, tmp_path, capsys):
     out = tmp_path / "bp"
-    code = _run(
-        "bench",
-        "prune",
-        "--checkpoint",
-        str(trained),
-        "--cuts",
-        "2",
-        "--repeats",
-        "10",
-        "--switch-runs",
-        "100",
-        "--switch-trials",
-        "10",
-        "--json",
-        "--out",
-        str(out),
-    )
+    code = _run(*_tiny_bench_prune(trained, out), "--json")
     assert code == 0
     stdout = capsys.readouterr().out
     assert stdout.count("\n") == 1
@@ -283,24 +264,7 @@ def test_help_does_not_import_torch() -> None:
 def test_bench_prune_check_exits_1_and_names_a_missed_goal(trained, tmp_path, capsys):
     """A switch can never take 0 ms: with that target --check fails and names switch_ms;
     without --check the same run exits 0."""
-    argv = [
-        "bench",
-        "prune",
-        "--checkpoint",
-        str(trained),
-        "--cuts",
-        "2",
-        "--repeats",
-        "10",
-        "--switch-runs",
-        "100",
-        "--switch-trials",
-        "10",
-        "--out",
-        str(tmp_path / "bp"),
-        "--goal",
-        "switch_ms=0",
-    ]
+    argv = [*_tiny_bench_prune(trained, tmp_path / "bp"), "--goal", "switch_ms=0"]
     assert _run(*argv, "--check") == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("edgeprune bench prune: goal missed:")
