@@ -47,15 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compare",
-        default="static,reactive,proactive",
+        default=None,
         metavar="P1,P2,...",
-        help="policies to run one after another",
+        help="policies to run one after another (default: the honest comparison "
+        "static:0,static:<deepest level>,reactive,proactive,oracle)",
     )
     parser.add_argument(
         "--policy",
         default=None,
-        choices=["static", "reactive", "proactive"],
-        help="run only this policy (faster; overrides --compare)",
+        metavar="POLICY",
+        help="run only this policy (faster; overrides --compare): static:<level>, reactive, "
+        "proactive or oracle",
     )
     parser.add_argument(
         "--out",
@@ -66,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(parser)
     add_json(parser)
     parser.set_defaults(func=run)
+
+
+def honest_compare(n_levels: int) -> str:
+    """No pruning, the deepest level, both controllers, and the oracle."""
+    return f"static:0,static:{n_levels - 1},reactive,proactive,oracle"
 
 
 def quick_checkpoint(args: argparse.Namespace) -> Path:
@@ -108,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         config = config.with_overrides(
             checkpoint=quick_checkpoint(args), calibration=Path("runs/calibration/demo-quick.json")
         )
-    policies = [args.policy] if args.policy else policies_of(args, config.policy)
+    if not args.policy and not args.compare:
+        args.compare = honest_compare(config.n_levels)
+    policies = policies_of(args, config.policy)
     out = args.out or Path("runs") / "experiments" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(
         f"edgeprune demo: {config.description}\npolicies: {', '.join(policies)}; output: {out}\n",
