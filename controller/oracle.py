@@ -12,8 +12,11 @@ or after each segment's start (one decision per segment; nothing in between).
 
 It is the limit a controller can reach in a scenario when its only difficulty is not knowing
 what comes next: it never waits for a trigger, and it restores the moment a window ends. It is
-not clairvoyant about the machine: the known factor is the emulated one, without the CPU
-contention a live estimate also sees.
+not clairvoyant about the machine: the emulated factor multiplies a node's real per-request
+time, which is larger than the calibrated one (decoding, publishing, CPU contention). That
+machine factor it measures, from the live slowdown, only at level 0 and away from window
+boundaries (:meth:`OraclePolicy.observe`), and plans each segment for known factor x machine
+factor.
 
 No clock and no network here: :meth:`OraclePolicy.decide` takes the wall-clock time from the
 caller.
@@ -136,17 +139,51 @@ def segment_plan(base: PlanInputs, segment: OracleSegment) -> Plan:
 
 
 class OraclePolicy:
-    """Sets each segment's precomputed levels once, at the first decision in that segment."""
+    """Sets each segment's levels once, at the first decision in that segment.
 
-    def __init__(self, schedule: OracleSchedule, base: PlanInputs) -> None:
+    ``plans`` are the levels for the known factors alone. The calibration is measured on the
+    bare machine, without a node's per-request overhead, so a real node is slower than
+    "calibration x emulated factor" by a factor of its own (the MACHINE factor: the live
+    slowdown divided by the known factor, a few x on a busy 2-core host). The live policies
+    measure it all the time; the oracle measures it only where it cannot be confused with the
+    windows it knows: at level 0, once a segment has lasted ``settle_s`` (the live estimate's
+    own lag), via :meth:`observe`. Once it has a measurement, a segment's levels are planned
+    at its start for known factor x machine factor."""
+
+    def __init__(self, schedule: OracleSchedule, base: PlanInputs, settle_s: float = 2.0) -> None:
         if schedule.n_stages != len(base.fits):
             raise ConfigError(
                 f"the oracle schedule has {schedule.n_stages} stages, the calibration "
                 f"{len(base.fits)}"
             )
         self.schedule = schedule
+        self.base = base
+        self.settle_s = settle_s
         self.plans = tuple(segment_plan(base, s) for s in schedule.segments)
+        self.machine: list[float | None] = [None] * schedule.n_stages
         self._applied: int | None = None
+
+    def observe(self, wall: float, levels: Sequence[int], live: Sequence[float | None]) -> None:
+        """A decision tick's live slowdowns (None: not measured yet) at these levels."""
+        t = wall - self.schedule.clock_start
+        index = self.schedule.index_at(t)
+        if index and t - self.schedule.segments[index].start_s < self.settle_s:
+            return
+        known = self.schedule.segments[index].slowdowns
+        for i, (level, value) in enumerate(zip(levels, live, strict=True)):
+            if level == 0 and value is not None and value > 0:
+                self.machine[i] = value / known[i]
+
+    def plan_for(self, index: int) -> Plan:
+        """Segment ``index``'s levels: known factors x the machine factors measured so far."""
+        if all(m is None for m in self.machine):
+            return self.plans[index]
+        segment = self.schedule.segments[index]
+        slowdowns = tuple(
+            k * (1.0 if m is None else m)
+            for k, m in zip(segment.slowdowns, self.machine, strict=True)
+        )
+        return segment_plan(self.base, replace(segment, slowdowns=slowdowns))
 
     def decide(self, now: float, wall: float, current: Sequence[int]) -> tuple[Action, Plan] | None:
         """The action and levels for the segment in force at epoch ``wall`` (None when that
@@ -155,15 +192,16 @@ class OraclePolicy:
         if index == self._applied:
             return None
         self._applied = index
-        plan = self.plans[index]
+        plan = self.plan_for(index)
         if tuple(plan.levels) == tuple(current):
             return None
         up = any(new > old for new, old in zip(plan.levels, current, strict=True))
         segment = self.schedule.segments[index]
+        machine = ", ".join("?" if m is None else f"x{m:.2f}" for m in self.machine)
         action = Action(
             kind=ActionKind.PRUNE if up else ActionKind.RESTORE,
             at=now,
-            reason=f"oracle: segment {segment.describe()}",
+            reason=f"oracle: segment {segment.describe()}; machine factors {machine}",
             latency_s=plan.predicted.predicted_latency_s,
             samples=0,
             since=now,

@@ -275,7 +275,11 @@ class ControllerState:
                     "the oracle policy needs the scenario's slowdown schedule "
                     "(--oracle-schedule; `edgeprune experiment` writes it)"
                 )
-            self.oracle = OraclePolicy(oracle_schedule, self.plan_inputs(now))
+            self.oracle = OraclePolicy(
+                oracle_schedule,
+                self.plan_inputs(now),
+                settle_s=config.slowdown_window_s + 2 * config.slowdown_tau_s,
+            )
         self.decisions: deque[ControlDecision] = deque(maxlen=MAX_DECISIONS)
         self.events: list[NodeEvent] = []
         self.counts: Counter[str] = Counter()
@@ -518,7 +522,13 @@ class ControllerState:
         that it never fights a level set by an operator or a failover re-plan); the oracle
         follows its schedule."""
         if self.oracle is not None:
-            return None if wall is None else self.oracle.decide(now, wall, inputs.current)
+            if wall is None:
+                return None
+            live = [
+                None if st.slowdown.source == "prior" else st.slowdown.value for st in self.stages
+            ]
+            self.oracle.observe(wall, inputs.current, live)
+            return self.oracle.decide(now, wall, inputs.current)
         level = self.spec.level
         target = (level,) * self.n_stages
         if level == 0 or inputs.current == target:

@@ -3,7 +3,8 @@
 The schedule is cut at every start and end of any node's slowdown window (and at 0). Per
 segment: each stage's known slowdown, the node's emulated factor at the segment's start
 (``Emulation.factor_at``: constant factor times the window's; the calibration was measured
-without emulation, so this is exactly the slowdown the live estimate tries to measure), and the
+without emulation; the controller multiplies it by the machine factor it measures, see
+:class:`controller.oracle.OraclePolicy`), and the
 arrival rate the trace brings: the peak, over the segment, of the arrivals in a sliding window
 of the controller's ``rate_tau_s`` (the time constant of the rate the live policies plan with).
 The levels of a segment hold for the whole of it, so they are planned for its busiest moment.

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -382,9 +383,9 @@ class ExperimentRunner:
     def _learn(self, ready_s: float, camera_startup_s: float | None) -> None:
         a = self._adaptive
         a.history.append({"ready_s": ready_s, "camera_startup_s": camera_startup_s or math.nan})
-        # start-up time swings by 2-3x with the machine's load: never go below the configured
-        # budget, and keep a wide margin over the last start-up
-        a.startup_s = max(self.config.startup_budget_s, ready_s * 1.3 + 5.0)
+        a.startup_s = startup_budget(
+            self.config.startup_budget_s, [h["ready_s"] for h in a.history]
+        )
 
     # ------------------------------------------------------------------ arguments
     def _cpu_of(self, node: NodeSpec) -> int | None:
@@ -527,6 +528,17 @@ class ExperimentRunner:
     def _nodes_online(self, recorder: Recorder) -> bool:
         online = {s.get("node") for s in recorder.events["status"] if s.get("state") == "online"}
         return all(n.name in online for n in self.config.nodes)
+
+
+def startup_budget(configured_s: float, ready_s: Sequence[float], recent: int = 3) -> float:
+    """The start-up budget of the next run: a wide margin over the SLOWEST of the last
+    ``recent`` start-ups, never below the configured one. Start-up time swings by 2-3x with
+    the machine's load (16 s, then 38 s, on one busy evening); following only the last one
+    made a fast start-up shrink the budget just before a slow one, whose replay then started
+    late and had to be run again."""
+    if not ready_s:
+        return configured_s
+    return max(configured_s, max(ready_s[-recent:]) * 1.3 + 5.0)
 
 
 def _camera_offset(

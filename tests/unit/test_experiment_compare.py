@@ -177,3 +177,13 @@ def test_the_tradeoff_plot_has_one_point_per_policy_and_repetition(tmp_path: Pat
         tmp_path / "tradeoff.png",
     )
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_startup_budget_follows_the_slowest_recent_startup() -> None:
+    from edgeprune.experiment.runner import startup_budget
+
+    assert startup_budget(30.0, []) == 30.0
+    assert startup_budget(30.0, [10.0]) == 30.0  # never below the configured budget
+    slow_then_fast = startup_budget(30.0, [37.5, 15.7])
+    assert slow_then_fast == pytest.approx(37.5 * 1.3 + 5.0)  # a fast one does not shrink it
+    assert startup_budget(30.0, [60.0, 20.0, 20.0, 20.0]) == pytest.approx(31.0)  # forgotten

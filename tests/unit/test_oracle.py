@@ -155,3 +155,28 @@ def test_an_oracle_without_arrivals_keeps_full_accuracy() -> None:
     )
     assert policy.plans[0].levels == (0, 0)
     assert policy.decide(0.0, T0, (0, 0)) is None
+
+
+def test_the_machine_factor_is_measured_at_level_zero_outside_the_windows_first_seconds() -> None:
+    mild = OracleSchedule(
+        T0,
+        (
+            OracleSegment(0.0, (1.0, 1.0), 50.0),
+            OracleSegment(10.0, (1.0, 1.5), 50.0),
+            OracleSegment(20.0, (1.0, 1.0), 50.0),
+        ),
+    )
+    policy = OraclePolicy(mild, oracle_state().plan_inputs(0.0), settle_s=2.0)
+    assert policy.plans[1].levels == (0, 0)  # 15 ms meets 0.75 / 50 s: the known factor alone
+    policy.observe(T0 + 5.0, (0, 3), (1.0, 9.0))  # stage 1 pruned: not a clean measurement
+    assert policy.machine == [1.0, None]
+    policy.observe(T0 + 5.2, (0, 0), (1.0, 1.4))  # the node is 1.4x slower than calibrated
+    assert policy.machine == pytest.approx([1.0, 1.4])
+    policy.observe(T0 + 11.0, (0, 0), (1.0, 1.4))  # 1 s into the window: the estimate lags
+    assert policy.machine == pytest.approx([1.0, 1.4])
+    assert policy.decide(0.0, T0 + 5.4, (0, 0)) is None  # segment 0 needs no change
+    d = policy.decide(1.0, T0 + 10.1, (0, 0))  # 1.5 x 1.4 = 2.1: 21 ms > 15 ms
+    assert d is not None and d[0].kind is ActionKind.PRUNE and d[1].levels[1] > 0
+    assert "machine factors x1.00, x1.40" in d[0].reason
+    d = policy.decide(2.0, T0 + 20.0, d[1].levels)
+    assert d is not None and d[0].kind is ActionKind.RESTORE and d[1].levels == (0, 0)
