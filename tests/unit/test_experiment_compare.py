@@ -187,3 +187,21 @@ def test_the_startup_budget_follows_the_slowest_recent_startup() -> None:
     slow_then_fast = startup_budget(30.0, [37.5, 15.7])
     assert slow_then_fast == pytest.approx(37.5 * 1.3 + 5.0)  # a fast one does not shrink it
     assert startup_budget(30.0, [60.0, 20.0, 20.0, 20.0]) == pytest.approx(31.0)  # forgotten
+
+
+def test_a_calibration_keeps_the_load_it_was_measured_under(tmp_path: Path) -> None:
+    import json
+
+    from edgeprune.experiment.calibration import (
+        conditions_path,
+        machine_load,
+        read_conditions,
+    )
+
+    path = tmp_path / "cal.json"
+    assert read_conditions(path) is None  # an old calibration: unknown
+    load = machine_load()
+    assert load["cpus"] >= 1 and load["load1"] >= 0
+    conditions_path(path).write_text(json.dumps(load))
+    assert read_conditions(path) == load
+    assert conditions_path(path).name == "cal.conditions.json"
