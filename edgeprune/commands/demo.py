@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.policy and not args.compare:
         args.compare = honest_compare(config.n_levels)
     policies = policies_of(args, config.policy)
+    for policy in policies:
+        config.check_policy(policy)
     out = args.out or Path("runs") / "experiments" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(
         f"edgeprune demo: {config.description}\npolicies: {', '.join(policies)}; output: {out}\n",

@@ -153,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = apply_overrides(load_config(args.config), args)
     policies = policies_of(args, config.policy)
+    for policy in policies:  # a static level the scenario does not have: before any work
+        config.check_policy(policy)
     out = args.out or default_out_dir(config)
     command = "edgeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_session(

@@ -140,3 +140,14 @@ def test_the_scenario_policy_key_takes_static_levels_within_its_levels() -> None
         _experiment("static:3", ratios=[0.0, 0.2, 0.4])
     with pytest.raises(ConfigError, match="non-negative integer"):
         _experiment("static:-2")
+
+
+def test_the_demo_runs_the_honest_comparison_by_default() -> None:
+    from edgeprune.commands import demo
+
+    assert demo.honest_compare(6) == "static:0,static:5,reactive,proactive,oracle"
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    args = parser.parse_args(["demo"])
+    args.compare = demo.honest_compare(_experiment().n_levels)
+    assert experiment_cmd.policies_of(args, "reactive")[:2] == ["static:0", "static:5"]
