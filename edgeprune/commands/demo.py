@@ -1,4 +1,4 @@
-"""`edgeprune demo`: the whole system on one machine, five policies, in about six minutes."""
+"""`edgeprune demo`: the whole system on one machine, five policies, in about eight minutes."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "p50/p95/p99 latency, throughput, live accuracy, prune/restore events), whether a "
         "static level beats a controller on both SLO attainment and accuracy, and the paths "
         "of the report and plots (latency over time with the levels and the slowdown window "
-        "shaded; the latency CDF; SLO attainment vs accuracy). About six minutes on two cores "
+        "shaded; the latency CDF; SLO attainment vs accuracy). About eight minutes on two cores "
         "(--compare static:0,proactive: under three); a missing calibration is measured first "
         "(about 15 s), a missing model is trained quickly (a few minutes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
