@@ -17,9 +17,11 @@ from typing import Any, Literal
 from controller.policy import ProactiveConfig, ReactiveConfig
 from pipeline.errors import ConfigError
 
-PolicyName = Literal["static", "reactive", "proactive"]
 ObjectiveName = Literal["bottleneck", "sum"]
-POLICIES: tuple[str, ...] = ("static", "reactive", "proactive")
+PolicyKind = Literal["static", "reactive", "proactive", "oracle"]
+POLICIES: tuple[str, ...] = ("static", "reactive", "proactive", "oracle")
+POLICY_FORMS = "static, static:<level>, reactive, proactive or oracle"
+PolicyName = str  # a policy as written: see parse_policy
 OBJECTIVES: tuple[str, ...] = ("bottleneck", "sum")
 
 # Per-policy defaults of the keys both trigger policies have (None in the config = these).
@@ -32,13 +34,57 @@ _OPTIONAL_KEYS = frozenset({"sustain_s", "restore_sustain_s", "restore_below_ms"
 
 
 @dataclass(frozen=True)
+class PolicySpec:
+    """A policy as named on the command line or in a config: ``reactive``, ``proactive``,
+    ``oracle`` (experiments only: it needs the scenario's slowdown schedule), or ``static:<level>``
+    (every stage held at one level from the start; ``static`` is ``static:0``)."""
+
+    kind: PolicyKind
+    level: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"static:{self.level}" if self.kind == "static" else self.kind
+
+    def check_levels(self, n_levels: int) -> None:
+        """Raise when a static level does not exist among ``n_levels`` levels."""
+        if self.kind == "static" and not 0 <= self.level < n_levels:
+            raise ConfigError(
+                f"policy {self.name}: level {self.level} does not exist; the levels are "
+                f"0..{n_levels - 1}"
+            )
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """A :class:`PolicySpec` from its name (``static:5``, ``reactive`` ...).
+
+    Raises:
+        ConfigError: an unknown policy, or a static level that is not a non-negative integer.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"policy must be one of {POLICY_FORMS}, got {text!r}")
+    name = text.strip()
+    kind, sep, level = name.partition(":")
+    if kind == "static" and sep:
+        if not level.isdigit():
+            raise ConfigError(
+                f"policy {name!r}: static:<level> needs a level that is a non-negative "
+                "integer, e.g. static:5"
+            )
+        return PolicySpec("static", int(level))
+    if sep or kind not in POLICIES:
+        raise ConfigError(f"policy must be one of {POLICY_FORMS}, got {text!r}")
+    return PolicySpec(kind)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     """What the controller aims at (SLO, A_min), how it decides (policy, objective), and every
     threshold and window of its trigger, capacity and slowdown estimates."""
 
     slo_ms: float
     a_min: float = 0.8
-    policy: PolicyName = "reactive"
+    policy: str = "reactive"  # see parse_policy
     objective: ObjectiveName = "bottleneck"
     # reactive trigger (the paper's): a quantile of end-to-end latency over a sliding window
     margin_ms: float = 0.0
@@ -84,8 +130,7 @@ class ControllerConfig:
                 or not math.isfinite(value)
             ):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        parse_policy(self.policy)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 <= self.a_min < 1.0:
@@ -105,6 +150,10 @@ class ControllerConfig:
         # the policies validate the rest (SLO, quantile, windows, rho ordering ...)
         self.reactive_config()
         self.proactive_config()
+
+    @property
+    def policy_spec(self) -> PolicySpec:
+        return parse_policy(self.policy)
 
     @property
     def slo_s(self) -> float:

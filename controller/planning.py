@@ -100,10 +100,11 @@ def evaluate(inputs: PlanInputs, levels: Sequence[int]) -> Decision:
     )
 
 
-def plan_prune(inputs: PlanInputs) -> Plan | None:
-    """Levels for a PRUNE (at least one stage goes up), or None if nothing can be pruned."""
+def solve(inputs: PlanInputs) -> Decision:
+    """The optimizer's levels for these inputs, whatever the current ones: ``solve_bottleneck``
+    with the capacity target ``rho_target / rate`` (objective ``bottleneck``) or ``solve_sum``."""
     if inputs.objective == "bottleneck":
-        d = solve_bottleneck(
+        return solve_bottleneck(
             inputs.fits,
             inputs.accuracy,
             inputs.a_min,
@@ -111,14 +112,18 @@ def plan_prune(inputs: PlanInputs) -> Plan | None:
             slowdowns=inputs.slowdowns,
             target_s=inputs.target_s,
         )
-    else:
-        d = solve_sum(
-            inputs.fits,
-            inputs.accuracy,
-            inputs.a_min,
-            ratios=inputs.ratios,
-            slowdowns=inputs.slowdowns,
-        )
+    return solve_sum(
+        inputs.fits,
+        inputs.accuracy,
+        inputs.a_min,
+        ratios=inputs.ratios,
+        slowdowns=inputs.slowdowns,
+    )
+
+
+def plan_prune(inputs: PlanInputs) -> Plan | None:
+    """Levels for a PRUNE (at least one stage goes up), or None if nothing can be pruned."""
+    d = solve(inputs)
     if d.feasible and any(new > old for new, old in zip(d.levels, inputs.current, strict=True)):
         return Plan(d.levels, evaluate(inputs, d.levels), inputs.target_s, "optimizer")
     levels = escalate(inputs)

@@ -36,6 +36,7 @@ from typing import Any
 import aiomqtt
 
 from controller.config import ControllerConfig
+from controller.oracle import OracleSchedule
 from controller.state import ControlDecision, ControllerState, NodeEvent
 from pipeline import codec
 from pipeline.calibration import Calibration
@@ -66,6 +67,7 @@ class Controller:
         on_node_lost: NodeHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        oracle_schedule: OracleSchedule | None = None,
     ) -> None:
         self.config = config
         self.mqtt = mqtt
@@ -74,7 +76,9 @@ class Controller:
         self.on_node_lost = on_node_lost
         self._clock = clock
         self._wall = wall_clock
-        self.state = ControllerState(config, calibration, now=clock())
+        self.state = ControllerState(
+            config, calibration, now=clock(), oracle_schedule=oracle_schedule
+        )
         self.ready = asyncio.Event()  # connected and subscribed (set again after a reconnect)
         self._connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None

@@ -24,7 +24,8 @@ import numpy as np
 
 from controller.config import ControllerConfig
 from controller.live import ArrivalTracker, StageSlowdown
-from controller.planning import Plan, PlanInputs, plan_prune, plan_restore
+from controller.oracle import OraclePolicy, OracleSchedule
+from controller.planning import Plan, PlanInputs, evaluate, plan_prune, plan_restore
 from controller.policy import (
     Action,
     ActionKind,
@@ -33,7 +34,7 @@ from controller.policy import (
     ReactivePolicy,
 )
 from pipeline.calibration import Calibration
-from pipeline.errors import CodecError
+from pipeline.errors import CodecError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,26 @@ def _int(body: dict[str, Any], key: str) -> int | None:
 class ControllerState:
     """Everything the controller knows, and the decision logic (no clock, no I/O)."""
 
-    def __init__(self, config: ControllerConfig, calibration: Calibration, *, now: float) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        calibration: Calibration,
+        *,
+        now: float,
+        oracle_schedule: OracleSchedule | None = None,
+    ) -> None:
+        """``oracle_schedule`` is required by (and only used with) the ``oracle`` policy.
+
+        Raises:
+            ConfigError: a static level the calibration does not have, or the oracle without
+                its schedule.
+        """
         self.config = config
         self.calibration = calibration
         self.ratios = tuple(calibration.ratios)
         self.n_stages = len(calibration.slices)
+        self.spec = config.policy_spec
+        self.spec.check_levels(len(self.ratios))
         self.started = now
         self.stages = [
             StageState(
@@ -245,14 +261,25 @@ class ControllerState:
         self.nodes: dict[str, NodeInfo] = {}
         self.observed = LatencyWindow(config.window_s)
         self.arrivals = ArrivalTracker(config.rate_tau_s, now, config.metrics_max_age_s)
-        self.reactive = (
-            ReactivePolicy(config.reactive_config()) if config.policy == "reactive" else None
-        )
+        kind = self.spec.kind
+        self.reactive = ReactivePolicy(config.reactive_config()) if kind == "reactive" else None
         self.proactive = (
             ProactivePolicy(config.proactive_config(), self.n_stages)
-            if config.policy == "proactive"
+            if kind == "proactive"
             else None
         )
+        self.oracle: OraclePolicy | None = None
+        if kind == "oracle":
+            if oracle_schedule is None:
+                raise ConfigError(
+                    "the oracle policy needs the scenario's slowdown schedule "
+                    "(--oracle-schedule; `edgeprune experiment` writes it)"
+                )
+            self.oracle = OraclePolicy(
+                oracle_schedule,
+                self.plan_inputs(now),
+                settle_s=config.slowdown_window_s + 2 * config.slowdown_tau_s,
+            )
         self.decisions: deque[ControlDecision] = deque(maxlen=MAX_DECISIONS)
         self.events: list[NodeEvent] = []
         self.counts: Counter[str] = Counter()
@@ -450,18 +477,19 @@ class ControllerState:
             rho_target=self.config.rho_target,
             objective=self.config.objective,
             rho_low=self.config.rho_low,
-            rho_restore=self.config.rho_low if self.config.policy == "proactive" else None,
+            rho_restore=self.config.rho_low if self.spec.kind == "proactive" else None,
         )
 
     def decide(self, now: float, *, wall: float | None = None) -> ControlDecision | None:
         """Run the policy at ``now``; apply and return its decision, if any. ``wall`` is the
         epoch time recorded in the decision."""
         self.refresh(now)
-        if self.reactive is None and self.proactive is None:
-            return None  # static: observe only
         if self.held is not None:
             return None  # the calibration no longer describes the pipeline
         inputs = self.plan_inputs(now)
+        if self.spec.kind == "static" or self.oracle is not None:
+            fixed = self._fixed_plan(now, wall, inputs)
+            return None if fixed is None else self._apply(now, wall, inputs, *fixed)
         prune, restore = plan_prune(inputs), plan_restore(inputs)
         action: Action | None
         if self.reactive is not None:
@@ -485,12 +513,46 @@ class ControllerState:
         plan = prune if action is not None and action.kind is ActionKind.PRUNE else restore
         if action is None or plan is None:
             return None
+        return self._apply(now, wall, inputs, action, plan)
+
+    def _fixed_plan(
+        self, now: float, wall: float | None, inputs: PlanInputs
+    ) -> tuple[Action, Plan] | None:
+        """``static:<level>`` holds every stage at its level (``static:0`` only observes, so
+        that it never fights a level set by an operator or a failover re-plan); the oracle
+        follows its schedule."""
+        if self.oracle is not None:
+            if wall is None:
+                return None
+            live = [
+                None if st.slowdown.source == "prior" else st.slowdown.value for st in self.stages
+            ]
+            self.oracle.observe(wall, inputs.current, live)
+            return self.oracle.decide(now, wall, inputs.current)
+        level = self.spec.level
+        target = (level,) * self.n_stages
+        if level == 0 or inputs.current == target:
+            return None
+        up = any(new > old for new, old in zip(target, inputs.current, strict=True))
+        action = Action(
+            kind=ActionKind.PRUNE if up else ActionKind.RESTORE,
+            at=now,
+            reason=f"{self.spec.name}: every stage held at level {level}",
+            latency_s=math.nan,
+            samples=0,
+            since=now,
+        )
+        return action, Plan(target, evaluate(inputs, target), None, "static")
+
+    def _apply(
+        self, now: float, wall: float | None, inputs: PlanInputs, action: Action, plan: Plan
+    ) -> ControlDecision:
         self.seq += 1
         decision = ControlDecision(
             seq=self.seq,
             at=now,
             ts=wall,
-            policy=self.config.policy,
+            policy=self.spec.name,
             objective=self.config.objective,
             action=action,
             plan=plan,

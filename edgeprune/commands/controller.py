@@ -133,11 +133,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--policy",
-        choices=["reactive", "proactive", "static"],
         default=None,
+        metavar="POLICY",
         help="reactive: the paper's latency trigger; proactive: queues and "
-        "arrival rate, acts before the SLO breaks; static: observe and log "
-        f"only (default {defaults['policy']})",
+        "arrival rate, acts before the SLO breaks; static:<level>: every stage held at "
+        "that level from the start (static = static:0: observe and log only); oracle: "
+        "the optimizer's levels for the slowdowns of --oracle-schedule, set when each "
+        f"window starts and ends (experiments) (default {defaults['policy']})",
+    )
+    parser.add_argument(
+        "--oracle-schedule",
+        type=Path,
+        default=None,
+        metavar="SCHEDULE.json",
+        help="the oracle policy's known slowdowns and arrival rates per segment of the "
+        "experiment clock (`edgeprune experiment` writes it)",
     )
     parser.add_argument(
         "--objective",
@@ -318,15 +328,17 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from controller.oracle import OracleSchedule
     from controller.service import Controller
     from pipeline.calibration import Calibration
 
     config = build_config(args)
     calibration = Calibration.load(args.calibration)
+    oracle = None if args.oracle_schedule is None else OracleSchedule.load(args.oracle_schedule)
     pipe = pipe_name(args)
     monitor = build_failover(args)
     mqtt = mqtt_settings(args)
-    controller = Controller(config, calibration, mqtt, pipe=pipe)
+    controller = Controller(config, calibration, mqtt, pipe=pipe, oracle_schedule=oracle)
     calibrated = [(s.start, s.end) for s in calibration.slices]
 
     def on_failover(decision: Any) -> None:

@@ -10,7 +10,10 @@ curves.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ class CalibrationInfo:
     model_hash: str
     plan_hash: str
     unpruned_accuracy: float
+    conditions: dict[str, object] | None = None  # machine load when it was measured
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -44,7 +48,29 @@ class CalibrationInfo:
             "model_hash": self.model_hash,
             "plan_hash": self.plan_hash,
             "unpruned_accuracy": self.unpruned_accuracy,
+            "measured_under": self.conditions,
         }
+
+
+def conditions_path(path: Path) -> Path:
+    """Where the load a calibration was measured under is kept, beside it."""
+    return path.with_suffix(".conditions.json")
+
+
+def machine_load() -> dict[str, float]:
+    """The machine's load now: a calibration times the slices on this machine, so one
+    measured while other jobs compete for the cores has inflated times (the same model and
+    plan, 11 minutes apart on a 2-core VM: 1.0 ms and then 2.0 ms for one slice)."""
+    load1, load5, _ = os.getloadavg()
+    return {"at": time.time(), "load1": load1, "load5": load5, "cpus": float(os.cpu_count() or 1)}
+
+
+def read_conditions(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(conditions_path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def checkpoint_path(config: ExperimentConfig) -> Path:
@@ -94,14 +120,30 @@ def ensure_calibration(
         except ConfigError as exc:
             why = str(exc)
         if why is None:
-            log.info("reusing the calibration %s", path)
-            return CalibrationInfo(path, False, model_hash, plan_hash, cal.unpruned_accuracy)
+            conditions = read_conditions(path)
+            log.info(
+                "reusing the calibration %s (measured under load %s)",
+                path,
+                "unknown" if conditions is None else f"{conditions.get('load1', 0):.1f}",
+            )
+            return CalibrationInfo(
+                path, False, model_hash, plan_hash, cal.unpruned_accuracy, conditions
+            )
         log.warning("recalibrating: %s does not fit (%s)", path, why)
     else:
         log.info("no calibration at %s: measuring one (about a minute)", path)
     from pipeline.data import load_dataset, split_dataset
 
     data = split_dataset(load_dataset("animal-mnist", data_dir)).val
+    before = machine_load()
+    if before["load1"] > before["cpus"]:
+        log.warning(
+            "measuring the calibration on a busy machine (load %.1f on %.0f cores): its times "
+            "will be inflated; delete %s and run again on a quiet machine for a clean one",
+            before["load1"],
+            before["cpus"],
+            path,
+        )
     cal = calibrate(
         ckpt,
         data,
@@ -112,5 +154,8 @@ def ensure_calibration(
         progress=progress,
     )
     cal.save(path)
+    after = machine_load()
+    measured: dict[str, object] = {**after, "load1_before": before["load1"]}
+    conditions_path(path).write_text(json.dumps(measured), encoding="utf-8")
     log.info("calibration written to %s", path)
-    return CalibrationInfo(path, True, model_hash, plan_hash, cal.unpruned_accuracy)
+    return CalibrationInfo(path, True, model_hash, plan_hash, cal.unpruned_accuracy, measured)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from controller.config import POLICIES, ControllerConfig
+from controller.config import ControllerConfig, PolicySpec, parse_policy
+from controller.optimizer import DEFAULT_RATIOS
 from nodes.emulation import Emulation, SlowdownWindow
 from pipeline.errors import ConfigError
 from pipeline.topics import check_name
@@ -137,8 +138,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_name("experiment", self.name)
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        self.check_policy(self.policy)
         if len(self.nodes) != len(self.cuts) + 1:
             raise ConfigError(
                 f"{len(self.cuts)} cut(s) make {len(self.cuts) + 1} slices, "
@@ -156,6 +156,16 @@ class ExperimentConfig:
         if self.warmup_images < 0:
             raise ConfigError("warmup_images must be >= 0")
         self.controller_config()  # validate early: a bad threshold fails before any process
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.ratios or DEFAULT_RATIOS)
+
+    def check_policy(self, policy: str) -> PolicySpec:
+        """The policy's spec; a static level this scenario's levels do not have is an error."""
+        spec = parse_policy(policy)
+        spec.check_levels(self.n_levels)
+        return spec
 
     @property
     def slo_ms(self) -> float:

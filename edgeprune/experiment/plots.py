@@ -7,12 +7,14 @@
   panels.
 - :func:`plot_cdf`: the latency CDF, one curve per policy, with the SLO marked.
 - :func:`plot_compare_timelines`: the latency panels of several policies stacked, same axes.
+- :func:`plot_tradeoff`: SLO attainment against accuracy, one point per policy and repetition.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,7 +29,24 @@ from edgeprune.experiment.monitor import Events
 from edgeprune.experiment.report import first_by_id, level_timeline
 from pipeline.pruning import DEFAULT_RATIOS
 
-POLICY_COLORS = {"static": "#d62728", "reactive": "#1f77b4", "proactive": "#2ca02c"}
+POLICY_COLORS = {
+    "static": "#d62728",
+    "static:0": "#d62728",
+    "reactive": "#1f77b4",
+    "proactive": "#2ca02c",
+    "oracle": "#000000",
+}
+_STATIC_COLORS = ["#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+
+
+def policy_color(policy: str) -> str:
+    """A fixed colour per policy; static levels above 0 in warm shades."""
+    if policy in POLICY_COLORS:
+        return POLICY_COLORS[policy]
+    _, _, level = policy.partition(":")
+    return _STATIC_COLORS[int(level) % len(_STATIC_COLORS)] if level.isdigit() else "grey"
+
+
 _SHADES = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
 
 
@@ -156,7 +175,7 @@ def plot_cdf(
             xs,
             ys,
             lw=2,
-            color=POLICY_COLORS.get(policy),
+            color=policy_color(policy),
             label=f"{policy} "
             f"(p95 {np.percentile(lat, 95):.0f} ms, "
             f"{100 * np.mean(lat <= config.slo_ms):.0f}% within SLO)",
@@ -185,7 +204,7 @@ def plot_compare_timelines(
     for ax, (policy, (events, clock_start)) in zip(axes[:, 0], runs.items(), strict=True):
         t, lat = _latencies(events, clock_start)
         if t.size:
-            ax.scatter(t, lat, s=5, color=POLICY_COLORS.get(policy, "grey"), alpha=0.5)
+            ax.scatter(t, lat, s=5, color=policy_color(policy), alpha=0.5)
             g, p95 = _rolling_p95(t, lat)
             ax.plot(g, p95, color="black", lw=1)
             ax.set_yscale("log")
@@ -216,6 +235,43 @@ def plot_compare_timelines(
         f"dashed: SLO {config.slo_ms:g} ms"
     )
     axes[-1, 0].set_xlabel("seconds on the experiment clock")
+    return _save(fig, path)
+
+
+def plot_tradeoff(
+    config: ExperimentConfig, runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
+) -> Path:
+    """SLO attainment against live accuracy, one point per policy and repetition (``runs``:
+    policy -> the run summaries). Up and right is better on both axes: a static level up and
+    right of a controller beats it."""
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for policy, summaries in runs.items():
+        points = [
+            (s["accuracy"], s["slo_attainment"])
+            for s in summaries
+            if s.get("accuracy") is not None and s.get("slo_attainment") is not None
+        ]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.scatter(
+            [100 * x for x in xs],
+            [100 * y for y in ys],
+            s=60,
+            color=policy_color(policy),
+            alpha=0.8,
+            edgecolor="black",
+            lw=0.5,
+            marker="s" if policy.startswith("static") else "o",
+            label=f"{policy} ({len(points)} run{'s' if len(points) > 1 else ''})",
+        )
+    ax.set(
+        xlabel="live accuracy (%, true labels)",
+        ylabel=f"SLO attainment (%, latency <= {config.slo_ms:g} ms)",
+        title=f"{config.name}: SLO attainment vs accuracy (up and right is better)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
     return _save(fig, path)
 
 

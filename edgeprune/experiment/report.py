@@ -27,6 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from controller.config import parse_policy
+from edgeprune.experiment.compare import (
+    attainment_vs_oracle,
+    dominance,
+    headline,
+    merge_summaries,
+    overlaps,
+)
 from edgeprune.experiment.config import ExperimentConfig
 from edgeprune.experiment.monitor import Events
 
@@ -221,30 +229,15 @@ def build_report(
 
 
 def aggregate(reports: Sequence[RunReport]) -> RunReport:
-    """Several repetitions of one policy as one report: every numeric summary value is the
-    median over the repetitions, ``spread`` holds [min, max] of the main metrics and
-    ``repetitions`` every run's summary; the rest (levels, timing, files) is taken from the
-    repetition whose p95 is closest to the median (the representative run)."""
+    """Several repetitions of one policy as one report: every numeric summary value, nested
+    ones included, is the median over the repetitions, ``spread`` holds [min, max] of each
+    (dotted keys for nested ones, see :func:`~edgeprune.experiment.compare.merge_summaries`)
+    and ``repetitions`` every run's summary; the rest (levels, timing, files) is taken from
+    the repetition whose p95 is closest to the median (the representative run)."""
     if len(reports) == 1:
         return reports[0]
     first = reports[0]
-    summary: dict[str, Any] = dict(first.summary)
-    for key, value in first.summary.items():
-        values = [r.summary.get(key) for r in reports]
-        if (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and all(isinstance(v, int | float) for v in values)
-        ):
-            med = float(np.median([float(v) for v in values if v is not None]))
-            summary[key] = round(med) if all(isinstance(v, int) for v in values) else med
-    summary["repeats"] = len(reports)
-    summary["spread"] = {
-        k: [min(r.summary[k] for r in reports), max(r.summary[k] for r in reports)]
-        for k in SUMMARY_KEYS
-        if all(isinstance(r.summary.get(k), int | float) for r in reports)
-    }
-    summary["repetitions"] = [r.summary for r in reports]
+    summary = merge_summaries([r.summary for r in reports])
     p95 = summary.get("p95_ms")
     rep = min(reports, key=lambda r: abs((r.summary.get("p95_ms") or 0.0) - (p95 or 0.0)))
     checks = {
@@ -275,13 +268,43 @@ def _controller_digest(report: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: report[k] for k in keep if k in report}
 
 
-def compare_summary(reports: Mapping[str, RunReport], baseline: str = "static") -> dict[str, Any]:
-    """The ``--compare --json`` object: per policy its summary, and ratios against
-    ``baseline`` (p95 speedup = baseline p95 / policy p95; SLO gain = policy attainment /
-    baseline attainment; violation reduction = baseline misses / policy misses)."""
-    out: dict[str, Any] = {"policies": {p: r.summary for p, r in reports.items()}}
-    base = reports.get(baseline)
-    if base is None:
+def file_tag(policy: str) -> str:
+    """A policy name usable in a file name (``static:5`` -> ``static-5``)."""
+    return policy.replace(":", "-")
+
+
+def static_zero(policies: Sequence[str]) -> str | None:
+    """The unpruned static policy among ``policies`` (``static`` or ``static:0``)."""
+    return next(
+        (p for p in policies if parse_policy(p) == parse_policy("static:0")),
+        None,
+    )
+
+
+def compare_summary(
+    reports: Mapping[str, RunReport], baseline: str | None = None
+) -> dict[str, Any]:
+    """The ``--compare --json`` object: per policy its summary (with ``attainment_vs_oracle``
+    when the oracle ran), the ``headline`` (SLO attainment, accuracy, p95 and attainment vs
+    the oracle: median, min, max), the static levels that beat a dynamic policy on both
+    axes (``dominance``), the figures whose ranges overlap (``overlaps``), and ratios against
+    ``baseline`` (default: static level 0; p95 speedup = baseline p95 / policy p95; SLO gain =
+    policy attainment / baseline attainment; violation reduction = baseline misses / policy
+    misses)."""
+    summaries = {p: r.summary for p, r in reports.items()}
+    vs_oracle = attainment_vs_oracle(summaries)
+    out: dict[str, Any] = {
+        "policies": {
+            p: {**s, "attainment_vs_oracle": vs_oracle.get(p, {}).get("value")}
+            for p, s in summaries.items()
+        },
+        "headline": headline(summaries),
+        "dominance": dominance(summaries),
+        "overlaps": overlaps(summaries),
+    }
+    baseline = baseline or static_zero(list(reports))
+    base = None if baseline is None else reports.get(baseline)
+    if base is None or baseline is None:
         return out
     b = base.summary
     out["baseline"] = baseline
@@ -320,6 +343,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 # ----------------------------------------------------------------------------- text
 TABLE_ROWS = (
     ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("SLO attainment vs oracle", "attainment_vs_oracle", "{:.2f}"),
+    ("SLO attainment in slowdowns", "in_slowdown.slo_attainment", "{:.1%}"),
+    ("SLO attainment outside", "outside_slowdown.slo_attainment", "{:.1%}"),
     ("p50 latency (ms)", "p50_ms", "{:.0f}"),
     ("p95 latency (ms)", "p95_ms", "{:.0f}"),
     ("p99 latency (ms)", "p99_ms", "{:.0f}"),
@@ -336,7 +362,9 @@ def _cell(summary: Mapping[str, Any], key: str | None, fmt: str | None, label: s
         if label.startswith("sent"):
             return f"{summary['sent']} / {summary['completed']}"
         return f"{summary['prune_events']} / {summary['restore_events']}"
-    value = summary.get(key)
+    value: Any = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
     if value is None:
         return "-"
     text = fmt.format(value) if fmt else str(value)
@@ -349,9 +377,24 @@ def _cell(summary: Mapping[str, Any], key: str | None, fmt: str | None, label: s
 def table_rows(reports: Mapping[str, RunReport]) -> tuple[list[str], list[list[str]]]:
     """Side-by-side rows: one metric per row, one policy per column."""
     headers = ["metric", *reports]
+    vs_oracle = attainment_vs_oracle({p: r.summary for p, r in reports.items()})
+    summaries = {
+        p: {
+            **r.summary,
+            "attainment_vs_oracle": vs_oracle.get(p, {}).get("value"),
+            "spread": {
+                **r.summary.get("spread", {}),
+                "attainment_vs_oracle": vs_oracle.get(p, {}).get("range")
+                if int(r.summary.get("repeats", 1)) > 1
+                else None,
+            },
+        }
+        for p, r in reports.items()
+    }
     rows = [
-        [label, *(_cell(r.summary, key, fmt, label) for r in reports.values())]
+        [label, *(_cell(s, key, fmt, label) for s in summaries.values())]
         for label, key, fmt in TABLE_ROWS
+        if key != "attainment_vs_oracle" or vs_oracle
     ]
     return headers, rows
 
@@ -365,8 +408,10 @@ def markdown(
     reports: Mapping[str, RunReport],
     plots: Mapping[str, str],
     command: str | None = None,
+    orders: Sequence[Sequence[str]] = (),
 ) -> str:
-    """The Markdown report of one or several runs of the same scenario."""
+    """The Markdown report of one or several runs of the same scenario (``orders``: the
+    policies' order in each repetition)."""
     headers, rows = table_rows(reports)
     lines = [f"# Experiment `{config.name}`", ""]
     if config.description:
@@ -376,10 +421,41 @@ def markdown(
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     cmp = compare_summary(reports)
+    lines += ["", "## Static levels against the controllers", ""]
+    if cmp["dominance"]:
+        lines += [
+            "A dynamic policy is only better if no static level beats it on both axes at once. "
+            "Here one does:",
+            "",
+        ]
+        lines += [f"- **{d['text']}**." for d in cmp["dominance"]]
+    else:
+        lines += [
+            "No static level beats a dynamic policy on both SLO attainment and accuracy (medians)."
+        ]
+    repeats = max(int(r.summary.get("repeats", 1)) for r in reports.values())
+    lines += ["", "## Run-to-run variation", ""]
+    if repeats < 2:
+        lines += ["One repetition: no ranges (run with `--repeat 3` for medians and ranges)."]
+    else:
+        lines += [
+            f"Every figure is the median over {repeats} repetitions, [min-max] beside it. "
+            "Where two policies' ranges overlap, the difference between them is within the "
+            "run-to-run variation:",
+            "",
+        ]
+        lines += [f"- {o['text']}." for o in cmp["overlaps"]] or ["- no ranges overlap."]
+    if orders:
+        lines += [
+            "",
+            "Policy order per repetition: "
+            + "; ".join(f"{k + 1}: {', '.join(o)}" for k, o in enumerate(orders))
+            + ".",
+        ]
     if "speedup_p95" in cmp:
         lines += [
             "",
-            "Against `static`: "
+            f"Against `{cmp['baseline']}`: "
             + "; ".join(
                 f"**{p}** p95 speedup {_ratio_text(cmp['speedup_p95'][p])}, "
                 f"SLO attainment {_ratio_text(cmp['slo_attainment_gain'][p])}, "

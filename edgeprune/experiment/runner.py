@@ -31,10 +31,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from controller.config import parse_policy
+from controller.oracle import OracleSchedule
+from controller.state import ControllerState
 from edgeprune.broker import MosquittoBroker
 from edgeprune.experiment.calibration import CalibrationInfo, ensure_calibration, load_model
 from edgeprune.experiment.config import ExperimentConfig, NodeSpec, resolve_blocks
@@ -45,7 +49,9 @@ from edgeprune.experiment.launcher import (
     signals_as_interrupt,
 )
 from edgeprune.experiment.monitor import Events, LiveStatus, Recorder
-from edgeprune.experiment.report import RunReport, build_report
+from edgeprune.experiment.oracle import oracle_schedule
+from edgeprune.experiment.report import RunReport, build_report, file_tag
+from pipeline.calibration import Calibration
 from pipeline.connection import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -133,7 +139,7 @@ class ExperimentRunner:
         """Run the scenario once with ``policy`` (files under ``out_dir/<tag or policy>``);
         processes are always cleaned up."""
         cal = self.prepare()
-        run_dir = self.out_dir / (tag or policy)
+        run_dir = self.out_dir / file_tag(tag or policy)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "controller.toml").write_text(self.config.controller_toml(policy))
         broker = MosquittoBroker(port=None, run_dir=run_dir / "broker")
@@ -172,6 +178,7 @@ class ExperimentRunner:
         async with recorder.running():
             launch = time.time()
             clock_start = launch + self._adaptive.startup_s
+            oracle = self._oracle_file(policy, schedule, clock_start, run_dir)
             for node in cfg.nodes:
                 cpu = self._cpu_of(node)
                 group.start(node.name, self._node_args(node, clock_start, mqtt, pipe), cpu=cpu)
@@ -184,8 +191,9 @@ class ExperimentRunner:
                         cpu=cpu,
                     )
             controller = group.start(
-                "controller", self._controller_args(policy, cal.path, run_dir, mqtt, pipe)
+                "controller", self._controller_args(policy, cal.path, run_dir, mqtt, pipe, oracle)
             )
+            first_levels = self._first_levels(policy, cal.path, oracle)
             lead = self._adaptive.camera_lead_s
             camera_at = clock_start - lead
             camera = (
@@ -214,6 +222,14 @@ class ExperimentRunner:
                     group,
                     fail=False,
                 )
+            if in_time and first_levels is not None:
+                in_time = await _until(
+                    lambda: self._levels_applied(recorder, first_levels),
+                    max(0.0, camera_at - 1.0 - time.time()),
+                    f"the nodes to apply the levels {list(first_levels)}",
+                    group,
+                    fail=False,
+                )
             if in_time and cfg.warmup_images:
                 await self._warm_up(group, recorder, mqtt, pipe)
                 in_time = time.time() < camera_at - 0.3
@@ -234,6 +250,13 @@ class ExperimentRunner:
                     "the controller to connect",
                     group,
                 )
+                if first_levels is not None:
+                    await _until(
+                        lambda: self._levels_applied(recorder, first_levels),
+                        cfg.startup_timeout_s,
+                        f"the nodes to apply the levels {list(first_levels)}",
+                        group,
+                    )
                 if cfg.warmup_images:
                     await self._warm_up(group, recorder, mqtt, pipe)
                 ready_s = time.time() - launch
@@ -362,9 +385,9 @@ class ExperimentRunner:
     def _learn(self, ready_s: float, camera_startup_s: float | None) -> None:
         a = self._adaptive
         a.history.append({"ready_s": ready_s, "camera_startup_s": camera_startup_s or math.nan})
-        # start-up time swings by 2-3x with the machine's load: never go below the configured
-        # budget, and keep a wide margin over the last start-up
-        a.startup_s = max(self.config.startup_budget_s, ready_s * 1.3 + 5.0)
+        a.startup_s = startup_budget(
+            self.config.startup_budget_s, [h["ready_s"] for h in a.history]
+        )
 
     # ------------------------------------------------------------------ arguments
     def _cpu_of(self, node: NodeSpec) -> int | None:
@@ -420,13 +443,61 @@ class ExperimentRunner:
             args += ["--cpu", str(cpu)]
         return args
 
+    def _oracle_file(
+        self, policy: str, schedule: list[float], clock_start: float, run_dir: Path
+    ) -> Path | None:
+        """The oracle's schedule for this run (None for the other policies)."""
+        if parse_policy(policy).kind != "oracle":
+            return None
+        known = oracle_schedule(self.config, schedule, clock_start)
+        for segment in known.segments:
+            log.info("oracle knows: %s", segment.describe())
+        return known.save(run_dir / "oracle-schedule.json")
+
+    def _first_levels(
+        self, policy: str, calibration: Path, oracle: Path | None
+    ) -> tuple[int, ...] | None:
+        """The levels the controller sets before the trace starts (``static:<level>``, and
+        the oracle's first segment), which the nodes must have applied before the camera's
+        first send; None when it sets none (level 0 everywhere)."""
+        spec = parse_policy(policy)
+        n = len(self.config.nodes)
+        levels: tuple[int, ...] = (0,) * n
+        if spec.kind == "static":
+            levels = (spec.level,) * n
+        elif oracle is not None:
+            state = ControllerState(
+                self.config.controller_config(policy),
+                Calibration.load(calibration),
+                now=0.0,
+                oracle_schedule=OracleSchedule.load(oracle),
+            )
+            if state.oracle is not None:
+                levels = tuple(state.oracle.plans[0].levels)
+        return levels if any(levels) else None
+
+    def _levels_applied(self, recorder: Recorder, levels: tuple[int, ...]) -> bool:
+        """Every node's latest metrics report the level of its stage."""
+        latest: dict[str, Any] = {}
+        for m in recorder.events["metrics"]:
+            latest[str(m.get("node"))] = m.get("level")
+        return all(latest.get(n.name) == levels[n.stage] for n in self.config.nodes)
+
     def _controller_args(
-        self, policy: str, calibration: Path, run_dir: Path, mqtt: MqttSettings, pipe: str
+        self,
+        policy: str,
+        calibration: Path,
+        run_dir: Path,
+        mqtt: MqttSettings,
+        pipe: str,
+        oracle: Path | None = None,
     ) -> list[str]:
+        extra = [] if oracle is None else ["--oracle-schedule", str(oracle)]
         return [
             "--log-level",
             self.log_level,
             "controller",
+            *extra,
             "--calibration",
             str(calibration),
             "--config",
@@ -459,6 +530,17 @@ class ExperimentRunner:
     def _nodes_online(self, recorder: Recorder) -> bool:
         online = {s.get("node") for s in recorder.events["status"] if s.get("state") == "online"}
         return all(n.name in online for n in self.config.nodes)
+
+
+def startup_budget(configured_s: float, ready_s: Sequence[float], recent: int = 3) -> float:
+    """The start-up budget of the next run: a wide margin over the SLOWEST of the last
+    ``recent`` start-ups, never below the configured one. Start-up time swings by 2-3x with
+    the machine's load (16 s, then 38 s, on one busy evening); following only the last one
+    made a fast start-up shrink the budget just before a slow one, whose replay then started
+    late and had to be run again."""
+    if not ready_s:
+        return configured_s
+    return max(configured_s, max(ready_s[-recent:]) * 1.3 + 5.0)
 
 
 def _camera_offset(

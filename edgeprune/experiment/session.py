@@ -6,6 +6,7 @@ processes each), then writes into ``out_dir``::
     report.json               {"kind": "experiment", "compare": {...}, "runs": {policy: run}}
     report.md                 the side-by-side table, the scenario, what was emulated
     timeline-<policy>.png     arrivals, latency with the SLO, levels; slowdowns shaded
+    attainment-vs-accuracy.png  SLO attainment against accuracy, one point per policy and run
     latency-cdf.png           one curve per policy
     timelines.png             (several policies) the latency panels stacked
     <policy>/                 events.jsonl, camera.json, controller-report.json, logs/, broker/
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from edgeprune.experiment.compare import rotated_orders
 from edgeprune.experiment.config import ExperimentConfig
 from edgeprune.experiment.monitor import Events
 from edgeprune.experiment.report import (
     RunReport,
     aggregate,
     compare_summary,
+    file_tag,
     markdown,
     write_text,
 )
@@ -51,6 +55,7 @@ class SessionResult:
     plots: dict[str, str]
     report_json: Path
     report_md: Path
+    orders: list[list[str]] = field(default_factory=list)  # policy order per repetition
 
     @property
     def reports(self) -> dict[str, RunReport]:
@@ -61,6 +66,7 @@ class SessionResult:
         out = compare_summary(self.reports)
         out.update(
             {
+                "orders": self.orders,
                 "experiment": self.config.name,
                 "out_dir": str(self.out_dir),
                 "report": str(self.report_json),
@@ -113,21 +119,42 @@ def run_session(
     config = runner.config
     if repeat < 1:
         raise ConfigError("repeat must be >= 1")
+    for policy in policies:
+        config.check_policy(policy)
+    orders = rotated_orders(policies, repeat)
     runs_of: dict[str, list[RunOutcome]] = {p: [] for p in policies}
-    for r in range(repeat):  # interleaved, so that a change of machine load hits all alike
-        for policy in policies:
+    total, started = repeat * len(policies), time.monotonic()
+    # interleaved, so that a change of machine load hits all alike, and in a rotated order, so
+    # that no policy always runs first or right after the same one
+    for r, order in enumerate(orders):
+        for policy in order:
+            done = sum(len(v) for v in runs_of.values())
             tag = policy if repeat == 1 else f"{policy}-{r + 1}"
-            if repeat > 1 and progress:
-                log.info("repetition %d/%d: %s", r + 1, repeat, policy)
+            if progress and total > 1:
+                elapsed = time.monotonic() - started
+                eta = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
+                _say(
+                    stream,
+                    f"== run {done + 1}/{total}: {policy}"
+                    + (f" (repetition {r + 1}/{repeat})" if repeat > 1 else "")
+                    + eta,
+                )
             runs_of[policy].append(_aligned_run(runner, policy, tag, retries))
     outcomes = {p: _representative(o) for p, o in runs_of.items()}
     aggregated = {p: aggregate([o.report for o in runs]) for p, runs in runs_of.items()}
     files: dict[str, str] = {}
     for policy, o in outcomes.items():
         path = plots.plot_timeline(
-            config, policy, o.events, o.clock_start, out_dir / f"timeline-{policy}.png"
+            config, policy, o.events, o.clock_start, out_dir / f"timeline-{file_tag(policy)}.png"
         )
         files[f"timeline ({policy})"] = str(path)
+    files["SLO attainment vs accuracy"] = str(
+        plots.plot_tradeoff(
+            config,
+            {p: [o.report.summary for o in r] for p, r in runs_of.items()},
+            out_dir / "attainment-vs-accuracy.png",
+        )
+    )
     runs = {p: (o.events, o.clock_start) for p, o in outcomes.items()}
     pooled = {p: (_pooled([o.events for o in r]), 0.0) for p, r in runs_of.items()}
     files["latency CDF"] = str(plots.plot_cdf(config, pooled, out_dir / "latency-cdf.png"))
@@ -145,7 +172,8 @@ def run_session(
                 "kind": "experiment",
                 "experiment": config.name,
                 "command": command,
-                "compare": compare_summary(reports),
+                "compare": {**compare_summary(reports), "orders": orders},
+                "orders": orders,
                 "plots": files,
                 "runs": {p: r.to_dict() for p, r in reports.items()},
             },
@@ -153,8 +181,14 @@ def run_session(
             default=str,
         )
     )
-    report_md = write_text(out_dir / "report.md", markdown(config, reports, files, command))
-    return SessionResult(config, outcomes, out_dir, files, report_json, report_md)
+    report_md = write_text(out_dir / "report.md", markdown(config, reports, files, command, orders))
+    return SessionResult(config, outcomes, out_dir, files, report_json, report_md, orders)
+
+
+def _say(stream: IO[str] | None, text: str) -> None:
+    out = stream or sys.stderr
+    out.write(text + "\n")
+    out.flush()
 
 
 def _aligned_run(runner: ExperimentRunner, policy: str, tag: str, retries: int) -> RunOutcome:

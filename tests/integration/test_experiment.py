@@ -122,7 +122,7 @@ def test_compare_prints_one_json_object_and_every_request_has_a_result(
         [
             str(config),
             "--compare",
-            "static,reactive",
+            "static,static:1,oracle",
             "--json",
             "--quiet",
             "--retries",
@@ -136,10 +136,16 @@ def test_compare_prints_one_json_object_and_every_request_has_a_result(
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1, stdout  # exactly one JSON object on stdout
     result = json.loads(lines[0])
-    assert set(result["policies"]) == {"static", "reactive"}
+    assert set(result["policies"]) == {"static", "static:1", "oracle"}
     for policy, summary in result["policies"].items():
-        for key in ("slo_attainment", "p95_ms", "accuracy"):
+        for key in ("slo_attainment", "p95_ms", "accuracy", "attainment_vs_oracle"):
             assert isinstance(summary[key], float), (policy, key, summary)
+        assert set(result["headline"][policy]) == {
+            "slo_attainment",
+            "accuracy",
+            "p95_ms",
+            "attainment_vs_oracle",
+        }
         assert summary["sent"] == 25
         assert summary["completed"] == summary["sent"]
         assert summary["lost"] == 0
@@ -148,23 +154,44 @@ def test_compare_prints_one_json_object_and_every_request_has_a_result(
         assert 0.5 <= summary["accuracy"] <= 1.0
         assert result["checks"][policy]["every_request_has_a_result"] is True
         assert result["checks"][policy]["orphans"] == []
-    assert "reactive" in result["speedup_p95"]
+    assert result["policies"]["oracle"]["attainment_vs_oracle"] == 1.0
+    assert result["baseline"] == "static" and "oracle" in result["speedup_p95"]
+    assert isinstance(result["dominance"], list) and result["orders"] == [
+        ["static", "static:1", "oracle"]
+    ]
     assert any("x3" in line and "CPU hog" in line for line in result["emulation"])
 
     report = json.loads((out / "report.json").read_text())
-    for policy in ("static", "reactive"):
+    for policy in ("static", "static:1", "oracle"):
         run = report["runs"][policy]
-        events = load_events(out / policy / "events.jsonl")  # the warm-up does not count
+        tag = policy.replace(":", "-")
+        events = load_events(out / tag / "events.jsonl")  # the warm-up does not count
         sent = {e["request_id"] for e in events["send"]}
         assert len(sent) == run["summary"]["sent"] == 25
         assert {e["request_id"] for e in events["result"]} == sent
         assert {e["request_id"] for e in events["exit"]} == sent
         assert run["camera"]["sent"] == run["camera"]["completed"] == 25  # the camera agrees
         assert run["timing"]["camera_offset_s"] is not None
+    # static:1 held both stages at level 1 from before the first image to the last
+    results = load_events(out / "static-1" / "events.jsonl")["result"]
+    assert results and all(r["levels"] == [1, 1] for r in results)
+    # the oracle knew the slowdown window on n1 ([0.5, 3) s, x3 on top of x2) in advance
+    schedule = json.loads((out / "oracle" / "oracle-schedule.json").read_text())
+    assert [s["start_s"] for s in schedule["segments"]] == [0.0, 0.5, 3.0]
+    assert [s["slowdowns"] for s in schedule["segments"]] == [[1.0, 2.0], [1.0, 6.0], [1.0, 2.0]]
     assert "burnt one core" in (out / "static" / "logs" / "hog-n1.log").read_text()
-    for png in ("timeline-static.png", "timeline-reactive.png", "latency-cdf.png", "timelines.png"):
+    for png in (
+        "timeline-static.png",
+        "timeline-static-1.png",
+        "timeline-oracle.png",
+        "latency-cdf.png",
+        "timelines.png",
+        "attainment-vs-accuracy.png",
+    ):
         assert (out / png).stat().st_size > 10_000
-    assert "| SLO attainment |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| SLO attainment |" in md and "| SLO attainment vs oracle |" in md
+    assert "Static levels against the controllers" in md
     assert processes_mentioning(name) == []
     assert processes_mentioning(str(out)) == []  # the brokers' command lines name their dir
 
