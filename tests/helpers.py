@@ -21,6 +21,7 @@ import aiomqtt
 import numpy as np
 
 from controller.importance import (
+    CostTable,
     Measurements,
     SliceBank,
     block_inputs,
@@ -213,19 +214,29 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> int:
         raise
 
 
-def stand_in_measurements(checkpoint: Checkpoint) -> Measurements:
-    """Real per-block costs (briefly timed) and a stand-in importance that grows with ratio and
-    slice length, as the measurements file the planner loads (no combos: kappa = 1)."""
+def stand_in_costs(
+    checkpoint: Checkpoint, *, runs: int = 5, warmup: int = 1
+) -> tuple[CostTable, list[tuple[int, int]], np.ndarray]:
+    """Real per-block costs (single-block variants, briefly timed), the contiguous slice
+    ranges, and a stand-in accuracy per range and ratio whose loss grows with ratio and slice
+    length (0.98 unpruned)."""
     bank = SliceBank(checkpoint)
     costs, _ = measure_costs(
         bank,
         block_inputs(bank.model, checkpoint.calibration_tensor(2)),
-        runs=5,
-        warmup=1,
+        runs=runs,
+        warmup=warmup,
         ranges=False,
     )
     ranges = contiguous_ranges(costs.n_blocks)
     acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
+    return costs, ranges, acc
+
+
+def stand_in_measurements(checkpoint: Checkpoint) -> Measurements:
+    """:func:`stand_in_costs` as the measurements file the planner loads (no combos:
+    kappa = 1)."""
+    costs, ranges, acc = stand_in_costs(checkpoint)
     return Measurements(
         checkpoint.config.name,
         checkpoint.model_hash(),

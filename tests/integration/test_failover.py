@@ -17,16 +17,11 @@ import time
 from pathlib import Path
 
 import aiomqtt
-import numpy as np
 import pytest
 
 from controller.failover import FailoverMonitor, FailoverSettings, run_failover
 from controller.importance import (
     AccuracyModel,
-    SliceBank,
-    block_inputs,
-    contiguous_ranges,
-    measure_costs,
 )
 from controller.planner import Planner
 from nodes.camera import Camera, rate_schedule
@@ -45,6 +40,7 @@ from tests.helpers import (
     REPO,
     collecting,
     node_process,
+    stand_in_costs,
     stand_in_measurements,
     stop_process,
     wait_until,
@@ -58,16 +54,7 @@ def _planner(checkpoint) -> tuple[Planner, float]:
     """Real per-block costs (single-block variants, timed briefly); as accuracy model a
     stand-in whose importance grows with ratio and slice length (the planner's accuracy side
     is tested in tests/unit/test_planner.py; here the floor does not bind)."""
-    bank = SliceBank(checkpoint)
-    costs, _ = measure_costs(
-        bank,
-        block_inputs(bank.model, checkpoint.calibration_tensor(2)),
-        runs=15,
-        warmup=3,
-        ranges=False,
-    )
-    ranges = contiguous_ranges(costs.n_blocks)
-    acc = np.asarray([[0.98 - 0.02 * r * (j - i) for r in costs.ratios] for i, j in ranges])
+    costs, _, acc = stand_in_costs(checkpoint, runs=15, warmup=3)
     return Planner(costs, AccuracyModel.from_importance(0.98, acc, 10)), costs.footprint(0)
 
 
