@@ -1,4 +1,4 @@
-"""Convert the raw camera-trap arrival files (``/work/shared/traces``) into trace files.
+"""Convert the raw camera-trap arrival files (``../shared/traces``) into trace files.
 
 Two raw layouts are known:
 

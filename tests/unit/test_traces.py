@@ -222,7 +222,10 @@ def test_converter_reproduces_shipped_files(tmp_path: Path) -> None:
     assert info.value.line == 2
     with pytest.raises(TraceError, match="not a orinoquia file"):
         convert_raw(raw, "orinoquia")
-    shared = Path("/work/shared/traces/orinoquia_day1_arrivals.csv")
+    # the raw files lie in ../shared/traces beside the repository, where present
+    shared = (
+        Path(__file__).resolve().parents[2].parent / "shared/traces/orinoquia_day1_arrivals.csv"
+    )
     if shared.is_file():
         assert format_trace(convert_raw(shared, "orinoquia")) == default_trace_path(
             "orinoquia_day1"
