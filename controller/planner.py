@@ -324,6 +324,16 @@ class Planner:
         )
         return result
 
+    def best_uniform(self, devices: Sequence[Device], floor: float) -> SlimPlan | None:
+        """The strongest uniform baseline: of the plans with every slice at one level (each
+        level's best), the one with the smallest bottleneck; None when no level fits."""
+        plans = [
+            b
+            for lv in range(self.table.n_levels)
+            if (b := self.plan(devices, floor, levels=lv).best)
+        ]
+        return min(plans, key=lambda b: b.bottleneck_s) if plans else None
+
     def _plan(
         self,
         devices: Sequence[Device],

@@ -44,7 +44,7 @@ import torch
 
 from pipeline import codec
 from pipeline.connection import MqttSettings
-from pipeline.errors import CodecError
+from pipeline.errors import CodecError, internal_error, stop_reason
 from pipeline.multiview import PrunedMultiView
 from pipeline.topics import Topics
 
@@ -154,7 +154,7 @@ class _Service:
                     except Exception as exc:
                         if not isinstance(exc, aiomqtt.MqttError):
                             # leaving `async with` disconnects cleanly: no Last Will
-                            reason = f"stopped on error: {type(exc).__name__}: {exc}"[:200]
+                            reason = stop_reason(exc)
                             with contextlib.suppress(aiomqtt.MqttError):
                                 await client.publish(
                                     status, self._status("offline", reason), qos=1, retain=True
@@ -181,7 +181,7 @@ class _Service:
                 out = self.handle(topic, bytes(payload))
             except Exception as exc:  # last resort: one message must never stop the service
                 log.exception("%s: failed to handle a message on %s", self.node_id, topic)
-                out = [self.error(f"internal error: {type(exc).__name__}: {exc}", topic, payload)]
+                out = [self.error(internal_error(exc), topic, payload)]
             for reply_topic, body in out:
                 await client.publish(reply_topic, body, qos=1)
 

@@ -49,7 +49,13 @@ from pipeline import codec
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.composed import build_prunable
 from pipeline.connection import raise_if_cancelling
-from pipeline.errors import CodecError, ConfigError, EdgepruneError
+from pipeline.errors import (
+    CodecError,
+    ConfigError,
+    EdgepruneError,
+    internal_error,
+    stop_reason,
+)
 from pipeline.models import SliceableResNet
 from pipeline.plan_message import PlanMessage
 from pipeline.pruning import PrunableSlice
@@ -172,7 +178,7 @@ class SliceNode:
                         t.get_name(),
                         exc_info=exc,
                     )
-                    await self._say_goodbye(_stop_reason(exc))
+                    await self._say_goodbye(stop_reason(exc))
                     raise exc
             await self._drain(timeout=5.0)
             await self._say_goodbye("shutdown")
@@ -255,7 +261,7 @@ class SliceNode:
                     except Exception as exc:
                         if not isinstance(exc, aiomqtt.MqttError):
                             # leaving `async with` disconnects cleanly, so no Last Will: say it
-                            await self._publish_offline(client, _stop_reason(exc))
+                            await self._publish_offline(client, stop_reason(exc))
                             self._connected.clear()
                         raise
             except aiomqtt.MqttError as exc:
@@ -314,7 +320,7 @@ class SliceNode:
                 self._on_stage(payload, topic)
         except Exception as exc:  # last resort: one message must never stop the node
             log.exception("failed to handle a message on %s", topic)
-            self._reject(f"internal error: {type(exc).__name__}: {exc}", None, topic, len(payload))
+            self._reject(internal_error(exc), None, topic, len(payload))
 
     def _is_input(self, topic: str) -> bool:
         if self.stage == 0:
@@ -466,7 +472,7 @@ class SliceNode:
 
     def _known_bad(self, topic: str, payload: bytes) -> bool:
         """Whether this exact payload on ``topic`` was already rejected."""
-        key = (topic, hashlib.blake2b(payload, digest_size=16).digest())
+        key = _retained_key(topic, payload)
         if key in self._bad_retained:
             self._bad_retained.move_to_end(key)
             log.debug("ignored a bad message on %s, reported before", topic)
@@ -476,7 +482,7 @@ class SliceNode:
     def _reject_retained(self, reason: str, topic: str, payload: bytes) -> None:
         """Reject a level or plan message once per distinct payload: being retained, it comes
         again on every reconnect, and that is no new error."""
-        key = (topic, hashlib.blake2b(payload, digest_size=16).digest())
+        key = _retained_key(topic, payload)
         self._bad_retained[key] = None
         while len(self._bad_retained) > BAD_RETAINED_REMEMBERED:
             self._bad_retained.popitem(last=False)
@@ -527,7 +533,7 @@ class SliceNode:
             except Exception as exc:  # last resort: the worker serves on, whatever happened
                 log.exception("failed to serve %s", req.msg.request_id)
                 self._reject(
-                    f"internal error: {type(exc).__name__}: {exc}",
+                    internal_error(exc),
                     req.msg.request_id,
                     self.topics.stage(self.stage or 0),
                     0,
@@ -760,11 +766,6 @@ class SliceNode:
                     )
 
 
-def _stop_reason(exc: BaseException) -> str:
-    """The ``reason`` of the offline status of a node that stops on ``exc``."""
-    return f"stopped on error: {type(exc).__name__}: {exc}"[:200]
-
-
 def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:
     """A stage-0 message must come on its own camera's topic: the secure broker lets camera
     ``<id>`` write only ``stage/0/<id>``, so this is what stops it speaking for another camera.
@@ -777,3 +778,8 @@ def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:
         raise CodecError(
             f"camera {msg.camera!r} in a message on camera {level!r}'s topic", msg.request_id
         )
+
+
+def _retained_key(topic: str, payload: bytes) -> tuple[str, bytes]:
+    """How a bad retained message is remembered: its topic and a digest of its payload."""
+    return topic, hashlib.blake2b(payload, digest_size=16).digest()

@@ -50,3 +50,14 @@ class TraceError(EdgepruneError):
 
 class BrokerError(EdgepruneError):
     """Mosquitto cannot be started, or does not answer in time."""
+
+
+def stop_reason(exc: BaseException) -> str:
+    """The ``reason`` of the retained ``offline`` status of a service that stops on ``exc``."""
+    return f"stopped on error: {type(exc).__name__}: {exc}"[:200]
+
+
+def internal_error(exc: BaseException) -> str:
+    """The ``reason`` on ``errors`` of an unexpected failure while handling one message (the
+    service serves on)."""
+    return f"internal error: {type(exc).__name__}: {exc}"

@@ -114,9 +114,8 @@ def simulate(
                 None,
             )
 
-        def uniform_best(devs: list[Any]) -> Any:
-            plans = [b for lv in range(costs.n_levels) if (b := best(devs, levels=lv))]
-            return min(plans, key=lambda b: b.bottleneck_s) if plans else None
+        def uniform_best(devs: list[Any], floor: float = floor) -> Any:
+            return planner.best_uniform(devs, floor)
 
         se, se_hit = _deploy(lambda d: best(d, objective=how.objective), devices, failed)
         record = {

@@ -169,10 +169,7 @@ def run(args: argparse.Namespace) -> int:
     slo = None if args.slo_ms is None else args.slo_ms / 1e3
     result = planner.plan(devices, floor, objective=args.objective, slo_s=slo, method=args.method)
     unpruned = planner.plan(devices, floor, levels=0).best
-    uniform_plans = [
-        p for lv in range(m.costs.n_levels) if (p := planner.plan(devices, floor, levels=lv).best)
-    ]
-    uniform = min(uniform_plans, key=lambda p: p.bottleneck_s) if uniform_plans else None
+    uniform = planner.best_uniform(devices, floor)
     if veto is not None:
         veto.save()
     out: dict[str, Any] = {
