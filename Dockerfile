@@ -34,9 +34,13 @@ COPY models/ models/
 # Then edgeprune and its other dependencies (torch is already satisfied).
 COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
+COPY bus/ bus/
 COPY nodes/ nodes/
 COPY controller/ controller/
 COPY traces/ traces/
+COPY broker/ broker/
+COPY experiment/ experiment/
+COPY bench/ bench/
 COPY edgeprune/ edgeprune/
 RUN pip install . && python -c "import torch, edgeprune; print('torch', torch.__version__)"
 

@@ -12,10 +12,10 @@ The recipe is chosen on the validation split only (:func:`choose_recipe`; the sp
 pipeline.data.split_dataset, 10% of each class, disjoint from train and test), and the test
 split is measured once, for the chosen recipe only (:func:`select_and_report`).
 
-    .venv/bin/python bench/robust_grid.py                      # all regimes (about 25 min)
-    .venv/bin/python bench/robust_grid.py --regimes width-robust --reuse
-    .venv/bin/python bench/robust_grid.py --checkpoint standard=models/resnet-s-standard.pt
-    .venv/bin/python bench/robust_grid.py --variant wr-20ep:width-robust:epochs=20
+    .venv/bin/python -m bench.robust_grid                      # all regimes (about 25 min)
+    .venv/bin/python -m bench.robust_grid --regimes width-robust --reuse
+    .venv/bin/python -m bench.robust_grid --checkpoint standard=models/resnet-s-standard.pt
+    .venv/bin/python -m bench.robust_grid --variant wr-20ep:width-robust:epochs=20
 
 Run one grid at a time: it trains one model after another on all cores.
 """
@@ -31,10 +31,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("robust_grid")
 
@@ -505,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure every per-slice level vector on these cuts and "
         "fit the controller's logistic accuracy model (repeatable)",
     )
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "robust-grid")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--out", type=Path, default=Path("runs") / "robust-grid")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

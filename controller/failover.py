@@ -25,7 +25,7 @@ of the table seen alive and not lost): a survivor takes over the lost blocks (ev
 the full model: the checkpoint, 7.9 MB for resnet-s, and builds the variants of its new slice
 from it: see ``docs/slimedge.md``), and levels rise so that the memory caps, the accuracy
 floor and, with ``slo_s``, the SLO hold on fewer devices. The new plan is a
-:class:`~pipeline.plan_message.PlanMessage` with the next version, published retained,
+:class:`~bus.plan_message.PlanMessage` with the next version, published retained,
 followed by the level of every stage (retained ``control/stage/<i>``). Nodes apply it without
 restarting. Requests lost with the node are re-sent by the camera's journal.
 
@@ -47,13 +47,13 @@ from typing import Any
 
 import aiomqtt
 
+from bus.connection import MqttSettings, raise_if_cancelling
+from bus.plan_message import PlanMessage
+from bus.topics import Topics
 from controller.planner import Objective, Planner, SlimPlan
 from pipeline import codec
-from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import CodecError, ConfigError
 from pipeline.partition import Device
-from pipeline.plan_message import PlanMessage
-from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -59,10 +59,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from bus.plan_message import PlanMessage
 from controller.importance import AccuracyModel, CostTable, contiguous_ranges
 from pipeline.errors import ConfigError
 from pipeline.partition import Device
-from pipeline.plan_message import PlanMessage
 from pipeline.slicing import SliceBounds
 
 Objective = Literal["bottleneck", "expected"]

@@ -35,14 +35,14 @@ from typing import Any
 
 import aiomqtt
 
+from bus.connection import MqttSettings, raise_if_cancelling
+from bus.topics import Topics
 from controller.config import ControllerConfig
 from controller.oracle import OracleSchedule
 from controller.state import ControlDecision, ControllerState, NodeEvent
 from pipeline import codec
 from pipeline.calibration import Calibration
-from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import CodecError
-from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 

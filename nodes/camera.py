@@ -29,11 +29,11 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from bus.connection import MqttSettings, raise_if_cancelling
+from bus.topics import Topics
 from nodes.journal import RequestJournal
 from pipeline import codec
-from pipeline.connection import MqttSettings, raise_if_cancelling
 from pipeline.errors import BrokerError, CodecError
-from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 

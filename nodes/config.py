@@ -8,13 +8,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from bus.connection import MqttSettings
+from bus.topics import check_name
 from nodes.emulation import Emulation
 from pipeline import codec
-from pipeline.connection import MqttSettings
 from pipeline.errors import ConfigError
 from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
 from pipeline.slicing import SliceBounds
-from pipeline.topics import check_name
 
 
 @dataclass(frozen=True)

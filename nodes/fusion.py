@@ -42,11 +42,11 @@ import aiomqtt
 import numpy as np
 import torch
 
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from pipeline import codec
-from pipeline.connection import MqttSettings
 from pipeline.errors import CodecError, internal_error, stop_reason
 from pipeline.multiview import PrunedMultiView
-from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -43,12 +43,14 @@ from typing import Any
 import aiomqtt
 import torch
 
+from bus.connection import raise_if_cancelling
+from bus.plan_message import PlanMessage
+from bus.topics import Topics, camera_level
 from nodes.config import NodeConfig
 from nodes.inputs import image_to_tensor, tensor_from_message
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.composed import build_prunable
-from pipeline.connection import raise_if_cancelling
 from pipeline.errors import (
     CodecError,
     ConfigError,
@@ -57,10 +59,8 @@ from pipeline.errors import (
     stop_reason,
 )
 from pipeline.models import SliceableResNet
-from pipeline.plan_message import PlanMessage
 from pipeline.pruning import PrunableSlice
 from pipeline.slicing import SliceBounds
-from pipeline.topics import Topics, camera_level
 
 log = logging.getLogger(__name__)
 

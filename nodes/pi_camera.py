@@ -4,7 +4,7 @@ This one file is meant to be copied to the device alone. It needs ONLY paho-mqtt
 msgpack and Pillow (``pip install paho-mqtt msgpack pillow``), plus picamera2 when a Pi
 camera is used (Raspberry Pi OS ships it). It imports neither torch, numpy nor any edgeprune
 package, so the few wire-format facts it needs are copied here from ``pipeline/codec.py``
-and ``pipeline/topics.py`` (keep them in sync if the schema version changes):
+and ``bus/topics.py`` (keep them in sync if the schema version changes):
 
 - topic ``edgeprune/<pipe>/stage/0/<camera id>``, QoS 1, not retained (the secure broker
   lets user ``camera-<id>`` write only its own camera's topic);
@@ -50,7 +50,7 @@ import msgpack
 import paho.mqtt.client as mqtt
 from PIL import Image
 
-# --- copied from pipeline/codec.py and pipeline/topics.py ----------------------------------
+# --- copied from pipeline/codec.py and bus/topics.py ----------------------------------
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgeprune"
 MAX_NAME = 128  # characters in a request id, camera id or meta value

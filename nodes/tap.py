@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bus.topics import ROOT
 from pipeline import codec
 from pipeline.errors import CodecError
-from pipeline.topics import ROOT
 
 MAX_TAP_BYTES = 256 * 1024 * 1024  # decode whatever the broker let through
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edgeprune.broker import MosquittoBroker
+from broker.launcher import MosquittoBroker
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 

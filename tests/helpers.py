@@ -20,6 +20,8 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from controller.importance import (
     CostTable,
     Measurements,
@@ -32,10 +34,8 @@ from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint
-from pipeline.connection import MqttSettings
 from pipeline.errors import CodecError
 from pipeline.slicing import SliceBounds
-from pipeline.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))

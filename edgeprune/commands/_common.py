@@ -115,7 +115,7 @@ def _env(name: str) -> str | None:
 
 
 def mqtt_settings(args: argparse.Namespace) -> Any:
-    from pipeline.connection import MqttSettings
+    from bus.connection import MqttSettings
 
     def pick(name: str, cast: Any = str) -> Any:
         value = getattr(args, name, None)

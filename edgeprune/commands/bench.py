@@ -1,8 +1,8 @@
 """`edgeprune bench NAME`: benchmarks that compare two things in one run and print ratios.
 
-Each benchmark lives in ``edgeprune.benches.<name>`` and exposes ``register(subparsers)``, whose
-``func`` returns a :class:`~edgeprune.benches.goals.BenchReport`, and ``GOALS`` (its
-:class:`~edgeprune.benches.goals.GoalSpec` values). This module gives every benchmark the same
+Each benchmark lives in ``bench.<name>`` and exposes ``register(subparsers)``, whose
+``func`` returns a :class:`~bench.goals.BenchReport`, and ``GOALS`` (its
+:class:`~bench.goals.GoalSpec` values). This module gives every benchmark the same
 ``--check`` and ``--goal`` options and prints the report: a readable table, or with ``--json``
 one JSON object on stdout, then the goals. With ``--check`` a missed goal makes the exit code 1
 and is named on stderr; without it the exit code is 0.
@@ -16,7 +16,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from edgeprune.benches.goals import (
+from bench.goals import (
     BenchReport,
     GoalSpec,
     check_overrides,
@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench_sub = parser.add_subparsers(dest="bench", metavar="BENCH")
     for name in BENCHES:
         try:
-            module = importlib.import_module(f"edgeprune.benches.{name}")
+            module = importlib.import_module(f"bench.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"edgeprune.benches.{name}":
+            if exc.name == f"bench.{name}":
                 continue
             raise
         module.register(bench_sub)

@@ -2,7 +2,7 @@
 
 ``--secure`` runs ``broker/secure.conf`` instead of ``dev.conf``: passwords, an ACL that ties
 every camera and node to its own id on one pipe, and a TLS listener, all made by
-:mod:`edgeprune.security` in the run directory.
+:mod:`broker.security` in the run directory.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from edgeprune.broker import DEFAULT_MAX_PACKET_SIZE, DEV_CONFIG, MosquittoBroker
-from edgeprune.security import (
+from broker.launcher import DEFAULT_MAX_PACKET_SIZE, DEV_CONFIG, MosquittoBroker
+from broker.security import (
     DEFAULT_ACL_PIPE,
     DEFAULT_SERVER_NAMES,
     DEFAULT_USERS,

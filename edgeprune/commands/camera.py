@@ -137,8 +137,8 @@ def build_shots(args: argparse.Namespace, labels, n_images: int):  # -> list[Sho
 
 
 def run(args: argparse.Namespace) -> int:
+    from broker.security import camera_id_for
     from edgeprune.commands._common import run_service
-    from edgeprune.security import camera_id_for
     from nodes.camera import Camera, load_source
     from nodes.journal import RequestJournal
 

@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 from edgeprune.commands._common import add_data_dir, add_json, data_dir
+from experiment import SCENARIOS_DIR
 
 log = logging.getLogger("edgeprune.demo")
 
-# experiments/demo.toml (package_data/experiments links to experiments/; a non-editable
-# install carries a copy of its *.toml)
-DEMO_CONFIG = (
-    Path(__file__).resolve().parents[1] / "package_data" / "experiments" / "demo.toml"
-).resolve()
+DEMO_CONFIG = SCENARIOS_DIR / "demo.toml"
 QUICK_CHECKPOINT = Path("runs") / "demo" / "quick-resnet-s.pt"
 
 
@@ -25,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
         help="the whole system live: slow a board down, watch the controller prune",
-        description="Runs experiments/demo.toml end to end: a local Mosquitto, two slice "
+        description="Runs experiment/scenarios/demo.toml end to end: a local Mosquitto, two slice "
         "nodes emulating Raspberry-Pi-class boards (the second 14% slower, each a separate "
         "process), the controller and a camera replaying a compressed real camera-trap trace "
         "(Orinoquía, the first 45 s of one day at 40x). Midway one board is slowed down 5x for "
@@ -50,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config",
         type=Path,
         default=DEMO_CONFIG,
-        help="the scenario (a TOML file like experiments/*.toml)",
+        help="the scenario (a TOML file like experiment/scenarios/*.toml)",
     )
     parser.add_argument(
         "--compare",
@@ -112,9 +109,9 @@ def quick_checkpoint(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from edgeprune.commands.experiment import policies_of, print_outcome
-    from edgeprune.experiment.calibration import checkpoint_path
-    from edgeprune.experiment.config import load_config
-    from edgeprune.experiment.session import run_session
+    from experiment.calibration import checkpoint_path
+    from experiment.config import load_config
+    from experiment.session import run_session
 
     started = time.monotonic()
     config = load_config(args.config)

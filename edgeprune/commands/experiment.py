@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accuracy, prune/restore events, time at each level, what was emulated) and plots "
         "(timeline with levels and slowdown windows, latency CDF). A missing or stale "
         "calibration is measured first. Processes are always cleaned up, also on Ctrl-C. "
-        "Shipped scenarios: experiments/restore.toml (slowdowns far enough apart that "
-        "restoring matters), experiments/paper.toml, experiments/demo.toml. The honest "
+        "Shipped scenarios: experiment/scenarios/restore.toml (slowdowns far enough apart that "
+        "restoring matters), experiment/scenarios/paper.toml, experiment/scenarios/demo.toml. The honest "
         f"comparison: --compare {HONEST_COMPARE} --repeat 3.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -119,7 +119,7 @@ def apply_overrides(config: Any, args: argparse.Namespace) -> Any:
 
 def print_outcome(result: Any, as_json: bool) -> None:
     """The side-by-side table (or the one JSON object) and where the files are."""
-    from edgeprune.experiment.report import table_rows
+    from experiment.report import table_rows
 
     if as_json:
         print_json(result.compare())
@@ -148,8 +148,8 @@ def print_outcome(result: Any, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgeprune.experiment.config import load_config
-    from edgeprune.experiment.session import default_out_dir, run_session
+    from experiment.config import load_config
+    from experiment.session import default_out_dir, run_session
 
     config = apply_overrides(load_config(args.config), args)
     policies = policies_of(args, config.policy)

@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):  # -> NodeConfig
-    from edgeprune.security import node_id_for
+    from broker.security import node_id_for
     from nodes.config import NodeConfig
     from nodes.emulation import Emulation
     from pipeline.errors import ConfigError

@@ -240,10 +240,10 @@ def publish_plan(
 
     import aiomqtt
 
+    from bus.plan_message import PlanMessage
+    from bus.topics import Topics
     from pipeline.errors import BrokerError, CodecError
-    from pipeline.plan_message import PlanMessage
     from pipeline.slicing import SliceBounds
-    from pipeline.topics import Topics
 
     topic = Topics(pipe).plan
 

@@ -273,9 +273,9 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
 
     import aiomqtt
 
+    from bus.plan_message import PlanMessage
+    from bus.topics import Topics
     from pipeline import codec
-    from pipeline.plan_message import PlanMessage
-    from pipeline.topics import Topics
 
     mqtt, topics = mqtt_settings(args), Topics(pipe_name(args))
 

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     import aiomqtt
 
+    from bus.topics import Topics
     from nodes.tap import describe, format_line, json_line
     from pipeline.errors import BrokerError
-    from pipeline.topics import Topics
 
     settings = mqtt_settings(args)
     topics = Topics(pipe_name(args))

@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import aiomqtt
 
+    from bus.topics import Topics
     from nodes.top import PipelineView
     from pipeline import codec
     from pipeline.errors import CodecError
-    from pipeline.topics import Topics
 
     settings = mqtt_settings(args)
     topics = Topics(pipe_name(args))

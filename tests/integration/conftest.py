@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bus.connection import MqttSettings
 from nodes.camera import ImageSource, load_source
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
-from pipeline.connection import MqttSettings
 from tests.helpers import DATA_DIR
 
 

@@ -24,16 +24,16 @@ import msgpack
 import numpy as np
 import pytest
 
+from bus.connection import MqttSettings
+from bus.plan_message import PlanMessage
+from bus.topics import Topics
 from controller.service import Controller
 from nodes import node as node_module
 from nodes.camera import encode_image
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
-from pipeline.connection import MqttSettings
-from pipeline.plan_message import PlanMessage
 from pipeline.slicing import SliceBounds, parse_cuts
-from pipeline.topics import Topics
 from tests.helpers import clear_retained, collecting, publish_level, running_nodes, wait_until
 from tests.unit.test_controller_service import calibration as synthetic_calibration
 from tests.unit.test_controller_service import config as controller_config

@@ -29,8 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-import edgeprune.broker as broker_module
-from edgeprune.broker import (
+import broker.launcher as broker_module
+from broker.launcher import (
     BROKER_DIR,
     MosquittoBroker,
     free_port,

@@ -26,11 +26,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from edgeprune.broker import MosquittoBroker
-from edgeprune.security import prepare_secure_broker
+from broker.launcher import MosquittoBroker
+from broker.security import prepare_secure_broker
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from pipeline import codec
-from pipeline.connection import MqttSettings
-from pipeline.topics import Topics
 from tests.conftest import BrokerFactory
 from tests.helpers import DATA_DIR, REPO, clear_retained, collecting, stop_process, wait_until
 

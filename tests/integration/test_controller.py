@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from controller.config import ControllerConfig, PolicyName
 from controller.service import Controller
 from nodes.camera import Camera, ImageSource, rate_schedule
@@ -31,10 +33,8 @@ from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
-from pipeline.connection import MqttSettings
 from pipeline.fitting import fit_linear, fit_logistic_accuracy
 from pipeline.slicing import parse_cuts
-from pipeline.topics import Topics
 from pipeline.training import predict
 from tests.helpers import (
     REPO,

@@ -19,6 +19,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from bus.connection import MqttSettings
+from bus.plan_message import PlanMessage
+from bus.topics import Topics
 from controller.failover import FailoverMonitor, FailoverSettings, run_failover
 from controller.importance import (
     AccuracyModel,
@@ -30,12 +33,9 @@ from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.checkpoint import Checkpoint
-from pipeline.connection import MqttSettings
 from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.partition import MIB, Device
-from pipeline.plan_message import PlanMessage
 from pipeline.slicing import SliceBounds
-from pipeline.topics import Topics
 from tests.helpers import (
     REPO,
     collecting,

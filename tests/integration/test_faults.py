@@ -12,8 +12,8 @@ import asyncio
 import signal
 import subprocess
 
+from bus.connection import MqttSettings
 from nodes.camera import Camera, rate_schedule
-from pipeline.connection import MqttSettings
 from pipeline.slicing import parse_cuts
 from tests.helpers import collecting, node_process, running_nodes, stop_process, wait_until
 

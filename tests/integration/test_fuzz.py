@@ -122,7 +122,7 @@ def expected_rejection(payload: bytes) -> bool:
 async def test_ten_thousand_fuzzed_payloads(checkpoint, test_images, mqtt, topic_prefix):
     import aiomqtt
 
-    from pipeline.topics import Topics
+    from bus.topics import Topics
 
     payloads_ = generate(TOTAL)
     rejects = sum(expected_rejection(p) for p in payloads_)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from bus.connection import MqttSettings
 from pipeline import codec
-from pipeline.connection import MqttSettings
 from pipeline.slicing import parse_cuts
 from pipeline.training import predict
 from tests.helpers import REPO, collecting, running_nodes, wait_until

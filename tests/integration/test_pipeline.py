@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from nodes.camera import Camera, ImageSource, rate_schedule
 from pipeline.composed import ComposedPipeline
-from pipeline.connection import MqttSettings
 from pipeline.slicing import parse_cuts
-from pipeline.topics import Topics
 from pipeline.training import predict
 from tests.helpers import (
     clear_retained,

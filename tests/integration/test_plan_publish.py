@@ -15,12 +15,12 @@ import aiomqtt
 import numpy as np
 import pytest
 
+from bus.connection import MqttSettings
+from bus.plan_message import PlanMessage
+from bus.topics import Topics
 from edgeprune.cli import main
 from pipeline.checkpoint import DEFAULT_CHECKPOINT
-from pipeline.connection import MqttSettings
 from pipeline.data import ArrayDataset, load_animal_mnist, split_dataset
-from pipeline.plan_message import PlanMessage
-from pipeline.topics import Topics
 from tests.helpers import DATA_DIR, REPO, clear_retained, stand_in_measurements
 
 FLOOR = "0.5"  # the default model measures ~0.99; blank images give one class (~0.1)

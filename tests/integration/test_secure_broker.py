@@ -1,4 +1,4 @@
-"""The secure broker (``broker/secure.conf`` via ``edgeprune.security``) on a real Mosquitto.
+"""The secure broker (``broker/secure.conf`` via ``broker.security``) on a real Mosquitto.
 
 No anonymous access, one password per user, an ACL per role, TLS only. Mosquitto drops an
 unauthorised PUBLISH silently (MQTT 3.1.1 has no reason code for it; the publisher still gets
@@ -27,8 +27,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeprune.broker import MosquittoBroker, mqtt_handshake, wait_for_mqtt
-from edgeprune.security import (
+from broker.launcher import MosquittoBroker, mqtt_handshake, wait_for_mqtt
+from broker.security import (
     SecureSetup,
     make_ca,
     parse_placements,
@@ -36,14 +36,14 @@ from edgeprune.security import (
     prepare_secure_broker,
     render_acl,
 )
+from bus.connection import MqttSettings
+from bus.topics import Topics
 from nodes.camera import Camera, ImageSource, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
-from pipeline.connection import MqttSettings
 from pipeline.errors import ConfigError
 from pipeline.slicing import parse_cuts
-from pipeline.topics import Topics
 from tests.conftest import BrokerFactory
 from tests.helpers import DATA_DIR, REPO, LineReader, collecting, stop_process, wait_until
 

@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from edgeprune.benches import controller, hop, planner, prune
-from edgeprune.benches.goals import (
+from bench import controller, hop, planner, prune
+from bench.goals import (
     Goal,
     GoalSpec,
     check_overrides,

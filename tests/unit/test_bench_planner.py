@@ -10,15 +10,15 @@ import random
 import numpy as np
 import pytest
 
-from controller.importance import AccuracyModel, CostTable, contiguous_ranges
-from controller.planner import Planner
-from edgeprune.benches.planner_sim import (
+from bench.planner_sim import (
     Scenarios,
     choose_margin,
     measure_plans,
     met_fraction,
     simulate,
 )
+from controller.importance import AccuracyModel, CostTable, contiguous_ranges
+from controller.planner import Planner
 from pipeline.partition import MIB
 
 RATIOS = (0.0, 0.2, 0.4, 0.6)

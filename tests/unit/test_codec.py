@@ -567,7 +567,7 @@ def test_float16_transport_keeps_float32_for_values_beyond_float16() -> None:
 
 
 def test_the_nodes_payload_limit_is_below_the_broker_packet_size_everywhere() -> None:
-    from edgeprune.broker import BROKER_DIR, DEFAULT_MAX_PACKET_SIZE
+    from broker.launcher import BROKER_DIR, DEFAULT_MAX_PACKET_SIZE
     from nodes.config import NodeConfig
 
     assert DEFAULT_MAX_PACKET_SIZE == codec.MAX_PACKET_BYTES

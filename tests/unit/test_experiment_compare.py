@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from edgeprune.experiment.compare import (
+from experiment.compare import (
     attainment_vs_oracle,
     dominance,
     merge_summaries,
     overlaps,
     rotated_orders,
 )
-from edgeprune.experiment.config import ExperimentConfig, config_from_mapping
-from edgeprune.experiment.report import RunReport, aggregate, compare_summary, markdown
+from experiment.config import ExperimentConfig, config_from_mapping
+from experiment.report import RunReport, aggregate, compare_summary, markdown
 
 
 def scenario() -> ExperimentConfig:
@@ -166,7 +166,7 @@ def test_every_repetition_runs_the_policies_in_another_order() -> None:
 
 
 def test_the_tradeoff_plot_has_one_point_per_policy_and_repetition(tmp_path: Path) -> None:
-    from edgeprune.experiment import plots
+    from experiment import plots
 
     path = plots.plot_tradeoff(
         scenario(),
@@ -180,7 +180,7 @@ def test_the_tradeoff_plot_has_one_point_per_policy_and_repetition(tmp_path: Pat
 
 
 def test_the_startup_budget_follows_the_slowest_recent_startup() -> None:
-    from edgeprune.experiment.runner import startup_budget
+    from experiment.runner import startup_budget
 
     assert startup_budget(30.0, []) == 30.0
     assert startup_budget(30.0, [10.0]) == 30.0  # never below the configured budget
@@ -192,7 +192,7 @@ def test_the_startup_budget_follows_the_slowest_recent_startup() -> None:
 def test_a_calibration_keeps_the_load_it_was_measured_under(tmp_path: Path) -> None:
     import json
 
-    from edgeprune.experiment.calibration import (
+    from experiment.calibration import (
         conditions_path,
         machine_load,
         read_conditions,

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
+from bus.plan_message import PlanMessage
 from controller.failover import FailoverMonitor, FailoverSettings, LivenessTracker
 from controller.planner import Planner
 from pipeline import codec
 from pipeline.errors import ConfigError
 from pipeline.partition import MIB, Device
-from pipeline.plan_message import PlanMessage
 from tests.unit.test_planner import _accuracy, _table
 
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from broker.security import camera_id_for, node_id_for
+from bus.topics import Topics, camera_level
 from edgeprune.cli import build_parser
 from edgeprune.commands.node import build_config
-from edgeprune.security import camera_id_for, node_id_for
 from pipeline.errors import ConfigError
-from pipeline.topics import Topics, camera_level
 
 T = Topics("farm")
 

@@ -1,7 +1,7 @@
 """A non-editable install (`pip install .`) finds the default model outside the repository.
 
 The project is copied the way the Dockerfile copies it (the packages, pyproject.toml, README
-and models/resnet-s.pt; also broker/ and experiments/), installed with `pip install --no-deps --no-build-isolation --target`
+and models/resnet-s.pt; also the broker configs and the scenarios), installed with `pip install --no-deps --no-build-isolation --target`
 (the dependencies, torch included, come from this venv), and run from an empty directory.
 """
 
@@ -19,7 +19,17 @@ import pytest
 from pipeline.checkpoint import load_checkpoint
 from tests.helpers import REPO
 
-PACKAGES = ("pipeline", "nodes", "controller", "traces", "edgeprune")
+PACKAGES = (
+    "pipeline",
+    "bus",
+    "nodes",
+    "controller",
+    "traces",
+    "broker",
+    "experiment",
+    "bench",
+    "edgeprune",
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +43,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in PACKAGES:
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
-    for name in ("broker", "experiments"):
-        shutil.copytree(REPO / name, source / name, ignore=ignore)
     (source / "models").mkdir()
     shutil.copy2(REPO / "models" / "resnet-s.pt", source / "models" / "resnet-s.pt")
     target = root / "site"
@@ -89,12 +97,11 @@ def test_default_model_resolves_outside_the_repository(installed: Path, tmp_path
 
 
 def test_broker_configs_and_demo_scenario_ship(installed: Path, tmp_path: Path) -> None:
-    shipped = installed / "edgeprune" / "package_data"
-    confs = sorted(p.name for p in (shipped / "broker").iterdir())
+    confs = sorted(p.name for p in (installed / "broker").glob("*.conf"))
     assert confs == sorted(p.name for p in (REPO / "broker").glob("*.conf"))
-    assert (shipped / "experiments" / "demo.toml").is_file()
+    assert (installed / "experiment" / "scenarios" / "demo.toml").is_file()
     code = (
-        "import json; from edgeprune.broker import DEV_CONFIG; "
+        "import json; from broker.launcher import DEV_CONFIG; "
         "from edgeprune.commands.demo import DEMO_CONFIG; "
         "print(json.dumps([str(DEV_CONFIG), str(DEMO_CONFIG)]))"
     )

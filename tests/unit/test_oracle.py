@@ -11,8 +11,8 @@ from controller.optimizer import solve_bottleneck
 from controller.oracle import OraclePolicy, OracleSchedule, OracleSegment
 from controller.policy import ActionKind
 from controller.state import ControllerState
-from edgeprune.experiment.config import config_from_mapping
-from edgeprune.experiment.oracle import oracle_schedule, peak_rate
+from experiment.config import config_from_mapping
+from experiment.oracle import oracle_schedule, peak_rate
 from pipeline.errors import ConfigError
 from tests.unit.test_controller_service import RATIOS, calibration, config
 

@@ -13,7 +13,7 @@ from controller.policy import ActionKind
 from controller.state import ControllerState
 from edgeprune.commands import controller as controller_cmd
 from edgeprune.commands import experiment as experiment_cmd
-from edgeprune.experiment.config import config_from_mapping
+from experiment.config import config_from_mapping
 from pipeline.errors import ConfigError
 from tests.unit.test_controller_service import Sim, calibration, config
 

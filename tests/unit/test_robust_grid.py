@@ -3,30 +3,15 @@ test split once, for the chosen recipe only. No training: rows are made up or fa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.helpers import REPO
+from bench import robust_grid as grid
 
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-
-
-def _load_grid() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("robust_grid", REPO / "bench" / "robust_grid.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["robust_grid"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-grid = _load_grid()
 
 
 def _row(name: str, split: str, accs: tuple[float, ...], **extra: Any) -> dict[str, Any]:

@@ -9,10 +9,10 @@ import msgpack
 import numpy as np
 import pytest
 
+from bus.topics import Topics
 from edgeprune.commands.tap import topic_filters
 from nodes.tap import describe, format_line, is_stage_topic, json_line, short_topic
 from pipeline import codec
-from pipeline.topics import Topics
 
 T = Topics("farm")
 HOPS = (codec.Hop(0, "pi-a", 0.0012, 0.0305, 0), codec.Hop(1, "pi-b", 0.0004, 0.021, 3))

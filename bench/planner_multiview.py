@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.benches.planner_sim import random_devices
+from bench.planner_sim import random_devices
 from edgeprune.commands._common import data_dir
 
 

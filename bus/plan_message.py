@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bus.topics import check_name
 from pipeline import codec
 from pipeline.errors import CodecError, ConfigError
 from pipeline.slicing import SliceBounds
-from pipeline.topics import check_name
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.controller import DECISION_GOAL
+from bench.goals import BenchReport
 from controller.optimizer import Decision, brute_force, solve_bottleneck, solve_sum
-from edgeprune.benches.controller import DECISION_GOAL
-from edgeprune.benches.goals import BenchReport
 from edgeprune.commands._common import format_table
 from pipeline.fitting import LinearFit, LogisticAccuracyFit
 

@@ -8,22 +8,14 @@
     report.py       metrics, the JSON and Markdown reports, the comparison
     plots.py        timeline and latency-CDF plots
     session.py      several policies in a row, and the files they write
+    scenarios/      the shipped scenarios (demo, paper, restore), package data
 
-``edgeprune experiment`` and ``edgeprune demo`` are the command lines over :func:`run_session`.
+``edgeprune experiment`` and ``edgeprune demo`` are the command lines over
+:func:`experiment.session.run_session`. Importing this package loads nothing else (the CLI's
+``--help`` stays free of torch).
 """
 
-from edgeprune.experiment.config import ExperimentConfig, load_config
-from edgeprune.experiment.launcher import ExperimentError, ProcessGroup
-from edgeprune.experiment.report import RunReport, compare_summary
-from edgeprune.experiment.session import SessionResult, run_session
+from pathlib import Path
 
-__all__ = [
-    "ExperimentConfig",
-    "ExperimentError",
-    "ProcessGroup",
-    "RunReport",
-    "SessionResult",
-    "compare_summary",
-    "load_config",
-    "run_session",
-]
+SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
+"""The shipped scenarios (``demo.toml``, ``paper.toml``, ``restore.toml``)."""

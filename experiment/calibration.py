@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeprune.experiment.config import ExperimentConfig
+from experiment.config import ExperimentConfig
 from pipeline.calibration import Calibration
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.errors import CheckpointError, ConfigError

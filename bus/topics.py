@@ -14,7 +14,7 @@ edgeprune/<pipe>/errors                    JSON what the controller did  QoS 1
                                            not accept (errors/# reads both)
 
 The camera and node levels let the secure broker's ACL tie a writer to its identity
-(edgeprune/security.py): camera-<id> may write only stage/0/<id>, node-<id> only errors/<id>.
+(broker/security.py): camera-<id> may write only stage/0/<id>, node-<id> only errors/<id>.
 """
 
 from __future__ import annotations

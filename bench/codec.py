@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edgeprune.benches.goals import BenchReport, GoalSpec
+from bench.goals import BenchReport, GoalSpec
 from edgeprune.commands._common import add_json, format_table
 
 DEFAULT_SIZES = ("16KB", "200KB", "800KB", "4MB")

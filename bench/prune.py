@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeprune.benches.goals import BenchReport, Goal, GoalSpec
+from bench.goals import BenchReport, Goal, GoalSpec
 from edgeprune.commands._common import add_checkpoint, add_json, format_table
 
 if TYPE_CHECKING:

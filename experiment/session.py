@@ -26,10 +26,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from edgeprune.experiment.compare import rotated_orders
-from edgeprune.experiment.config import ExperimentConfig
-from edgeprune.experiment.monitor import Events
-from edgeprune.experiment.report import (
+from experiment.compare import rotated_orders
+from experiment.config import ExperimentConfig
+from experiment.monitor import Events
+from experiment.report import (
     RunReport,
     aggregate,
     compare_summary,
@@ -37,7 +37,7 @@ from edgeprune.experiment.report import (
     markdown,
     write_text,
 )
-from edgeprune.experiment.runner import ExperimentRunner, RunOutcome
+from experiment.runner import ExperimentRunner, RunOutcome
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def run_session(
     CDF pools every run. A run whose replay did not start within ``MAX_OFFSET_S`` of the
     shared clock (a start-up slower than the budget: its trace would not line up with the
     slowdown windows) is run again, up to ``retries`` times."""
-    from edgeprune.experiment import plots
+    from experiment import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = ExperimentRunner(

@@ -24,9 +24,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from edgeprune.experiment.config import ExperimentConfig
-from edgeprune.experiment.monitor import Events
-from edgeprune.experiment.report import first_by_id, level_timeline
+from experiment.config import ExperimentConfig
+from experiment.monitor import Events
+from experiment.report import first_by_id, level_timeline
 from pipeline.pruning import DEFAULT_RATIOS
 
 POLICY_COLORS = {

@@ -40,8 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from edgeprune.benches.codec import _parse_sizes, _size_bytes
-from edgeprune.benches.goals import BenchReport, Goal, GoalSpec
+from bench.codec import _parse_sizes, _size_bytes
+from bench.goals import BenchReport, Goal, GoalSpec
 from edgeprune.commands._common import (
     add_checkpoint,
     add_data_dir,
@@ -249,10 +249,10 @@ async def measure_throughput(
 ) -> dict[str, Any]:
     import aiomqtt
 
+    from bus.topics import Topics
     from nodes.camera import Camera, ImageSource, rate_schedule
     from pipeline import codec
     from pipeline.slicing import parse_cuts
-    from pipeline.topics import Topics
 
     pipe = f"bench-{uuid.uuid4().hex[:8]}"
     topics = Topics(pipe)
@@ -457,10 +457,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from edgeprune.broker import MosquittoBroker
+    from broker.launcher import MosquittoBroker
+    from bus.connection import MqttSettings
     from nodes.camera import load_source
     from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-    from pipeline.connection import MqttSettings
 
     ckpt = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     compute = measure_compute(ckpt, args.cuts)

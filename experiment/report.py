@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 
 from controller.config import parse_policy
-from edgeprune.experiment.compare import (
+from experiment.compare import (
     attainment_vs_oracle,
     dominance,
     headline,
     merge_summaries,
     overlaps,
 )
-from edgeprune.experiment.config import ExperimentConfig
-from edgeprune.experiment.monitor import Events
+from experiment.config import ExperimentConfig
+from experiment.monitor import Events
 
 SUMMARY_KEYS = (
     "slo_attainment",
@@ -231,7 +231,7 @@ def build_report(
 def aggregate(reports: Sequence[RunReport]) -> RunReport:
     """Several repetitions of one policy as one report: every numeric summary value, nested
     ones included, is the median over the repetitions, ``spread`` holds [min, max] of each
-    (dotted keys for nested ones, see :func:`~edgeprune.experiment.compare.merge_summaries`)
+    (dotted keys for nested ones, see :func:`~experiment.compare.merge_summaries`)
     and ``repetitions`` every run's summary; the rest (levels, timing, files) is taken from
     the repetition whose p95 is closest to the median (the representative run)."""
     if len(reports) == 1:

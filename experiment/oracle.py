@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 
 from controller.oracle import OracleSchedule, OracleSegment
-from edgeprune.experiment.config import ExperimentConfig
+from experiment.config import ExperimentConfig
 
 
 def peak_rate(send_times: Sequence[float], start: float, end: float, window_s: float) -> float:

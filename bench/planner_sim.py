@@ -1,6 +1,6 @@
 """The simulation behind `edgeprune bench planner`: random device mixes, the deployments it
 compares, the measured accuracy of the plans, the margin of the measured veto, the summary and
-the plot (see ``edgeprune.benches.planner`` for what is compared and why)."""
+the plot (see ``bench.planner`` for what is compared and why)."""
 
 from __future__ import annotations
 

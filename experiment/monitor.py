@@ -28,11 +28,11 @@ from typing import IO, Any
 import aiomqtt
 import numpy as np
 
-from edgeprune.experiment.config import NodeSpec
+from bus.connection import MqttSettings
+from bus.topics import Topics
+from experiment.config import NodeSpec
 from pipeline import codec
-from pipeline.connection import MqttSettings
 from pipeline.errors import CodecError
-from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 

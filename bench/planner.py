@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeprune.benches.goals import BenchReport, Goal, GoalSpec
+from bench.goals import BenchReport, Goal, GoalSpec
 from edgeprune.commands._common import (
     add_checkpoint,
     add_data_dir,
@@ -121,16 +121,7 @@ def goals(out: dict[str, Any]) -> tuple[Goal, ...]:
 
 
 def run(args: argparse.Namespace) -> BenchReport:
-    from controller.importance import (
-        MeasuredAccuracy,
-        SliceBank,
-        accuracy_cache,
-        fit_accuracy_model,
-        load_or_measure,
-        split_halves,
-    )
-    from controller.planner import Planner
-    from edgeprune.benches.planner_sim import (
+    from bench.planner_sim import (
         Scenarios,
         choose_margin,
         distinct_configs,
@@ -141,6 +132,15 @@ def run(args: argparse.Namespace) -> BenchReport:
         simulate,
         summarize,
     )
+    from controller.importance import (
+        MeasuredAccuracy,
+        SliceBank,
+        accuracy_cache,
+        fit_accuracy_model,
+        load_or_measure,
+        split_halves,
+    )
+    from controller.planner import Planner
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
 
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> BenchReport:
     for measured in (veto, check, test):
         measured.save()
     if args.multiview:
-        from edgeprune.benches.planner_multiview import multiview_table
+        from bench.planner_multiview import multiview_table
 
         out["multiview"] = multiview_table(args)
     out["model"] = {

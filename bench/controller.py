@@ -1,12 +1,12 @@
 """`edgeprune bench controller`: decision time of the level optimizer (the work is in
-``edgeprune.benches.controller_impl``, imported only when the bench runs, so --help stays fast).
+``bench.controller_impl``, imported only when the bench runs, so --help stays fast).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from edgeprune.benches.goals import BenchReport, GoalSpec
+from bench.goals import BenchReport, GoalSpec
 from edgeprune.commands._common import add_json
 
 DECISION_GOAL = GoalSpec("decision_ms_8_slices", "<=", 1.0)
@@ -31,6 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> BenchReport:
-    from edgeprune.benches.controller_impl import run
+    from bench.controller_impl import run
 
     return run(args)

@@ -4,7 +4,7 @@ a time, and the reports and plots of what happened.
 One run of one policy (:meth:`ExperimentRunner.run_policy`):
 
 1. a fresh Mosquitto (in its own process group, on a free port) and the harness's
-   :class:`~edgeprune.experiment.monitor.Recorder`, subscribed before anything else starts;
+   :class:`~experiment.monitor.Recorder`, subscribed before anything else starts;
 2. the shared clock: ``clock_start = launch + startup budget``. Every node gets it as
    ``--clock-start``, so its slowdown windows count from it, and the camera is launched so that
    its replay starts at that instant (its real start is measured and reported);
@@ -36,23 +36,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from broker.launcher import MosquittoBroker
+from bus.connection import MqttSettings
 from controller.config import parse_policy
 from controller.oracle import OracleSchedule
 from controller.state import ControllerState
-from edgeprune.broker import MosquittoBroker
-from edgeprune.experiment.calibration import CalibrationInfo, ensure_calibration, load_model
-from edgeprune.experiment.config import ExperimentConfig, NodeSpec, resolve_blocks
-from edgeprune.experiment.launcher import (
+from experiment.calibration import CalibrationInfo, ensure_calibration, load_model
+from experiment.config import ExperimentConfig, NodeSpec, resolve_blocks
+from experiment.launcher import (
     Child,
     ExperimentError,
     ProcessGroup,
     signals_as_interrupt,
 )
-from edgeprune.experiment.monitor import Events, LiveStatus, Recorder
-from edgeprune.experiment.oracle import oracle_schedule
-from edgeprune.experiment.report import RunReport, build_report, file_tag
+from experiment.monitor import Events, LiveStatus, Recorder
+from experiment.oracle import oracle_schedule
+from experiment.report import RunReport, build_report, file_tag
 from pipeline.calibration import Calibration
-from pipeline.connection import MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +335,9 @@ class ExperimentRunner:
         import aiomqtt
         import numpy as np
 
+        from bus.topics import Topics
         from nodes.camera import encode_image, load_source
         from pipeline import codec
-        from pipeline.topics import Topics
 
         n = self.config.warmup_images
         source = load_source("animal-mnist", self.data_dir, "test")
@@ -377,7 +377,7 @@ class ExperimentRunner:
         return group.start(
             name,
             ["--at", f"{at:.6f}", "--", *self._camera_args(mqtt, pipe)],
-            module="edgeprune.experiment.delayed",
+            module="experiment.delayed",
             stdout_path=run_dir / "camera.json",
             expect_exit=True,
         )

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bus.topics import check_name
 from controller.config import ControllerConfig, PolicySpec, parse_policy
 from controller.optimizer import DEFAULT_RATIOS
 from nodes.emulation import Emulation, SlowdownWindow
 from pipeline.errors import ConfigError
-from pipeline.topics import check_name
 
 _TABLES = {"experiment", "model", "plan", "trace", "emulation", "controller"}
 _IMAGE_FORMATS = ("png", "jpeg", "raw")

@@ -14,7 +14,7 @@ Lifecycle: unopened -> running -> stopped; ``start()`` again after ``stop()`` is
 ``restart()`` keeps the port. A temporary run directory made by ``start()`` is removed by
 ``stop()``; a run directory given by the caller is kept.
 
-The secure broker (:mod:`edgeprune.security`) has only a TLS listener: pass
+The secure broker (:mod:`broker.security`) has only a TLS listener: pass
 ``tls_context=`` and the readiness probe handshakes TLS first; its anonymous CONNECT is
 refused, and a refusing CONNACK counts as up. ``reload()`` (SIGHUP) re-reads the password
 and ACL files.
@@ -41,9 +41,8 @@ from pipeline.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 
-BROKER_DIR = (Path(__file__).resolve().parent / "package_data" / "broker").resolve()
-"""The Mosquitto configs: the repository's ``broker/`` folder (``package_data/broker`` links to
-it), or the copy of its ``*.conf`` a non-editable install carries."""
+BROKER_DIR = Path(__file__).resolve().parent
+"""The Mosquitto configs live beside this launcher (package data of ``broker``)."""
 
 DEV_CONFIG = BROKER_DIR / "dev.conf"
 """The development config that :class:`MosquittoBroker` renders by default."""
@@ -220,7 +219,7 @@ def render_config(
         raise BrokerError(f"a broker config template needs exactly one listener, found {listeners}")
     out += [
         "",
-        "# ---- set by edgeprune.broker for this run ----",
+        "# ---- set by broker.launcher for this run ----",
         f"max_packet_size {max_packet_size}",
         f"persistence {'true' if persistence else 'false'}",
     ]
@@ -272,7 +271,7 @@ class MosquittoBroker:
         binary: the ``mosquitto`` executable; None searches PATH and ``/usr/sbin``.
         template: the config to render; default ``broker/dev.conf``.
         tls_context: set when the template's listener speaks TLS (``broker/secure.conf``, see
-            :mod:`edgeprune.security`): the readiness probe then handshakes TLS with it.
+            :mod:`broker.security`): the readiness probe then handshakes TLS with it.
     """
 
     def __init__(

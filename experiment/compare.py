@@ -2,7 +2,7 @@
 attainment against the oracle's, static levels that beat a controller, overlapping ranges.
 
 Everything here works on run summaries (the ``summary`` dict of a
-:class:`~edgeprune.experiment.report.RunReport`); several repetitions of one policy become one
+:class:`~experiment.report.RunReport`); several repetitions of one policy become one
 summary whose numbers are medians, with ``spread[key] = [min, max]`` for every numeric figure,
 nested ones under dotted keys (``in_slowdown.slo_attainment``), and ``repetitions`` holding
 every run's own summary.

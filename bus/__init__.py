@@ -1,0 +1,1 @@
+"""The MQTT layer: topic names, typed messages, the session that owns a connection."""
