@@ -42,12 +42,12 @@ class PlanMessage:
         return self.placement.num_blocks
 
     @property
-    def bounds(self) -> tuple[SliceBounds, ...]:
-        return self.placement.bounds
+    def bounds(self) -> list[SliceBounds]:
+        return list(self.placement.bounds)
 
     @property
-    def nodes(self) -> tuple[str, ...]:
-        return self.placement.nodes
+    def nodes(self) -> list[str]:
+        return list(self.placement.nodes)
 
     def placement_of(self, node: str) -> tuple[int, SliceBounds] | None:
         """``(stage, bounds)`` of ``node``, or None when the plan gives it no stage."""

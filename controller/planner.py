@@ -103,8 +103,8 @@ class SlimPlan:
         return tuple(0 if lv is None else lv for lv in self.placement.levels)  # never None
 
     @property
-    def bounds(self) -> tuple[SliceBounds, ...]:
-        return self.placement.bounds
+    def bounds(self) -> list[SliceBounds]:
+        return list(self.placement.bounds)
 
     @property
     def devices(self) -> tuple[str, ...]:

@@ -57,6 +57,8 @@ def test_a_partition_round_trips_through_the_plan_message() -> None:
     ]
     back = PlanMessage.from_json(message.to_json())
     assert back == message and back.placement == part.placement
+    # lists, as before: readers compare them with the node lists of exit messages
+    assert back.nodes == ["n0", "n1", "n2"] and back.bounds == list(part.placement.bounds)
     # the partition file carries the same placement and the same hash
     again = Partition.from_dict(json.loads(json.dumps(part.to_dict())))
     assert again.placement == back.placement
