@@ -110,9 +110,7 @@ class Device:
         whose blocks took ``block_times`` there: ``speed``, or with a profile the ratio of the
         two total times (the profile must be of the same blocks)."""
         if not self.block_times:
-            if self.speed is None:  # unreachable: __post_init__ requires speed or profile
-                raise ConfigError(f"device {self.name!r} has neither speed nor profile")
-            return self.speed
+            return self._written_speed()
         own = [name for name, _ in self.block_times]
         if own != list(block_names):
             raise ConfigError(
@@ -125,7 +123,7 @@ class Device:
         """How many times longer blocks ``[start, end)`` take on this device than on the
         reference machine, where they take ``reference_s`` seconds."""
         if not self.block_times:
-            return 1.0 / self.relative_speed((), ())  # speed: no profile to compare
+            return 1.0 / self._written_speed()
         if end > len(self.block_times):
             raise ConfigError(
                 f"device {self.name!r}: its profile has {len(self.block_times)} blocks, "
@@ -134,6 +132,11 @@ class Device:
         if reference_s <= 0:
             raise ConfigError(f"reference time of blocks [{start}, {end}) must be > 0")
         return math.fsum(t for _, t in self.block_times[start:end]) / reference_s
+
+    def _written_speed(self) -> float:
+        if self.speed is None:  # not reached: __post_init__ wants a speed or a profile
+            raise ConfigError(f"device {self.name!r} has neither speed nor profile")
+        return self.speed
 
     def describe(self) -> str:
         if self.profile is not None:
