@@ -141,7 +141,7 @@ class Device:
     def describe(self) -> str:
         if self.profile is not None:
             return f"own profile {self.profile}"
-        return f"speed x{self.speed:g} of the reference machine"
+        return f"speed x{self.speed:g} of the profiling machine"
 
     def to_dict(self) -> dict[str, Any]:
         """The device's table as a device file writes it."""
