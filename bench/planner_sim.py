@@ -48,7 +48,7 @@ class Scenarios:
 
 
 def random_devices(rng: np.random.Generator, m: int, mib_per_gb: float) -> list[Any]:
-    from pipeline.partition import Device
+    from pipeline.devices import Device
 
     out = []
     for k in range(m):
@@ -77,7 +77,11 @@ def _deploy(plan_fn: Any, devices: list[Any], failed: set[str]) -> tuple[Any, bo
 
 
 def _config(plan: Any) -> list[list[int]] | None:
-    return None if plan is None else [[s.start, s.end, s.level] for s in plan.stages]
+    return (
+        None
+        if plan is None
+        else [[s.bounds.start, s.bounds.end, s.level] for s in plan.placement.stages]
+    )
 
 
 def simulate(
@@ -127,7 +131,8 @@ def simulate(
             "se_acc": se and se.accuracy,
             "se_config": _config(se),
             "se_hit": se_hit,
-            "se_mem_ok": se is not None and all(s.memory_bytes <= s.cap_bytes for s in se.stages),
+            "se_mem_ok": se is not None
+            and all(m <= c for m, c in zip(se.memory_bytes, se.cap_bytes, strict=True)),
         }
         if baselines:
             blind, blind_hit = _deploy(lambda d: best(d), devices, failed)

@@ -3,82 +3,56 @@
     {"v": 1, "kind": "plan", "version": 3, "num_blocks": 5,
      "stages": [{"stage": 0, "start": 0, "end": 2, "node": "n0"}, ...]}
 
-Stages are contiguous and cover every block; a node appears at most once.
+The stages are a :class:`~pipeline.placement.Placement` (contiguous, covering every block, a
+node at most once) without levels: levels travel on ``control/stage/<i>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus.topics import check_name
 from pipeline import codec
 from pipeline.errors import CodecError, ConfigError
+from pipeline.placement import Placement, StagePlacement
 from pipeline.slicing import SliceBounds
-
-
-@dataclass(frozen=True)
-class StagePlacement:
-    stage: int
-    bounds: SliceBounds
-    node: str
 
 
 @dataclass(frozen=True)
 class PlanMessage:
     version: int
-    num_blocks: int
-    stages: tuple[StagePlacement, ...]
+    placement: Placement
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if self.version < 0 or not self.stages:
-            raise ConfigError("a plan needs a version >= 0 and at least one stage")
-        edge = 0
-        for i, st in enumerate(self.stages):
-            check_name("node", st.node)
-            if st.stage != i or st.bounds.start != edge:
-                raise ConfigError(f"plan stage {i} is not contiguous with the previous one")
-            edge = st.bounds.end
-        if edge != self.num_blocks:
-            raise ConfigError(f"plan covers blocks [0, {edge}), the model has {self.num_blocks}")
-        nodes = [st.node for st in self.stages]
-        if len(set(nodes)) != len(nodes):
-            raise ConfigError("a node appears twice in the plan")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
+            raise ConfigError(f"a plan needs an integer version >= 0, got {self.version!r}")
+        if not isinstance(self.placement, Placement):
+            raise ConfigError(f"a plan needs a Placement, got {type(self.placement).__name__}")
+        for node in self.placement.nodes:
+            check_name("node", node)
+        if any(level is not None for level in self.placement.levels):
+            raise ConfigError(
+                "a plan message carries no levels (they go on control/stage/<i>): "
+                "use placement.without_levels()"
+            )
 
-    @classmethod
-    def build(
-        cls,
-        version: int,
-        num_blocks: int,
-        bounds: Sequence[SliceBounds],
-        nodes: Sequence[str],
-        reason: str = "",
-    ) -> PlanMessage:
-        if len(bounds) != len(nodes):
-            raise ConfigError("need one node per slice")
-        return cls(
-            version,
-            num_blocks,
-            tuple(
-                StagePlacement(i, b, n) for i, (b, n) in enumerate(zip(bounds, nodes, strict=True))
-            ),
-            reason,
-        )
-
-    def placement_of(self, node: str) -> tuple[int, SliceBounds] | None:
-        for st in self.stages:
-            if st.node == node:
-                return st.stage, st.bounds
-        return None
+    @property
+    def num_blocks(self) -> int:
+        return self.placement.num_blocks
 
     @property
     def bounds(self) -> list[SliceBounds]:
-        return [st.bounds for st in self.stages]
+        return list(self.placement.bounds)
 
     @property
     def nodes(self) -> list[str]:
-        return [st.node for st in self.stages]
+        return list(self.placement.nodes)
+
+    def placement_of(self, node: str) -> tuple[int, SliceBounds] | None:
+        """``(stage, bounds)`` of ``node``, or None when the plan gives it no stage."""
+        stage = self.placement.stage_of(node)
+        return None if stage is None else (stage, self.placement.stages[stage].bounds)
 
     def to_json(self) -> bytes:
         return codec.encode_json(
@@ -88,13 +62,8 @@ class PlanMessage:
                 "num_blocks": self.num_blocks,
                 "reason": self.reason,
                 "stages": [
-                    {
-                        "stage": st.stage,
-                        "start": st.bounds.start,
-                        "end": st.bounds.end,
-                        "node": st.node,
-                    }
-                    for st in self.stages
+                    {"stage": i, "start": st.bounds.start, "end": st.bounds.end, "node": st.node}
+                    for i, st in enumerate(self.placement.stages)
                 ],
             },
         )
@@ -103,14 +72,21 @@ class PlanMessage:
     def from_json(cls, payload: bytes) -> PlanMessage:
         body = codec.decode_json(payload, expect_kind="plan")
         try:
+            rows = list(body["stages"])
             stages = tuple(
-                StagePlacement(
-                    int(s["stage"]), SliceBounds(int(s["start"]), int(s["end"])), str(s["node"])
-                )
-                for s in body["stages"]
+                StagePlacement(SliceBounds(int(s["start"]), int(s["end"])), str(s["node"]))
+                for s in rows
             )
-            return cls(
-                int(body["version"]), int(body["num_blocks"]), stages, str(body.get("reason", ""))
-            )
+            indices = [int(s["stage"]) for s in rows]
+            version, num_blocks = int(body["version"]), int(body["num_blocks"])
+            reason = str(body.get("reason", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed plan: {exc!r}") from exc
+        if indices != list(range(len(indices))):
+            raise ConfigError(f"plan stages must be numbered 0, 1, ... in order, got {indices}")
+        message = cls(version, Placement(stages), reason)
+        if message.num_blocks != num_blocks:
+            raise ConfigError(
+                f"plan covers blocks [0, {message.num_blocks}), the model has {num_blocks}"
+            )
+        return message

@@ -52,8 +52,8 @@ from bus.plan_message import PlanMessage
 from bus.topics import Topics
 from controller.planner import Objective, Planner, SlimPlan
 from pipeline import codec
+from pipeline.devices import Device
 from pipeline.errors import CodecError, ConfigError
-from pipeline.partition import Device
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +248,16 @@ class FailoverMonitor:
                     "level",
                     {
                         "stage": i,
-                        "level": st.level,
-                        "ratio": st.ratio,
+                        "level": level,
+                        "ratio": ratio,
                         "seq": version,
                         "reason": reason,
                     },
                 ),
             )
-            for i, st in enumerate(result.best.stages)
+            for i, (level, ratio) in enumerate(
+                zip(result.best.levels, result.best.ratios, strict=True)
+            )
         )
         decision = FailoverDecision(
             tuple(lost),

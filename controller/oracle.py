@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from controller.planning import Plan, PlanInputs, evaluate, solve
+from controller.planning import LevelChange, PlanInputs, evaluate, solve
 from controller.policy import Action, ActionKind
 from pipeline.errors import ConfigError
 
@@ -126,16 +126,16 @@ class OracleSchedule:
         return cls.from_dict(data)
 
 
-def segment_plan(base: PlanInputs, segment: OracleSegment) -> Plan:
+def segment_plan(base: PlanInputs, segment: OracleSegment) -> LevelChange:
     """The optimizer's levels for one segment: ``base`` (calibration, A_min, objective,
     rho_target) with the segment's known slowdowns and arrival rate. With no arrivals there is
     nothing to serve, and the levels are 0 (full accuracy)."""
     inputs = replace(base, slowdowns=segment.slowdowns, rate=segment.rate or None)
     if not segment.rate:
         levels = (0,) * len(segment.slowdowns)
-        return Plan(levels, evaluate(inputs, levels), None, "oracle")
+        return LevelChange(levels, evaluate(inputs, levels), None, "oracle")
     d = solve(inputs)
-    return Plan(d.levels, evaluate(inputs, d.levels), inputs.target_s, "oracle")
+    return LevelChange(d.levels, evaluate(inputs, d.levels), inputs.target_s, "oracle")
 
 
 class OraclePolicy:
@@ -174,7 +174,7 @@ class OraclePolicy:
             if level == 0 and value is not None and value > 0:
                 self.machine[i] = value / known[i]
 
-    def plan_for(self, index: int) -> Plan:
+    def plan_for(self, index: int) -> LevelChange:
         """Segment ``index``'s levels: known factors x the machine factors measured so far."""
         if all(m is None for m in self.machine):
             return self.plans[index]
@@ -185,7 +185,9 @@ class OraclePolicy:
         )
         return segment_plan(self.base, replace(segment, slowdowns=slowdowns))
 
-    def decide(self, now: float, wall: float, current: Sequence[int]) -> tuple[Action, Plan] | None:
+    def decide(
+        self, now: float, wall: float, current: Sequence[int]
+    ) -> tuple[Action, LevelChange] | None:
         """The action and levels for the segment in force at epoch ``wall`` (None when that
         segment was already handled, or its levels are the current ones)."""
         index = self.schedule.index_at(wall - self.schedule.clock_start)

@@ -61,8 +61,9 @@ from numpy.typing import NDArray
 
 from bus.plan_message import PlanMessage
 from controller.importance import AccuracyModel, CostTable, contiguous_ranges
+from pipeline.devices import Device, check_unique_names
 from pipeline.errors import ConfigError
-from pipeline.partition import Device
+from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds
 
 Objective = Literal["bottleneck", "expected"]
@@ -75,60 +76,67 @@ _TOL = 1e-12
 
 
 @dataclass(frozen=True)
-class PlannedStage:
-    start: int
-    end: int
-    device: str
-    level: int
-    ratio: float
-    time_s: float
-    memory_bytes: float
-    cap_bytes: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "start": self.start,
-            "end": self.end,
-            "device": self.device,
-            "level": self.level,
-            "ratio": self.ratio,
-            "time_s": self.time_s,
-            "memory_mb": self.memory_bytes / 2**20,
-            "cap_mb": self.cap_bytes / 2**20,
-        }
-
-
-@dataclass(frozen=True)
 class SlimPlan:
-    """A partition with a level per slice and what the models predict for it."""
+    """A placement with a level per slice, and what the models predict for it: per stage, the
+    pruning ratio of its level, its time (compute and transfer), its memory and its device's
+    memory cap; for the whole, the bottleneck, end-to-end and objective times and accuracy."""
 
-    stages: tuple[PlannedStage, ...]
+    placement: Placement
+    ratios: tuple[float, ...]
+    stage_s: tuple[float, ...]
+    memory_bytes: tuple[float, ...]
+    cap_bytes: tuple[float, ...]
     bottleneck_s: float
     total_s: float
     objective_s: float
     accuracy: float
 
+    def __post_init__(self) -> None:
+        if any(lv is None for lv in self.placement.levels):
+            raise ConfigError("a SlimEdge plan gives every slice a level")
+        per_stage = (self.ratios, self.stage_s, self.memory_bytes, self.cap_bytes)
+        if any(len(v) != len(self.placement.stages) for v in per_stage):
+            raise ConfigError("a SlimEdge plan needs one ratio, time, memory and cap per stage")
+
     @property
     def levels(self) -> tuple[int, ...]:
-        return tuple(s.level for s in self.stages)
+        return tuple(0 if lv is None else lv for lv in self.placement.levels)  # never None
 
     @property
     def bounds(self) -> list[SliceBounds]:
-        return [SliceBounds(s.start, s.end) for s in self.stages]
+        return list(self.placement.bounds)
 
     @property
     def devices(self) -> tuple[str, ...]:
-        return tuple(s.device for s in self.stages)
+        return self.placement.nodes
 
     def to_message(self, version: int, reason: str = "") -> PlanMessage:
-        """The retained plan nodes follow (node id = device name)."""
-        return PlanMessage.build(
-            version, self.stages[-1].end, self.bounds, list(self.devices), reason
-        )
+        """The retained plan nodes follow (node id = device name; the levels go on
+        ``control/stage/<i>``)."""
+        return PlanMessage(version, self.placement.without_levels(), reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stages": [s.to_dict() for s in self.stages],
+            "stages": [
+                {
+                    "start": s.bounds.start,
+                    "end": s.bounds.end,
+                    "device": s.node,
+                    "level": s.level,
+                    "ratio": ratio,
+                    "time_s": time_s,
+                    "memory_mb": memory / 2**20,
+                    "cap_mb": cap / 2**20,
+                }
+                for s, ratio, time_s, memory, cap in zip(
+                    self.placement.stages,
+                    self.ratios,
+                    self.stage_s,
+                    self.memory_bytes,
+                    self.cap_bytes,
+                    strict=True,
+                )
+            ],
             "levels": list(self.levels),
             "bottleneck_s": self.bottleneck_s,
             "total_s": self.total_s,
@@ -185,15 +193,16 @@ def failure_weights(devices: Sequence[Device]) -> NDArray[np.float64]:
     return np.asarray(single / (alive + single.sum()))
 
 
+Key = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # edges, devices, levels
+
+
 class _Space:
     """Range tables and their cost on each device: ``stage[k, r, l]``, ``fits[k, r, l]``."""
 
     def __init__(self, table: CostTable, devices: Sequence[Device]) -> None:
         if not devices:
             raise ConfigError("no devices to plan on")
-        names = [d.name for d in devices]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"duplicate device names in {names}")
+        check_unique_names(devices)
         n = table.n_blocks
         self.ranges = contiguous_ranges(n)
         self.index = {r: k for k, r in enumerate(self.ranges)}
@@ -210,7 +219,10 @@ class _Space:
                 for _, j in self.ranges
             ]
         )
-        speed = np.asarray([d.speed for d in devices])[:, None, None]
+        reference = table.time_s[:, 0]  # level 0 on the machine that measured the table
+        speed = np.asarray(
+            [d.relative_speed(table.block_names, reference.tolist()) for d in devices]
+        )[:, None, None]
         bits = np.asarray([d.bandwidth_mbps * 1e6 for d in devices])[:, None, None]
         lat = np.asarray([d.latency_ms / 1e3 for d in devices])[:, None, None]
         last = np.asarray([j == n for _, j in self.ranges])[None, :, None]
@@ -222,28 +234,36 @@ class _Space:
         self.devices = list(devices)
         self.table = table
 
-    def stages(
-        self, edges: Sequence[int], devs: Sequence[int], levels: Sequence[int]
-    ) -> tuple[PlannedStage, ...]:
-        out = []
-        for t, (k, lv) in enumerate(zip(devs, levels, strict=True)):
-            r = self.index[(edges[t], edges[t + 1])]
-            out.append(
-                PlannedStage(
-                    edges[t],
-                    edges[t + 1],
-                    self.devices[k].name,
-                    int(lv),
-                    self.table.ratios[lv],
-                    float(self.stage[k, r, lv]),
-                    float(self.memory[r, lv]),
-                    float(self.caps[k]),
-                )
-            )
-        return tuple(out)
-
-
-Key = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # edges, devices, levels
+    def plan(
+        self,
+        key: Key,
+        bottleneck_s: float,
+        total_s: float,
+        objective_s: float,
+        accuracy: float,
+    ) -> SlimPlan:
+        """The :class:`SlimPlan` of configuration ``key`` (edges, devices, levels)."""
+        edges, devs, levels = key
+        rows = [
+            (k, self.index[(edges[t], edges[t + 1])], int(lv))
+            for t, (k, lv) in enumerate(zip(devs, levels, strict=True))
+        ]
+        placement = Placement.build(
+            [SliceBounds(edges[t], edges[t + 1]) for t in range(len(devs))],
+            [self.devices[k].name for k in devs],
+            [lv for _, _, lv in rows],
+        )
+        return SlimPlan(
+            placement,
+            tuple(self.table.ratios[lv] for _, _, lv in rows),
+            tuple(float(self.stage[k, r, lv]) for k, r, lv in rows),
+            tuple(float(self.memory[r, lv]) for _, r, lv in rows),
+            tuple(float(self.caps[k]) for k, _, _ in rows),
+            bottleneck_s,
+            total_s,
+            objective_s,
+            accuracy,
+        )
 
 
 @dataclass
@@ -374,8 +394,8 @@ class Planner:
         front = ok[_front(ev.objective[ok], ev.accuracy[ok], ev.total[ok])]
 
         def to_plan(i: int) -> SlimPlan:
-            return SlimPlan(
-                space.stages(*ev.decode(i)),
+            return space.plan(
+                ev.decode(i),
                 float(ev.bottleneck[i]),
                 float(ev.total[i]),
                 float(ev.objective[i]),

@@ -71,8 +71,9 @@ class PlanInputs:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Chosen levels, what the models predict for them, and how they were found."""
+class LevelChange:
+    """A change of the pipeline's pruning levels (a PRUNE or a RESTORE): the new levels, what
+    the models predict for them, and how they were found."""
 
     levels: tuple[int, ...]
     predicted: Decision
@@ -121,15 +122,15 @@ def solve(inputs: PlanInputs) -> Decision:
     )
 
 
-def plan_prune(inputs: PlanInputs) -> Plan | None:
+def plan_prune(inputs: PlanInputs) -> LevelChange | None:
     """Levels for a PRUNE (at least one stage goes up), or None if nothing can be pruned."""
     d = solve(inputs)
     if d.feasible and any(new > old for new, old in zip(d.levels, inputs.current, strict=True)):
-        return Plan(d.levels, evaluate(inputs, d.levels), inputs.target_s, "optimizer")
+        return LevelChange(d.levels, evaluate(inputs, d.levels), inputs.target_s, "optimizer")
     levels = escalate(inputs)
     if levels is None:
         return None
-    return Plan(levels, evaluate(inputs, levels), inputs.target_s, "escalated")
+    return LevelChange(levels, evaluate(inputs, levels), inputs.target_s, "escalated")
 
 
 def escalate(inputs: PlanInputs) -> tuple[int, ...] | None:
@@ -149,7 +150,7 @@ def escalate(inputs: PlanInputs) -> tuple[int, ...] | None:
     return None
 
 
-def plan_restore(inputs: PlanInputs) -> Plan | None:
+def plan_restore(inputs: PlanInputs) -> LevelChange | None:
     """Levels for a RESTORE (no stage goes up, at least one down), or None."""
     current = inputs.current
     if not any(current):
@@ -157,7 +158,7 @@ def plan_restore(inputs: PlanInputs) -> Plan | None:
     target = inputs.restore_target_s
     if target is None:
         levels = tuple(max(0, lv - 1) for lv in current)
-        return Plan(levels, evaluate(inputs, levels), None, "step-down")
+        return LevelChange(levels, evaluate(inputs, levels), None, "step-down")
     d = solve_bottleneck(
         inputs.fits,
         inputs.accuracy,
@@ -168,7 +169,7 @@ def plan_restore(inputs: PlanInputs) -> Plan | None:
     )
     levels = tuple(min(new, old) for new, old in zip(d.levels, current, strict=True))
     if levels != current:
-        return Plan(levels, evaluate(inputs, levels), target, "capacity")
+        return LevelChange(levels, evaluate(inputs, levels), target, "capacity")
     rate = inputs.rate or 0.0
     rho = [rate * t for t in evaluate(inputs, current).stage_s]
     idle = [i for i, lv in enumerate(current) if lv > 0 and rho[i] < inputs.rho_low]
@@ -176,4 +177,4 @@ def plan_restore(inputs: PlanInputs) -> Plan | None:
         return None
     stage = min(idle, key=lambda i: rho[i])
     levels = tuple(lv - 1 if i == stage else lv for i, lv in enumerate(current))
-    return Plan(levels, evaluate(inputs, levels), target, "step-down")
+    return LevelChange(levels, evaluate(inputs, levels), target, "step-down")

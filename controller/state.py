@@ -25,7 +25,7 @@ import numpy as np
 from controller.config import ControllerConfig
 from controller.live import ArrivalTracker, StageSlowdown
 from controller.oracle import OraclePolicy, OracleSchedule
-from controller.planning import Plan, PlanInputs, evaluate, plan_prune, plan_restore
+from controller.planning import LevelChange, PlanInputs, evaluate, plan_prune, plan_restore
 from controller.policy import (
     Action,
     ActionKind,
@@ -100,7 +100,7 @@ class ControlDecision:
     policy: str
     objective: str
     action: Action
-    plan: Plan
+    plan: LevelChange
     levels_before: tuple[int, ...]
     ratios: tuple[float, ...]
     inputs: dict[str, Any]
@@ -517,7 +517,7 @@ class ControllerState:
 
     def _fixed_plan(
         self, now: float, wall: float | None, inputs: PlanInputs
-    ) -> tuple[Action, Plan] | None:
+    ) -> tuple[Action, LevelChange] | None:
         """``static:<level>`` holds every stage at its level (``static:0`` only observes, so
         that it never fights a level set by an operator or a failover re-plan); the oracle
         follows its schedule."""
@@ -542,10 +542,10 @@ class ControllerState:
             samples=0,
             since=now,
         )
-        return action, Plan(target, evaluate(inputs, target), None, "static")
+        return action, LevelChange(target, evaluate(inputs, target), None, "static")
 
     def _apply(
-        self, now: float, wall: float | None, inputs: PlanInputs, action: Action, plan: Plan
+        self, now: float, wall: float | None, inputs: PlanInputs, action: Action, plan: LevelChange
     ) -> ControlDecision:
         self.seq += 1
         decision = ControlDecision(

@@ -1,13 +1,13 @@
 """The calibration procedure: measure what the controller's two models are fitted to, fit them,
 and return one :class:`~pipeline.calibration.Calibration` (DESIGN.md, "Control loop").
 
-For a model cut into slices (by cut points or by a partition :class:`~pipeline.partition.Plan`):
+For a model cut into slices (by cut points or by a :class:`~pipeline.partition.Partition`):
 
 1. **Latency.** Every slice at every level, the real :class:`~pipeline.pruning.PrunableSlice`
    variants (built once, with BatchNorm re-estimation) at batch 1 on ONE thread: the median of
    ``runs`` calls after ``warmup``, levels interleaved in rounds so that background load hits
    them alike. The input is a real image's full-width activation at the slice's boundary.
-   With device specs the times are then scaled to the device (emulation by speed scaling, or
+   With devices the times are then scaled to the device (emulation by speed scaling, or
    by the device's own profile; the file's ``meta`` says which). Fit ``t_i(p) = a_i p + b_i``.
 2. **Accuracy.** End-to-end accuracy on held-out images over per-slice level vectors: the full
    grid when it has at most ``grid_limit`` points, else the grid's corners, the uniform
@@ -39,14 +39,15 @@ from pipeline.calibration import Calibration, SliceLatency
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
+from pipeline.devices import Device
 from pipeline.errors import ConfigError
 from pipeline.fitting import LogisticAccuracyFit, fit_linear, fit_logistic_accuracy
-from pipeline.partition import Device, Plan, StagePlan
+from pipeline.partition import Partition
+from pipeline.placement import Placement
 from pipeline.profiling import (
     CLOCKS,
     CallTimes,
     Clock,
-    DeviceSpec,
     machine_info,
     now_iso,
     time_calls,
@@ -101,7 +102,7 @@ def default_nodes(n: int) -> list[str]:
     return [f"n{k}" for k in range(n)]
 
 
-def _names(n: int, devices: Sequence[str | Device | DeviceSpec] | None) -> list[str]:
+def _names(n: int, devices: Sequence[str | Device] | None) -> list[str]:
     if devices is None:
         return default_nodes(n)
     names = [d if isinstance(d, str) else d.name for d in devices]
@@ -111,27 +112,25 @@ def _names(n: int, devices: Sequence[str | Device | DeviceSpec] | None) -> list[
 
 
 def plan_hash_of(
-    bounds: Sequence[SliceBounds], devices: Sequence[str | Device | DeviceSpec] | None = None
+    bounds: Sequence[SliceBounds], devices: Sequence[str | Device] | None = None
 ) -> str:
     """The hash of a placement: slice bounds and the device (node) of each slice, in order.
 
-    Equals :meth:`Plan.plan_hash` of the same placement, so a controller holding the retained
-    plan computes ``plan_hash_of(message.bounds, message.nodes)`` to check that a calibration
-    file belongs to it. ``devices=None`` means nodes ``n0, n1, ...``.
+    Equals :meth:`Placement.placement_hash` of the same placement, so a controller holding the
+    retained plan computes ``plan_hash_of(message.bounds, message.nodes)`` to check that a
+    calibration file belongs to it. ``devices=None`` means nodes ``n0, n1, ...``.
     """
     names = _names(len(bounds), devices)
-    return Plan(
-        tuple(StagePlan(b.start, b.end, name) for b, name in zip(bounds, names, strict=True))
-    ).plan_hash()
+    return Placement.build(bounds, names).placement_hash()
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path) -> Partition:
     """A plan JSON written by ``edgeprune partition`` (extra keys are ignored)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read plan {path}: {exc}") from exc
-    return Plan.from_dict(data)
+    return Partition.from_dict(data)
 
 
 def load_split(
@@ -247,11 +246,11 @@ def evaluate_levels(
 
 
 def _stage_specs(
-    n: int, names: Sequence[str], devices: Sequence[DeviceSpec | Device] | None, by_name: bool
-) -> list[DeviceSpec | None]:
+    n: int, names: Sequence[str], devices: Sequence[Device] | None, by_name: bool
+) -> list[Device | None]:
     if devices is None:
         return [None] * n
-    specs = [d if isinstance(d, DeviceSpec) else DeviceSpec(d) for d in devices]
+    specs = list(devices)
     if not by_name:
         if len(specs) != n:
             raise ConfigError(
@@ -271,8 +270,8 @@ def calibrate(
     data: ArrayDataset,
     *,
     bounds: Sequence[SliceBounds] | None = None,
-    plan: Plan | None = None,
-    devices: Sequence[DeviceSpec | Device] | None = None,
+    plan: Partition | None = None,
+    devices: Sequence[Device] | None = None,
     nodes: Sequence[str] | None = None,
     settings: CalibrationSettings | None = None,
     split: str = "val",
@@ -291,9 +290,9 @@ def calibrate(
     started = time.perf_counter()
     settings = settings or CalibrationSettings()
     if plan is not None and bounds is None:
-        bounds = [SliceBounds(s.start_block, s.end_block) for s in plan.stages]
-        names = list(plan.devices)
-        plan_hash = plan.plan_hash()
+        bounds = list(plan.placement.bounds)
+        names = list(plan.placement.nodes)
+        plan_hash = plan.placement.placement_hash()
     elif bounds is not None and plan is None:
         bounds = list(bounds)
         names = _names(len(bounds), nodes if nodes is not None else devices)

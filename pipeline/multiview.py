@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from pipeline.data import Preprocess, Splits
+from pipeline.devices import Device
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import ResNetConfig, SliceableResNet
-from pipeline.partition import Device
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, scatter_channels, validate_ratios
 from pipeline.slicing import ModelSlice, SliceBounds
 from pipeline.training import augment_batch
@@ -431,7 +431,12 @@ def view_levels(
         raise ConfigError(f"{n_views} views need {n_views} devices, got {len(devices)}")
     combos = np.asarray(list(itertools.product(range(n_levels), repeat=n_views)))
     views = np.arange(n_views)
-    t = np.asarray(time_s)[views, combos] / np.asarray([d.speed for d in devices])
+    speeds = []
+    for d in devices:  # a device's own profile is of the chain model, not of a branch
+        if d.speed is None:
+            raise ConfigError(f"device {d.name!r}: per-view levels need its speed")
+        speeds.append(d.speed)
+    t = np.asarray(time_s)[views, combos] / np.asarray(speeds)
     fits = (
         np.asarray(memory_bytes)[views, combos]
         <= np.asarray([d.memory_mb * 2**20 for d in devices])

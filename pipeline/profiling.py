@@ -1,5 +1,4 @@
-"""Profiling a model block by block on this machine, and device files that may carry a device's
-own measured profile.
+"""Profiling a model block by block on this machine.
 
 A profile measures, for every block of a :class:`~pipeline.models.SliceableResNet` (stem,
 residual blocks, head), what :func:`pipeline.partition.partition` needs:
@@ -19,12 +18,9 @@ residual blocks, head), what :func:`pipeline.partition.partition` needs:
 A profile file is JSON (``kind: "profile"``) with the model's name and hash, the machine, the
 measurement settings and the time it was made. :func:`load_profile` reads it back.
 
-Device files. ``pipeline.partition.load_devices`` reads ``[[device]]`` tables whose ``speed``
-is relative to the profiling machine. :func:`load_device_specs` reads the same files and also
-accepts ``profile = "file.json"`` in a table: the device's OWN measured profile (made with
-``edgeprune profile`` on the device). Such a device's times come from that file instead of
-from speed scaling; ``speed`` may then be left out. Relative paths are relative to the device
-file.
+A device file (:mod:`pipeline.devices`) may name a profile made on the device itself
+(``profile = "file.json"``): that device's times then come from its own profile instead of
+from speed scaling.
 """
 
 from __future__ import annotations
@@ -35,10 +31,9 @@ import math
 import os
 import platform
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +43,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet
-from pipeline.partition import BlockProfile, Device
+from pipeline.partition import BlockProfile
 
 PROFILE_KIND = "profile"
 PROFILE_VERSION = 1
@@ -439,130 +434,3 @@ def profile_model(
 def profile_blocks(model: SliceableResNet, **kwargs: Any) -> list[BlockProfile]:
     """The blocks of :func:`profile_model` (same keyword arguments)."""
     return list(profile_model(model, **kwargs).blocks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Device files with an optional per-device profile
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One ``[[device]]`` of a device file: a :class:`Device` and, optionally, the device's own
-    measured profile.
-
-    Without a profile, the device runs ``speed`` times as fast as the profiling machine. With
-    one, block times come from that profile; ``device.speed`` is then the ``speed`` written in
-    the file, or 1.0 when none was (``speed_given`` is False): use :meth:`resolve` (for
-    partitioning) or :meth:`time_factor` (for one block range), which take the profile into
-    account.
-    """
-
-    device: Device
-    profile: ModelProfile | None = None
-    profile_path: str | None = None
-    speed_given: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.device.name
-
-    def time_factor(self, start: int, end: int, reference_s: float) -> float:
-        """How many times longer blocks ``[start, end)`` take on this device than on the
-        reference machine, where they take ``reference_s`` seconds."""
-        if self.profile is None:
-            return 1.0 / self.device.speed
-        if end > len(self.profile.blocks):
-            raise ConfigError(
-                f"device {self.name}: its profile has {len(self.profile.blocks)} "
-                f"blocks, blocks [{start}, {end}) were asked for"
-            )
-        own = math.fsum(b.compute_s for b in self.profile.blocks[start:end])
-        if reference_s <= 0:
-            raise ConfigError(f"reference time of blocks [{start}, {end}) must be > 0")
-        return own / reference_s
-
-    def resolve(self, reference: Sequence[BlockProfile]) -> Device:
-        """The :class:`Device` to partition ``reference``'s model with: with an own profile,
-        ``speed`` is the ratio of the two profiles' total block times."""
-        if self.profile is None:
-            return self.device
-        names = [b.name for b in reference]
-        if self.profile.block_names != names:
-            raise ConfigError(
-                f"device {self.name}: its profile ({self.profile_path}) has "
-                f"blocks {self.profile.block_names}, the model has {names}"
-            )
-        speed = math.fsum(b.compute_s for b in reference) / self.profile.total_s
-        return replace(self.device, speed=speed)
-
-    def describe(self) -> str:
-        if self.profile is not None:
-            return f"own profile {self.profile_path}"
-        return f"speed x{self.device.speed:g} of the profiling machine"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.device.to_dict()
-        if self.profile_path is not None:
-            out["profile"] = self.profile_path
-            if not self.speed_given:
-                del out["speed"]
-        return out
-
-
-def device_specs_from_toml(
-    text: str, source: str = "<string>", base_dir: Path | None = None
-) -> tuple[DeviceSpec, ...]:
-    """Device specs from TOML with one ``[[device]]`` table per device, in pipeline order.
-
-    Keys are those of :class:`Device`, plus an optional ``profile`` (a profile JSON path,
-    relative to ``base_dir``); with a profile, ``speed`` is optional.
-    """
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    unknown = sorted(set(doc) - {"device"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level keys {unknown} (expected [[device]])")
-    tables = doc.get("device")
-    if not isinstance(tables, list) or not tables:
-        raise ConfigError(f"{source}: no [[device]] tables")
-    specs = []
-    for table in tables:
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: a device must be a table, got {table!r}")
-        table = dict(table)
-        path = table.pop("profile", None)
-        profile, speed_given = None, "speed" in table
-        if path is not None:
-            if not isinstance(path, str) or not path:
-                raise ConfigError(
-                    f"{source}: device {table.get('name', '?')!r}: profile must "
-                    f"be a file name, got {path!r}"
-                )
-            full = Path(path) if Path(path).is_absolute() else (base_dir or Path()) / path
-            profile = load_profile(full)
-            path = str(full)
-            table.setdefault("speed", 1.0)
-        specs.append(DeviceSpec(Device.from_dict(table), profile, path, speed_given))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: duplicate device names in {names}")
-    return tuple(specs)
-
-
-def load_device_specs(path: str | Path) -> tuple[DeviceSpec, ...]:
-    """:func:`device_specs_from_toml` on a file (profile paths relative to its folder)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read device file {p}: {exc}") from exc
-    return device_specs_from_toml(text, source=str(p), base_dir=p.parent)
-
-
-def resolve_devices(
-    specs: Sequence[DeviceSpec], reference: Sequence[BlockProfile]
-) -> tuple[Device, ...]:
-    """The devices to hand to :func:`pipeline.partition.partition` for ``reference``."""
-    return tuple(s.resolve(reference) for s in specs)

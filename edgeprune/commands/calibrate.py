@@ -100,8 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.calibrate import CalibrationSettings, calibrate, load_plan, load_split
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.devices import load_devices
     from pipeline.errors import ConfigError
-    from pipeline.profiling import load_device_specs
     from pipeline.slicing import parse_cuts
 
     try:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         clock=args.clock,
     )
     ckpt = load_checkpoint(args.checkpoint)
-    devices = load_device_specs(args.devices) if args.devices else None
+    devices = load_devices(args.devices) if args.devices else None
     if args.plan is not None:
         place: dict[str, Any] = {"plan": load_plan(args.plan)}
     else:

@@ -282,7 +282,7 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     from controller.importance import default_cache, fit_accuracy_model, load_or_measure
     from controller.planner import Planner
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.partition import load_devices
+    from pipeline.devices import load_devices
 
     settings = FailoverSettings(
         heartbeat_timeout_s=args.heartbeat_timeout,

@@ -96,19 +96,21 @@ def stage_costs(plan: Any, blocks: Any, devices: Any) -> list[StageCost]:
     """Compute and transfer time and memory of every stage (the partitioner's cost model)."""
     by_name = {d.name: d for d in devices}
     n = len(blocks)
+    names, times = [b.name for b in blocks], [b.compute_s for b in blocks]
     out = []
-    for k, s in enumerate(plan.stages):
-        dev = by_name[s.device]
-        part = blocks[s.start_block : s.end_block]
-        compute = sum(b.compute_s for b in part) / dev.speed
-        transfer = dev.transfer_s(part[-1].output_bytes) if s.end_block < n else 0.0
+    for k, s in enumerate(plan.placement.stages):
+        dev = by_name[s.node]
+        start, end = s.bounds.start, s.bounds.end
+        part = blocks[start:end]
+        compute = sum(b.compute_s for b in part) / dev.relative_speed(names, times)
+        transfer = dev.transfer_s(part[-1].output_bytes) if end < n else 0.0
         memory = sum(b.param_bytes for b in part) + max(b.activation_bytes for b in part)
         out.append(
             StageCost(
                 k,
-                s.start_block,
-                s.end_block,
-                s.device,
+                start,
+                end,
+                s.node,
                 compute,
                 transfer,
                 int(memory),
@@ -120,16 +122,16 @@ def stage_costs(plan: Any, blocks: Any, devices: Any) -> list[StageCost]:
 
 def cuts_of(plan: Any) -> str:
     """The ``--cuts`` string of a plan's stage bounds ('' for a single stage)."""
-    return ",".join(str(s.start_block) for s in plan.stages[1:])
+    return ",".join(str(b.start) for b in plan.placement.bounds[1:])
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.devices import load_devices
     from pipeline.partition import partition
-    from pipeline.profiling import load_device_specs, load_profile, now_iso, resolve_devices
+    from pipeline.profiling import load_profile, now_iso
 
     prof = load_profile(args.profile)
-    specs = load_device_specs(args.devices)
-    devices = resolve_devices(specs, prof.blocks)
+    devices = load_devices(args.devices)
     plan = partition(prof.blocks, devices, args.max_stages, version=args.plan_version or 1)
     published = None
     if args.publish:
@@ -151,8 +153,12 @@ def run(args: argparse.Namespace) -> int:
         },
         "device_file": str(args.devices),
         "devices": [
-            {**spec.to_dict(), "speed_used": dev.speed, "speed_from": spec.describe()}
-            for spec, dev in zip(specs, devices, strict=True)
+            {
+                **dev.to_dict(),
+                "speed_used": dev.relative_speed(prof.block_names, prof.block_times),
+                "speed_from": dev.describe(),
+            }
+            for dev in devices
         ],
         "stage_costs": [
             {
@@ -210,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         f"-> at most {1 / worst.total_s:.1f} images/s; end to end "
         f"{1e3 * sum(c.total_s for c in costs):.3f} ms (no queueing)"
     )
-    unused = [d.name for d in devices if d.name not in plan.devices]
+    unused = [d.name for d in devices if d.name not in plan.placement.nodes]
     if unused:
         print(f"unused devices: {', '.join(unused)}")
     print(f"equivalent cuts: --cuts {cuts_of(plan) or '(none: one stage)'}")
@@ -243,7 +249,6 @@ def publish_plan(
     from bus.plan_message import PlanMessage
     from bus.topics import Topics
     from pipeline.errors import BrokerError, CodecError
-    from pipeline.slicing import SliceBounds
 
     topic = Topics(pipe).plan
 
@@ -270,11 +275,9 @@ def publish_plan(
                 if version is not None
                 else replace(plan, version=await retained_version(client) + 1)
             )
-            message = PlanMessage.build(
+            message = PlanMessage(
                 final.version,
-                final.n_blocks,
-                [SliceBounds(s.start_block, s.end_block) for s in final.stages],
-                list(final.devices),
+                final.placement,
                 reason=f"edgeprune partition ({final.created_by})",
             )
             await client.publish(topic, message.to_json(), qos=1, retain=True)
@@ -319,7 +322,7 @@ def plot_plan(costs: list[StageCost], plan: Any, names: list[str], path: Path) -
     ax.invert_yaxis()
     ax.set_xlim(0, 1.35e3 * max(c.total_s for c in costs))
     ax.set_xlabel("predicted time per image (ms)")
-    ax.set_title(f"Plan {plan.plan_hash()}: {len(costs)} stage(s)")
+    ax.set_title(f"Plan {plan.placement.placement_hash()}: {len(costs)} stage(s)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--devices",
         type=Path,
         required=True,
-        help="TOML with one [[device]] per device: name, speed, memory_mb, "
-        "bandwidth_mbps, latency_ms, failure_prob",
+        help="device file (pipeline/devices.py): one [[device]] per device with name, "
+        "speed or profile, memory_mb, bandwidth_mbps, latency_ms, failure_prob",
     )
     add_checkpoint(parser)
     add_data_dir(parser)
@@ -116,15 +116,15 @@ def _stage_rows(plan: Any, names: list[str]) -> list[list[Any]]:
     return [
         [
             i,
-            f"[{s.start},{s.end}) {'+'.join(names[s.start : s.end])}",
-            s.device,
+            f"[{s.bounds.start},{s.bounds.end}) {'+'.join(names[s.bounds.start : s.bounds.end])}",
+            s.node,
             s.level,
-            s.ratio,
-            s.time_s * 1e3,
-            s.memory_bytes / 2**20,
-            s.cap_bytes / 2**20,
+            plan.ratios[i],
+            plan.stage_s[i] * 1e3,
+            plan.memory_bytes[i] / 2**20,
+            plan.cap_bytes[i] / 2**20,
         ]
-        for i, s in enumerate(plan.stages)
+        for i, s in enumerate(plan.placement.stages)
     ]
 
 
@@ -140,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
     from controller.planner import DEFAULT_VETO_MARGIN, Planner
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
+    from pipeline.devices import load_devices
     from pipeline.errors import ConfigError
-    from pipeline.partition import load_devices
 
     devices = list(load_devices(args.devices))
     ckpt = load_checkpoint(args.checkpoint)
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.verify:
         test = MeasuredAccuracy(bank, splits.test, accuracy_cache(m, splits.test))
-        measured_test = test([(s.start, s.end) for s in best.stages], best.levels)
+        measured_test = test([(b.start, b.end) for b in best.bounds], best.levels)
         test.save()
         out["measured_accuracy_test"] = measured_test
         out["verified"] = measured_test >= floor
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             f"{p.objective_s * 1e3:.3f}",
             f"{p.accuracy:.4f}",
             list(p.levels),
-            " ".join(f"[{s.start},{s.end})@{s.device}" for s in p.stages),
+            " ".join(f"[{s.bounds.start},{s.bounds.end})@{s.node}" for s in p.placement.stages),
         ]
         for p in result.front[: args.front]
     ]
@@ -291,15 +291,15 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
                         break
             message = plan.to_message(version + 1, "edgeprune plan")
             await client.publish(topics.plan, message.to_json(), qos=1, retain=True)
-            for i, s in enumerate(plan.stages):
+            for i, (level, ratio) in enumerate(zip(plan.levels, plan.ratios, strict=True)):
                 await client.publish(
                     topics.control_stage(i),
                     codec.encode_json(
                         "level",
                         {
                             "stage": i,
-                            "level": s.level,
-                            "ratio": s.ratio,
+                            "level": level,
+                            "ratio": ratio,
                             "seq": version + 1,
                             "reason": "edgeprune plan",
                         },

@@ -33,6 +33,7 @@ from nodes.camera import encode_image
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds, parse_cuts
 from tests.helpers import clear_retained, collecting, publish_level, running_nodes, wait_until
 from tests.unit.test_controller_service import calibration as synthetic_calibration
@@ -395,7 +396,7 @@ async def test_a_plan_for_a_model_of_other_blocks_is_rejected(
     async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
         # before: n1 took [3, 4), was no longer last, and sent every request to a stage/2
         # that nobody serves
-        plan = PlanMessage.build(1, 4, [SliceBounds(0, 3), SliceBounds(3, 4)], ["n0", "n1"])
+        plan = PlanMessage(1, Placement.build([SliceBounds(0, 3), SliceBounds(3, 4)], ["n0", "n1"]))
         await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
         try:
             await wait_until(
@@ -427,7 +428,7 @@ async def test_the_plan_version_advances_only_once_the_new_slice_is_built(
             return real_build(*args, **kwargs)
 
         monkeypatch.setattr(node_module, "build_prunable", held_build)
-        plan = PlanMessage.build(1, 5, MOVED, ["n0", "n1"], "move the cut")
+        plan = PlanMessage(1, Placement.build(MOVED, ["n0", "n1"]), "move the cut")
         await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
         try:
             await wait_until(building.is_set, what="a node building its new slice")
@@ -451,7 +452,7 @@ async def test_a_plan_that_fails_to_build_is_reported_and_the_old_slice_serves_o
             raise MemoryError("injected: no room for another slice")
 
         monkeypatch.setattr(node_module, "build_prunable", out_of_memory)
-        plan = PlanMessage.build(1, 5, MOVED, ["n0", "n1"], "move the cut")
+        plan = PlanMessage(1, Placement.build(MOVED, ["n0", "n1"]), "move the cut")
         await r.client.publish(r.pipe.plan, plan.to_json(), qos=1, retain=True)
         try:
             await wait_until(

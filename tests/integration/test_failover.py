@@ -33,8 +33,9 @@ from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.checkpoint import Checkpoint
+from pipeline.devices import MIB, Device
 from pipeline.fitting import LinearFit, LogisticAccuracyFit
-from pipeline.partition import MIB, Device
+from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds
 from tests.helpers import (
     REPO,
@@ -68,7 +69,7 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     assert three is not None
     slo = 1.02 * three.bottleneck_s  # three nodes meet it unpruned, two only pruned
     first = planner.plan(devices, 0.9, slo_s=slo).best
-    assert first is not None and len(first.stages) == 3 and sum(first.levels) == 0
+    assert first is not None and len(first.placement.stages) == 3 and sum(first.levels) == 0
     plan = first.to_message(1, "initial")
     victim = plan.nodes[1]
     topics = Topics(topic_prefix)
@@ -153,8 +154,8 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     decision = monitor.decisions[0]
     assert decision.lost[0].node == victim and decision.lost[0].reason == "last will"
     assert sum(decision.plan.levels) > 0 and decision.plan.objective_s <= slo  # levels rose
-    for st in decision.plan.stages:
-        assert st.memory_bytes <= st.cap_bytes
+    for memory, cap in zip(decision.plan.memory_bytes, decision.plan.cap_bytes, strict=True):
+        assert memory <= cap
     levels = [codec.decode_json(b)["level"] for _, b in decision.levels]
     assert levels == list(decision.plan.levels)
     # detection: from the kill to the decision (the monitor's clock); the publication can lag
@@ -223,7 +224,9 @@ async def test_controller_cli_failover_publishes_a_retained_plan_without_the_kil
         )
     )
     topics = Topics(topic_prefix)
-    plan = PlanMessage.build(1, n, [SliceBounds(a, b) for a, b in bounds], names, "initial")
+    placement = Placement.build([SliceBounds(a, b) for a, b in bounds], names)
+    assert placement.num_blocks == n
+    plan = PlanMessage(1, placement, "initial")
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
         await client.publish(topics.plan, plan.to_json(), qos=1, retain=True)
     victim = "n1"

@@ -19,8 +19,8 @@ import torch
 from controller.importance import AccuracyModel
 from nodes.fusion import BranchNode, FusionNode, ViewTopics, publish_view_levels, view_message
 from pipeline.data import load_animal_mnist, split_dataset
+from pipeline.devices import MIB, Device
 from pipeline.multiview import MultiViewCheckpoint, PrunedMultiView, view_levels
-from pipeline.partition import MIB, Device
 from tests.helpers import DATA_DIR, collecting, wait_until
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "multiview-xs.pt"

@@ -129,7 +129,7 @@ def test_a_plan_that_passes_verification_is_published_retained(
         assert plan.version == 1
         assert {str(m.topic) for m in retained} == {
             topics.plan,
-            *(topics.control_stage(i) for i in range(len(plan.stages))),
+            *(topics.control_stage(i) for i in range(len(plan.placement.stages))),
         }
     finally:
         asyncio.run(

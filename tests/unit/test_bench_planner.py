@@ -19,7 +19,7 @@ from bench.planner_sim import (
 )
 from controller.importance import AccuracyModel, CostTable, contiguous_ranges
 from controller.planner import Planner
-from pipeline.partition import MIB
+from pipeline.devices import MIB
 
 RATIOS = (0.0, 0.2, 0.4, 0.6)
 N = 3

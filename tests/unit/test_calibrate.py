@@ -27,9 +27,11 @@ from pipeline.calibration import Calibration
 from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, Preprocess
+from pipeline.devices import Device
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, preset
-from pipeline.partition import Device, Plan, StagePlan
+from pipeline.partition import Partition
+from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds, parse_cuts
 from pipeline.training import accuracy
 
@@ -92,10 +94,8 @@ def test_level_vectors_full_grid_and_sampled() -> None:
 
 def test_plan_hash_of_matches_plan() -> None:
     bounds = parse_cuts("2,3", 5)
-    plan = Plan(
-        tuple(StagePlan(b.start, b.end, n) for b, n in zip(bounds, ["a", "b", "c"], strict=True))
-    )
-    assert plan_hash_of(bounds, ["a", "b", "c"]) == plan.plan_hash()
+    placement = Placement.build(bounds, ["a", "b", "c"])
+    assert plan_hash_of(bounds, ["a", "b", "c"]) == placement.placement_hash()
     assert plan_hash_of(bounds) == plan_hash_of(bounds, ["n0", "n1", "n2"])
     assert plan_hash_of(bounds) != plan_hash_of(parse_cuts("2", 5), ["n0", "n1"])
     assert plan_hash_of(bounds) != plan_hash_of(bounds, ["n0", "n2", "n1"])
@@ -146,7 +146,7 @@ def test_calibrate_tiny_model(tmp_path: Path, tiny: tuple[Checkpoint, ArrayDatas
 
 def test_calibrate_with_plan_and_devices(tiny: tuple[Checkpoint, ArrayDataset]) -> None:
     ckpt, data = tiny
-    plan = Plan((StagePlan(0, 2, "slow"), StagePlan(2, 3, "mid"), StagePlan(3, 5, "fast")))
+    plan = Partition(Placement.build(parse_cuts("2,3", 5), ["slow", "mid", "fast"]))
     devices = [
         Device("fast", 2.0, 64, 100, 1),
         Device("slow", 0.25, 64, 100, 1),
@@ -164,7 +164,7 @@ def test_calibrate_with_plan_and_devices(tiny: tuple[Checkpoint, ArrayDataset]) 
         clock="cpu",
     )
     cal = calibrate(ckpt, data, plan=plan, devices=devices, settings=settings, progress=False)
-    assert cal.plan_hash == plan.plan_hash()
+    assert cal.plan_hash == plan.placement.placement_hash()
     assert [s.device for s in cal.slices] == ["slow", "mid", "fast"]
     measured = cal.meta["latency"]["measured_s"]
     assert measured == cal.meta["latency"]["cpu_s"] and cal.meta["latency"]["clock"] == "cpu"
@@ -269,5 +269,6 @@ def test_calibrate_cli(
     assert len(cal.accuracy_points) == 4
     assert out.with_suffix(".png").stat().st_size > 0
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(Plan((StagePlan(0, 3, "x"), StagePlan(3, 5, "y"))).to_dict()))
-    assert load_plan(plan_file).devices == ("x", "y")
+    plan = Partition(Placement.build(parse_cuts("3", 5), ["x", "y"]))
+    plan_file.write_text(json.dumps(plan.to_dict()))
+    assert load_plan(plan_file).placement.nodes == ("x", "y")

@@ -11,8 +11,8 @@ from bus.plan_message import PlanMessage
 from controller.failover import FailoverMonitor, FailoverSettings, LivenessTracker
 from controller.planner import Planner
 from pipeline import codec
+from pipeline.devices import MIB, Device
 from pipeline.errors import ConfigError
-from pipeline.partition import MIB, Device
 from tests.unit.test_planner import _accuracy, _table
 
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25)
@@ -30,7 +30,7 @@ def _setup(
     if slo_factor is not None:  # an SLO three devices meet unpruned, two only pruned
         slo = slo_factor * planner.plan(devices, 0.0, levels=0).best.bottleneck_s  # type: ignore[union-attr]
     first = planner.plan(devices, 0.8, slo_s=slo).best
-    assert first is not None and len(first.stages) == 3
+    assert first is not None and len(first.placement.stages) == 3
     plan = first.to_message(1)
     monitor = FailoverMonitor(planner, devices, 0.8, SETTINGS, slo_s=slo, current=plan)
     for d in devices:
@@ -80,12 +80,12 @@ def test_last_will_triggers_a_new_plan_on_the_survivors() -> None:
     assert victim not in decision.message.nodes and victim not in decision.survivors
     assert decision.lost[0].reason == "last will" and decision.decided_at - 1.0 == 0
     assert "failover" in decision.message.reason and victim in decision.message.reason
-    for st in decision.plan.stages:
-        assert st.memory_bytes <= st.cap_bytes
+    for memory, cap in zip(decision.plan.memory_bytes, decision.plan.cap_bytes, strict=True):
+        assert memory <= cap
     assert decision.plan.accuracy >= 0.8
-    for (stage, body), st in zip(decision.levels, decision.plan.stages, strict=True):
+    for (stage, body), planned in zip(decision.levels, decision.plan.levels, strict=True):
         level = codec.decode_json(body, expect_kind="level")
-        assert level["stage"] == stage and level["level"] == st.level
+        assert level["stage"] == stage and level["level"] == planned
         assert level["seq"] == decision.message.version
     assert monitor.current is decision.message
     assert monitor.check(1.1) is None  # nothing new: no second plan
@@ -161,5 +161,5 @@ def test_nodes_of_a_new_plan_may_be_silent_while_they_build() -> None:
     # a plan seen on control/plan (with its arrival time) grants the same grace
     fresh, _ = _setup()
     fresh.settings = fresh.tracker.settings = grace
-    fresh.on_plan(PlanMessage(plan.version + 5, plan.num_blocks, plan.stages), now=0.0)
+    fresh.on_plan(PlanMessage(plan.version + 5, plan.placement), now=0.0)
     assert fresh.check(9.0) is None and fresh.tracker.is_alive("n0", 9.0)

@@ -23,9 +23,10 @@ from controller.importance import (
 )
 from controller.planner import Planner, configuration_count, failure_weights
 from pipeline.data import ArrayDataset
+from pipeline.devices import MIB, Device
 from pipeline.errors import ConfigError
 from pipeline.multiview import view_levels
-from pipeline.partition import MIB, Device, partition
+from pipeline.partition import partition
 
 RATIOS = (0.0, 0.2, 0.4, 0.6)
 
@@ -111,8 +112,8 @@ def test_exact_search_equals_brute_force() -> None:
         assert result.best is not None and result.method == "exact"
         assert result.best.bottleneck_s == pytest.approx(expected, rel=1e-12)
         assert result.best.accuracy >= floor
-        for st in result.best.stages:
-            assert st.memory_bytes <= st.cap_bytes
+        for memory, cap in zip(result.best.memory_bytes, result.best.cap_bytes, strict=True):
+            assert memory <= cap
 
 
 def test_level_zero_search_equals_the_unpruned_partition_dp() -> None:
@@ -143,7 +144,7 @@ def test_a_device_too_small_unpruned_holds_the_slice_pruned() -> None:
     assert planner.plan(dev, 0.9, levels=0).best is None
     best = planner.plan(dev, 0.9).best
     assert best is not None and best.levels[0] >= 1
-    assert best.stages[0].memory_bytes <= best.stages[0].cap_bytes
+    assert best.memory_bytes[0] <= best.cap_bytes[0]
 
 
 def test_accuracy_floor_front_and_slo() -> None:
@@ -333,7 +334,7 @@ def test_the_measured_veto_with_a_margin_is_planning_on_the_measured_accuracy() 
         assert (vetoed.best is None) == (plain.best is None)
         if plain.best is not None and vetoed.best is not None:
             assert vetoed.best.objective_s == pytest.approx(plain.best.objective_s)
-            bounds = tuple((st.start, st.end) for st in vetoed.best.stages)
+            bounds = tuple((b.start, b.end) for b in vetoed.best.bounds)
             assert measured(bounds, vetoed.best.levels) >= floor + 0.02 - 1e-9
     assert calls, "the veto was never asked"
 

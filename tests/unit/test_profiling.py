@@ -1,5 +1,5 @@
-"""Profiling: sane per-block numbers, profile files, device files with an own profile, and
-device-file based partitioning end to end (Python API and CLI)."""
+"""Profiling: sane per-block numbers, profile files, and device-file based partitioning end to
+end (Python API and CLI). Device files with an own profile: test_devices.py."""
 
 from __future__ import annotations
 
@@ -13,23 +13,19 @@ import pytest
 import torch
 
 from edgeprune.cli import main as cli_main
+from pipeline.devices import load_devices
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet, build_model, preset
-from pipeline.partition import BlockProfile, Device, Plan, load_devices, partition
+from pipeline.partition import BlockProfile, Partition, partition
 from pipeline.profiling import (
-    DeviceSpec,
     ModelProfile,
-    device_specs_from_toml,
-    load_device_specs,
     load_profile,
     profile_blocks,
     profile_model,
-    resolve_devices,
     time_calls,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICE_FILES = sorted((REPO / "devices").glob("*.toml"))
 
 
 @pytest.fixture(scope="module")
@@ -128,83 +124,6 @@ def test_cpu_clock_ignores_waiting() -> None:
         slept.of("gpu")  # type: ignore[arg-type]
 
 
-def _own_profile(prof: ModelProfile, factor: float) -> ModelProfile:
-    blocks = tuple(
-        BlockProfile(
-            b.name, b.compute_s * factor, b.param_bytes, b.activation_bytes, b.output_bytes
-        )
-        for b in prof.blocks
-    )
-    return ModelProfile(blocks=blocks, model_name=prof.model_name)
-
-
-def test_device_file_with_own_profile(
-    tmp_path: Path, xs_profile: tuple[SliceableResNet, ModelProfile]
-) -> None:
-    _, prof = xs_profile
-    _own_profile(prof, 4.0).save(tmp_path / "profiles" / "slow.json")
-    text = """
-[[device]]
-name = "fast"
-speed = 2.0
-memory_mb = 64
-bandwidth_mbps = 100
-latency_ms = 1
-
-[[device]]
-name = "measured"
-profile = "profiles/slow.json"
-memory_mb = 64
-bandwidth_mbps = 100
-latency_ms = 1
-"""
-    (tmp_path / "devs.toml").write_text(text)
-    specs = load_device_specs(tmp_path / "devs.toml")
-    assert [s.name for s in specs] == ["fast", "measured"]
-    fast, measured = specs
-    assert fast.profile is None and fast.time_factor(0, 2, 1.0) == pytest.approx(0.5)
-    assert measured.profile is not None and not measured.speed_given
-    ref = sum(b.compute_s for b in prof.blocks[1:3])
-    assert measured.time_factor(1, 3, ref) == pytest.approx(4.0)
-    devices = resolve_devices(specs, prof.blocks)
-    assert devices[0] == fast.device
-    assert devices[1].speed == pytest.approx(0.25)
-    assert "profile" in measured.to_dict() and "speed" not in measured.to_dict()
-    plan = partition(prof.blocks, devices)
-    assert plan.n_blocks == len(prof.blocks)
-
-
-def test_device_file_errors(tmp_path: Path) -> None:
-    base = 'name = "d"\nmemory_mb = 1\nbandwidth_mbps = 1\nlatency_ms = 0\n'
-    with pytest.raises(ConfigError, match="cannot read profile"):
-        device_specs_from_toml(f'[[device]]\n{base}profile = "missing.json"\n', base_dir=tmp_path)
-    with pytest.raises(ConfigError, match="missing keys"):
-        device_specs_from_toml(f"[[device]]\n{base}")  # neither speed nor profile
-    with pytest.raises(ConfigError, match="unknown keys"):
-        device_specs_from_toml(f"[[device]]\n{base}speed = 1\ncolour = 'red'\n")
-    with pytest.raises(ConfigError, match="duplicate"):
-        device_specs_from_toml(f"[[device]]\n{base}speed = 1\n[[device]]\n{base}speed = 2\n")
-    with pytest.raises(ConfigError, match="no"):
-        device_specs_from_toml("[device]\nname = 'd'\n")
-    with pytest.raises(ConfigError, match="unknown top-level"):
-        device_specs_from_toml(f"colour = 1\n[[device]]\n{base}speed = 1\n")
-    other = ModelProfile(blocks=(BlockProfile("x", 1.0, 0, 0, 0),), model_name="other")
-    spec = DeviceSpec(Device("d", 1.0, 1, 1, 0), other, "other.json", speed_given=False)
-    with pytest.raises(ConfigError, match="has blocks"):
-        spec.resolve([BlockProfile("y", 1.0, 0, 0, 0)])
-
-
-@pytest.mark.parametrize("path", DEVICE_FILES, ids=lambda p: p.name)
-def test_shipped_device_files_load(path: Path) -> None:
-    devices = load_devices(path)  # partition.py's own loader accepts them too
-    specs = load_device_specs(path)
-    assert [d.name for d in devices] == [s.name for s in specs]
-
-
-def test_shipped_device_files_exist() -> None:
-    assert {p.name for p in DEVICE_FILES} >= {"two-pi4.toml", "three-mixed.toml", "local.toml"}
-
-
 def test_profile_and_partition_cli_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,13 +164,13 @@ def test_profile_and_partition_cli_end_to_end(
     out = capsys.readouterr().out
     assert "bottleneck" in out and "equivalent cuts" in out
     doc = json.loads(plan_path.read_text())
-    plan = Plan.from_dict(doc)
-    assert plan.n_blocks == len(prof.blocks)
-    assert doc["cuts"] == ",".join(str(s.start_block) for s in plan.stages[1:])
-    assert plan.bottleneck_s == pytest.approx(max(s.predicted_s or 0 for s in plan.stages))
+    plan = Partition.from_dict(doc)
+    assert plan.placement.num_blocks == len(prof.blocks) and plan.stage_s is not None
+    assert doc["cuts"] == ",".join(str(b.start) for b in plan.placement.bounds[1:])
+    assert plan.bottleneck_s == pytest.approx(max(plan.stage_s))
     expected = partition(prof.blocks, load_devices(REPO / "devices" / "local.toml"))
-    assert plan.plan_hash() == expected.plan_hash()
+    assert plan.placement == expected.placement
     assert plan_path.with_suffix(".png").stat().st_size > 0
     # the stage costs the table shows add up to the partitioner's predictions
-    for stage, cost in zip(plan.stages, doc["stage_costs"], strict=True):
-        assert cost["compute_s"] + cost["transfer_s"] == pytest.approx(stage.predicted_s)
+    for stage_s, cost in zip(plan.stage_s, doc["stage_costs"], strict=True):
+        assert cost["compute_s"] + cost["transfer_s"] == pytest.approx(stage_s)
