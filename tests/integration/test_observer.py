@@ -131,11 +131,13 @@ async def test_a_recorder_of_some_kinds_subscribes_to_nothing_else(
     t = Topics(topic_prefix)
     async with Recorder(mqtt, topic_prefix, kinds=("result",)).running() as recorder:
         # published before the result, on the same connection: would have arrived first
-        await _publish(mqtt, [m for m in _one_of_each(t) if m[0] != t.results])
+        others = [m for m in _one_of_each(t) if m[0] != t.results]
+        await _publish(mqtt, [*others, (t.exits, b"{not json"), (t.status("n1"), b"\xff")])
         await _publish(mqtt, [(t.results, codec.encode_json("result", {"request_id": "r1"}))])
         await wait_until(lambda: bool(recorder.events["result"]), 10, "the result")
     assert {k: n for k, n in recorder.events.counts().items() if n} == {"result": 1}
-    assert recorder.bad == 0  # the garbage went to a topic it does not read
+    assert recorder.bad == 0  # the garbage went to topics it does not read
+    assert recorder.observer.subscriptions == ((t.results, 1),)
 
 
 async def test_an_observer_stops_after_count_messages_or_at_its_timeout(
