@@ -2,7 +2,7 @@
 a saturated pipeline gets to its compute bound.
 
 (a) Per-hop overhead: float32 stage messages of each size go from a publisher to a subscriber
-(two aiomqtt clients, QoS 1) through a real Mosquitto that the bench starts on a free port,
+(a publisher and an observer, QoS 1) through a real Mosquitto that the bench starts on a free port,
 one in flight at a time. Timed with perf_counter from before ``encode_stage`` to after
 ``decode_stage``; median and p95 over ``--messages`` messages after a warm-up. The sizes are
 ``--sizes`` plus the real boundary tensors of the model; each is compared with the compute
@@ -172,64 +172,56 @@ def _time(fn: Any, repeats: int, rounds: int = 5) -> tuple[float, float]:
 
 async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[str, Any]]:
     """Encode -> publish (QoS 1) -> broker -> subscriber -> decode, one message in flight."""
-    import aiomqtt
     import numpy as np
 
+    from bus.observer import Observed, Observer
+    from bus.publisher import Publisher
+    from bus.topics import Topics
     from pipeline import codec
 
-    topic = f"edgeprune/bench-{uuid.uuid4().hex[:8]}/stage/1"
+    topic = Topics(f"bench-{uuid.uuid4().hex[:8]}").stage(1)
     rows = []
-    async with (
-        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as sub,
-        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as pub,
-    ):
-        await sub.subscribe(topic, qos=1)
-        arrived: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
+    arrived: asyncio.Queue[tuple[float, float]] = asyncio.Queue()
 
-        async def listen() -> None:
-            async for m in sub.messages:
-                t = time.perf_counter()
-                codec.decode_stage(m.payload)  # type: ignore[arg-type]
-                arrived.put_nowait((t, time.perf_counter()))
+    def on_message(m: Observed) -> None:
+        t = time.perf_counter()
+        codec.decode_stage(m.payload)
+        arrived.put_nowait((t, time.perf_counter()))
 
-        task = asyncio.create_task(listen())
-        try:
-            for nbytes in sizes:
-                x = np.random.default_rng(0).standard_normal((1, nbytes // 4), np.float32)
-                msg = codec.StageMessage(
-                    "cam0-bench-000001",
-                    "cam0",
-                    1,
-                    1.7e9,
-                    1.7e9,
-                    hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),),
-                    tensor=x,
-                )
-                total, enc, dec = [], [], []
-                for i in range(messages + max(20, messages // 10)):
-                    t0 = time.perf_counter()
-                    payload = codec.encode_stage(msg)
-                    t1 = time.perf_counter()
-                    await pub.publish(topic, payload, qos=1)
-                    got, done = await asyncio.wait_for(arrived.get(), 10)
-                    if i >= max(20, messages // 10):  # past the warm-up
-                        total.append(done - t0)
-                        enc.append(t1 - t0)
-                        dec.append(done - got)
-                p50, p95 = _pctl(total)
-                rows.append(
-                    {
-                        "bytes": nbytes,
-                        "wire_bytes": len(payload),
-                        "hop_p50_ms": p50,
-                        "hop_p95_ms": p95,
-                        "encode_ms": statistics.median(enc) * 1e3,
-                        "decode_ms": statistics.median(dec) * 1e3,
-                    }
-                )
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async with Observer(mqtt, [(topic, 1)], on_message).running(), Publisher(mqtt) as pub:
+        for nbytes in sizes:
+            x = np.random.default_rng(0).standard_normal((1, nbytes // 4), np.float32)
+            msg = codec.StageMessage(
+                "cam0-bench-000001",
+                "cam0",
+                1,
+                1.7e9,
+                1.7e9,
+                hops=(codec.Hop(0, "n0", 0.001, 0.002, 0),),
+                tensor=x,
+            )
+            total, enc, dec = [], [], []
+            for i in range(messages + max(20, messages // 10)):
+                t0 = time.perf_counter()
+                payload = codec.encode_stage(msg)
+                t1 = time.perf_counter()
+                await pub.publish(topic, payload, qos=1)
+                got, done = await asyncio.wait_for(arrived.get(), 10)
+                if i >= max(20, messages // 10):  # past the warm-up
+                    total.append(done - t0)
+                    enc.append(t1 - t0)
+                    dec.append(done - got)
+            p50, p95 = _pctl(total)
+            rows.append(
+                {
+                    "bytes": nbytes,
+                    "wire_bytes": len(payload),
+                    "hop_p50_ms": p50,
+                    "hop_p95_ms": p95,
+                    "encode_ms": statistics.median(enc) * 1e3,
+                    "decode_ms": statistics.median(dec) * 1e3,
+                }
+            )
     return rows
 
 
@@ -247,67 +239,57 @@ async def measure_throughput(
     logs: Path,
     broker_pid: int | None,
 ) -> dict[str, Any]:
-    import aiomqtt
-
-    from bus.topics import Topics
+    from bus.observer import Recorder
     from nodes.camera import Camera, ImageSource, rate_schedule
-    from pipeline import codec
     from pipeline.slicing import parse_cuts
 
     pipe = f"bench-{uuid.uuid4().hex[:8]}"
-    topics = Topics(pipe)
     bounds = parse_cuts(cuts, ckpt.build().num_blocks)
-    results: dict[str, float] = {}
-    metrics: list[tuple[float, dict[str, Any]]] = []
-    online: set[str] = set()
+    recorder = Recorder(mqtt, pipe, kinds=("result", "status", "metrics"))
+
+    def online() -> set[str]:
+        return {s["node"] for s in recorder.events["status"] if s["state"] == "online"}
+
+    def results() -> dict[str, float]:
+        """Receipt time of each request's first result."""
+        first: dict[str, float] = {}
+        for r in recorder.events["result"]:
+            first.setdefault(r["request_id"], r["rx"])
+        return first
+
     async with (
-        aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
+        recorder.running(),
         _nodes(mode, mqtt, pipe, bounds, ckpt, ckpt_path, logs) as node_pids,
     ):
-        for t in (topics.results, topics.status_all, topics.metrics_all):
-            await client.subscribe(t, qos=1)
-
-        async def listen() -> None:
-            async for m in client.messages:
-                body = codec.decode_json(m.payload)  # type: ignore[arg-type]
-                if body["kind"] == "result":
-                    results.setdefault(body["request_id"], time.perf_counter())
-                elif body["kind"] == "metrics":
-                    metrics.append((time.perf_counter(), body))
-                elif body["kind"] == "status" and body["state"] == "online":
-                    online.add(body["node"])
-
-        task = asyncio.create_task(listen())
-        try:
-            await _until(lambda: len(online) == len(bounds), 180, "nodes online")
-            source = ImageSource(images.images, images.labels)
-            warm = max(20, n_images // 10)
-            for n, tag in ((warm, "warm"), (n_images, "burst")):
-                cam = Camera(
-                    mqtt,
-                    pipe,
-                    source,
-                    rate_schedule(1e6, n, n_images=len(source)),
-                    resend_after_s=None,
-                    track_results=False,
-                    run_id=tag,
-                )
-                sent_at = time.perf_counter()
-                cpu0 = _cpu_s([*node_pids, broker_pid, os.getpid()])
-                await cam.run()
-                await _until(
-                    lambda n=n, tag=tag: sum(k.split("-")[1] == tag for k in results) >= n,
-                    120,
-                    f"{n} {tag} results",
-                )
-            cpu = [
-                b - a
-                for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
-            ]
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    times = sorted(t for k, t in results.items() if k.split("-")[1] == "burst")
+        await _until(lambda: len(online()) == len(bounds), 180, "nodes online")
+        source = ImageSource(images.images, images.labels)
+        warm = max(20, n_images // 10)
+        for n, tag in ((warm, "warm"), (n_images, "burst")):
+            cam = Camera(
+                mqtt,
+                pipe,
+                source,
+                rate_schedule(1e6, n, n_images=len(source)),
+                resend_after_s=None,
+                track_results=False,
+                run_id=tag,
+            )
+            sent_at = time.time()
+            cpu0 = _cpu_s([*node_pids, broker_pid, os.getpid()])
+            await cam.run()
+            await _until(
+                lambda n=n, tag=tag: (
+                    sum(r["request_id"].split("-")[1] == tag for r in recorder.events["result"])
+                    >= n
+                ),
+                120,
+                f"{n} {tag} results",
+            )
+        cpu = [
+            b - a for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
+        ]
+    metrics = [(b["rx"], b) for b in recorder.events["metrics"]]
+    times = sorted(t for k, t in results().items() if k.split("-")[1] == "burst")
     k1, k2 = len(times) // 10, len(times) * 9 // 10
     steady = (k2 - k1) / (times[k2] - times[k1])
     window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.get("service_s")]

@@ -13,8 +13,16 @@ edgeprune/<pipe>/errors/<node>             JSON what a node rejected     QoS 1
 edgeprune/<pipe>/errors                    JSON what the controller did  QoS 1
                                            not accept (errors/# reads both)
 
+The multi-view topology (nodes/fusion.py) adds, per view v, ``view/<v>`` (images), ``fusion/<v>``
+(pooled features) and ``control/view/<v>`` (levels): :class:`ViewTopics`.
+
 The camera and node levels let the secure broker's ACL tie a writer to its identity
 (broker/security.py): camera-<id> may write only stage/0/<id>, node-<id> only errors/<id>.
+The ACL's patterns come from here too (:class:`AclTopics`: the same topics, on one pipe or on
+every pipe).
+
+This is the only place a topic string is made (``nodes/pi_camera.py``, copied alone to a
+device, keeps its own copy; tests/unit/test_pi_camera_topics.py checks it against this one).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 from pipeline.errors import ConfigError
 
 ROOT = "edgeprune"
+ANY_PIPE = "+"  # in an ACL pattern: every pipe
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -88,8 +97,19 @@ class Topics:
     def exits(self) -> str:
         return f"{self.base}/exits"
 
+    @property
+    def stage_all(self) -> str:
+        """``stage/+``: every stage topic past the cameras' (``stage/0/<camera>`` is one
+        level deeper, so it does not match)."""
+        return f"{self.base}/stage/+"
+
     def control_stage(self, i: int) -> str:
         return f"{self.base}/control/stage/{i}"
+
+    @property
+    def control_all(self) -> str:
+        """Everything under ``control/``: levels, the plan, decisions."""
+        return f"{self.base}/control/#"
 
     @property
     def control_stage_all(self) -> str:
@@ -108,6 +128,10 @@ class Topics:
 
     def metrics(self, node: str) -> str:
         return f"{self.base}/nodes/{check_name('node', node)}/metrics"
+
+    def node_all(self, node: str) -> str:
+        """Every topic of node ``node`` (``nodes/<node>/#``: status, metrics)."""
+        return f"{self.base}/nodes/{check_name('node', node)}/#"
 
     @property
     def status_all(self) -> str:
@@ -135,6 +159,13 @@ class Topics:
     def everything(self) -> str:
         return f"{self.base}/#"
 
+    def absolute_filter(self, given: str) -> str:
+        """A topic filter relative to the pipe (``stage/#``, ``nodes/+/metrics``) made
+        absolute; one that already starts at the root (``edgeprune/...``) is kept as it is."""
+        if given == ROOT or given.startswith(f"{ROOT}/"):
+            return given
+        return f"{self.base}/{given.lstrip('/')}"
+
     def node_of(self, topic: str) -> str | None:
         """The node name in a status or metrics topic, else None."""
         parts = topic.split("/")
@@ -155,3 +186,43 @@ class Topics:
         except ValueError:
             return None
         return None
+
+
+@dataclass(frozen=True)
+class AclTopics(Topics):
+    """The topics of :class:`Topics` as patterns of the broker's ACL (broker/security.py): the
+    pipe may also be ``+`` (:data:`ANY_PIPE`), every pipe. Never publish to these."""
+
+    def __post_init__(self) -> None:
+        if self.pipe != ANY_PIPE:
+            check_name("pipe", self.pipe)
+
+    @property
+    def everything(self) -> str:
+        return f"{ROOT}/#" if self.pipe == ANY_PIPE else super().everything
+
+
+@dataclass(frozen=True)
+class ViewTopics:
+    """Topics of the multi-view topology (nodes/fusion.py): per view ``v``, the camera's
+    images on ``view/<v>``, the branch's pooled features on ``fusion/<v>``, its level on
+    ``control/view/<v>``; results, statuses and errors as in :class:`Topics`."""
+
+    pipe: str
+
+    @property
+    def base(self) -> Topics:
+        return Topics(self.pipe)
+
+    def view(self, v: int) -> str:
+        return f"{self.base.base}/view/{v}"
+
+    def features(self, v: int) -> str:
+        return f"{self.base.base}/fusion/{v}"
+
+    @property
+    def features_all(self) -> str:
+        return f"{self.base.base}/fusion/+"
+
+    def control(self, v: int) -> str:
+        return f"{self.base.base}/control/view/{v}"

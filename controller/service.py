@@ -13,8 +13,9 @@ survives reconnects: a decision taken while the broker is away is published when
 The session is clean: after a reconnect, stale exits and metrics are not replayed, and the
 retained levels are learned again.
 
-A node going offline (its Last Will, or a clean shutdown) is recorded and passed to the
-``on_node_lost`` hook (sync or async); failure re-planning plugs in there.
+A node going offline (its Last Will, or a clean shutdown) is logged and recorded in the state's
+events (the run report); failure re-planning is controller/failover.py, which detects a lost
+node by its Last Will and by its silence.
 
 A message the controller cannot use (malformed JSON, a level out of range, an exit without
 its stages, ...) is ignored, counted (``state.counts["bad_messages"]``), and published on
@@ -25,12 +26,11 @@ retained topic is a clearing, not an error.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -46,7 +46,6 @@ from pipeline.errors import CodecError
 
 log = logging.getLogger(__name__)
 
-NodeHook = Callable[[NodeEvent], Awaitable[None] | None]
 # Small control messages should not wait for Nagle's algorithm (up to 40 ms per hop).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 _MAX_BAD_LOGGED = 10
@@ -64,7 +63,6 @@ class Controller:
         *,
         pipe: str = "default",
         client_id: str | None = None,
-        on_node_lost: NodeHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         oracle_schedule: OracleSchedule | None = None,
@@ -73,7 +71,6 @@ class Controller:
         self.mqtt = mqtt
         self.topics = Topics(pipe)
         self.client_id = (client_id or f"edgeprune-{pipe}-controller-{uuid.uuid4().hex[:6]}")[:64]
-        self.on_node_lost = on_node_lost
         self._clock = clock
         self._wall = wall_clock
         self.state = ControllerState(
@@ -83,7 +80,6 @@ class Controller:
         self._connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue()
-        self._hooks: set[asyncio.Task[None]] = set()
         self._running = False
         self._bad_logged = 0
 
@@ -107,9 +103,9 @@ class Controller:
                     raise t.exception()  # type: ignore[misc]
             await self._drain(timeout=2.0)
         finally:
-            for t in [*tasks, stopper, *self._hooks]:
+            for t in [*tasks, stopper]:
                 t.cancel()
-            await asyncio.gather(*tasks, stopper, *self._hooks, return_exceptions=True)
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
             self._connected.clear()
             self._running = False
         report = self.state.report(self._clock())
@@ -233,22 +229,6 @@ class Controller:
             log.info("node %s (stage %s) is back online", event.node, event.stage)
             return
         log.warning("node %s (stage %s) lost: %s", event.node, event.stage, event.reason)
-        if self.on_node_lost is None:
-            return
-        try:
-            result = self.on_node_lost(event)
-        except Exception:
-            log.exception("on_node_lost hook failed")
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            self._hooks.add(task)
-            task.add_done_callback(self._hook_done)
-
-    def _hook_done(self, task: asyncio.Task[None]) -> None:
-        self._hooks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("on_node_lost hook failed: %r", task.exception())
 
     # ----------------------------------------------------------------- deciding
     async def _decision_loop(self) -> None:

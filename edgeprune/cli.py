@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "controller",
     "tap",
     "top",
+    "health",
     "trace",
     "experiment",
     "demo",

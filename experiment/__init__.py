@@ -3,7 +3,7 @@
     config.py       ExperimentConfig from TOML (trace, plan, emulated devices, controller)
     calibration.py  reuse or measure the calibration the controller loads
     launcher.py     ProcessGroup: children in their own process groups, always cleaned up
-    monitor.py      Recorder (the harness's MQTT subscriber) and the live status line
+    monitor.py      the live status line over the run's bus.observer.Recorder
     runner.py       one run of one policy: broker, nodes, hogs, controller, camera
     report.py       metrics, the JSON and Markdown reports, the comparison
     plots.py        timeline and latency-CDF plots

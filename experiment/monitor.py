@@ -1,10 +1,9 @@
-"""The harness's own MQTT subscriber: records every message of one run, and prints live status.
+"""The harness's live status line, over the records of its :class:`~bus.observer.Recorder`.
 
-:class:`Recorder` subscribes to the pipe's ``stage/0/+`` (what the camera sent: request id and
-entry time), ``results``, ``exits``, ``control/#`` (levels and decisions), ``nodes/+/status``,
-``nodes/+/metrics`` and ``errors/#``. Every JSON message is kept in memory and appended to an
-``events.jsonl`` file with the time it was received (``rx``), so a report can be recomputed
-from the file alone (:func:`load_events`). Stage tensors past stage 0 are never subscribed to.
+The harness records every run with :class:`bus.observer.Recorder` (re-exported here with
+:class:`~bus.observer.Events` and :func:`~bus.observer.load_events`, which the reports read):
+what the cameras sent, results, exits, levels, decisions, statuses, metrics and errors, each
+with its receipt time, in memory and in ``events.jsonl``.
 
 :class:`LiveStatus` turns the records into one status line per second: levels, the latency of
 the last seconds, SLO attainment so far, and which slowdowns are in force.
@@ -13,178 +12,19 @@ the last seconds, SLO attainment so far, and which slowdowns are in force.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 import math
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import IO, Any
 
-import aiomqtt
 import numpy as np
 
-from bus.connection import MqttSettings
-from bus.topics import Topics
+from bus.observer import Events, Recorder, load_events
 from experiment.config import NodeSpec
-from pipeline import codec
-from pipeline.errors import CodecError
 
-log = logging.getLogger(__name__)
-
-KINDS = ("send", "result", "exit", "level", "decision", "status", "metrics", "error")
-
-
-@dataclass
-class Events:
-    """Everything one run produced, by kind; each item is a JSON body plus ``rx`` (receipt
-    epoch seconds) and, for levels, ``topic``."""
-
-    by_kind: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    def add(self, kind: str, body: dict[str, Any]) -> None:
-        self.by_kind.setdefault(kind, []).append(body)
-
-    def __getitem__(self, kind: str) -> list[dict[str, Any]]:
-        return self.by_kind.setdefault(kind, [])
-
-    def counts(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.by_kind.items()}
-
-
-def load_events(path: str | Path) -> Events:
-    """Read an ``events.jsonl`` written by a :class:`Recorder`."""
-    events = Events()
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            kind = item.pop("event")
-            if kind == "reset":  # a warm-up ended: what came before does not count
-                events = Events(
-                    by_kind={
-                        k: v
-                        for k, v in events.by_kind.items()
-                        if k in ("status", "level", "decision")
-                    }
-                )
-                continue
-            events.add(kind, item)
-    return events
-
-
-class Recorder:
-    """Subscribes to one pipe and records its messages (see the module docstring)."""
-
-    def __init__(self, mqtt: MqttSettings, pipe: str, path: Path | None = None) -> None:
-        self.mqtt = mqtt
-        self.topics = Topics(pipe)
-        self.path = path
-        self.events = Events()
-        self.ready = asyncio.Event()
-        self.bad = 0
-        self._file: IO[str] | None = None
-
-    @contextlib.asynccontextmanager
-    async def running(self, timeout: float = 20.0) -> AsyncIterator[Recorder]:
-        """Record in the background while the block runs; subscribed on entry."""
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8")
-        task = asyncio.create_task(self._run(), name="recorder")
-        try:
-            waiter = asyncio.create_task(self.ready.wait())
-            done, _ = await asyncio.wait(
-                [waiter, task], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            if task in done:
-                task.result()  # raises the connection error
-            if not self.ready.is_set():
-                raise TimeoutError(f"the recorder could not subscribe at {self.mqtt.url}")
-            yield self
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    async def _run(self) -> None:
-        t = self.topics
-        async with aiomqtt.Client(
-            **self.mqtt.aiomqtt_kwargs(), logger=logging.getLogger("aiomqtt")
-        ) as client:
-            for topic, qos in (
-                (t.camera_stage_all, 1),
-                (t.results, 1),
-                (t.exits, 1),
-                (f"{t.base}/control/#", 1),
-                (t.status_all, 1),
-                (t.metrics_all, 0),
-                (t.errors_all, 1),
-            ):
-                await client.subscribe(topic, qos=qos)
-            self.ready.set()
-            async for message in client.messages:
-                self.on_message(str(message.topic), message.payload, time.time())
-
-    def on_message(self, topic: str, payload: Any, rx: float) -> None:
-        """Classify and record one message (public for tests and replays)."""
-        data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-        try:
-            if self.topics.camera_of(topic) is not None:
-                msg = codec.decode_stage(data)
-                self._keep(
-                    "send",
-                    {
-                        "request_id": msg.request_id,
-                        "camera": msg.camera,
-                        "entry_ts": msg.entry_ts,
-                        "attempt": msg.attempt,
-                        "label": msg.label,
-                        "rx": rx,
-                    },
-                )
-                return
-            if not data:
-                return  # a retained message being cleared
-            body = codec.decode_json(data)
-        except CodecError as exc:
-            self.bad += 1
-            log.debug("recorder: undecodable message on %s: %s", topic, exc)
-            return
-        kind = str(body.get("kind"))
-        if kind not in KINDS:
-            return
-        body["rx"] = rx
-        if kind == "level":
-            body["topic"] = topic
-        self._keep(kind, body)
-
-    def _keep(self, kind: str, body: dict[str, Any]) -> None:
-        self.events.add(kind, body)
-        if self._file is not None:
-            self._file.write(json.dumps({"event": kind, **body}) + "\n")
-
-    def reset(self, keep: tuple[str, ...] = ("status", "level", "decision")) -> None:
-        """Forget everything but ``keep`` (after a warm-up); the file gets a marker line."""
-        for kind in list(self.events.by_kind):
-            if kind not in keep:
-                self.events.by_kind[kind] = []
-        if self._file is not None:
-            self._file.write(json.dumps({"event": "reset", "rx": time.time()}) + "\n")
-
-    def completed(self) -> int:
-        return len({r["request_id"] for r in self.events["result"]})
-
-    def sent_ids(self) -> set[str]:
-        return {s["request_id"] for s in self.events["send"]}
+__all__ = ["Events", "LiveStatus", "Recorder", "current_levels", "load_events"]
 
 
 def current_levels(events: Events, n_stages: int) -> list[int]:

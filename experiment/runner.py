@@ -584,13 +584,6 @@ async def _until(
     return True
 
 
-async def _sleep_until(epoch: float, group: ProcessGroup) -> None:
-    """Wait for a wall-clock deadline, checking the children meanwhile."""
-    while (left := epoch - time.time()) > 0:
-        group.check_alive()
-        await asyncio.sleep(min(left, 0.2))
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace")

@@ -43,36 +43,12 @@ import numpy as np
 import torch
 
 from bus.connection import MqttSettings
-from bus.topics import Topics
+from bus.topics import ViewTopics
 from pipeline import codec
 from pipeline.errors import CodecError, internal_error, stop_reason
 from pipeline.multiview import PrunedMultiView
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ViewTopics:
-    """Topics of the multi-view topology (module docstring)."""
-
-    pipe: str
-
-    @property
-    def base(self) -> Topics:
-        return Topics(self.pipe)
-
-    def view(self, v: int) -> str:
-        return f"{self.base.base}/view/{v}"
-
-    def features(self, v: int) -> str:
-        return f"{self.base.base}/fusion/{v}"
-
-    @property
-    def features_all(self) -> str:
-        return f"{self.base.base}/fusion/+"
-
-    def control(self, v: int) -> str:
-        return f"{self.base.base}/control/view/{v}"
 
 
 def view_message(request_id: str, camera: str, crop: np.ndarray, label: int | None = None) -> bytes:

@@ -110,14 +110,6 @@ class RequestJournal:
             self.duplicates += 1
         return False
 
-    def pending_ids(self) -> list[str]:
-        return [
-            r[0]
-            for r in self._db.execute(
-                "SELECT request_id FROM requests WHERE done_ts IS NULL ORDER BY first_sent"
-            )
-        ]
-
     def stats(self) -> JournalStats:
         accepted, done, resent = self._db.execute(
             "SELECT COUNT(*), COUNT(done_ts), COALESCE(SUM(attempts - 1), 0) FROM requests"

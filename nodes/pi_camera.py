@@ -61,6 +61,12 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 log = logging.getLogger("pi_camera")
 
 
+def stage0_topic(pipe: str, camera: str) -> str:
+    """Where camera ``camera`` of pipe ``pipe`` publishes (``bus.topics.Topics.camera_stage``
+    for the names ``parse_args`` accepts)."""
+    return f"{TOPIC_ROOT}/{pipe}/stage/0/{camera}"
+
+
 def stage0_payload(
     request_id: str,
     camera: str,
@@ -359,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     run = uuid.uuid4().hex[:8]
-    topic = f"{TOPIC_ROOT}/{args.pipe}/stage/0/{args.camera_id}"
+    topic = stage0_topic(args.pipe, args.camera_id)
     pub = Publisher(args, f"edgeprune-picam-{args.camera_id}-{run}"[:64])
     sent = dropped = 0
     next_at = time.monotonic()

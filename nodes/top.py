@@ -2,16 +2,28 @@
 
 :class:`PipelineView` ingests decoded messages (status, metrics, exits, results, levels,
 decisions, errors) and renders a plain-text screen; it reads no clock and does no I/O, so it
-is tested without a broker.
+is tested without a broker. :func:`show` feeds it from a :class:`bus.observer.Observer` and
+redraws it until stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bus.connection import MqttSettings
+from bus.observer import Observed, Observer, record_of, subscriptions_for
+from bus.topics import Topics
+from pipeline.errors import CodecError
+
+VIEWED_KINDS = ("result", "exit", "level", "decision", "status", "metrics", "error")
 
 
 @dataclass
@@ -85,6 +97,12 @@ class PipelineView:
             self.errors += 1
             self.last_error = f"{body.get('node')}: {body.get('reason')}"
 
+    def on_message(self, message: Observed) -> None:
+        """Ingest one observed message of this pipe; one that does not decode is skipped."""
+        with contextlib.suppress(CodecError):
+            _, body = record_of(Topics(self.pipe), message.topic, message.payload)
+            self.ingest(body, message.rx)
+
     def _row(self, node: str) -> NodeRow:
         if node not in self.nodes:
             self.nodes[node] = NodeRow(node)
@@ -133,6 +151,34 @@ class PipelineView:
         if self.last_error:
             lines.append(f"last error: {self.last_error}")
         return "\n".join(lines)
+
+
+async def show(
+    mqtt: MqttSettings,
+    view: PipelineView,
+    write: Callable[[str], None],
+    stop: asyncio.Event,
+    *,
+    interval_s: float = 1.0,
+    once_s: float | None = None,
+    clear: bool = False,
+) -> None:
+    """Feed ``view`` from the broker and ``write`` a screen every ``interval_s`` until
+    ``stop`` (``clear``: each screen replaces the last, for a terminal); with ``once_s``,
+    collect that long, write one screen and return."""
+    observer = Observer(mqtt, subscriptions_for(Topics(view.pipe), VIEWED_KINDS), view.on_message)
+    async with observer.running():
+        if once_s is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), once_s)
+            observer.raise_if_failed()
+            write(view.render(time.time()) + "\n")
+            return
+        while not stop.is_set():
+            write(("\x1b[H\x1b[2J" if clear else "\n") + view.render(time.time()) + "\n")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            observer.raise_if_failed()
 
 
 def _f(value: Any, spec: str = "") -> str:

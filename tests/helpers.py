@@ -1,5 +1,5 @@
 """Helpers shared by the integration tests: in-process pipelines on a real broker, a results
-collector, and polling with a deadline (never a fixed sleep)."""
+collector (the observer's recorder), and polling with a deadline (never a fixed sleep)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import aiomqtt
 import numpy as np
 
 from bus.connection import MqttSettings
+from bus.observer import Recorder
 from bus.topics import Topics
 from controller.importance import (
     CostTable,
@@ -34,9 +34,9 @@ from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint
-from pipeline.errors import CodecError
 from pipeline.slicing import SliceBounds
 
+COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
 
@@ -51,62 +51,51 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
-@dataclass
-class Collector:
-    """Subscribes to a pipe's JSON topics and keeps every message, in order."""
+class Collector(Recorder):
+    """A :class:`bus.observer.Recorder` of a pipe's JSON kinds, with one list per kind in
+    arrival order (each body carries ``rx``, its receipt time)."""
 
-    mqtt: MqttSettings
-    pipe: str
-    results: list[dict[str, Any]] = field(default_factory=list)
-    exits: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    statuses: list[dict[str, Any]] = field(default_factory=list)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    levels: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    def __init__(self, mqtt: MqttSettings, pipe: str) -> None:
+        super().__init__(mqtt, pipe, kinds=COLLECTED_KINDS)
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return self.events["result"]
+
+    @property
+    def exits(self) -> list[dict[str, Any]]:
+        return self.events["exit"]
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return self.events["error"]
+
+    @property
+    def statuses(self) -> list[dict[str, Any]]:
+        return self.events["status"]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.events["metrics"]
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return self.events["decision"]
+
+    @property
+    def levels(self) -> list[tuple[str, dict[str, Any]]]:
+        """(topic, body) of every level message (``control/stage/<i>``, ``control/view/<v>``)."""
+        return [(body["topic"], body) for body in self.events["level"]]
 
     def result_counts(self) -> Counter[str]:
         return Counter(r["request_id"] for r in self.results)
 
-    async def run(self) -> None:
-        t = Topics(self.pipe)
-        async with aiomqtt.Client(**self.mqtt.aiomqtt_kwargs()) as client:
-            await client.subscribe(t.everything, qos=1)
-            self.ready.set()
-            async for message in client.messages:
-                topic = str(message.topic)
-                if "/stage/" in topic and "/control/" not in topic:
-                    continue
-                try:
-                    body = codec.decode_json(bytes(message.payload))  # type: ignore[arg-type]
-                except CodecError:
-                    continue  # e.g. a deliberately bad control message
-                kind = body.get("kind")
-                target = {
-                    "result": self.results,
-                    "exit": self.exits,
-                    "error": self.errors,
-                    "status": self.statuses,
-                    "metrics": self.metrics,
-                    "decision": self.decisions,
-                }.get(str(kind))
-                if target is not None:
-                    target.append(body)
-                elif kind == "level":
-                    self.levels.append((topic, body))
-
 
 @contextlib.asynccontextmanager
 async def collecting(mqtt: MqttSettings, pipe: str) -> AsyncIterator[Collector]:
-    col = Collector(mqtt, pipe)
-    task = asyncio.create_task(col.run())
-    await asyncio.wait_for(col.ready.wait(), 10)
-    try:
+    """A :class:`Collector`, subscribed, for the duration of the block."""
+    async with Collector(mqtt, pipe).running(timeout=10) as col:
         yield col
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager

@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "camera",
         help="publish images to stage 0 (fixed rate or trace replay)",
-        description="An IoT camera: publishes images (PNG by default) to "
-        "edgeprune/<pipe>/stage/0/<camera> from the dataset's test split or a folder, at a "
+        description="An IoT camera: publishes images (PNG by default) to its topic, "
+        "stage/0/<camera> of the pipe, from the dataset's test split or a folder, at a "
         "fixed rate or at the times of a camera-trap trace (time compression allowed). Each message "
         "carries a request id, the camera id, the capture time and the true label when known. "
         "Every image is journaled until its result is seen, re-sent after --resend-after "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bus.topics import Topics
 from edgeprune.commands._common import add_mqtt, mqtt_settings, pipe_name, run_service
 
 
@@ -53,70 +54,41 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def topic_filters(base: str, given: list[str] | None) -> list[str]:
-    """Absolute MQTT filters: ``base/#`` by default, relative filters joined to ``base``."""
+def topic_filters(topics: Topics, given: list[str] | None) -> list[str]:
+    """Absolute MQTT filters: everything of the pipe by default, relative filters joined to
+    the pipe's base."""
     if not given:
-        return [f"{base}/#"]
-    root = base.split("/", 1)[0] + "/"
-    return [f if f.startswith(root) else f"{base}/{f.lstrip('/')}" for f in given]
+        return [topics.everything]
+    return [topics.absolute_filter(f) for f in given]
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import contextlib
 
-    import aiomqtt
-
-    from bus.topics import Topics
+    from bus.observer import Observed, Observer
     from nodes.tap import describe, format_line, json_line
-    from pipeline.errors import BrokerError
 
     settings = mqtt_settings(args)
-    topics = Topics(pipe_name(args))
-    filters = topic_filters(topics.base, args.topic)
+    filters = topic_filters(Topics(pipe_name(args)), args.topic)
     render = json_line if args.json else format_line
-    seen = 0
 
-    async def listen() -> None:
-        nonlocal seen
-        async with aiomqtt.Client(**settings.aiomqtt_kwargs()) as client:
-            for f in filters:
-                await client.subscribe(f, qos=1)
-            print(f"tap: {settings.url} {' '.join(filters)}", file=sys.stderr, flush=True)
-            async for message in client.messages:
-                payload = (
-                    message.payload
-                    if isinstance(message.payload, bytes | bytearray)
-                    else str(message.payload or "").encode()
-                )
-                rec = describe(str(message.topic), payload, retained=bool(message.retain))
-                sys.stdout.write(render(rec) + "\n")
-                sys.stdout.flush()
-                seen += 1
-                if args.count is not None and seen >= args.count:
-                    return
+    def show(message: Observed) -> None:
+        record = describe(message.topic, message.payload, retained=message.retained, ts=message.rx)
+        sys.stdout.write(render(record) + "\n")
+        sys.stdout.flush()
 
-    async def main(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(listen())
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait(
-                [task, stopper], timeout=args.timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if task.done():
-                try:
-                    task.result()
-                except aiomqtt.MqttError as exc:
-                    raise BrokerError(f"tap: broker {settings.url}: {exc}") from exc
-        finally:
-            for t in (task, stopper):
-                t.cancel()
-            await asyncio.gather(task, stopper, return_exceptions=True)
+    def announce() -> None:
+        print(f"tap: {settings.url} {' '.join(filters)}", file=sys.stderr, flush=True)
 
+    observer = Observer(settings, [(f, 1) for f in filters], show)
     try:
-        run_service(main)
+        run_service(
+            lambda stop: observer.watch(
+                stop, count=args.count, timeout=args.timeout, on_ready=announce
+            )
+        )
     except BrokenPipeError:  # `edgeprune tap | head`
         with contextlib.suppress(OSError):
             sys.stdout.close()
         return 0
-    return 1 if args.count is not None and seen < args.count else 0
+    return 1 if args.count is not None and observer.seen < args.count else 0

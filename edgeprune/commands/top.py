@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import sys
-import time
 
 from edgeprune.commands._common import add_mqtt, mqtt_settings, pipe_name, run_service
 
@@ -36,51 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import aiomqtt
-
     from bus.topics import Topics
-    from nodes.top import PipelineView
-    from pipeline import codec
-    from pipeline.errors import CodecError
+    from nodes.top import PipelineView, show
 
-    settings = mqtt_settings(args)
     topics = Topics(pipe_name(args))
     view = PipelineView(topics.pipe, slo_s=args.slo_ms / 1e3 if args.slo_ms else None)
-    tty = sys.stdout.isatty() and args.once is None
 
-    async def listen() -> None:
-        async with aiomqtt.Client(**settings.aiomqtt_kwargs()) as client:
-            await client.subscribe(topics.everything, qos=0)
-            async for message in client.messages:
-                topic = str(message.topic)
-                if topic.startswith(f"{topics.base}/stage/"):
-                    continue
-                with contextlib.suppress(CodecError):
-                    view.ingest(
-                        codec.decode_json(bytes(message.payload)),  # type: ignore[arg-type]
-                        time.time(),
-                    )
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    async def main(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(listen())
-        try:
-            if args.once is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), args.once)
-                if task.done() and task.exception():
-                    raise task.exception()  # type: ignore[misc]
-                print(view.render(time.time()))
-                return
-            while not stop.is_set():
-                screen = view.render(time.time())
-                sys.stdout.write(("\x1b[H\x1b[2J" if tty else "\n") + screen + "\n")
-                sys.stdout.flush()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), args.interval)
-                if task.done():
-                    task.result()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    return run_service(main)
+    return run_service(
+        lambda stop: show(
+            mqtt_settings(args),
+            view,
+            write,
+            stop,
+            interval_s=args.interval,
+            once_s=args.once,
+            clear=sys.stdout.isatty() and args.once is None,
+        )
+    )

@@ -38,6 +38,7 @@ from broker.launcher import (
     render_config,
     wait_for_mqtt,
 )
+from bus.topics import Topics
 from pipeline.errors import BrokerError
 from tests.helpers import stop_process
 
@@ -182,7 +183,7 @@ def broker_cli(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 async def test_publish_subscribe_round_trip(mosquitto: MosquittoBroker, topic_prefix: str) -> None:
-    topic = f"edgeprune/{topic_prefix}/results"
+    topic = Topics(topic_prefix).results
     async with (
         aiomqtt.Client(mosquitto.host, mosquitto.port) as sub,
         aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
@@ -197,7 +198,7 @@ async def test_publish_subscribe_round_trip(mosquitto: MosquittoBroker, topic_pr
 async def test_five_megabyte_message_goes_through(
     mosquitto: MosquittoBroker, topic_prefix: str
 ) -> None:
-    topic = f"edgeprune/{topic_prefix}/stage/1"
+    topic = Topics(topic_prefix).stage(1)
     payload = os.urandom(5_000_000)
     async with (
         aiomqtt.Client(mosquitto.host, mosquitto.port) as sub,
@@ -213,7 +214,7 @@ def test_message_over_max_packet_size_is_refused(
     mosquitto: MosquittoBroker, topic_prefix: str
 ) -> None:
     """The broker disconnects the sender and delivers nothing; later traffic still flows."""
-    topic = f"edgeprune/{topic_prefix}/stage/1"
+    topic = Topics(topic_prefix).stage(1)
     too_big = b"x" * (mosquitto.max_packet_size + 64 * 1024)
     with PahoProbe(mosquitto) as sub:
         sub.subscribe(topic)
@@ -240,7 +241,7 @@ def test_restart_keeps_port_and_clients_reconnect(
 ) -> None:
     broker = broker_factory()
     port, pid = broker.port, broker.pid
-    topic = f"edgeprune/{topic_prefix}/control/stage/0"
+    topic = Topics(topic_prefix).control_stage(0)
     with PahoProbe(broker) as node:
         node.subscribe(topic)
         broker.restart()
@@ -261,7 +262,7 @@ def test_retained_messages_survive_restart_only_with_persistence(
     broker_factory: BrokerFactory, topic_prefix: str, persistence: bool
 ) -> None:
     broker = broker_factory(persistence=persistence)
-    topic = f"edgeprune/{topic_prefix}/control/plan"
+    topic = Topics(topic_prefix).plan
     with PahoProbe(broker) as controller:
         controller.client.publish(topic, b'{"version": 7}', qos=1, retain=True).wait_for_publish(
             TIMEOUT

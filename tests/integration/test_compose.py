@@ -128,7 +128,7 @@ def test_compose_config_has_the_cluster(compose: dict[str, Any]) -> None:
         if name in JOBS:
             assert svc["healthcheck"]["test"] == ["NONE"] and svc["restart"] == "no", name
         else:
-            assert svc["healthcheck"]["test"][:3] == ["CMD", "python", "-c"], name
+            assert svc["healthcheck"]["test"] == ["CMD", "edgeprune", "health"], name
             assert svc["restart"] == "unless-stopped"
             assert svc["depends_on"] == {"broker": {"condition": "service_healthy"}}
     camera = services["camera"]

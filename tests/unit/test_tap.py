@@ -200,8 +200,8 @@ def test_topic_helpers():
     assert not is_stage_topic(T.results)
     assert short_topic(T.metrics("n0")) == "nodes/n0/metrics"
     assert short_topic("other/topic") == "other/topic"
-    assert topic_filters(T.base, None) == ["edgeprune/farm/#"]
-    assert topic_filters(T.base, ["stage/+", "edgeprune/other/errors"]) == [
-        "edgeprune/farm/stage/+",
-        "edgeprune/other/errors",
+    assert topic_filters(T, None) == [T.everything]
+    assert topic_filters(T, ["stage/+", Topics("other").errors]) == [
+        T.stage_all,
+        Topics("other").errors,
     ]
