@@ -163,7 +163,7 @@ class Recorder:
         if kind not in KINDS:
             return
         body["rx"] = rx
-        if kind == "level":
+        if kind in ("level", "status"):  # whose status: a node's or the controller's
             body["topic"] = topic
         self._keep(kind, body)
 
