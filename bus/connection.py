@@ -1,10 +1,9 @@
 """How to reach the broker: host, port, credentials and TLS. Pure settings (stdlib only), turned
-into keyword arguments for an aiomqtt or paho client by the services that connect.
+into keyword arguments for the aiomqtt client of :class:`bus.session.Session`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 from dataclasses import dataclass
@@ -66,12 +65,3 @@ class MqttSettings:
             kwargs["tls_context"] = ctx
             kwargs["tls_insecure"] = self.tls_insecure
         return kwargs
-
-
-def raise_if_cancelling(exc: BaseException) -> None:
-    """Call in a reconnect loop's ``except MqttError``: aiomqtt's ``__aexit__`` can turn a
-    cancellation into an MqttError (a timed-out disconnect); when the task is being cancelled,
-    shut down instead of reconnecting forever."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc

@@ -35,7 +35,8 @@ from typing import IO, Any
 
 import aiomqtt
 
-from bus.connection import MqttSettings, raise_if_cancelling
+from bus.connection import MqttSettings
+from bus.session import raise_if_cancelling
 from bus.topics import Topics
 from pipeline import codec
 from pipeline.errors import BrokerError, CodecError, ConfigError
@@ -216,8 +217,8 @@ def load_events(path: str | Path) -> Events:
 
 
 def subscriptions_for(topics: Topics, kinds: Iterable[str]) -> list[tuple[str, int]]:
-    """The (filter, QoS) pairs that carry ``kinds`` of pipe ``topics`` (levels and decisions
-    share ``control/#``)."""
+    """The (filter, QoS) pairs that carry ``kinds`` of pipe ``topics`` (levels, decisions and
+    the controller's status share ``control/#``)."""
     wanted = set(kinds)
     unknown = wanted - set(KINDS)
     if unknown:
@@ -231,7 +232,10 @@ def subscriptions_for(topics: Topics, kinds: Iterable[str]) -> list[tuple[str, i
         (("metrics",), topics.metrics_all, 0),
         (("error",), topics.errors_all, 1),
     )
-    return [(topic, qos) for carried, topic, qos in by_kind if wanted & set(carried)]
+    chosen = [(topic, qos) for carried, topic, qos in by_kind if wanted & set(carried)]
+    if "status" in wanted and (topics.control_all, 1) not in chosen:
+        chosen.append((topics.controller_status, 1))  # the controller's, under control/
+    return chosen
 
 
 def record_of(topics: Topics, topic: str, payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
@@ -250,7 +254,7 @@ def record_of(topics: Topics, topic: str, payload: bytes | bytearray) -> tuple[s
         }
     body = codec.decode_json(payload)
     kind = str(body.get("kind"))
-    if kind == "level":
+    if kind in ("level", "status"):  # which stage; whose status: a node's or the controller's
         body["topic"] = topic
     return kind, body
 

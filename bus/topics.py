@@ -7,6 +7,8 @@ edgeprune/<pipe>/exits                     JSON timings per request      QoS 1
 edgeprune/<pipe>/control/stage/<i>         JSON level of stage i         QoS 1, retained
 edgeprune/<pipe>/control/plan              JSON slice bounds per stage   QoS 1, retained
 edgeprune/<pipe>/control/decisions         JSON controller decisions     QoS 1
+edgeprune/<pipe>/control/status            JSON controller online/offline QoS 1, retained
+                                           (its Last Will says offline)
 edgeprune/<pipe>/nodes/<node>/status       JSON online / offline (Will)  QoS 1, retained
 edgeprune/<pipe>/nodes/<node>/metrics      JSON queue, service time ...  QoS 0
 edgeprune/<pipe>/errors/<node>             JSON what a node rejected     QoS 1
@@ -122,6 +124,12 @@ class Topics:
     @property
     def decisions(self) -> str:
         return f"{self.base}/control/decisions"
+
+    @property
+    def controller_status(self) -> str:
+        """The controller's retained status (beside what it controls: the ACL lets the
+        controller write ``control/#``)."""
+        return f"{self.base}/control/status"
 
     def status(self, node: str) -> str:
         return f"{self.base}/nodes/{check_name('node', node)}/status"

@@ -32,23 +32,23 @@ restarting. Requests lost with the node are re-sent by the camera's journal.
 A node that comes back is alive again and is a candidate at the next re-plan; the monitor
 does not move work back to it by itself.
 
-:func:`run_failover` is the thin MQTT seam that drives a monitor (for the controller service).
+:class:`FailoverHandler` drives a monitor from the controller's own connection
+(:class:`~controller.service.Controller` with ``failover=``): the statuses and metrics the
+controller decodes for its state are passed on to it, and it reads the retained plan there too;
+no second broker connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
-from bus.connection import MqttSettings, raise_if_cancelling
 from bus.plan_message import PlanMessage
+from bus.session import Publisher
 from bus.topics import Topics
 from controller.planner import Objective, Planner, SlimPlan
 from pipeline import codec
@@ -284,103 +284,72 @@ class FailoverMonitor:
 
 
 async def publish_decision(
-    client: aiomqtt.Client, topics: Topics, decision: FailoverDecision
+    publisher: Publisher, topics: Topics, decision: FailoverDecision
 ) -> None:
-    """The plan (retained), then every stage's level (retained): a node that keeps its stage
-    index gets the level after it applied the plan; one that moves subscribes and gets the
-    retained level."""
-    await client.publish(topics.plan, decision.message.to_json(), qos=1, retain=True)
+    """The plan (retained), then every stage's level (retained), in that order: a node that
+    keeps its stage index gets the level after it applied the plan; one that moves subscribes
+    and gets the retained level. Returns once the broker acknowledged all of them."""
+    acks = [publisher.publish(topics.plan, decision.message.to_json(), qos=1, retain=True)]
     for stage, body in decision.levels:
-        await client.publish(topics.control_stage(stage), body, qos=1, retain=True)
+        acks.append(publisher.publish(topics.control_stage(stage), body, qos=1, retain=True))
+    await asyncio.gather(*acks)
 
 
-async def run_failover(
-    mqtt: MqttSettings,
-    pipe: str,
-    monitor: FailoverMonitor,
-    stop: asyncio.Event | None = None,
-    on_decision: Callable[[FailoverDecision], None] | None = None,
-    ready: asyncio.Event | None = None,
-    reconnect_max_s: float = 5.0,
-) -> list[FailoverDecision]:
-    """Drive ``monitor`` from the broker until ``stop``: statuses, metrics and the retained
-    plan in, new plans out. Returns the decisions taken (``on_decision`` is called after each
-    is published).
+class FailoverHandler:
+    """A :class:`FailoverMonitor` on the controller's connection: fed by the controller's
+    dispatch (statuses, metrics, the retained plan), checked every ``check_interval_s`` by
+    :meth:`run`, which publishes each re-plan through the controller's session.
 
-    When the broker goes away it reconnects with exponential backoff (up to
-    ``reconnect_max_s``); the monitor keeps its state, the stall is not counted as the nodes'
-    silence (:meth:`LivenessTracker.check`), and a decision whose publication failed is
-    published again, as it is, before any new check."""
-    stop = stop or asyncio.Event()
-    topics = Topics(pipe)
-    taken: list[FailoverDecision] = []
-    unpublished: FailoverDecision | None = None
-    backoff = 0.2
-    while not stop.is_set():
-        try:
-            async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-                await client.subscribe(topics.status_all, qos=1)
-                await client.subscribe(topics.metrics_all, qos=0)
-                await client.subscribe(topics.plan, qos=1)
-                reader = asyncio.create_task(_read(client, topics, monitor))
-                backoff = 0.2
-                log.info(
-                    "failover watching the nodes of %s (heartbeat timeout %.1f s)",
-                    topics.base,
-                    monitor.settings.heartbeat_timeout_s,
-                )
-                if ready is not None:
-                    ready.set()
-                try:
-                    while not stop.is_set():
-                        if reader.done():
-                            reader.result()  # the connection's error: reconnect
-                            raise aiomqtt.MqttError("disconnected")
-                        if unpublished is None:
-                            unpublished = monitor.check(time.monotonic())
-                        if unpublished is not None:
-                            await publish_decision(client, topics, unpublished)
-                            taken.append(unpublished)
-                            if on_decision is not None:
-                                on_decision(unpublished)
-                            unpublished = None
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), monitor.settings.check_interval_s)
-                finally:
-                    reader.cancel()
-                    await asyncio.gather(reader, return_exceptions=True)
-        except aiomqtt.MqttError as exc:
-            raise_if_cancelling(exc)
-            log.warning(
-                "failover: broker %s unreachable (%s); reconnecting in %.1f s",
-                mqtt.url,
-                exc,
-                backoff,
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, reconnect_max_s)
-    return taken
+    When the broker goes away the monitor keeps its state, the stall is not counted as the
+    nodes' silence (:meth:`LivenessTracker.check`), and a decision not yet acknowledged is
+    published again by the session's outbox after the reconnect, before any new check."""
 
+    def __init__(
+        self,
+        monitor: FailoverMonitor,
+        topics: Topics,
+        on_decision: Callable[[FailoverDecision], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.monitor = monitor
+        self.topics = topics
+        self.on_decision = on_decision
+        self.taken: list[FailoverDecision] = []  # published (acknowledged) decisions
+        self._clock = clock
 
-async def _read(client: aiomqtt.Client, topics: Topics, monitor: FailoverMonitor) -> None:
-    async for message in client.messages:
-        topic, now = str(message.topic), time.monotonic()
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What failover needs beyond the controller's own subscriptions: the plan."""
+        return [(self.topics.plan, 1)]
+
+    def watching(self) -> None:
+        log.info(
+            "failover watching the nodes of %s (heartbeat timeout %.1f s)",
+            self.topics.base,
+            self.monitor.settings.heartbeat_timeout_s,
+        )
+
+    def on_plan(self, payload: bytes) -> None:
         if not payload:
-            continue  # a cleared retained message
+            return  # a cleared retained plan
         try:
-            if topic == topics.plan:
-                monitor.on_plan(PlanMessage.from_json(bytes(payload)), now)
-                continue
-            node = topics.node_of(topic)
-            if node is None:
-                continue
-            if topic == topics.status(node):
-                monitor.on_status(
-                    node, codec.decode_json(bytes(payload), expect_kind="status"), now
-                )
-            elif topic == topics.metrics(node):
-                monitor.on_metrics(node, now)
+            self.monitor.on_plan(PlanMessage.from_json(payload), self._clock())
         except (CodecError, ConfigError) as exc:
-            log.warning("failover: ignoring a bad message on %s: %s", topic, exc)
+            log.warning("failover: ignoring a bad message on %s: %s", self.topics.plan, exc)
+
+    def on_status(self, node: str, body: dict[str, Any]) -> None:
+        self.monitor.on_status(node, body, self._clock())
+
+    def on_metrics(self, node: str) -> None:
+        self.monitor.on_metrics(node, self._clock())
+
+    async def run(self, publisher: Publisher) -> None:
+        """Check the monitor every ``check_interval_s``; publish each re-plan it takes."""
+        while True:
+            decision = self.monitor.check(self._clock())
+            if decision is not None:
+                await publish_decision(publisher, self.topics, decision)
+                self.taken.append(decision)
+                if self.on_decision is not None:
+                    self.on_decision(decision)
+            await asyncio.sleep(self.monitor.settings.check_interval_s)

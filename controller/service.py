@@ -6,12 +6,18 @@ loop that publishes what it decides.
         -> publish RETAINED control/stage/<i> for each stage whose level changed
         -> publish control/decisions (the decision with all its inputs); one INFO log line
 
-One :class:`Controller` owns one connection at a time (reconnecting with exponential backoff)
-and three tasks (connection, decision loop, publisher); :meth:`Controller.run` cancels and awaits
-all of them on exit and returns the run report. Control messages go through an outbox that
+One :class:`Controller` owns one :class:`~bus.session.Session` (reconnecting with exponential
+backoff, resubscribing) and a decision loop; :meth:`Controller.run` cancels and awaits them on
+exit and returns the run report. Control messages go through the session's outbox, which
 survives reconnects: a decision taken while the broker is away is published when it is back.
 The session is clean: after a reconnect, stale exits and metrics are not replayed, and the
-retained levels are learned again.
+retained levels are learned again. The controller's retained status
+(``control/status``: ``online`` once subscribed, ``offline`` on the way out or by its Last
+Will) tells the experiment harness and operators that it is ready.
+
+With a :class:`~controller.failover.FailoverMonitor`, failover is a handler on this same
+connection (:class:`~controller.failover.FailoverHandler`): it sees the statuses and metrics the
+controller decodes, and the retained plan.
 
 A node going offline (its Last Will, or a clean shutdown) is logged and recorded in the state's
 events (the run report); failure re-planning is controller/failover.py, which detects a lost
@@ -27,17 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-import aiomqtt
-
-from bus.connection import MqttSettings, raise_if_cancelling
+from bus.connection import MqttSettings
+from bus.session import Presence, Received, Session
 from bus.topics import Topics
 from controller.config import ControllerConfig
+from controller.failover import FailoverDecision, FailoverHandler, FailoverMonitor
 from controller.oracle import OracleSchedule
 from controller.state import ControlDecision, ControllerState, NodeEvent
 from pipeline import codec
@@ -46,8 +51,6 @@ from pipeline.errors import CodecError
 
 log = logging.getLogger(__name__)
 
-# Small control messages should not wait for Nagle's algorithm (up to 40 ms per hop).
-NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 _MAX_BAD_LOGGED = 10
 ERROR_SOURCE = "controller"  # the `node` field of the controller's messages on `errors`
 
@@ -66,6 +69,8 @@ class Controller:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         oracle_schedule: OracleSchedule | None = None,
+        failover: FailoverMonitor | None = None,
+        on_failover: Callable[[FailoverDecision], None] | None = None,
     ) -> None:
         self.config = config
         self.mqtt = mqtt
@@ -76,10 +81,32 @@ class Controller:
         self.state = ControllerState(
             config, calibration, now=clock(), oracle_schedule=oracle_schedule
         )
-        self.ready = asyncio.Event()  # connected and subscribed (set again after a reconnect)
-        self._connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
-        self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue()
+        self.failover = (
+            None
+            if failover is None
+            else FailoverHandler(failover, self.topics, on_failover, clock=clock)
+        )
+        subscriptions = [
+            # levels first: the retained current levels are known before any decision
+            (self.topics.control_stage_all, 1),
+            (self.topics.status_all, 1),
+            (self.topics.metrics_all, 0),
+            (self.topics.exits, 1),
+            *(self.failover.subscriptions() if self.failover is not None else []),
+        ]
+        self._session = Session(
+            mqtt,
+            self.client_id,
+            name="controller",
+            clean_session=True,
+            presence=Presence(self.topics.controller_status, self._status),
+            subscriptions=subscriptions,
+            on_message=self._dispatch,
+            on_connect=self._on_connect,
+            reconnect_max_s=config.reconnect_max_s,
+        )
+        # subscribed and online (cleared while the connection is lost)
+        self.ready = self._session.connected
         self._running = False
         self._bad_logged = 0
 
@@ -90,23 +117,31 @@ class Controller:
             raise RuntimeError("this Controller is already running")
         self._running = True
         stop = stop or asyncio.Event()
-        tasks = [
-            asyncio.create_task(self._connection_loop(), name="controller-connection"),
-            asyncio.create_task(self._decision_loop(), name="controller-decisions"),
-            asyncio.create_task(self._publisher(), name="controller-publisher"),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stopper and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            await self._drain(timeout=2.0)
+            # the session is left last: it says offline once nothing here can publish
+            async with self._session as session:
+                stopper = asyncio.create_task(stop.wait())
+                tasks = [
+                    stopper,
+                    asyncio.create_task(self._decision_loop(), name="controller-decisions"),
+                ]
+                if self.failover is not None:
+                    tasks.append(
+                        asyncio.create_task(self.failover.run(session), name="controller-failover")
+                    )
+                try:
+                    done, _ = await asyncio.wait(
+                        [session.task, *tasks], return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for t in done:
+                        if t is not stopper and t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    await self._drain(timeout=2.0)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for t in [*tasks, stopper]:
-                t.cancel()
-            await asyncio.gather(*tasks, stopper, return_exceptions=True)
-            self._connected.clear()
             self._running = False
         report = self.state.report(self._clock())
         log.info(
@@ -118,75 +153,60 @@ class Controller:
         return report
 
     async def _drain(self, timeout: float) -> None:
-        """On shutdown: let queued control messages go out."""
-        deadline = time.monotonic() + timeout
-        while self._outbox.qsize() and self._connected.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        """On shutdown: let queued control messages go out (if connected)."""
+        if self._session.connected.is_set():
+            await self._session.drain(timeout)
 
-    async def _connection_loop(self) -> None:
-        backoff = 0.2
-        while True:
-            kwargs = self.mqtt.aiomqtt_kwargs()
-            kwargs.setdefault("socket_options", NODELAY)
-            client = aiomqtt.Client(
-                **kwargs,
-                identifier=self.client_id,
-                clean_session=True,
-                logger=logging.getLogger("aiomqtt"),
-            )
-            try:
-                async with client:
-                    self._client = client
-                    backoff = 0.2
-                    # levels first: the retained current levels are known before any decision
-                    await client.subscribe(self.topics.control_stage_all, qos=1)
-                    await client.subscribe(self.topics.status_all, qos=1)
-                    await client.subscribe(self.topics.metrics_all, qos=0)
-                    await client.subscribe(self.topics.exits, qos=1)
-                    self._connected.set()
-                    self.ready.set()
-                    log.info(
-                        "controller connected to %s (pipe %s, policy %s, objective %s, "
-                        "SLO %.0f ms, A_min %.3f)",
-                        self.mqtt.url,
-                        self.topics.pipe,
-                        self.config.policy,
-                        self.config.objective,
-                        self.config.slo_ms,
-                        self.config.a_min,
-                    )
-                    async for message in client.messages:
-                        self._dispatch(message)
-            except aiomqtt.MqttError as exc:
-                raise_if_cancelling(exc)
-                self._connected.clear()
-                self.ready.clear()
-                log.warning(
-                    "broker %s unreachable (%s); reconnecting in %.1f s",
-                    self.mqtt.url,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.reconnect_max_s)
+    @property
+    def failover_decisions(self) -> list[FailoverDecision]:
+        """The failover re-plans published so far (empty without failover)."""
+        return [] if self.failover is None else list(self.failover.taken)
+
+    def _status(self, state: str, reason: str) -> bytes:
+        """The controller's retained status (``control/status``)."""
+        return codec.encode_json(
+            "status",
+            {"node": ERROR_SOURCE, "state": state, "reason": reason, "ts": self._wall()},
+        )
+
+    async def _on_connect(self) -> None:
+        """Subscribed (the session made the subscriptions); its ``online`` status is next."""
+        log.info(
+            "controller connected to %s (pipe %s, policy %s, objective %s, "
+            "SLO %.0f ms, A_min %.3f)",
+            self.mqtt.url,
+            self.topics.pipe,
+            self.config.policy,
+            self.config.objective,
+            self.config.slo_ms,
+            self.config.a_min,
+        )
+        if self.failover is not None:
+            self.failover.watching()
 
     # ----------------------------------------------------------------- intake
-    def _dispatch(self, message: aiomqtt.Message) -> None:
+    def _dispatch(self, message: Received) -> None:
         now = self._clock()
-        topic = str(message.topic)
-        payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
+        topic, payload = message.topic, message.payload
+        node = self.topics.node_of(topic)
         try:
             if topic == self.topics.exits:
                 self.state.on_exit(now, codec.decode_json(payload, expect_kind="exit"))
-            elif self.topics.node_of(topic) is not None and topic.endswith("/metrics"):
+            elif node is not None and topic.endswith("/metrics"):
                 self.state.on_metrics(now, codec.decode_json(payload, expect_kind="metrics"))
-            elif self.topics.node_of(topic) is not None and topic.endswith("/status"):
+                if self.failover is not None:
+                    self.failover.on_metrics(node)
+            elif node is not None and topic.endswith("/status"):
                 if payload:
-                    event = self.state.on_status(
-                        now, codec.decode_json(payload, expect_kind="status")
-                    )
+                    body = codec.decode_json(payload, expect_kind="status")
+                    event = self.state.on_status(now, body)
                     if event is not None:
                         self._on_node_event(event)
+                    if self.failover is not None:
+                        self.failover.on_status(node, body)
+            elif topic == self.topics.plan:
+                if self.failover is not None:
+                    self.failover.on_plan(payload)
             else:
                 stage = self.topics.stage_of(topic)
                 if stage is not None and "/control/" in topic:
@@ -210,7 +230,7 @@ class Controller:
             "shed": False,
             "ts": self._wall(),
         }
-        self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", body), 1, False))
+        self._session.publish(self.topics.errors, codec.encode_json("error", body), 1, False)
 
     def _on_level(self, now: float, stage: int, payload: bytes) -> None:
         body = codec.decode_json(payload, expect_kind="level") if payload else None
@@ -247,28 +267,12 @@ class Controller:
     def _publish_decision(self, decision: ControlDecision) -> None:
         log.info("%s", decision.log_line())
         for stage, body in decision.level_messages():
-            self._outbox.put_nowait(
-                (self.topics.control_stage(stage), codec.encode_json("level", body), 1, True)
+            self._session.publish(
+                self.topics.control_stage(stage), codec.encode_json("level", body), 1, True
             )
-        self._outbox.put_nowait(
-            (self.topics.decisions, codec.encode_json("decision", decision.to_dict()), 1, False)
+        self._session.publish(
+            self.topics.decisions, codec.encode_json("decision", decision.to_dict()), 1, False
         )
-
-    async def _publisher(self) -> None:
-        """Publishes the outbox in order; waits out disconnections (nothing is dropped)."""
-        while True:
-            topic, payload, qos, retain = await self._outbox.get()
-            while True:
-                await self._connected.wait()
-                client = self._client
-                try:
-                    if client is None:
-                        raise aiomqtt.MqttError("not connected")
-                    await client.publish(topic, payload, qos=qos, retain=retain)
-                    break
-                except aiomqtt.MqttError as exc:
-                    log.debug("publish to %s failed (%s); retrying", topic, exc)
-                    await asyncio.sleep(0.05)
 
 
 def _status_line(snap: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ _PRELOAD = (
     "traces.format",
     "traces.replay",
     "PIL.Image",
-    "aiomqtt",
+    "bus.session",  # and the MQTT client under it
 )
 
 

@@ -38,6 +38,7 @@ from typing import IO, Any
 
 from broker.launcher import MosquittoBroker
 from bus.connection import MqttSettings
+from bus.topics import Topics
 from controller.config import parse_policy
 from controller.oracle import OracleSchedule
 from controller.state import ControllerState
@@ -95,8 +96,7 @@ class ExperimentRunner:
         self.data_dir = Path(data_dir)
         self.progress = progress
         self.stream = stream or sys.stderr
-        # children log at INFO at least: their logs are the post-mortem, and readiness of the
-        # controller is read from its "controller connected" line
+        # children log at INFO at least: their logs are the post-mortem
         self.log_level = "DEBUG" if log_level.upper() == "DEBUG" else "INFO"
         self.ckpt = load_model(config)
         self.config = resolve_blocks(config, self.ckpt.build().num_blocks)
@@ -216,7 +216,7 @@ class ExperimentRunner:
             )
             if in_time:
                 in_time = await _until(
-                    lambda: "controller connected" in _read(controller.log_path),
+                    lambda: _controller_online(recorder, pipe),
                     max(0.0, camera_at - 1.0 - time.time()),
                     "the controller",
                     group,
@@ -245,7 +245,7 @@ class ExperimentRunner:
                     group,
                 )
                 await _until(
-                    lambda: "controller connected" in _read(controller.log_path),
+                    lambda: _controller_online(recorder, pipe),
                     cfg.startup_timeout_s,
                     "the controller to connect",
                     group,
@@ -332,17 +332,18 @@ class ExperimentRunner:
         """A few images through the whole pipeline before the clock starts (the first
         inference of a fresh process is slow), published by the harness itself, then
         forgotten by the recorder."""
-        import aiomqtt
         import numpy as np
 
-        from bus.topics import Topics
+        from bus.session import Session
         from nodes.camera import encode_image, load_source
         from pipeline import codec
 
         n = self.config.warmup_images
         source = load_source("animal-mnist", self.data_dir, "test")
         rng = np.random.default_rng(self.config.seed)
-        async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+        async with Session(mqtt, name="warm-up") as session:
+            await session.wait_connected(10.0)
+            acks = []
             for k, i in enumerate(rng.integers(0, len(source), n)):
                 image, _ = encode_image(source.images[int(i)], "png")
                 now = time.time()
@@ -356,9 +357,12 @@ class ExperimentRunner:
                     image=image,
                     image_format="png",
                 )
-                await client.publish(
-                    Topics(pipe).camera_stage(msg.camera), codec.encode_stage(msg), qos=1
+                acks.append(
+                    session.publish(
+                        Topics(pipe).camera_stage(msg.camera), codec.encode_stage(msg), qos=1
+                    )
                 )
+            await asyncio.gather(*acks)
         await _until(
             lambda: len(recorder.events["exit"]) >= n, 60.0, "the warm-up exits", group, fail=False
         )
@@ -584,11 +588,12 @@ async def _until(
     return True
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
+def _controller_online(recorder: Recorder, pipe: str) -> bool:
+    """Whether the controller's retained status (``control/status``) last said online: it
+    says so once it is connected and subscribed, and offline when it leaves or is lost."""
+    topic = Topics(pipe).controller_status
+    states = [s.get("state") for s in recorder.events["status"] if s.get("topic") == topic]
+    return bool(states) and states[-1] == "online"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

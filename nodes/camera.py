@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 
-from bus.connection import MqttSettings, raise_if_cancelling
+from bus.connection import MqttSettings
+from bus.session import Received, Session
 from bus.topics import Topics
 from nodes.journal import RequestJournal
 from pipeline import codec
@@ -145,36 +145,43 @@ class Camera:
         self.on_result = on_result
         self.report = CameraReport()
         self._all_done = asyncio.Event()
-        self._connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
         self._sent_all = False
         self.client_id = f"edgeprune-camera-{pipe}-{self.run_id}"[:64]
+        # persistent: QoS 1 results sent while the camera reconnects are delivered when it is
+        # back
+        self._session = Session(
+            mqtt,
+            self.client_id,
+            name="camera",
+            clean_session=False,
+            subscriptions=[(self.topics.results, 1)] if track_results else [],
+            on_message=self._on_result,
+        )
 
     async def run(
         self, stop: asyncio.Event | None = None, connect_timeout_s: float = 30.0
     ) -> CameraReport:
         stop = stop or asyncio.Event()
         started = time.monotonic()
-        connection = asyncio.create_task(self._connection_loop(), name="camera-connection")
-        resender = asyncio.create_task(self._resend_loop(), name="camera-resend")
-        try:
+        async with self._session as session:
+            resender = asyncio.create_task(self._resend_loop(), name="camera-resend")
             try:
-                await asyncio.wait_for(self._connected.wait(), connect_timeout_s)
-            except TimeoutError as exc:
-                raise BrokerError(
-                    f"camera could not reach the broker at {self.mqtt.url} "
-                    f"within {connect_timeout_s:.0f} s"
-                ) from exc
-            await self._send_all(stop)
-            self._sent_all = True
-            self._check_done()
-            if self.track_results and not stop.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wait_done_or_stop(stop), self.drain_s)
-        finally:
-            for t in (connection, resender):
-                t.cancel()
-            await asyncio.gather(connection, resender, return_exceptions=True)
+                try:
+                    await asyncio.wait_for(session.connected.wait(), connect_timeout_s)
+                except TimeoutError as exc:
+                    raise BrokerError(
+                        f"camera could not reach the broker at {self.mqtt.url} "
+                        f"within {connect_timeout_s:.0f} s"
+                    ) from exc
+                await self._send_all(stop)
+                self._sent_all = True
+                self._check_done()
+                if self.track_results and not stop.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wait_done_or_stop(stop), self.drain_s)
+            finally:
+                resender.cancel()
+                await asyncio.gather(resender, return_exceptions=True)
         stats = self.journal.stats()
         self.report.resent = stats.resent
         self.report.duplicates = self.journal.duplicates
@@ -182,50 +189,9 @@ class Camera:
         self.report.duration_s = time.monotonic() - started
         return self.report
 
-    async def _connection_loop(self) -> None:
-        """Connects, and reconnects with backoff; the session is persistent (QoS 1 results
-        sent while the camera reconnects are delivered when it is back)."""
-        backoff = 0.2
-        while True:
-            client = aiomqtt.Client(
-                **self.mqtt.aiomqtt_kwargs(),
-                identifier=self.client_id,
-                clean_session=False,
-                logger=logging.getLogger("aiomqtt"),
-            )
-            try:
-                async with client:
-                    self._client = client
-                    if self.track_results:
-                        await client.subscribe(self.topics.results, qos=1)
-                    self._connected.set()
-                    backoff = 0.2
-                    await self._listen(client)
-            except aiomqtt.MqttError as exc:
-                raise_if_cancelling(exc)
-                self._connected.clear()
-                log.warning(
-                    "camera: broker %s unreachable (%s); reconnecting in %.1f s",
-                    self.mqtt.url,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
     async def _publish(self, topic: str, payload: bytes) -> None:
-        """Publish with QoS 1, waiting out disconnections."""
-        while True:
-            await self._connected.wait()
-            client = self._client
-            try:
-                if client is None:
-                    raise aiomqtt.MqttError("not connected")
-                await client.publish(topic, payload, qos=1)
-                return
-            except aiomqtt.MqttError:
-                # the connection loop owns the connected flag; just retry
-                await asyncio.sleep(0.05)
+        """Publish with QoS 1 through the session's outbox; returns once acknowledged."""
+        await self._session.publish(topic, payload, qos=1)
 
     async def _wait_done_or_stop(self, stop: asyncio.Event) -> None:
         waiters = [asyncio.create_task(self._all_done.wait()), asyncio.create_task(stop.wait())]
@@ -292,30 +258,29 @@ class Camera:
                 self.journal.mark_resent(req.request_id)
                 await self._publish(self.topics.camera_stage(req.camera), req.payload)
 
-    async def _listen(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            if str(message.topic) != self.topics.results:
-                continue
-            try:
-                body = codec.decode_json(bytes(message.payload), expect_kind="result")  # type: ignore[arg-type]
-            except CodecError as exc:
-                log.warning("ignoring a malformed result: %s", exc)
-                continue
-            rid = str(body.get("request_id"))
-            if not self.journal.complete(rid):
-                continue
-            r = self.report
-            r.completed += 1
-            r.results[rid] = body
-            if body.get("true_label") is not None:
-                r.labelled += 1
-                r.correct += int(bool(body.get("correct")))
-            entry = body.get("entry_ts")
-            if isinstance(entry, int | float):
-                r.latencies_s.append(time.time() - entry)
-            if self.on_result:
-                self.on_result(body)
-            self._check_done()
+    def _on_result(self, message: Received) -> None:
+        if message.topic != self.topics.results:
+            return
+        try:
+            body = codec.decode_json(message.payload, expect_kind="result")
+        except CodecError as exc:
+            log.warning("ignoring a malformed result: %s", exc)
+            return
+        rid = str(body.get("request_id"))
+        if not self.journal.complete(rid):
+            return
+        r = self.report
+        r.completed += 1
+        r.results[rid] = body
+        if body.get("true_label") is not None:
+            r.labelled += 1
+            r.correct += int(bool(body.get("correct")))
+        entry = body.get("entry_ts")
+        if isinstance(entry, int | float):
+            r.latencies_s.append(time.time() - entry)
+        if self.on_result:
+            self.on_result(body)
+        self._check_done()
 
     def _check_done(self) -> None:
         if self._sent_all and self.report.completed >= self.report.sent:

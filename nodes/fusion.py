@@ -30,7 +30,6 @@ Computation is small (a branch is ~1 MMAC) and runs on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -38,14 +37,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import torch
 
 from bus.connection import MqttSettings
+from bus.session import Presence, Publisher, Received, Session
 from bus.topics import ViewTopics
 from pipeline import codec
-from pipeline.errors import CodecError, internal_error, stop_reason
+from pipeline.errors import BusError, CodecError, internal_error
 from pipeline.multiview import PrunedMultiView
 
 log = logging.getLogger(__name__)
@@ -76,13 +75,14 @@ def level_message(view: int, level: int, ratio: float, reason: str = "") -> byte
 
 
 class _Service:
-    """One MQTT connection with a Last Will, reconnecting with backoff until stopped."""
+    """One :class:`~bus.session.Session` (Last Will, retained status, reconnects with backoff)
+    serving :meth:`handle` until stopped."""
 
     def __init__(self, mqtt: MqttSettings, pipe: str, node_id: str) -> None:
         self.mqtt, self.node_id = mqtt, node_id
         self.topics = ViewTopics(pipe)
-        self.client: aiomqtt.Client | None = None
-        self.ready = asyncio.Event()
+        self.session: Session | None = None
+        self.ready = asyncio.Event()  # subscribed and online (set once)
 
     def subscriptions(self) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -97,69 +97,44 @@ class _Service:
         )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Serve until ``stop`` is set; reconnects with backoff when the broker goes away.
-
-        The listener is stopped by leaving the client context (the disconnect ends its
-        message iteration), not only by cancelling it: on Python 3.11 ``asyncio.wait_for``
-        (inside aiomqtt's publish) can swallow a cancellation that races its result."""
+        """Serve until ``stop`` is set; the session reconnects with backoff when the broker
+        goes away, and says ``offline`` (``shutdown``, or the error) on the way out."""
         stop = stop or asyncio.Event()
-        status = self.topics.base.status(self.node_id)
-        will = aiomqtt.Will(status, self._status("offline", "connection lost"), qos=1, retain=True)
-        backoff = 0.2
-        while not stop.is_set():
-            tasks: list[asyncio.Task[Any]] = []
+        self.session = Session(
+            self.mqtt,
+            name=self.node_id,
+            presence=Presence(self.topics.base.status(self.node_id), self._status),
+            subscriptions=self.subscriptions(),
+            on_message=self._on_message,
+            reconnect_max_s=5.0,
+        )
+        async with self.session as session:
+            waiters = [
+                asyncio.create_task(stop.wait()),
+                asyncio.create_task(self._signal_ready(session)),
+            ]
             try:
-                async with aiomqtt.Client(**self.mqtt.aiomqtt_kwargs(), will=will) as client:
-                    self.client, backoff = client, 0.2
-                    for topic, qos in self.subscriptions():
-                        await client.subscribe(topic, qos=qos)
-                    await client.publish(status, self._status("online", ""), qos=1, retain=True)
-                    self.ready.set()
-                    tasks = [
-                        asyncio.create_task(self._listen(client)),
-                        asyncio.create_task(stop.wait()),
-                    ]
-                    try:
-                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                        if tasks[0].done():
-                            tasks[0].result()  # the listener's error: reconnect
-                        with contextlib.suppress(aiomqtt.MqttError):
-                            await client.publish(
-                                status, self._status("offline", "shutdown"), qos=1, retain=True
-                            )
-                    except Exception as exc:
-                        if not isinstance(exc, aiomqtt.MqttError):
-                            # leaving `async with` disconnects cleanly: no Last Will
-                            reason = stop_reason(exc)
-                            with contextlib.suppress(aiomqtt.MqttError):
-                                await client.publish(
-                                    status, self._status("offline", reason), qos=1, retain=True
-                                )
-                        raise
-                    finally:
-                        for t in tasks:
-                            t.cancel()
-            except aiomqtt.MqttError as exc:
-                log.warning(
-                    "%s: broker unreachable (%s); retrying in %.1f s", self.node_id, exc, backoff
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.wait([session.task, waiters[0]], return_when=asyncio.FIRST_COMPLETED)
+                if session.task.done():
+                    session.task.result()  # a handler's error: stop with it
             finally:
-                await asyncio.gather(*tasks, return_exceptions=True)  # disconnected: they end
+                for t in waiters:
+                    t.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
 
-    async def _listen(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:  # ends with MqttError on disconnect
-            topic = str(message.topic)
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-            try:
-                out = self.handle(topic, bytes(payload))
-            except Exception as exc:  # last resort: one message must never stop the service
-                log.exception("%s: failed to handle a message on %s", self.node_id, topic)
-                out = [self.error(internal_error(exc), topic, payload)]
-            for reply_topic, body in out:
-                await client.publish(reply_topic, body, qos=1)
+    async def _signal_ready(self, session: Session) -> None:
+        await session.connected.wait()
+        self.ready.set()
+
+    def _on_message(self, message: Received) -> None:
+        topic, payload = message.topic, message.payload
+        try:
+            out = self.handle(topic, payload)
+        except Exception as exc:  # last resort: one message must never stop the service
+            log.exception("%s: failed to handle a message on %s", self.node_id, topic)
+            out = [self.error(internal_error(exc), topic, payload)]
+        for reply_topic, body in out:
+            self._send(reply_topic, body)
 
     def error(
         self, reason: str, topic: str, payload: bytes, request_id: str | None = None
@@ -178,9 +153,14 @@ class _Service:
         }
         return self.topics.base.errors, codec.encode_json("error", body)
 
-    async def publish(self, topic: str, body: bytes) -> None:
-        if self.client is not None:
-            await self.client.publish(topic, body, qos=1)
+    def _send(self, topic: str, body: bytes) -> None:
+        """Queue ``body`` in the session's outbox (QoS 1, in order, across reconnects)."""
+        if self.session is None:
+            return
+        try:
+            self.session.publish(topic, body, qos=1)
+        except BusError:  # a fusion timer that fired while the service was stopping
+            log.debug("%s: stopped; not publishing on %s", self.node_id, topic)
 
 
 class BranchNode(_Service):
@@ -343,7 +323,7 @@ class FusionNode(_Service):
 
     def _expire(self, rid: str) -> None:
         for topic, body in self._fuse(rid, "timeout"):
-            asyncio.get_running_loop().create_task(self.publish(topic, body))
+            self._send(topic, body)
 
     def _fuse(self, rid: str, why: str) -> list[tuple[str, bytes]]:
         """Fuse request ``rid`` now; ``why``: all views, timeout, or failed views dropped."""
@@ -410,7 +390,7 @@ class FusionNode(_Service):
 
 
 async def publish_view_levels(
-    client: aiomqtt.Client,
+    client: Publisher,
     pipe: str,
     levels: Sequence[int],
     ratios: Sequence[float],

@@ -4,15 +4,16 @@
         -> worker thread runs the slice at its level
         -> publish stage/<i+1>, or (last stage) results + exits
 
-One :class:`SliceNode` owns one MQTT connection at a time and four tasks (connection,
-worker, publisher, metrics); :meth:`SliceNode.run` cancels and awaits all of them on exit.
+One :class:`SliceNode` owns one :class:`~bus.session.Session` (the connection: reconnects,
+Last Will and retained status, resubscription, the ordered outbox) and two tasks (worker,
+metrics); :meth:`SliceNode.run` cancels and awaits all of them on exit.
 
 - Requests are processed in arrival order. The slice runs in a single worker thread, so the
   event loop stays responsive (control messages, metrics, pings) while it computes.
 - A level change (retained ``control/stage/<i>``) is a reference swap that takes effect at the
   next request: no request is dropped or half-processed.
-- Outputs go through an outbox that survives reconnects: a result computed while the broker
-  is away is published once the node is back.
+- Outputs go through the session's outbox, which survives reconnects: a result computed while
+  the broker is away, or not acknowledged when it went, is published once the node is back.
 - The session is persistent (fixed client id, clean_session false), so QoS 1 messages sent to
   the node while it reconnects are delivered when it returns.
 - When the local queue is full, a new request is shed: it is reported on ``errors/<node>``
@@ -40,11 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
 import torch
 
-from bus.connection import raise_if_cancelling
 from bus.plan_message import PlanMessage
+from bus.session import Presence, Received, Session
 from bus.topics import Topics, camera_level
 from nodes.config import NodeConfig
 from nodes.inputs import image_to_tensor, tensor_from_message
@@ -52,11 +52,11 @@ from pipeline import codec
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.composed import build_prunable
 from pipeline.errors import (
+    BusError,
     CodecError,
     ConfigError,
     EdgepruneError,
     internal_error,
-    stop_reason,
 )
 from pipeline.models import SliceableResNet
 from pipeline.pruning import PrunableSlice
@@ -64,7 +64,6 @@ from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 
-PUBLISH_WINDOW = 32  # QoS 1 publishes in flight per node
 BAD_RETAINED_REMEMBERED = 64  # distinct bad level/plan payloads remembered (reported once)
 
 
@@ -97,10 +96,7 @@ class SliceNode:
         self.slice: PrunableSlice | None = None
         self._built: dict[SliceBounds, PrunableSlice] = {}
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue()
-        self._connected = asyncio.Event()
         self._placed = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice")
         self._placing: set[asyncio.Task[None]] = set()  # plans being applied
         self._lock = threading.Lock()
@@ -113,11 +109,23 @@ class SliceNode:
         self._plan_wanted = -1  # the newest plan accepted (being built, or applied)
         self._bad_retained: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._busy = False
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._subscribed_stage: int | None = None
         self.ready = asyncio.Event()  # placed, built and subscribed
         if config.bounds is not None and config.stage is not None:
             self._place(config.stage, config.bounds)
+        # persistent (fixed client id, clean_session false): QoS 1 messages sent to the node
+        # while it reconnects are delivered when it returns
+        self._session = Session(
+            config.mqtt,
+            f"edgeprune-{config.pipe}-{config.node_id}"[:64],
+            name=f"node {config.node_id}",
+            clean_session=False,
+            presence=Presence(self.topics.status(config.node_id), self._status),
+            subscriptions=[(self.topics.plan, 1)],
+            on_message=self._dispatch,
+            on_connect=self._on_connect,
+            reconnect_max_s=config.reconnect_max_s,
+        )
         torch.set_num_threads(config.threads)
         gc.freeze()  # the built variants are long-lived: keep them out of every collection
 
@@ -153,6 +161,11 @@ class SliceNode:
         self._placed.set()
 
     @property
+    def connected(self) -> asyncio.Event:
+        """Set while the node is connected, subscribed and online."""
+        return self._session.connected
+
+    @property
     def is_last(self) -> bool:
         return self.slice is not None and self.slice.model_slice.is_last
 
@@ -160,63 +173,44 @@ class SliceNode:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or the task is cancelled)."""
         stop = stop or asyncio.Event()
-        tasks = [
-            asyncio.create_task(self._connection_loop(), name="connection"),
-            asyncio.create_task(self._worker(), name="worker"),
-            asyncio.create_task(self._publisher(), name="publisher"),
-            asyncio.create_task(self._metrics_loop(), name="metrics"),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = None if t is stopper else t.exception()
-                if exc is not None:
-                    log.error(
-                        "node %s stops: its %s task failed",
-                        self.config.node_id,
-                        t.get_name(),
-                        exc_info=exc,
+            # the session is left last: it says offline (with the reason of an error) once
+            # nothing of the node can publish any more
+            async with self._session as session:
+                tasks = [
+                    asyncio.create_task(self._worker(), name="worker"),
+                    asyncio.create_task(self._metrics_loop(), name="metrics"),
+                    asyncio.create_task(stop.wait(), name="stop"),
+                ]
+                try:
+                    done, _ = await asyncio.wait(
+                        [session.task, *tasks], return_when=asyncio.FIRST_COMPLETED
                     )
-                    await self._say_goodbye(stop_reason(exc))
-                    raise exc
-            await self._drain(timeout=5.0)
-            await self._say_goodbye("shutdown")
+                    for t in done:
+                        exc = None if t is tasks[-1] else t.exception()
+                        if exc is not None:
+                            log.error(
+                                "node %s stops: its %s task failed",
+                                self.config.node_id,
+                                t.get_name(),
+                                exc_info=exc,
+                            )
+                            raise exc
+                    await self._drain(timeout=5.0)
+                finally:
+                    placing = list(self._placing)
+                    for t in [*tasks, *placing]:
+                        t.cancel()
+                    await asyncio.gather(*tasks, *placing, return_exceptions=True)
         finally:
-            # cancelling the connection task leaves its `async with client` cleanly
-            placing = list(self._placing)
-            for t in [*tasks, stopper, *placing]:
-                t.cancel()
-            await asyncio.gather(*tasks, stopper, *placing, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self, timeout: float) -> None:
         """On shutdown: let the request in progress finish and its outputs go out."""
         deadline = time.monotonic() + timeout
-        while (
-            self._outbox.qsize() or self._busy or self._in_flight
-        ) and time.monotonic() < deadline:
+        while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-
-    async def _say_goodbye(self, reason: str) -> None:
-        """Publish the retained ``offline`` status with ``reason``, if connected. (When the
-        connection is already lost, the broker has published the Last Will instead.)"""
-        client = self._client
-        if client is None or not self._connected.is_set():
-            return
-        await self._publish_offline(client, reason)
-
-    async def _publish_offline(self, client: aiomqtt.Client, reason: str) -> None:
-        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-            await asyncio.wait_for(
-                client.publish(
-                    self.topics.status(self.config.node_id),
-                    self._status("offline", reason),
-                    qos=1,
-                    retain=True,
-                ),
-                timeout=2.0,
-            )
+        await self._session.drain(max(0.0, deadline - time.monotonic()))
 
     def _status(self, state: str, reason: str = "") -> bytes:
         return codec.encode_json(
@@ -233,70 +227,23 @@ class SliceNode:
             },
         )
 
-    async def _connection_loop(self) -> None:
-        backoff = 0.2
-        will = aiomqtt.Will(
-            self.topics.status(self.config.node_id),
-            self._status("offline", "connection lost"),
-            qos=1,
-            retain=True,
-        )
-        while True:
-            client = aiomqtt.Client(
-                **self.config.mqtt.aiomqtt_kwargs(),
-                identifier=self._client_id(),
-                clean_session=False,
-                will=will,
-                logger=logging.getLogger("aiomqtt"),
-            )
-            try:
-                async with client:
-                    self._client = client
-                    backoff = 0.2
-                    try:
-                        await self._on_connect(client)
-                        self._connected.set()
-                        async for message in client.messages:
-                            self._dispatch(message)
-                    except Exception as exc:
-                        if not isinstance(exc, aiomqtt.MqttError):
-                            # leaving `async with` disconnects cleanly, so no Last Will: say it
-                            await self._publish_offline(client, stop_reason(exc))
-                            self._connected.clear()
-                        raise
-            except aiomqtt.MqttError as exc:
-                raise_if_cancelling(exc)
-                self._connected.clear()
-                self._subscribed_stage = None
-                log.warning(
-                    "broker %s unreachable (%s); reconnecting in %.1f s",
-                    self.config.mqtt.url,
-                    exc,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.reconnect_max_s)
-
-    def _client_id(self) -> str:
-        return f"edgeprune-{self.config.pipe}-{self.config.node_id}"[:64]
-
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self) -> None:
+        """After the session's (re)subscriptions, before its ``online`` status."""
         log.info("node %s connected to %s", self.config.node_id, self.config.mqtt.url)
-        await client.subscribe(self.topics.plan, qos=1)
-        if self.stage is not None:
-            await self._subscribe_stage(client)
-        await client.publish(
-            self.topics.status(self.config.node_id), self._status("online"), qos=1, retain=True
-        )
+        await self._subscribe_stage()
+        if self._subscribed_stage is not None:
+            self.ready.set()
 
-    async def _subscribe_stage(self, client: aiomqtt.Client) -> None:
+    async def _subscribe_stage(self) -> None:
+        """Subscribe to the stage's input and level (the session keeps them across reconnects)."""
         if self.stage is None or self._subscribed_stage == self.stage:
             return
+        session = self._session
         if self._subscribed_stage is not None:
-            await client.unsubscribe(self.topics.stage_input(self._subscribed_stage))
-            await client.unsubscribe(self.topics.control_stage(self._subscribed_stage))
-        await client.subscribe(self.topics.control_stage(self.stage), qos=1)
-        await client.subscribe(self.topics.stage_input(self.stage), qos=1)
+            await session.unsubscribe(self.topics.stage_input(self._subscribed_stage))
+            await session.unsubscribe(self.topics.control_stage(self._subscribed_stage))
+        await session.subscribe(self.topics.control_stage(self.stage), qos=1)
+        await session.subscribe(self.topics.stage_input(self.stage), qos=1)
         self._subscribed_stage = self.stage
         log.info(
             "node %s serves stage %d, blocks [%d, %d)",
@@ -305,12 +252,10 @@ class SliceNode:
             self.slice.model_slice.bounds.start if self.slice else -1,
             self.slice.model_slice.bounds.end if self.slice else -1,
         )
-        self.ready.set()
 
     # ----------------------------------------------------------------- intake
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = str(message.topic)
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+    def _dispatch(self, message: Received) -> None:
+        topic, payload = message.topic, message.payload
         try:
             if topic == self.topics.plan:
                 self._on_plan(bytes(payload))
@@ -459,9 +404,10 @@ class SliceNode:
         log.info(
             "plan v%d applied: stage %d, blocks [%d, %d)", version, stage, bounds.start, bounds.end
         )
-        if self._client is not None and self._connected.is_set():
-            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect subscribes again
-                await self._subscribe_stage(self._client)
+        with contextlib.suppress(BusError):  # a reconnect subscribes again
+            await self._subscribe_stage()
+        if self._session.connected.is_set():
+            self.ready.set()
 
     def _serving(self) -> str:
         """What the node keeps doing after refusing a plan, for the error's reason."""
@@ -501,8 +447,8 @@ class SliceNode:
             reason,
             extra=self._log_extra(request_id),
         )
-        self._outbox.put_nowait(
-            (
+        self._session.publish(
+            *(
                 self.topics.node_errors(self.config.node_id),
                 codec.encode_json(
                     "error",
@@ -662,8 +608,8 @@ class SliceNode:
                 1,
                 False,
             )
-            self._outbox.put_nowait(result)
-            self._outbox.put_nowait(exit_)
+            self._session.publish(*result)
+            self._session.publish(*exit_)
             return
         tensor = out.tensor.contiguous().numpy()
         channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None
@@ -680,49 +626,14 @@ class SliceNode:
             full_channels=out.full_channels,
             attempt=msg.attempt,
         )
-        self._outbox.put_nowait(
-            (
+        self._session.publish(
+            *(
                 self.topics.stage((self.stage or 0) + 1),
                 codec.encode_stage(nxt, float16=self.config.float16),
                 1,
                 False,
             )
         )
-
-    async def _publisher(self) -> None:
-        """Publishes the outbox in order, up to PUBLISH_WINDOW QoS 1 messages in flight, and
-        waits out disconnections (nothing is dropped)."""
-        window = asyncio.Semaphore(PUBLISH_WINDOW)
-        in_flight = self._in_flight
-        while True:
-            item = await self._outbox.get()
-            await window.acquire()
-            # each task hands its message to the client before its first await, so
-            # messages leave in outbox order
-            task = asyncio.create_task(self._publish_one(item, window))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-
-    async def _publish_one(
-        self, item: tuple[str, bytes, int, bool], window: asyncio.Semaphore
-    ) -> None:
-        topic, payload, qos, retain = item
-        try:
-            while True:
-                client = self._client if self._connected.is_set() else None
-                if client is None:
-                    await self._connected.wait()
-                    continue
-                try:
-                    await client.publish(topic, payload, qos=qos, retain=retain)
-                    return
-                except aiomqtt.MqttError as exc:
-                    # the connection loop owns the connected flag; a stale client's error
-                    # must not clear it
-                    log.debug("publish to %s failed (%s); retrying", topic, exc)
-                    await asyncio.sleep(0.05)
-        finally:
-            window.release()
 
     # ----------------------------------------------------------------- telemetry
     def metrics(self) -> dict[str, Any]:
@@ -757,13 +668,12 @@ class SliceNode:
     async def _metrics_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.metrics_interval_s)
-            if self._connected.is_set() and self._client is not None:
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await self._client.publish(
-                        self.topics.metrics(self.config.node_id),
-                        codec.encode_json("metrics", self.metrics()),
-                        qos=0,
-                    )
+            with contextlib.suppress(BusError):  # telemetry: stale when late, not queued
+                await self._session.publish_now(
+                    self.topics.metrics(self.config.node_id),
+                    codec.encode_json("metrics", self.metrics()),
+                    qos=0,
+                )
 
 
 def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:

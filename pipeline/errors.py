@@ -9,6 +9,8 @@ EdgepruneError
  |                      shape, size); carries ``request_id`` when it could be read
  +-- TraceError         a trace file with a malformed row (carries the line number)
  +-- BrokerError        Mosquitto cannot be started or does not answer
+ +-- BusError           the broker refused or lost a subscription or a direct publish
+                        (bus/session.py translates the MQTT client's errors into it)
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class TraceError(EdgepruneError):
 
 class BrokerError(EdgepruneError):
     """Mosquitto cannot be started, or does not answer in time."""
+
+
+class BusError(EdgepruneError):
+    """A subscription or a direct publish that the broker refused or the connection lost
+    (a lost connection itself is no error: the session reconnects)."""
 
 
 def stop_reason(exc: BaseException) -> str:

@@ -33,7 +33,9 @@ from controller.importance import (
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.calibration import Calibration, SliceLatency
 from pipeline.checkpoint import Checkpoint
+from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.slicing import SliceBounds
 
 COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")
@@ -235,4 +237,26 @@ def stand_in_measurements(checkpoint: Checkpoint) -> Measurements:
         np.zeros_like(acc),
         acc,
         (),
+    )
+
+
+def nominal_calibration(
+    checkpoint: Checkpoint, bounds: Sequence[tuple[int, int]], ratios: Sequence[float]
+) -> Calibration:
+    """A nominal calibration of a partition, for a controller that only observes (``--policy
+    static``): the re-planning side, where there is one, uses the measurements."""
+    fit = LinearFit(a=-0.01, b=0.01, r2=1.0)
+    slices = tuple(
+        SliceLatency(i, a, b, "test", tuple((r, fit.predict(r)) for r in ratios), fit)
+        for i, (a, b) in enumerate(bounds)
+    )
+    accuracy = LogisticAccuracyFit(g=tuple(-2.0 for _ in bounds), d=-4.0, max_abs_error=0.0)
+    return Calibration(
+        tuple(ratios),
+        slices,
+        (),
+        accuracy,
+        checkpoint.model_hash(),
+        "test",
+        checkpoint.config.num_classes,
     )

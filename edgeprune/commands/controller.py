@@ -326,7 +326,6 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
 
     from controller.oracle import OracleSchedule
     from controller.service import Controller
@@ -338,7 +337,6 @@ def run(args: argparse.Namespace) -> int:
     pipe = pipe_name(args)
     monitor = build_failover(args)
     mqtt = mqtt_settings(args)
-    controller = Controller(config, calibration, mqtt, pipe=pipe, oracle_schedule=oracle)
     calibrated = [(s.start, s.end) for s in calibration.slices]
 
     def on_failover(decision: Any) -> None:
@@ -357,20 +355,23 @@ def run(args: argparse.Namespace) -> int:
                 f"{bounds}, the calibration is for {calibrated}"
             )
 
-    async def serve(stop: Any) -> None:
-        decisions: list[Any] = []
-        if monitor is None:
-            report = await controller.run(stop)
-        else:
-            from controller.failover import run_failover
+    # failover is a handler on the controller's one connection
+    controller = Controller(
+        config,
+        calibration,
+        mqtt,
+        pipe=pipe,
+        oracle_schedule=oracle,
+        failover=monitor,
+        on_failover=on_failover,
+    )
 
-            report, decisions = await asyncio.gather(
-                controller.run(stop), run_failover(mqtt, pipe, monitor, stop, on_failover)
-            )
+    async def serve(stop: Any) -> None:
+        report = await controller.run(stop)
         if args.report is not None:
             report = {**report, "pipe": pipe, "calibration_path": str(args.calibration)}
             if monitor is not None:
-                report["failover"] = [d.to_dict() for d in decisions]
+                report["failover"] = [d.to_dict() for d in controller.failover_decisions]
             args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_text(json.dumps(report, indent=1))
             log.info("report written to %s", args.report)

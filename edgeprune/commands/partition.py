@@ -244,48 +244,42 @@ def publish_plan(
     """
     import asyncio
 
-    import aiomqtt
-
     from bus.plan_message import PlanMessage
+    from bus.session import Session
     from bus.topics import Topics
-    from pipeline.errors import BrokerError, CodecError
+    from pipeline.errors import BrokerError, BusError, CodecError
 
     topic = Topics(pipe).plan
 
-    async def retained_version(client: aiomqtt.Client) -> int:
-        await client.subscribe(topic, qos=1)
+    async def retained_version(session: Session) -> int:
+        payload = await session.retained(topic, timeout_s)
+        if not payload:
+            return 0
         try:
-            async with asyncio.timeout(timeout_s):
-                async for message in client.messages:
-                    try:
-                        return PlanMessage.from_json(bytes(message.payload)).version  # type: ignore[arg-type]
-                    except CodecError as exc:
-                        log.warning("ignoring the malformed retained plan: %s", exc)
-                        return 0
-        except TimeoutError:
-            pass
-        finally:
-            await client.unsubscribe(topic)
-        return 0
+            return PlanMessage.from_json(payload).version
+        except CodecError as exc:
+            log.warning("ignoring the malformed retained plan: %s", exc)
+            return 0
 
     async def main() -> Any:
-        async with aiomqtt.Client(**settings.aiomqtt_kwargs()) as client:
+        async with Session(settings, name="partition") as session:
+            await session.wait_connected(max(timeout_s, 10.0))
             final = (
                 plan
                 if version is not None
-                else replace(plan, version=await retained_version(client) + 1)
+                else replace(plan, version=await retained_version(session) + 1)
             )
             message = PlanMessage(
                 final.version,
                 final.placement,
                 reason=f"edgeprune partition ({final.created_by})",
             )
-            await client.publish(topic, message.to_json(), qos=1, retain=True)
+            await session.publish(topic, message.to_json(), qos=1, retain=True)
             return final
 
     try:
         return asyncio.run(main()), topic
-    except aiomqtt.MqttError as exc:
+    except BusError as exc:
         raise BrokerError(f"cannot publish the plan to {settings.url}: {exc}") from exc
 
 

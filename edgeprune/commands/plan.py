@@ -269,44 +269,40 @@ def run(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace, plan: Any) -> int:
     """Publish ``plan`` with the next version after the retained one; returns the version."""
     import asyncio
-    import contextlib
-
-    import aiomqtt
 
     from bus.plan_message import PlanMessage
+    from bus.session import Session
     from bus.topics import Topics
     from pipeline import codec
 
     mqtt, topics = mqtt_settings(args), Topics(pipe_name(args))
 
     async def go() -> int:
-        async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
-            await client.subscribe(topics.plan, qos=1)
-            version = 0
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    async for msg in client.messages:  # the retained plan, if any
-                        if isinstance(msg.payload, bytes) and msg.payload:
-                            version = PlanMessage.from_json(msg.payload).version
-                        break
+        async with Session(mqtt, name="plan") as session:
+            await session.wait_connected(10.0)
+            retained = await session.retained(topics.plan, 1.0)  # the retained plan, if any
+            version = PlanMessage.from_json(retained).version if retained else 0
             message = plan.to_message(version + 1, "edgeprune plan")
-            await client.publish(topics.plan, message.to_json(), qos=1, retain=True)
+            acks = [session.publish(topics.plan, message.to_json(), qos=1, retain=True)]
             for i, (level, ratio) in enumerate(zip(plan.levels, plan.ratios, strict=True)):
-                await client.publish(
-                    topics.control_stage(i),
-                    codec.encode_json(
-                        "level",
-                        {
-                            "stage": i,
-                            "level": level,
-                            "ratio": ratio,
-                            "seq": version + 1,
-                            "reason": "edgeprune plan",
-                        },
-                    ),
-                    qos=1,
-                    retain=True,
+                acks.append(
+                    session.publish(
+                        topics.control_stage(i),
+                        codec.encode_json(
+                            "level",
+                            {
+                                "stage": i,
+                                "level": level,
+                                "ratio": ratio,
+                                "seq": version + 1,
+                                "reason": "edgeprune plan",
+                            },
+                        ),
+                        qos=1,
+                        retain=True,
+                    )
                 )
+            await asyncio.gather(*acks)
             return int(message.version)
 
     return asyncio.run(go())

@@ -22,25 +22,25 @@ import pytest
 from bus.connection import MqttSettings
 from bus.plan_message import PlanMessage
 from bus.topics import Topics
-from controller.failover import FailoverMonitor, FailoverSettings, run_failover
+from controller.config import ControllerConfig
+from controller.failover import FailoverMonitor, FailoverSettings
 from controller.importance import (
     AccuracyModel,
 )
 from controller.planner import Planner
+from controller.service import Controller
 from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
-from pipeline.calibration import Calibration, SliceLatency
-from pipeline.checkpoint import Checkpoint
 from pipeline.devices import MIB, Device
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds
 from tests.helpers import (
     REPO,
     collecting,
     node_process,
+    nominal_calibration,
     stand_in_costs,
     stand_in_measurements,
     stop_process,
@@ -79,17 +79,19 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     monitor = FailoverMonitor(planner, devices, 0.9, SETTINGS, slo_s=slo, current=plan)
     decided_at: list[float] = []
     stop = asyncio.Event()
-    started = asyncio.Event()
-    failover = asyncio.create_task(
-        run_failover(
-            mqtt,
-            topic_prefix,
-            monitor,
-            stop,
-            on_decision=lambda d: decided_at.append(time.time()),
-            ready=started,
-        )
+    # failover is a handler on the controller's one connection (static policy: it observes)
+    controller = Controller(
+        ControllerConfig(slo_ms=1000.0, policy="static"),
+        nominal_calibration(
+            checkpoint, [(b.start, b.end) for b in plan.bounds], planner.table.ratios
+        ),
+        mqtt,
+        pipe=topic_prefix,
+        failover=monitor,
+        on_failover=lambda d: decided_at.append(time.time()),
     )
+    started = controller.ready
+    failover = asyncio.create_task(controller.run(stop))
     others = [
         SliceNode(
             NodeConfig(node_id=n, pipe=topic_prefix, mqtt=mqtt, metrics_interval_s=0.2), checkpoint
@@ -176,22 +178,6 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     assert len(report.results) == report.sent
 
 
-def _calibration(
-    checkpoint: Checkpoint, bounds: list[tuple[int, int]], ratios: tuple[float, ...]
-) -> Calibration:
-    """A nominal calibration of the initial partition (the controller runs --policy static
-    here: it only observes; the re-planning side uses the measurements)."""
-    fit = LinearFit(a=-0.01, b=0.01, r2=1.0)
-    slices = tuple(
-        SliceLatency(i, a, b, "test", tuple((r, fit.predict(r)) for r in ratios), fit)
-        for i, (a, b) in enumerate(bounds)
-    )
-    accuracy = LogisticAccuracyFit(g=tuple(-2.0 for _ in bounds), d=-4.0, max_abs_error=0.0)
-    return Calibration(
-        ratios, slices, (), accuracy, checkpoint.model_hash(), "test", checkpoint.config.num_classes
-    )
-
-
 async def _retained_plan(mqtt: MqttSettings, topics: Topics) -> PlanMessage | None:
     """What a node connecting now gets on control/plan (the retained message), if any."""
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
@@ -214,7 +200,7 @@ async def test_controller_cli_failover_publishes_a_retained_plan_without_the_kil
     m_path = m.save(tmp_path / "measurements.json")
     n = m.costs.n_blocks
     bounds = [(0, 2), (2, 4), (4, n)]
-    cal_path = _calibration(checkpoint, bounds, m.costs.ratios).save(tmp_path / "cal.json")
+    cal_path = nominal_calibration(checkpoint, bounds, m.costs.ratios).save(tmp_path / "cal.json")
     names = ["n0", "n1", "n2"]
     (tmp_path / "devices.toml").write_text(
         "".join(

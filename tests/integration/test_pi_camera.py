@@ -128,7 +128,7 @@ async def test_reconnects_after_a_broker_restart_and_stops_cleanly_on_ctrl_c(
         await wait_until(lambda: len(col.results) >= 3, 30, "results before the restart")
         before = max(int(r["request_id"].rsplit("-", 1)[1]) for r in col.results)
         broker.restart()
-        await wait_until(lambda: all(n._connected.is_set() for n in nodes), 30, "nodes reconnected")
+        await wait_until(lambda: all(n.connected.is_set() for n in nodes), 30, "nodes reconnected")
         async with collecting(mqtt, topic_prefix) as after:  # the first one died
             await wait_until(
                 lambda: (

@@ -181,7 +181,7 @@ async def test_nodes_reconnect_after_the_broker_restarts(
         await wait_until(lambda: cam.report.completed >= 30, what="results before restart")
         broker.restart()
         report = await cam_task
-        await wait_until(lambda: all(n._connected.is_set() for n in nodes), 20, "reconnect")
+        await wait_until(lambda: all(n.connected.is_set() for n in nodes), 20, "reconnect")
     lost = report.sent - report.completed
     print(
         f"broker restart: {report.sent} sent, {report.completed} results, {lost} lost "
