@@ -27,7 +27,12 @@ def test_each_kind_has_its_subscription_and_nothing_else_is_subscribed() -> None
     ]
     assert all(T.stage(1) != topic for topic, _ in every)  # tensors past stage 0: never
     assert subscriptions_for(T, ("level", "decision")) == [(T.control_all, 1)]
-    assert subscriptions_for(T, ("result", "status")) == [(T.results, 1), (T.status_all, 1)]
+    # the controller's status is under control/: its own filter unless control/# is taken
+    assert subscriptions_for(T, ("result", "status")) == [
+        (T.results, 1),
+        (T.status_all, 1),
+        (T.controller_status, 1),
+    ]
     with pytest.raises(ConfigError, match="unknown message kinds"):
         subscriptions_for(T, ("result", "tensor"))
     with pytest.raises(ConfigError):
