@@ -132,15 +132,9 @@ def run(args: argparse.Namespace) -> BenchReport:
         simulate,
         summarize,
     )
-    from controller.importance import (
-        MeasuredAccuracy,
-        SliceBank,
-        accuracy_cache,
-        fit_accuracy_model,
-        load_or_measure,
-        split_halves,
-    )
     from controller.planner import Planner
+    from pipeline.calibration.accuracy import MeasuredAccuracy, accuracy_cache, fit_accuracy_model
+    from pipeline.calibration.slimedge import SliceBank, load_or_measure, split_halves
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
 

@@ -252,10 +252,10 @@ def fit_check(
 
     import torch
 
+    from pipeline.calibration.accuracy import fit_logistic_accuracy
     from pipeline.checkpoint import load_checkpoint
     from pipeline.composed import ComposedPipeline
     from pipeline.data import load_dataset, split_dataset
-    from pipeline.fitting import fit_logistic_accuracy
     from pipeline.pruning import PrunableSlice, recalibrate_batchnorm, scatter_channels
     from pipeline.slicing import ModelSlice, parse_cuts
     from pipeline.training import accuracy

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from controller.policy import ArrivalRate
-from pipeline.fitting import LinearFit
+from pipeline.calibration import LinearFit
 
 _MIN_TIME_S = 1e-6  # a calibrated time at or below this cannot be divided by
 

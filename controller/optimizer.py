@@ -46,8 +46,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.calibration import LinearFit, LogisticAccuracyFit
 from pipeline.errors import ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 Objective = Literal["bottleneck", "sum"]
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)

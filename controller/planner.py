@@ -60,7 +60,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bus.plan_message import PlanMessage
-from controller.importance import AccuracyModel, CostTable, contiguous_ranges
+from pipeline.calibration.accuracy import AccuracyModel
+from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.errors import ConfigError
 from pipeline.partition import Device
 from pipeline.slicing import SliceBounds

@@ -22,7 +22,10 @@ import numpy as np
 
 from bus.connection import MqttSettings
 from bus.topics import Topics
-from controller.importance import (
+from nodes.config import NodeConfig
+from nodes.node import SliceNode
+from pipeline import codec
+from pipeline.calibration.slimedge import (
     CostTable,
     Measurements,
     SliceBank,
@@ -30,9 +33,6 @@ from controller.importance import (
     contiguous_ranges,
     measure_costs,
 )
-from nodes.config import NodeConfig
-from nodes.node import SliceNode
-from pipeline import codec
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import CodecError
 from pipeline.slicing import SliceBounds

@@ -23,17 +23,15 @@ from bus.connection import MqttSettings
 from bus.plan_message import PlanMessage
 from bus.topics import Topics
 from controller.failover import FailoverMonitor, FailoverSettings, run_failover
-from controller.importance import (
-    AccuracyModel,
-)
 from controller.planner import Planner
 from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration.accuracy import AccuracyModel, LogisticAccuracyFit
+from pipeline.calibration.latency import LinearFit
 from pipeline.checkpoint import Checkpoint
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.partition import MIB, Device
 from pipeline.slicing import SliceBounds
 from tests.helpers import (

@@ -13,17 +13,20 @@ import torch
 from torch import nn
 
 from edgeprune.cli import main as cli_main
-from edgeprune.commands.calibrate import plot_calibration
-from pipeline.calibrate import (
-    CalibrationSettings,
+from pipeline.calibration import Calibration
+from pipeline.calibration.accuracy import (
+    LogisticAccuracyFit,
+    accuracy_at_levels,
     accuracy_fit_check,
+)
+from pipeline.calibration.measure import (
+    CalibrationSettings,
     calibrate,
-    evaluate_levels,
     level_vectors,
     load_plan,
     plan_hash_of,
 )
-from pipeline.calibration import Calibration
+from pipeline.calibration.plot import plot_calibration
 from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, Preprocess
@@ -108,7 +111,7 @@ def test_prefix_cached_sweep_equals_full_runs(tiny: tuple[Checkpoint, ArrayDatas
     pipe = ComposedPipeline(ckpt, parse_cuts("2,3", 5), ratios=FAST.ratios)
     x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
     vectors = [(2, 0, 1), (0, 0, 0), (2, 0, 2), (1, 2, 0), (2, 1, 1), (0, 0, 2)]  # unsorted
-    cached = evaluate_levels(pipe, vectors, x, y, batch_size=50)
+    cached = accuracy_at_levels(pipe.slices, vectors, x, y, batch_size=50)
     for vec, acc in zip(vectors, cached, strict=True):
         pipe.set_levels(vec)
         assert acc == pytest.approx(accuracy(pipe, x, y))
@@ -199,8 +202,6 @@ def test_calibrate_argument_errors(tiny: tuple[Checkpoint, ArrayDataset]) -> Non
 
 
 def test_accuracy_fit_check_counts_falsely_feasible() -> None:
-    from pipeline.fitting import LogisticAccuracyFit
-
     fit = LogisticAccuracyFit(g=(-10.0,), d=-3.0, max_abs_error=0.0, lo=0.0, hi=1.0)
     points = [(0.0,), (0.5,)]
     pred = [fit.predict(np.asarray(p)) for p in points]

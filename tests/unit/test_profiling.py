@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main as cli_main
+from pipeline.calibration.timing import time_calls
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet, build_model, preset
 from pipeline.partition import BlockProfile, Device, Plan, load_devices, partition
@@ -25,7 +26,6 @@ from pipeline.profiling import (
     profile_blocks,
     profile_model,
     resolve_devices,
-    time_calls,
 )
 
 REPO = Path(__file__).resolve().parents[2]

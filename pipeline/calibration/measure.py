@@ -1,5 +1,5 @@
 """The calibration procedure: measure what the controller's two models are fitted to, fit them,
-and return one :class:`~pipeline.calibration.Calibration` (DESIGN.md, "Control loop").
+and return one :class:`~pipeline.calibration.file.Calibration` (DESIGN.md, "Control loop").
 
 For a model cut into slices (by cut points or by a partition :class:`~pipeline.partition.Plan`):
 
@@ -15,7 +15,8 @@ For a model cut into slices (by cut points or by a partition :class:`~pipeline.p
    :class:`~pipeline.composed.ComposedPipeline` is built once and switched with
    ``set_levels``; vectors are visited in lexicographic order and a slice's output is reused
    while the levels before and at it are unchanged (a prefix cache), which gives the same
-   numbers as running the whole pipeline per vector, faster. Fit the scaled logistic
+   numbers as running the whole pipeline per vector, faster
+   (:func:`~pipeline.calibration.accuracy.accuracy_at_levels`). Fit the scaled logistic
    ``a(p)`` with ``lo = 1 / num_classes``.
 
 :func:`calibrate` is the entry point (``edgeprune calibrate`` and the experiment harness).
@@ -35,31 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration.accuracy import (
+    LevelVector,
+    accuracy_at_levels,
+    accuracy_fit_check,
+    fit_logistic_accuracy,
+)
+from pipeline.calibration.file import Calibration, SliceLatency
+from pipeline.calibration.latency import fit_linear
+from pipeline.calibration.timing import CLOCKS, CallTimes, Clock, time_calls, torch_threads
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.errors import ConfigError
-from pipeline.fitting import LogisticAccuracyFit, fit_linear, fit_logistic_accuracy
 from pipeline.partition import Device, Plan, StagePlan
-from pipeline.profiling import (
-    CLOCKS,
-    CallTimes,
-    Clock,
-    DeviceSpec,
-    machine_info,
-    now_iso,
-    time_calls,
-    torch_threads,
-)
+from pipeline.profiling import DeviceSpec, machine_info, now_iso
 from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
 from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 
-LevelVector = tuple[int, ...]
 BUSY_WARNING = 1.25  # wall / CPU median (of any slice and level) that flags a busy machine
-DEFAULT_A_MIN = 0.8  # the accuracy floor the paper keeps (for the fit check in ``meta``)
 
 
 @dataclass(frozen=True)
@@ -202,50 +199,6 @@ def measure_latency(
     return out
 
 
-@torch.no_grad()
-def evaluate_levels(
-    pipe: ComposedPipeline,
-    vectors: Sequence[LevelVector],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int = 500,
-    on_point: Callable[[], None] | None = None,
-) -> list[float]:
-    """End-to-end accuracy of ``pipe`` on ``(x, y)`` at each level vector (in the given order).
-
-    Visits the vectors in sorted order with a prefix cache (see the module docstring); the
-    result equals ``accuracy(pipe, x, y)`` after ``pipe.set_levels(v)``.
-    """
-    n = len(pipe.slices)
-    order = sorted(range(len(vectors)), key=lambda k: tuple(vectors[k]))
-    results = [0.0] * len(vectors)
-    # stack[i]: (level of slice i, its output chunks, the kept channels) for the current prefix
-    stack: list[tuple[int, list[torch.Tensor], torch.Tensor | None]] = []
-    for k in order:
-        vec = tuple(vectors[k])
-        if len(vec) != n:
-            raise ConfigError(f"need {n} levels per vector, got {vec}")
-        pipe.set_levels(vec)
-        keep = 0
-        while keep < len(stack) and keep < n - 1 and stack[keep][0] == vec[keep]:
-            keep += 1
-        del stack[keep:]
-        chunks = list(torch.split(x, batch_size)) if keep == 0 else stack[-1][1]
-        channels = None if keep == 0 else stack[-1][2]
-        for i in range(keep, n):
-            upstream = vec[i - 1] if i > 0 else None
-            outs = [pipe.slices[i](c, channels, upstream) for c in chunks]
-            chunks = [o.tensor for o in outs]
-            channels = outs[0].channels if outs else None
-            stack.append((vec[i], chunks, channels))
-        predicted = torch.cat([c.argmax(1) for c in chunks])
-        results[k] = float((predicted == y).float().mean())
-        if on_point is not None:
-            on_point()
-    return results
-
-
 def _stage_specs(
     n: int, names: Sequence[str], devices: Sequence[DeviceSpec | Device] | None, by_name: bool
 ) -> list[DeviceSpec | None]:
@@ -339,8 +292,13 @@ def calibrate(
         latency_s = time.perf_counter() - t0
         bar.set_postfix_str(f"accuracy ({len(vectors)} vectors, {len(data)} images)")
         t0 = time.perf_counter()
-        accs = evaluate_levels(
-            pipe, vectors, x, y, batch_size=settings.batch_size, on_point=lambda: bar.update(1)
+        accs = accuracy_at_levels(
+            pipe.slices,
+            vectors,
+            x,
+            y,
+            batch_size=settings.batch_size,
+            on_point=lambda: bar.update(1),
         )
         accuracy_s = time.perf_counter() - t0
     pipe.set_levels([0] * n)
@@ -445,26 +403,3 @@ def calibrate(
         num_classes=ckpt.config.num_classes,
         meta=meta,
     )
-
-
-def accuracy_fit_check(
-    points: Sequence[Sequence[float]],
-    accuracies: Sequence[float],
-    fit: LogisticAccuracyFit,
-    a_min: float = DEFAULT_A_MIN,
-) -> dict[str, Any]:
-    """How far the accuracy fit is off, overall and where the controller looks: the points
-    measured or predicted at or above ``a_min``, and how many the fit calls feasible
-    (predicted >= a_min) although they measured below (the costly mistake)."""
-    A = np.asarray(accuracies, dtype=np.float64)
-    pred = np.asarray(fit.predict(np.asarray(points, dtype=np.float64)))
-    err = np.abs(pred - A)
-    near = (a_min <= A) | (pred >= a_min)
-    return {
-        "max_abs_error": float(err.max()),
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "a_min": a_min,
-        "points_near_a_min": int(near.sum()),
-        "max_abs_error_near_a_min": float(err[near].max()) if near.any() else None,
-        "falsely_feasible": int(((pred >= a_min) & (a_min > A)).sum()),
-    }
