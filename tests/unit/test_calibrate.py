@@ -16,6 +16,7 @@ from edgeprune.cli import main as cli_main
 from pipeline.calibration import Calibration
 from pipeline.calibration.accuracy import (
     LogisticAccuracyFit,
+    MeasuredAccuracy,
     accuracy_at_levels,
     accuracy_fit_check,
 )
@@ -27,6 +28,8 @@ from pipeline.calibration.measure import (
     plan_hash_of,
 )
 from pipeline.calibration.plot import plot_calibration
+from pipeline.calibration.slimedge import SliceBank
+from pipeline.calibration.slimedge import measure as slimedge_measure
 from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, Preprocess
@@ -272,3 +275,40 @@ def test_calibrate_cli(
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(Plan((StagePlan(0, 3, "x"), StagePlan(3, 5, "y"))).to_dict()))
     assert load_plan(plan_file).devices == ("x", "y")
+
+
+def test_measured_accuracy_is_the_pipeline_run_at_those_levels(
+    tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset]
+) -> None:
+    """The planner's measured veto (through accuracy_at_levels) measures what the nodes run,
+    and remembers it in its cache file."""
+    ckpt, data = tiny
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    cache = tmp_path / "accuracy.json"
+    veto = MeasuredAccuracy(SliceBank(ckpt, FAST.ratios), data, cache)
+    pipe = ComposedPipeline(ckpt, parse_cuts("2", 5), ratios=FAST.ratios)
+    for levels in [(0, 0), (1, 2), (2, 0)]:
+        pipe.set_levels(levels)
+        assert veto([(0, 2), (2, 5)], levels) == accuracy(pipe, x, y, batch_size=500)
+    veto.save()
+    again = MeasuredAccuracy(SliceBank(ckpt, FAST.ratios), data, cache)
+    assert again.known == veto.known and len(again.known) == 3
+
+
+def test_slimedge_importance_is_that_range_alone_pruned(
+    tiny: tuple[Checkpoint, ArrayDataset],
+) -> None:
+    """A range's measured accuracy is the model with only that range pruned, the rest run as
+    the nodes run it (kept channels and the upstream level passed on)."""
+    ckpt, data = tiny
+    ratios = (0.0, 0.5)
+    m = slimedge_measure(ckpt, data, ratios=ratios, runs=2, warmup=0, combos=0, progress=False)
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    row = m.range_index()
+    pipe = ComposedPipeline(ckpt, parse_cuts("2", 5), ratios=ratios)
+    pipe.set_levels((1, 0))  # [0, 2) pruned, [2, 5) not
+    assert m.range_accuracy[row[(0, 2)], 1] == accuracy(pipe, x, y, batch_size=500)
+    whole = ComposedPipeline(ckpt, parse_cuts("", 5), ratios=ratios)
+    whole.set_levels((1,))
+    assert m.range_accuracy[row[(0, 5)], 1] == accuracy(whole, x, y, batch_size=500)
+    assert m.unpruned_accuracy == pytest.approx(m.range_accuracy[row[(0, 2)], 0])
