@@ -219,6 +219,93 @@ def _stage_specs(
     return [table[name] for name in names]
 
 
+def _placement(
+    bounds: Sequence[SliceBounds] | None,
+    plan: Plan | None,
+    devices: Sequence[DeviceSpec | Device] | None,
+    nodes: Sequence[str] | None,
+) -> tuple[list[SliceBounds], list[str], str, list[DeviceSpec | None]]:
+    """The slices, their names, the plan hash and each slice's device (None: this
+    machine), from cut points or a plan (see :func:`calibrate`)."""
+    if plan is not None and bounds is None:
+        bounds = [SliceBounds(s.start_block, s.end_block) for s in plan.stages]
+        names = list(plan.devices)
+        plan_hash = plan.plan_hash()
+    elif bounds is not None and plan is None:
+        bounds = list(bounds)
+        names = _names(len(bounds), nodes if nodes is not None else devices)
+        plan_hash = plan_hash_of(bounds, names)
+    else:
+        raise ConfigError("give exactly one of bounds (cut points) or a plan")
+    specs = _stage_specs(len(bounds), names, devices, by_name=plan is not None)
+    if plan is not None and devices is None:
+        log.warning(
+            "the plan places stages on %s but no devices were given: latencies are "
+            "this machine's, not emulated",
+            ", ".join(names),
+        )
+    return bounds, names, plan_hash, specs
+
+
+def _fit_latency(
+    times: list[list[CallTimes]],
+    bounds: Sequence[SliceBounds],
+    names: Sequence[str],
+    specs: Sequence[DeviceSpec | None],
+    settings: CalibrationSettings,
+) -> tuple[list[SliceLatency], list[dict[str, Any]], list[list[float]], float]:
+    """Per slice, the measured medians scaled to its device and the linear fit; the
+    device notes for ``meta``, the medians and how busy the machine was."""
+    slices: list[SliceLatency] = []
+    device_meta: list[dict[str, Any]] = []
+    clock = settings.clock
+    measured = [[t.median(clock) for t in per_slice] for per_slice in times]
+    busy = max(t.busy_ratio for per_slice in times for t in per_slice)
+    if busy > BUSY_WARNING:
+        log.warning(
+            "this machine is busy: wall-clock latency is %.1fx the CPU time of the "
+            "same calls; the %s-clock fits are %s",
+            busy,
+            clock,
+            "inflated (rerun on a quiet machine, or use clock 'cpu')"
+            if clock == "wall"
+            else "unaffected",
+        )
+    for i, (b, name, spec) in enumerate(zip(bounds, names, specs, strict=True)):
+        factor = 1.0 if spec is None else spec.time_factor(b.start, b.end, measured[i][0])
+        points = tuple((r, m * factor) for r, m in zip(settings.ratios, measured[i], strict=True))
+        fit = fit_linear([p[0] for p in points], [p[1] for p in points])
+        slices.append(SliceLatency(i, b.start, b.end, name, points, fit))
+        device_meta.append(
+            {
+                "stage": i,
+                "device": name,
+                "time_factor": factor,
+                "source": "this machine" if spec is None else spec.describe(),
+            }
+        )
+    return slices, device_meta, measured, busy
+
+
+def _latency_meta(
+    times: list[list[CallTimes]], clock: Clock, measured: list[list[float]], busy: float
+) -> dict[str, Any]:
+    """How the latencies were measured, and their spread, for the file's ``meta``."""
+    return {
+        "threads": 1,
+        "batch": 1,
+        "statistic": "median",
+        "clock": clock,
+        "input": "one held-out image's full-width activation at the slice input",
+        "measured_s": measured,
+        "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
+        "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
+        "wall_s": [[t.median("wall") for t in s] for s in times],
+        "cpu_s": [[t.median("cpu") for t in s] for s in times],
+        "busy_ratio": busy,
+    }
+
+
 def calibrate(
     ckpt: Checkpoint,
     data: ArrayDataset,
@@ -238,28 +325,17 @@ def calibrate(
     slice, in order) or ``nodes`` name the slices; default ``n0, n1, ...``. ``devices`` turn on
     emulation: latencies measured here are scaled to each device. ``data`` is the held-out set
     (``split`` is recorded in ``meta``).
+
+    Steps: the placement (:func:`_placement`), the level vectors (:func:`level_vectors`), one
+    composed pipeline, the latencies (:func:`measure_latency`) and accuracies
+    (:func:`~pipeline.calibration.accuracy.accuracy_at_levels`) measured on it, then the fits
+    (:func:`_fit_latency`, :func:`~pipeline.calibration.accuracy.fit_logistic_accuracy`).
     """
     from tqdm import tqdm
 
     started = time.perf_counter()
     settings = settings or CalibrationSettings()
-    if plan is not None and bounds is None:
-        bounds = [SliceBounds(s.start_block, s.end_block) for s in plan.stages]
-        names = list(plan.devices)
-        plan_hash = plan.plan_hash()
-    elif bounds is not None and plan is None:
-        bounds = list(bounds)
-        names = _names(len(bounds), nodes if nodes is not None else devices)
-        plan_hash = plan_hash_of(bounds, names)
-    else:
-        raise ConfigError("give exactly one of bounds (cut points) or a plan")
-    specs = _stage_specs(len(bounds), names, devices, by_name=plan is not None)
-    if plan is not None and devices is None:
-        log.warning(
-            "the plan places stages on %s but no devices were given: latencies are "
-            "this machine's, not emulated",
-            ", ".join(names),
-        )
+    bounds, names, plan_hash, specs = _placement(bounds, plan, devices, nodes)
     if len(data) == 0:
         raise ConfigError("no held-out images to measure accuracy on")
     x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
@@ -303,33 +379,8 @@ def calibrate(
         accuracy_s = time.perf_counter() - t0
     pipe.set_levels([0] * n)
 
-    slices, device_meta = [], []
     clock = settings.clock
-    measured = [[t.median(clock) for t in per_slice] for per_slice in times]
-    busy = max(t.busy_ratio for per_slice in times for t in per_slice)
-    if busy > BUSY_WARNING:
-        log.warning(
-            "this machine is busy: wall-clock latency is %.1fx the CPU time of the "
-            "same calls; the %s-clock fits are %s",
-            busy,
-            clock,
-            "inflated (rerun on a quiet machine, or use clock 'cpu')"
-            if clock == "wall"
-            else "unaffected",
-        )
-    for i, (b, name, spec) in enumerate(zip(bounds, names, specs, strict=True)):
-        factor = 1.0 if spec is None else spec.time_factor(b.start, b.end, measured[i][0])
-        points = tuple((r, m * factor) for r, m in zip(settings.ratios, measured[i], strict=True))
-        fit = fit_linear([p[0] for p in points], [p[1] for p in points])
-        slices.append(SliceLatency(i, b.start, b.end, name, points, fit))
-        device_meta.append(
-            {
-                "stage": i,
-                "device": name,
-                "time_factor": factor,
-                "source": "this machine" if spec is None else spec.describe(),
-            }
-        )
+    slices, device_meta, measured, busy = _fit_latency(times, bounds, names, specs, settings)
 
     ratio_points = [tuple(settings.ratios[level] for level in v) for v in vectors]
     acc_fit = fit_logistic_accuracy(
@@ -353,19 +404,7 @@ def calibrate(
         else "corners + uniform diagonal + seeded random vectors",
         "levels": [list(v) for v in vectors],
         "settings": settings.to_dict(),
-        "latency": {
-            "threads": 1,
-            "batch": 1,
-            "statistic": "median",
-            "clock": clock,
-            "input": "one held-out image's full-width activation at the slice input",
-            "measured_s": measured,
-            "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
-            "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
-            "wall_s": [[t.median("wall") for t in s] for s in times],
-            "cpu_s": [[t.median("cpu") for t in s] for s in times],
-            "busy_ratio": busy,
-        },
+        "latency": _latency_meta(times, clock, measured, busy),
         "accuracy_threads": torch.get_num_threads(),
         "accuracy_fit_form": "scaled",
         "recalibrate_bn": recal,
