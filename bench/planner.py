@@ -1,6 +1,6 @@
 """`edgeprune bench planner`: SlimEdge plans over random device mixes against its baselines.
 
-Uses the measured per-block costs and importance of the checkpoint (controller.importance,
+Uses the measured per-block costs and importance of the checkpoint (pipeline.calibration.slimedge,
 measured once and cached under runs/slimedge/). Each scenario draws 2-6 Raspberry-Pi-class
 devices (speed relative to this machine, memory scaled to the model: ``--full-model-gb`` GB
 hold exactly the whole model at level 0, so 0.5-1 GB boards cannot hold it), links, failure
