@@ -246,7 +246,8 @@ def fit_check(
     (measured here only, as a reference): for each level vector, every slice re-estimates its
     statistics on what the upstream slices produce at their actual, possibly different,
     levels. The two agree for two slices.
-    Uses the controller's fit (:func:`pipeline.calibration.accuracy.fit_logistic_accuracy`, default form).
+    Uses the controller's fit (:func:`pipeline.calibration.accuracy.fit_logistic_accuracy`,
+    default form).
     """
     import itertools
 

@@ -3,9 +3,9 @@
 A calibration file belongs to one model (its weight hash) and one placement (slice bounds and
 node names: the plan hash) at one set of levels. :func:`ensure_calibration` reuses the file at
 the experiment's calibration path when all three match, and otherwise runs
-:func:`pipeline.calibration.measure.calibrate` (on this machine, one thread, the validation split) and
-writes it there, so a replaced checkpoint or a changed plan never feeds the controller stale
-curves.
+:func:`pipeline.calibration.measure.calibrate` (on this machine, one thread, the validation
+split) and writes it there, so a replaced checkpoint or a changed plan never feeds the
+controller stale curves.
 """
 
 from __future__ import annotations

@@ -247,7 +247,8 @@ class LogisticAccuracyFit:
     def predict(self, p: ArrayLike) -> float | NDArray[np.float64]: ...
 
     def predict(self, p: ArrayLike) -> float | NDArray[np.float64]:
-        """Accuracy at ratio vector(s) ``p``: a float for shape ``(n,)``, an array for ``(m, n)``."""
+        """Accuracy at ratio vector(s) ``p``: a float for shape ``(n,)``, an array for
+        ``(m, n)``."""
         z = np.atleast_1d(self.score(p) - self.d).astype(np.float64)
         acc = self.lo + (self.hi - self.lo) * _sigmoid(z)
         return float(acc[0]) if np.ndim(p) == 1 else acc

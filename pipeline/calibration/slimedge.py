@@ -245,7 +245,8 @@ class SliceBank:
         return self._slices[(i, j)]
 
     def slices(self, bounds: Sequence[Range]) -> list[PrunableSlice]:
-        """The slices ``bounds``, in order (for :func:`~pipeline.calibration.accuracy.accuracy_at_levels`)."""
+        """The slices ``bounds``, in order (what
+        :func:`~pipeline.calibration.accuracy.accuracy_at_levels` runs)."""
         return [self.get(i, j) for i, j in bounds]
 
 
