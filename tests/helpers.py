@@ -25,11 +25,11 @@ from bus.topics import Topics
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.calibration.measure import block_inputs
 from pipeline.calibration.slimedge import (
     CostTable,
     Measurements,
     SliceBank,
-    block_inputs,
     contiguous_ranges,
     measure_costs,
 )

@@ -49,9 +49,10 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.errors import ConfigError
+from pipeline.models import SliceableResNet
 from pipeline.partition import Device, Plan, StagePlan
 from pipeline.profiling import DeviceSpec, machine_info, now_iso
-from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
+from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
 from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
@@ -165,34 +166,33 @@ def level_vectors(
     return sorted(chosen), False
 
 
-def slice_input_batch(pipe: ComposedPipeline, x: torch.Tensor) -> list[torch.Tensor]:
-    """The full-width input of every slice when the unpruned pipeline is given ``x``."""
-    saved = [s.level for s in pipe.slices]
-    pipe.set_levels([0] * len(pipe.slices))
-    inputs = []
+def block_inputs(model: SliceableResNet, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
+    """The full-width input of every block of the unpruned ``model`` (and the logits last) for
+    inputs ``x``, computed in batches of ``batch``."""
+    act = [x]
     with torch.no_grad():
-        for s in pipe.slices:
-            inputs.append(x)
-            x = s(x).tensor  # level 0: full width
-    pipe.set_levels(saved)
-    return inputs
+        for block in model.blocks:
+            h = act[-1]
+            act.append(torch.cat([block(h[k : k + batch]) for k in range(0, len(h), batch)]))
+    return act
 
 
 def measure_latency(
-    pipe: ComposedPipeline,
-    x1: torch.Tensor,
+    slices: Sequence[PrunableSlice],
+    inputs: Sequence[torch.Tensor],
     *,
     runs: int,
     warmup: int,
-    rounds: int,
+    rounds: int = 5,
     on_slice: Callable[[], None] | None = None,
 ) -> list[list[CallTimes]]:
     """Per slice, per level: ``runs`` call times of the level's module on ONE thread at
-    batch 1 (``x1`` is one image, shape [1, C, H, W])."""
+    batch 1, levels interleaved in ``rounds`` (:func:`~pipeline.calibration.timing.time_calls`).
+    ``inputs[k]`` is slice k's full-width input (its first row is used)."""
     out = []
     with torch_threads(1):
-        for s, x in zip(pipe.slices, slice_input_batch(pipe, x1), strict=True):
-            fns = [(lambda m=v.module, x=x: m(x)) for v in s.variants]
+        for s, x in zip(slices, inputs, strict=True):
+            fns = [(lambda m=v.module, x1=x[:1]: m(x1)) for v in s.variants]
             out.append(time_calls(fns, runs=runs, warmup=warmup, rounds=rounds))
             if on_slice is not None:
                 on_slice()
@@ -357,9 +357,10 @@ def calibrate(
     ) as bar:
         bar.set_postfix_str("latency")
         t0 = time.perf_counter()
+        model_inputs = block_inputs(ckpt.build(), x[:1])
         times = measure_latency(
-            pipe,
-            x[:1],
+            pipe.slices,
+            [model_inputs[b.start] for b in bounds],
             runs=settings.runs,
             warmup=settings.warmup,
             rounds=settings.rounds,

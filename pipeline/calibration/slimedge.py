@@ -39,12 +39,12 @@ import torch
 from numpy.typing import NDArray
 
 from pipeline.calibration.accuracy import AccuracyModel, accuracy_at_levels
-from pipeline.calibration.timing import peak_bytes, time_calls, torch_threads
+from pipeline.calibration.measure import block_inputs, measure_latency
+from pipeline.calibration.timing import peak_bytes
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import build_prunable
 from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
-from pipeline.models import SliceableResNet
 from pipeline.partition import BlockProfile
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
 from pipeline.slicing import SliceBounds
@@ -250,13 +250,6 @@ class SliceBank:
         return [self.get(i, j) for i, j in bounds]
 
 
-@torch.no_grad()
-def _batched(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 500
-) -> torch.Tensor:
-    return torch.cat([fn(x[k : k + batch]) for k in range(0, len(x), batch)])
-
-
 def measure_costs(
     bank: SliceBank, inputs: Sequence[torch.Tensor], *, runs: int, warmup: int, ranges: bool = True
 ) -> tuple[CostTable, NDArray[np.float64] | None]:
@@ -275,27 +268,16 @@ def measure_costs(
             activation[b, lv] = x.numel() * FLOAT_BYTES + 2 * max(peak, out_b)
             output[b, lv] = out_b + (0 if v.out_channels is None else len(v.out_channels) * 4)
     todo = contiguous_ranges(n) if ranges else [(b, b + 1) for b in range(n)]
-    times = np.zeros((len(todo), n_levels))
-    with torch_threads(1):
-        for k, (i, j) in enumerate(todo):
-            x = inputs[i][:1]
-            fns = [(lambda m=v.module, x=x: m(x)) for v in bank.get(i, j).variants]
-            times[k] = [t.median("cpu") for t in time_calls(fns, runs=runs, warmup=warmup)]
+    timed = measure_latency(
+        bank.slices(todo), [inputs[i] for i, _ in todo], runs=runs, warmup=warmup
+    )
+    times = np.asarray([[t.median("cpu") for t in per_range] for per_range in timed])
     idx = {r: k for k, r in enumerate(todo)}
     block_time = np.asarray([times[idx[(b, b + 1)]] for b in range(n)])
     table = CostTable(
         tuple(bank.model.block_names()), bank.ratios, block_time, params, activation, output
     )
     return table, times if ranges else None
-
-
-def block_inputs(model: SliceableResNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """The full-width input of every block (and the logits last) for inputs ``x``."""
-    act = [x]
-    with torch.no_grad():
-        for block in model.blocks:
-            act.append(_batched(block, act[-1]))
-    return act
 
 
 def split_halves(data: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
