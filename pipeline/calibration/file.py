@@ -80,7 +80,7 @@ class Calibration:
         if self.model_hash != model_hash:
             return f"it is for model {self.model_hash}, the checkpoint is {model_hash}"
         if self.plan_hash != plan_hash:
-            return f"it is for plan {self.plan_hash}, this experiment's is {plan_hash}"
+            return f"it is for plan {self.plan_hash}, the placement's is {plan_hash}"
         if tuple(self.ratios) != tuple(ratios):
             return f"its levels {list(self.ratios)} differ from {list(ratios)}"
         return None
