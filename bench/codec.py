@@ -76,7 +76,9 @@ def _timings(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]
     """Wall seconds per call of each function, calls interleaved one by one, after a warm-up."""
     from pipeline.calibration.timing import time_calls
 
-    times = time_calls(fns, runs=repeats, warmup=max(5, repeats // 10), rounds=repeats)
+    times = time_calls(
+        fns, runs=repeats, warmup=max(5, repeats // 10), rounds=repeats, torch_inference=False
+    )
     return [t.wall.tolist() for t in times]
 
 

@@ -50,7 +50,9 @@ def _median_ms(
 ) -> float:
     """Median wall milliseconds of ``fn`` on the instances in turn, after ``warmup`` calls."""
     turn = itertools.cycle(instances)
-    (times,) = time_calls([lambda: fn(next(turn))], runs=runs, warmup=warmup, rounds=1)
+    (times,) = time_calls(
+        [lambda: fn(next(turn))], runs=runs, warmup=warmup, rounds=1, torch_inference=False
+    )
     return times.median("wall") * 1e3
 
 

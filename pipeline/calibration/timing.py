@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: timing plain Python code must not load torch
+    import torch
+    from torch import nn
 
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the body with ``torch.set_num_threads(n)``; the previous count is restored after."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -84,11 +88,16 @@ def time_calls(
     warmup: int,
     rounds: int = 5,
     on_round: Callable[[], None] | None = None,
+    torch_inference: bool = True,
 ) -> list[CallTimes]:
     """Per-call times of every ``fn``: ``warmup`` untimed calls each, then ``runs`` timed
     calls each, interleaved in ``rounds`` rounds (round r times a chunk of every fn in turn),
     so that a change in background load hits every fn alike. ``on_round`` is called after
-    each fn's chunk (for a progress bar: ``rounds * len(fns)`` calls)."""
+    each fn's chunk (for a progress bar: ``rounds * len(fns)`` calls).
+
+    ``torch_inference``: the calls run under ``torch.inference_mode`` (timing torch modules).
+    Pass False to time plain Python code without loading torch: importing torch changes how
+    glibc hands out large blocks, and with it the time of large copies."""
     if runs < 1 or warmup < 0 or rounds < 1:
         raise ConfigError(
             f"need runs >= 1, warmup >= 0, rounds >= 1 (got {runs}, {warmup}, {rounds})"
@@ -96,7 +105,7 @@ def time_calls(
     rounds = min(rounds, runs)
     wall = [np.empty(runs) for _ in fns]
     cpu = [np.empty(runs) for _ in fns]
-    with torch.inference_mode():
+    with _inference_mode() if torch_inference else nullcontext():
         for fn in fns:
             for _ in range(warmup):
                 fn()
@@ -115,10 +124,17 @@ def time_calls(
     return [CallTimes(w, c) for w, c in zip(wall, cpu, strict=True)]
 
 
-@torch.no_grad()
+def _inference_mode() -> AbstractContextManager[Any]:
+    import torch
+
+    return torch.inference_mode()
+
+
 def peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
     """The bytes of the largest tensor a leaf module of ``module`` produces on ``x``, and
     ``module(x)`` (so a caller that needs the output does not run the module twice)."""
+    import torch
+
     largest = 0
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -128,7 +144,8 @@ def peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
-        y = module(x)
+        with torch.no_grad():
+            y = module(x)
     finally:
         for h in handles:
             h.remove()

@@ -98,16 +98,20 @@ def test_a_version_1_measurements_file_loads_and_writes_back_unchanged(tmp_path:
     assert json.loads(m.save(tmp_path / "again.json").read_text()) == V1_MEASUREMENTS
 
 
-def test_the_controller_reads_a_calibration_without_torch(tmp_path: Path) -> None:
+def test_the_controller_and_plain_timing_run_without_torch(tmp_path: Path) -> None:
     """The controller imports ``pipeline.calibration`` only; loading a file there must not
-    pull in torch (seconds of start-up and hundreds of MB on a small device)."""
+    pull in torch (seconds of start-up and hundreds of MB on a small device). Timing plain
+    Python code (``bench codec``, ``bench controller``) must not load it either: importing
+    torch changes how glibc hands out large blocks, and with it the time of large copies."""
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(V1_CALIBRATION))
     code = (
         "import sys\n"
         "from pipeline.calibration import Calibration\n"
+        "from pipeline.calibration.timing import time_calls\n"
         "import controller.state\n"
         f"Calibration.load({str(path)!r})\n"
+        "time_calls([lambda: None], runs=3, warmup=1, torch_inference=False)\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run(
