@@ -18,7 +18,6 @@ import argparse
 import platform
 import re
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,17 +73,13 @@ def _size_bytes(text: str) -> int:
 
 
 def _timings(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
-    """Seconds per call of each function, calls interleaved, after a warm-up."""
-    for _ in range(max(5, repeats // 10)):
-        for fn in fns:
-            fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return samples
+    """Wall seconds per call of each function, calls interleaved one by one, after a warm-up."""
+    from pipeline.calibration.timing import time_calls
+
+    times = time_calls(
+        fns, runs=repeats, warmup=max(5, repeats // 10), rounds=repeats, torch_inference=False
+    )
+    return [t.wall.tolist() for t in times]
 
 
 def _ms_per_mib(samples: list[float], nbytes: int) -> tuple[float, float]:

@@ -9,9 +9,8 @@ ratio brute / ours and a check that both find the same optimum.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,9 @@ from bench.controller import DECISION_GOAL
 from bench.goals import BenchReport
 from controller.optimizer import Decision, brute_force, solve_bottleneck, solve_sum
 from edgeprune.commands._common import format_table
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
+from pipeline.calibration.accuracy import LogisticAccuracyFit
+from pipeline.calibration.latency import LinearFit
+from pipeline.calibration.timing import time_calls
 
 SIZES = (2, 4, 8)
 BRUTE_SIZES = (2, 4)
@@ -47,15 +48,12 @@ def random_instance(rng: np.random.Generator, n: int) -> Instance:
 def _median_ms(
     fn: Callable[[Instance], Decision], instances: list[Instance], runs: int, warmup: int
 ) -> float:
-    for k in range(warmup):
-        fn(instances[k % len(instances)])
-    samples = []
-    for k in range(runs):
-        inst = instances[k % len(instances)]
-        t0 = time.perf_counter()
-        fn(inst)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
+    """Median wall milliseconds of ``fn`` on the instances in turn, after ``warmup`` calls."""
+    turn = itertools.cycle(instances)
+    (times,) = time_calls(
+        [lambda: fn(next(turn))], runs=runs, warmup=warmup, rounds=1, torch_inference=False
+    )
+    return times.median("wall") * 1e3
 
 
 def _same(a: Decision, b: Decision, objective: str) -> bool:

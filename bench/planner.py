@@ -1,6 +1,6 @@
 """`edgeprune bench planner`: SlimEdge plans over random device mixes against its baselines.
 
-Uses the measured per-block costs and importance of the checkpoint (controller.importance,
+Uses the measured per-block costs and importance of the checkpoint (pipeline.calibration.slimedge,
 measured once and cached under runs/slimedge/). Each scenario draws 2-6 Raspberry-Pi-class
 devices (speed relative to this machine, memory scaled to the model: ``--full-model-gb`` GB
 hold exactly the whole model at level 0, so 0.5-1 GB boards cannot hold it), links, failure
@@ -132,15 +132,9 @@ def run(args: argparse.Namespace) -> BenchReport:
         simulate,
         summarize,
     )
-    from controller.importance import (
-        MeasuredAccuracy,
-        SliceBank,
-        accuracy_cache,
-        fit_accuracy_model,
-        load_or_measure,
-        split_halves,
-    )
     from controller.planner import Planner
+    from pipeline.calibration.accuracy import MeasuredAccuracy, accuracy_cache, fit_accuracy_model
+    from pipeline.calibration.slimedge import SliceBank, load_or_measure, split_halves
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
 

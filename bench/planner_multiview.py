@@ -17,7 +17,7 @@ def multiview_table(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of the multi-view model (test split): all views, per-view levels, lost views."""
     import torch
 
-    from controller.importance import AccuracyModel
+    from pipeline.calibration.accuracy import AccuracyModel
     from pipeline.data import load_animal_mnist, split_dataset
     from pipeline.multiview import (
         MultiViewCheckpoint,

@@ -246,16 +246,17 @@ def fit_check(
     (measured here only, as a reference): for each level vector, every slice re-estimates its
     statistics on what the upstream slices produce at their actual, possibly different,
     levels. The two agree for two slices.
-    Uses the controller's fit (:func:`pipeline.fitting.fit_logistic_accuracy`, default form).
+    Uses the controller's fit (:func:`pipeline.calibration.accuracy.fit_logistic_accuracy`,
+    default form).
     """
     import itertools
 
     import torch
 
+    from pipeline.calibration.accuracy import fit_logistic_accuracy
     from pipeline.checkpoint import load_checkpoint
     from pipeline.composed import ComposedPipeline
     from pipeline.data import load_dataset, split_dataset
-    from pipeline.fitting import fit_logistic_accuracy
     from pipeline.pruning import PrunableSlice, recalibrate_batchnorm, scatter_channels
     from pipeline.slicing import ModelSlice, parse_cuts
     from pipeline.training import accuracy
@@ -355,7 +356,7 @@ def table(
         lines += [
             "",
             f"Every per-slice level vector on the cuts, {split} split, and the "
-            "controller's logistic accuracy fit (pipeline.fitting, default form). BN "
+            "controller's logistic accuracy fit (pipeline.calibration.accuracy, default form). BN "
             "'nodes': ComposedPipeline, what the nodes do (statistics per own level x "
             "upstream level, upstream prefix pruned uniformly). BN 'exact': every "
             "slice re-estimated on the upstream's actual output for each vector "

@@ -1,9 +1,9 @@
 """Live estimates the controller keeps: each stage's slowdown, and the arrival rate.
 
 **Slowdown.** Stage i's slowdown is ``s_i = measured service time / calibrated t_i(level)``,
-where t_i is the calibration's :class:`~pipeline.fitting.LinearFit` at the ratio of the level
-the request actually ran at. A node emulated (or really) 2x slower gives ``s_i = 2`` and the
-optimizer then sees every level of that slice as 2x slower.
+where t_i is the calibration's :class:`~pipeline.calibration.latency.LinearFit` at the ratio of
+the level the request actually ran at. A node emulated (or really) 2x slower gives ``s_i = 2``
+and the optimizer then sees every level of that slice as 2x slower.
 
 - Primary source: the per-stage hops of ``exits`` messages. Each hop carries the node's busy
   time for that request (compute plus emulated wait) and the level it ran at, so a sample is
@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from controller.policy import ArrivalRate
-from pipeline.fitting import LinearFit
+from pipeline.calibration import LinearFit
 
 _MIN_TIME_S = 1e-6  # a calibrated time at or below this cannot be divided by
 

@@ -2,13 +2,14 @@
 
 Slice i has discrete levels ``l = 0..L-1`` with ratios ``0 = r_0 < r_1 < ...`` (default six,
 0 to 0.5). Its predicted time at level l is ``t_i(l) = max(0, a_i r_l + b_i) * s_i``, where
-``(a_i, b_i)`` is the slice's calibrated :class:`~pipeline.fitting.LinearFit` and ``s_i >= 1``
-is the LIVE slowdown of the node running it (measured service time / predicted service time at
-its current level). Accuracy is the calibrated
-:class:`~pipeline.fitting.LogisticAccuracyFit`. Because the sigmoid is increasing,
+``(a_i, b_i)`` is the slice's calibrated :class:`~pipeline.calibration.latency.LinearFit` and
+``s_i >= 1`` is the LIVE slowdown of the node running it (measured service time / predicted
+service time at its current level). Accuracy is the calibrated
+:class:`~pipeline.calibration.accuracy.LogisticAccuracyFit`. Because the sigmoid is increasing,
 ``a(p) >= A_min`` is the LINEAR constraint ``sum_i g_i r_{l_i} >= c`` (see
-:meth:`~pipeline.fitting.LogisticAccuracyFit.score_threshold`): each slice contributes an
-independent "accuracy weight" ``w_i(l) = g_i r_l`` (negative: pruning costs accuracy).
+:meth:`~pipeline.calibration.accuracy.LogisticAccuracyFit.score_threshold`): each slice
+contributes an independent "accuracy weight" ``w_i(l) = g_i r_l`` (negative: pruning costs
+accuracy).
 
 Two objectives:
 
@@ -46,8 +47,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.calibration import LinearFit, LogisticAccuracyFit
 from pipeline.errors import ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 Objective = Literal["bottleneck", "sum"]
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)

@@ -2,8 +2,8 @@
 
 Given devices (speed, memory cap, link, failure probability), the per-block, per-level cost
 table (:class:`CostTable`, measured with single-block :class:`~pipeline.pruning.PrunableSlice`
-variants by :mod:`controller.importance`) and an accuracy model over slices
-(:class:`~controller.importance.AccuracyModel`), it chooses the partition AND the level of
+variants by :mod:`pipeline.calibration.slimedge`) and an accuracy model over slices
+(:class:`~pipeline.calibration.accuracy.AccuracyModel`), it chooses the partition AND the level of
 every slice. A slice ``[i, j)`` at level ``l`` on device ``k``:
 
     time   = sum_b time[b, l] / speed_k  +  (transfer_k(out[j-1, l]) if j < n)
@@ -37,7 +37,7 @@ at every uniform level; the best result hill-climbed over one-step neighbours). 
 front (objective vs accuracy, memory-feasible: all configurations when exact, all NSGA-II
 evaluated otherwise) comes with either.
 
-**Measured veto** (``measured``, e.g. :class:`~controller.importance.MeasuredAccuracy` on
+**Measured veto** (``measured``, e.g. :class:`~pipeline.calibration.accuracy.MeasuredAccuracy` on
 half a of the validation split): candidates are taken in the order above and a candidate is
 kept only if its real accuracy is at least ``floor + measured_margin``; a configuration
 (slice bounds and levels) vetoed once is skipped on every other placement, and after
@@ -60,7 +60,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bus.plan_message import PlanMessage
-from controller.importance import AccuracyModel, CostTable, contiguous_ranges
+from pipeline.calibration.accuracy import AccuracyModel
+from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import Device, check_unique_names
 from pipeline.errors import ConfigError
 from pipeline.placement import Placement

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controller.optimizer import Decision, Objective, solve_bottleneck, solve_sum
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
+from pipeline.calibration import LinearFit, LogisticAccuracyFit
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 A calibration file belongs to one model (its weight hash) and one placement (slice bounds and
 node names: the plan hash) at one set of levels. :func:`ensure_calibration` reuses the file at
 the experiment's calibration path when all three match, and otherwise runs
-:func:`pipeline.calibrate.calibrate` (on this machine, one thread, the validation split) and
-writes it there, so a replaced checkpoint or a changed plan never feeds the controller stale
-curves.
+:func:`pipeline.calibration.measure.calibrate` (on this machine, one thread, the validation
+split) and writes it there, so a replaced checkpoint or a changed plan never feeds the
+controller stale curves.
 """
 
 from __future__ import annotations
@@ -88,24 +88,11 @@ def load_model(config: ExperimentConfig) -> Checkpoint:
         raise ConfigError(f"cannot load the checkpoint {path}: {exc}; {TRAIN_HINT}") from exc
 
 
-def _matches(
-    cal: Calibration, model_hash: str, plan_hash: str, ratios: tuple[float, ...]
-) -> str | None:
-    """Why ``cal`` does not fit (None when it does)."""
-    if cal.model_hash != model_hash:
-        return f"it is for model {cal.model_hash}, the checkpoint is {model_hash}"
-    if cal.plan_hash != plan_hash:
-        return f"it is for plan {cal.plan_hash}, this experiment's is {plan_hash}"
-    if tuple(cal.ratios) != ratios:
-        return f"its levels {list(cal.ratios)} differ from {list(ratios)}"
-    return None
-
-
 def ensure_calibration(
     config: ExperimentConfig, ckpt: Checkpoint, data_dir: Path, *, progress: bool = True
 ) -> CalibrationInfo:
     """Reuse or (re)create the calibration at ``config.calibration_path``."""
-    from pipeline.calibrate import CalibrationSettings, calibrate, plan_hash_of
+    from pipeline.calibration.measure import CalibrationSettings, calibrate, plan_hash_of
 
     bounds = [SliceBounds(n.start, n.end) for n in config.nodes]
     names = [n.name for n in config.nodes]
@@ -116,7 +103,7 @@ def ensure_calibration(
     if path.is_file():
         try:
             cal = Calibration.load(path)
-            why = _matches(cal, model_hash, plan_hash, ratios)
+            why = cal.mismatch(model_hash, plan_hash, ratios)
         except ConfigError as exc:
             why = str(exc)
         if why is None:

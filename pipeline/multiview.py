@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.calibration.timing import peak_bytes, time_calls, torch_threads
 from pipeline.data import Preprocess, Splits
 from pipeline.devices import Device
 from pipeline.errors import CheckpointError, ConfigError
@@ -353,63 +354,15 @@ class PrunedMultiView:
         n_views, n_levels = len(self.branches), len(self.ratios)
         t, mem = np.zeros((n_views, n_levels)), np.zeros((n_views, n_levels))
         x = torch.zeros(1, *self.branches[0].model_slice.in_shape)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             for v, s in enumerate(self.branches):
-                t[v] = median_times(
-                    [_call(var.module, x) for var in s.variants], runs=runs, warmup=warmup
-                )[1]
+                fns = [(lambda m=var.module: m(x)) for var in s.variants]
+                t[v] = [c.median("cpu") for c in time_calls(fns, runs=runs, warmup=warmup)]
                 mem[v] = [
-                    var.params * 4 + x.numel() * 4 + 2 * _largest(var.module, x)
+                    var.params * 4 + x.numel() * 4 + 2 * peak_bytes(var.module, x)[0]
                     for var in s.variants
                 ]
-        finally:
-            torch.set_num_threads(threads)
         return t, mem
-
-
-def _call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    return lambda: module(x)
-
-
-@torch.no_grad()
-def _largest(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the largest tensor a leaf module produces on ``x``."""
-    sizes = [0]
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, o: sizes.append(o.numel() * 4))
-        for m in module.modules()
-        if not list(m.children())
-    ]
-    try:
-        module(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return max(sizes)
-
-
-def median_times(
-    fns: Sequence[Callable[[], object]], *, runs: int, warmup: int, rounds: int = 5
-) -> tuple[list[float], list[float]]:
-    """Median wall (``perf_counter``) and thread-CPU (``thread_time``) seconds per call of
-    every ``fn``: warm-up first, then ``runs`` calls each, interleaved in ``rounds`` so that
-    a change in background load hits every fn alike."""
-    wall = [[0.0] * runs for _ in fns]
-    cpu = [[0.0] * runs for _ in fns]
-    edges = [round(r * runs / rounds) for r in range(rounds + 1)]
-    with torch.inference_mode():
-        for fn in fns:
-            for _ in range(warmup):
-                fn()
-        for r in range(rounds):
-            for k, fn in enumerate(fns):
-                for i in range(edges[r], edges[r + 1]):
-                    c0, t0 = time.thread_time(), time.perf_counter()
-                    fn()
-                    wall[k][i], cpu[k][i] = time.perf_counter() - t0, time.thread_time() - c0
-    return [float(np.median(w)) for w in wall], [float(np.median(c)) for c in cpu]
 
 
 def view_levels(
@@ -424,7 +377,7 @@ def view_levels(
     camera's device), all in parallel, then fusion (``fusion_s``, not pruned). Exact over
     ``L^V``: the smallest bottleneck ``max(max_v time[v, l_v] / speed_v, fusion_s)`` with each
     branch in its device's memory and ``accuracy(levels [C, V]) >= floor`` (e.g. an
-    importance model over views: ``controller.importance.AccuracyModel.predict_views``).
+    importance model over views: ``pipeline.calibration.accuracy.AccuracyModel.predict_views``).
     Returns ``(levels, bottleneck_s, accuracy)``, or None when nothing qualifies."""
     n_views, n_levels = np.shape(time_s)
     if len(devices) != n_views:

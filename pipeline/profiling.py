@@ -30,17 +30,15 @@ import json
 import math
 import os
 import platform
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from pipeline.calibration.timing import Clock, peak_bytes, time_calls, torch_threads
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet
 from pipeline.partition import BlockProfile
@@ -83,91 +81,6 @@ def _processor_name() -> str:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)``; the previous count is restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-Clock = Literal["wall", "cpu"]
-CLOCKS: tuple[Clock, ...] = ("wall", "cpu")
-
-
-@dataclass(frozen=True)
-class CallTimes:
-    """Per-call times (seconds) of one function on two clocks.
-
-    ``wall``: ``perf_counter``, what a request waits. ``cpu``: the calling thread's CPU time
-    (``thread_time``); with torch on one thread the work runs in the calling thread, so on an
-    idle machine the two agree, and on a shared one ``cpu`` is not inflated when other
-    processes take the core away.
-    """
-
-    wall: np.ndarray
-    cpu: np.ndarray
-
-    def of(self, clock: Clock) -> np.ndarray:
-        if clock not in CLOCKS:
-            raise ConfigError(f"clock must be one of {CLOCKS}, got {clock!r}")
-        return self.wall if clock == "wall" else self.cpu
-
-    def median(self, clock: Clock = "wall") -> float:
-        return float(np.median(self.of(clock)))
-
-    def percentile(self, q: float, clock: Clock = "wall") -> float:
-        return float(np.percentile(self.of(clock), q))
-
-    @property
-    def busy_ratio(self) -> float:
-        """Median wall time over median CPU time: about 1 on an idle machine (1 when the CPU
-        clock saw nothing, so the ratio stays finite in JSON)."""
-        cpu = self.median("cpu")
-        return self.median("wall") / cpu if cpu > 0 else 1.0
-
-
-def time_calls(
-    fns: Sequence[Callable[[], object]],
-    *,
-    runs: int,
-    warmup: int,
-    rounds: int = 5,
-    on_round: Callable[[], None] | None = None,
-) -> list[CallTimes]:
-    """Per-call times of every ``fn``: ``warmup`` untimed calls each, then ``runs`` timed
-    calls each, interleaved in ``rounds`` rounds (round r times a chunk of every fn in turn),
-    so that a change in background load hits every fn alike. ``on_round`` is called after
-    each fn's chunk (for a progress bar: ``rounds * len(fns)`` calls)."""
-    if runs < 1 or warmup < 0 or rounds < 1:
-        raise ConfigError(
-            f"need runs >= 1, warmup >= 0, rounds >= 1 (got {runs}, {warmup}, {rounds})"
-        )
-    rounds = min(rounds, runs)
-    wall = [np.empty(runs) for _ in fns]
-    cpu = [np.empty(runs) for _ in fns]
-    with torch.inference_mode():
-        for fn in fns:
-            for _ in range(warmup):
-                fn()
-        edges = [round(r * runs / rounds) for r in range(rounds + 1)]
-        for r in range(rounds):
-            for k, fn in enumerate(fns):
-                w, c = wall[k], cpu[k]
-                for i in range(edges[r], edges[r + 1]):
-                    c0 = time.thread_time()
-                    t0 = time.perf_counter()
-                    fn()
-                    w[i] = time.perf_counter() - t0
-                    c[i] = time.thread_time() - c0
-                if on_round is not None:
-                    on_round()
-    return [CallTimes(w, c) for w, c in zip(wall, cpu, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -317,32 +230,14 @@ def _tensor_bytes(shape: Sequence[int]) -> int:
     return int(np.prod(shape)) * FLOAT_BYTES
 
 
-@torch.no_grad()
 def _shapes_and_peaks(model: SliceableResNet) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
     """Per block: input shape, output shape (batch 1) and its largest intermediate (bytes)."""
-    largest: list[int] = [0]
-
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            largest[0] = max(largest[0], out.numel() * out.element_size())
-
-    handles = [
-        m.register_forward_hook(hook)
-        for block in model.blocks
-        for m in block.modules()
-        if not list(m.children())
-    ]
-    try:
-        x = torch.zeros(model.input_shape(1))
-        rows = []
-        for block in model.blocks:
-            largest[0] = 0
-            y = block(x)
-            rows.append((tuple(x.shape), tuple(y.shape), largest[0]))
-            x = y
-    finally:
-        for h in handles:
-            h.remove()
+    x = torch.zeros(model.input_shape(1))
+    rows = []
+    for block in model.blocks:
+        peak, y = peak_bytes(block, x)
+        rows.append((tuple(x.shape), tuple(y.shape), peak))
+        x = y
     return rows
 
 

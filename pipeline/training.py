@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.calibration.accuracy import accuracy_at_levels
 from pipeline.checkpoint import Checkpoint
-from pipeline.data import ArrayDataset, Preprocess, Splits
+from pipeline.data import Preprocess, Splits
 from pipeline.errors import ConfigError
 from pipeline.models import ResNetConfig, SliceableResNet, build_model
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
@@ -287,10 +288,4 @@ def pruned_accuracy(
         round_to=round_to,
         calibration_inputs=calibration,
     )
-    pruned.set_level(1)
-    return accuracy(lambda xb: pruned(xb).tensor, x, y)
-
-
-def evaluate_checkpoint(ckpt: Checkpoint, ds: ArrayDataset) -> float:
-    model = ckpt.build()
-    return accuracy(model, ckpt.preprocess(ds.images), torch.from_numpy(ds.labels))
+    return accuracy_at_levels([pruned], [(1,)], x, y, batch_size=256)[0]

@@ -22,20 +22,21 @@ import numpy as np
 from bus.connection import MqttSettings
 from bus.observer import Recorder
 from bus.topics import Topics
-from controller.importance import (
-    CostTable,
-    Measurements,
-    SliceBank,
-    block_inputs,
-    contiguous_ranges,
-    measure_costs,
-)
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration.accuracy import LogisticAccuracyFit
+from pipeline.calibration.latency import LinearFit
+from pipeline.calibration.measure import block_inputs
+from pipeline.calibration.slimedge import (
+    CostTable,
+    Measurements,
+    SliceBank,
+    contiguous_ranges,
+    measure_costs,
+)
 from pipeline.checkpoint import Checkpoint
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 from pipeline.slicing import SliceBounds
 
 COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")

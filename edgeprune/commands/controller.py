@@ -279,8 +279,9 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     if args.failover is None:
         return None
     from controller.failover import FailoverMonitor, FailoverSettings
-    from controller.importance import default_cache, fit_accuracy_model, load_or_measure
     from controller.planner import Planner
+    from pipeline.calibration.accuracy import fit_accuracy_model
+    from pipeline.calibration.slimedge import default_cache, load_or_measure
     from pipeline.checkpoint import load_checkpoint
     from pipeline.devices import load_devices
 

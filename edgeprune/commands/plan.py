@@ -129,15 +129,9 @@ def _stage_rows(plan: Any, names: list[str]) -> list[list[Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.importance import (
-        MeasuredAccuracy,
-        SliceBank,
-        accuracy_cache,
-        fit_accuracy_model,
-        load_or_measure,
-        split_halves,
-    )
     from controller.planner import DEFAULT_VETO_MARGIN, Planner
+    from pipeline.calibration.accuracy import MeasuredAccuracy, accuracy_cache, fit_accuracy_model
+    from pipeline.calibration.slimedge import SliceBank, load_or_measure, split_halves
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data import load_animal_mnist, split_dataset
     from pipeline.devices import load_devices

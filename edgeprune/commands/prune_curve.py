@@ -54,11 +54,11 @@ def curve(
 ) -> dict[str, Any]:
     import torch
 
+    from pipeline.calibration.accuracy import accuracy_at_levels
     from pipeline.checkpoint import load_checkpoint
     from pipeline.composed import ComposedPipeline
     from pipeline.data import load_dataset, split_dataset
     from pipeline.slicing import parse_cuts
-    from pipeline.training import accuracy
 
     ckpt = load_checkpoint(ckpt_path)
     ds = getattr(split_dataset(load_dataset("animal-mnist", data)), split)
@@ -81,11 +81,9 @@ def curve(
             round_to=round_to,
             recalibrate_bn=recal and ckpt.calibration_images is not None,
         )
-        accs = {}
-        for level, ratio in enumerate(ratios):
-            pipe.set_levels([level] * len(bounds))
-            accs[f"{ratio:g}"] = accuracy(pipe, x, y)
-        out[key] = accs
+        uniform = [(level,) * len(bounds) for level in range(len(ratios))]
+        accs = accuracy_at_levels(pipe.slices, uniform, x, y, batch_size=256)
+        out[key] = {f"{ratio:g}": acc for ratio, acc in zip(ratios, accs, strict=True)}
     return out
 
 

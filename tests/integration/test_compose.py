@@ -186,7 +186,8 @@ def _app_dir(tmp_path: Path) -> Path:
     unpruned): the `calibrate` service would take minutes, and this smoke run checks wiring,
     not control decisions (tests/integration/test_controller.py does those)."""
     from pipeline.calibration import Calibration, SliceLatency
-    from pipeline.fitting import LinearFit, LogisticAccuracyFit
+    from pipeline.calibration.accuracy import LogisticAccuracyFit
+    from pipeline.calibration.latency import LinearFit
 
     app = tmp_path / "app"
     (app / "runs").mkdir(parents=True)

@@ -31,9 +31,10 @@ from nodes.inputs import image_to_tensor, tensor_from_message
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration.accuracy import fit_logistic_accuracy
+from pipeline.calibration.latency import fit_linear
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
-from pipeline.fitting import fit_linear, fit_logistic_accuracy
 from pipeline.slicing import parse_cuts
 from pipeline.training import predict
 from tests.helpers import (

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from experiment.monitor import load_events
-from pipeline.calibrate import CalibrationSettings, calibrate
+from pipeline.calibration.measure import CalibrationSettings, calibrate
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import load_dataset, split_dataset
 from pipeline.slicing import SliceBounds

@@ -24,15 +24,13 @@ from bus.plan_message import PlanMessage
 from bus.topics import Topics
 from controller.config import ControllerConfig
 from controller.failover import FailoverMonitor, FailoverSettings
-from controller.importance import (
-    AccuracyModel,
-)
 from controller.planner import Planner
 from controller.service import Controller
 from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.devices import MIB, Device
 from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from controller.importance import AccuracyModel
 from nodes.fusion import BranchNode, FusionNode, ViewTopics, publish_view_levels, view_message
+from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.data import load_animal_mnist, split_dataset
 from pipeline.devices import MIB, Device
 from pipeline.multiview import MultiViewCheckpoint, PrunedMultiView, view_levels

@@ -17,8 +17,9 @@ from bench.planner_sim import (
     met_fraction,
     simulate,
 )
-from controller.importance import AccuracyModel, CostTable, contiguous_ranges
 from controller.planner import Planner
+from pipeline.calibration.accuracy import AccuracyModel
+from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import MIB
 
 RATIOS = (0.0, 0.2, 0.4, 0.6)

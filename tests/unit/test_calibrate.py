@@ -13,17 +13,23 @@ import torch
 from torch import nn
 
 from edgeprune.cli import main as cli_main
-from edgeprune.commands.calibrate import plot_calibration
-from pipeline.calibrate import (
-    CalibrationSettings,
+from pipeline.calibration import Calibration
+from pipeline.calibration.accuracy import (
+    LogisticAccuracyFit,
+    MeasuredAccuracy,
+    accuracy_at_levels,
     accuracy_fit_check,
+)
+from pipeline.calibration.measure import (
+    CalibrationSettings,
     calibrate,
-    evaluate_levels,
     level_vectors,
     load_plan,
     plan_hash_of,
 )
-from pipeline.calibration import Calibration
+from pipeline.calibration.plot import plot_calibration
+from pipeline.calibration.slimedge import SliceBank
+from pipeline.calibration.slimedge import measure as slimedge_measure
 from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, Preprocess
@@ -108,7 +114,7 @@ def test_prefix_cached_sweep_equals_full_runs(tiny: tuple[Checkpoint, ArrayDatas
     pipe = ComposedPipeline(ckpt, parse_cuts("2,3", 5), ratios=FAST.ratios)
     x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
     vectors = [(2, 0, 1), (0, 0, 0), (2, 0, 2), (1, 2, 0), (2, 1, 1), (0, 0, 2)]  # unsorted
-    cached = evaluate_levels(pipe, vectors, x, y, batch_size=50)
+    cached = accuracy_at_levels(pipe.slices, vectors, x, y, batch_size=50)
     for vec, acc in zip(vectors, cached, strict=True):
         pipe.set_levels(vec)
         assert acc == pytest.approx(accuracy(pipe, x, y))
@@ -199,8 +205,6 @@ def test_calibrate_argument_errors(tiny: tuple[Checkpoint, ArrayDataset]) -> Non
 
 
 def test_accuracy_fit_check_counts_falsely_feasible() -> None:
-    from pipeline.fitting import LogisticAccuracyFit
-
     fit = LogisticAccuracyFit(g=(-10.0,), d=-3.0, max_abs_error=0.0, lo=0.0, hi=1.0)
     points = [(0.0,), (0.5,)]
     pred = [fit.predict(np.asarray(p)) for p in points]
@@ -272,3 +276,40 @@ def test_calibrate_cli(
     plan = Partition(Placement.build(parse_cuts("3", 5), ["x", "y"]))
     plan_file.write_text(json.dumps(plan.to_dict()))
     assert load_plan(plan_file).placement.nodes == ("x", "y")
+
+
+def test_measured_accuracy_is_the_pipeline_run_at_those_levels(
+    tmp_path: Path, tiny: tuple[Checkpoint, ArrayDataset]
+) -> None:
+    """The planner's measured veto (through accuracy_at_levels) measures what the nodes run,
+    and remembers it in its cache file."""
+    ckpt, data = tiny
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    cache = tmp_path / "accuracy.json"
+    veto = MeasuredAccuracy(SliceBank(ckpt, FAST.ratios), data, cache)
+    pipe = ComposedPipeline(ckpt, parse_cuts("2", 5), ratios=FAST.ratios)
+    for levels in [(0, 0), (1, 2), (2, 0)]:
+        pipe.set_levels(levels)
+        assert veto([(0, 2), (2, 5)], levels) == accuracy(pipe, x, y, batch_size=500)
+    veto.save()
+    again = MeasuredAccuracy(SliceBank(ckpt, FAST.ratios), data, cache)
+    assert again.known == veto.known and len(again.known) == 3
+
+
+def test_slimedge_importance_is_that_range_alone_pruned(
+    tiny: tuple[Checkpoint, ArrayDataset],
+) -> None:
+    """A range's measured accuracy is the model with only that range pruned, the rest run as
+    the nodes run it (kept channels and the upstream level passed on)."""
+    ckpt, data = tiny
+    ratios = (0.0, 0.5)
+    m = slimedge_measure(ckpt, data, ratios=ratios, runs=2, warmup=0, combos=0, progress=False)
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    row = m.range_index()
+    pipe = ComposedPipeline(ckpt, parse_cuts("2", 5), ratios=ratios)
+    pipe.set_levels((1, 0))  # [0, 2) pruned, [2, 5) not
+    assert m.range_accuracy[row[(0, 2)], 1] == accuracy(pipe, x, y, batch_size=500)
+    whole = ComposedPipeline(ckpt, parse_cuts("", 5), ratios=ratios)
+    whole.set_levels((1,))
+    assert m.range_accuracy[row[(0, 5)], 1] == accuracy(whole, x, y, batch_size=500)
+    assert m.unpruned_accuracy == pytest.approx(m.range_accuracy[row[(0, 2)], 0])

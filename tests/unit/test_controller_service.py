@@ -21,9 +21,8 @@ from controller.policy import ActionKind
 from controller.state import ControlDecision, ControllerState
 from edgeprune.commands import controller as controller_cmd
 from pipeline import codec
-from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration import Calibration, LinearFit, LogisticAccuracyFit, SliceLatency
 from pipeline.errors import CodecError, ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 FIT = LinearFit(a=-0.010, b=0.010, r2=1.0)  # 10 ms at ratio 0, 5 ms at 0.5

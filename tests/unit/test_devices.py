@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.importance import AccuracyModel, CostTable, contiguous_ranges
 from controller.planner import Planner
 from edgeprune.cli import main as cli_main
+from pipeline.calibration.accuracy import AccuracyModel
+from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import Device, devices_from_toml, load_devices
 from pipeline.errors import ConfigError
 from pipeline.partition import BlockProfile, Partition, partition

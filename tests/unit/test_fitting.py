@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.calibration.accuracy import LogisticAccuracyFit, fit_logistic_accuracy
+from pipeline.calibration.latency import LinearFit, fit_linear
 from pipeline.errors import ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit, fit_linear, fit_logistic_accuracy
 
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 

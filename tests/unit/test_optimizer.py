@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from controller.optimizer import DEFAULT_RATIOS, brute_force, solve_bottleneck, solve_sum
+from pipeline.calibration import LinearFit, LogisticAccuracyFit
 from pipeline.errors import ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 
 def _instance(rng: np.random.Generator, n: int, *, wild: bool = False):

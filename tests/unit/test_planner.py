@@ -11,17 +11,15 @@ import random
 import numpy as np
 import pytest
 
-from controller.importance import (
-    AccuracyModel,
+from controller.planner import Planner, configuration_count, failure_weights
+from pipeline.calibration.accuracy import AccuracyModel, accuracy_cache, fit_accuracy_model
+from pipeline.calibration.slimedge import (
     Combo,
     CostTable,
     Measurements,
-    accuracy_cache,
     contiguous_ranges,
-    fit_accuracy_model,
     split_halves,
 )
-from controller.planner import Planner, configuration_count, failure_weights
 from pipeline.data import ArrayDataset
 from pipeline.devices import MIB, Device
 from pipeline.errors import ConfigError

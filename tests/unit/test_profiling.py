@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main as cli_main
+from pipeline.calibration.timing import time_calls
 from pipeline.devices import load_devices
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet, build_model, preset
@@ -22,7 +23,6 @@ from pipeline.profiling import (
     load_profile,
     profile_blocks,
     profile_model,
-    time_calls,
 )
 
 REPO = Path(__file__).resolve().parents[2]

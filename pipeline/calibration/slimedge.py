@@ -1,5 +1,5 @@
-"""What every block and every slice of a model costs at each pruning level, how much accuracy
-pruning it alone loses (its importance), and the accuracy model for arbitrary partitions.
+"""The SlimEdge measurements: what every block and every slice of a model costs at each pruning
+level, and how much accuracy pruning it alone loses (its importance).
 
 Measured once per model on this machine (:func:`measure`, cached as JSON by
 :func:`load_or_measure`), with the real run-time variants (:class:`PrunableSlice`, BatchNorm
@@ -16,41 +16,35 @@ re-estimated, exactly what a node builds):
 - **Combos**: seeded random partitions with random per-slice levels (at least two pruned),
   measured end to end (:func:`sample_combos`).
 
-Accuracy model (:class:`AccuracyModel`). With ``u(a) = (a - lo) / (hi - lo)`` (``lo`` =
-chance, ``hi`` = 1) and ``z = logit(u)``, a unit's importance in logit units is
-``delta[r, l] = z(unpruned) - z(acc[r, l])`` (clipped at 0, non-decreasing in l). A
-configuration with slices ``(r_t, l_t)`` is predicted by
-
-    z = z(unpruned) - kappa * sum_t delta[r_t, l_t]
-
-``kappa`` (how pruning several slices compounds) is fitted on the measured combos and
-validated by leave-one-out. A configuration with one pruned slice is predicted exactly when
-``kappa = 1``. The same model serves per-view levels of a multi-view model (units = views).
+The accuracy model fitted to these (:class:`~pipeline.calibration.accuracy.AccuracyModel`,
+:func:`~pipeline.calibration.accuracy.fit_accuracy_model`) and the measured veto
+(:class:`~pipeline.calibration.accuracy.MeasuredAccuracy`) are in
+:mod:`pipeline.calibration.accuracy`; the timing and peak-memory helpers in
+:mod:`pipeline.calibration.timing`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from scipy.optimize import minimize_scalar
-from torch import nn
 
+from pipeline.calibration.accuracy import AccuracyModel, accuracy_at_levels
+from pipeline.calibration.measure import block_inputs, measure_latency
+from pipeline.calibration.timing import peak_bytes
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import build_prunable
 from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
-from pipeline.models import SliceableResNet
 from pipeline.partition import BlockProfile
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
 from pipeline.slicing import SliceBounds
@@ -250,48 +244,10 @@ class SliceBank:
                 )
         return self._slices[(i, j)]
 
-    @torch.no_grad()
-    def run(
-        self,
-        x: torch.Tensor,
-        bounds: Sequence[Range],
-        levels: Sequence[int],
-        channels: torch.Tensor | None = None,
-        upstream: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Slices ``bounds`` at ``levels`` back to back on ``x``, as the nodes run them: kept
-        channels and the upstream level (BatchNorm statistics) pass on."""
-        for (i, j), level in zip(bounds, levels, strict=True):
-            s = self.get(i, j)
-            s.set_level(level)
-            out = s(x, channels, upstream)
-            x, channels, upstream = out.tensor, out.channels, level
-        return x, channels
-
-
-@torch.no_grad()
-def _batched(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 500
-) -> torch.Tensor:
-    return torch.cat([fn(x[k : k + batch]) for k in range(0, len(x), batch)])
-
-
-def _peak_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """Largest tensor a leaf module of ``module`` produces on ``x``, and the output."""
-    largest = [0]
-
-    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            largest[0] = max(largest[0], out.numel() * out.element_size())
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            y = module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return largest[0], y
+    def slices(self, bounds: Sequence[Range]) -> list[PrunableSlice]:
+        """The slices ``bounds``, in order (what
+        :func:`~pipeline.calibration.accuracy.accuracy_at_levels` runs)."""
+        return [self.get(i, j) for i, j in bounds]
 
 
 def measure_costs(
@@ -301,53 +257,27 @@ def measure_costs(
     of every contiguous range ``[R, L]``. ``inputs[b]``: a full-width input of block b
     (batch 1); times are medians of the thread's CPU time at batch 1 on one thread (on a
     shared machine, wall time also counts other processes' turns on the core)."""
-    from pipeline.multiview import median_times
-    from pipeline.profiling import torch_threads
-
     n, n_levels = bank.model.num_blocks, len(bank.ratios)
     params, activation, output = (np.zeros((n, n_levels)) for _ in range(3))
     for b in range(n):
         x = inputs[b][:1]
         for lv, v in enumerate(bank.get(b, b + 1).variants):
-            peak, y = _peak_bytes(v.module, x)
+            peak, y = peak_bytes(v.module, x)
             out_b = y.numel() * FLOAT_BYTES
             params[b, lv] = v.params * FLOAT_BYTES
             activation[b, lv] = x.numel() * FLOAT_BYTES + 2 * max(peak, out_b)
             output[b, lv] = out_b + (0 if v.out_channels is None else len(v.out_channels) * 4)
     todo = contiguous_ranges(n) if ranges else [(b, b + 1) for b in range(n)]
-    times = np.zeros((len(todo), n_levels))
-    with torch_threads(1):
-        for k, (i, j) in enumerate(todo):
-            x = inputs[i][:1]
-            fns = [(lambda m=v.module, x=x: m(x)) for v in bank.get(i, j).variants]
-            times[k] = median_times(fns, runs=runs, warmup=warmup)[1]
+    timed = measure_latency(
+        bank.slices(todo), [inputs[i] for i, _ in todo], runs=runs, warmup=warmup
+    )
+    times = np.asarray([[t.median("cpu") for t in per_range] for per_range in timed])
     idx = {r: k for k, r in enumerate(todo)}
     block_time = np.asarray([times[idx[(b, b + 1)]] for b in range(n)])
     table = CostTable(
         tuple(bank.model.block_names()), bank.ratios, block_time, params, activation, output
     )
     return table, times if ranges else None
-
-
-def block_inputs(model: SliceableResNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """The full-width input of every block (and the logits last) for inputs ``x``."""
-    act = [x]
-    with torch.no_grad():
-        for block in model.blocks:
-            act.append(_batched(block, act[-1]))
-    return act
-
-
-def accuracy_of(
-    bank: SliceBank,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    bounds: Sequence[Range],
-    levels: Sequence[int],
-) -> float:
-    """End-to-end accuracy of slices ``bounds`` at ``levels`` on ``(x, y)``."""
-    logits = _batched(lambda xb: bank.run(xb, bounds, levels)[0], x)
-    return float((logits.argmax(1) == y).float().mean())
 
 
 def split_halves(data: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
@@ -366,52 +296,6 @@ def split_halves(data: ArrayDataset, seed: int = 0) -> tuple[ArrayDataset, Array
         data.subset(np.sort(np.concatenate(a)), f"{data.name}/a"),
         data.subset(np.sort(np.concatenate(b)), f"{data.name}/b"),
     )
-
-
-class MeasuredAccuracy:
-    """The real end-to-end accuracy of configurations (slice bounds, a level per slice) on one
-    labelled set, measured once each (:func:`accuracy_of`) and remembered, in a JSON file too
-    when ``cache`` is given (keyed by the configuration; name the file after the model and the
-    set). Callable as the planner's measured veto (``Planner(measured=...)``)."""
-
-    def __init__(self, bank: SliceBank, data: ArrayDataset, cache: Path | None = None) -> None:
-        self.bank, self.data, self.cache = bank, data, cache
-        self._x: torch.Tensor | None = None
-        self._y = torch.from_numpy(data.labels)
-        self.known: dict[str, float] = {}
-        if cache is not None and cache.exists():
-            try:
-                self.known = {str(k): float(v) for k, v in json.loads(cache.read_text()).items()}
-            except (OSError, ValueError, AttributeError) as exc:
-                raise ConfigError(f"cannot read measured accuracies {cache}: {exc}") from exc
-        self._saved = len(self.known)
-
-    @staticmethod
-    def key(bounds: Sequence[Range], levels: Sequence[int]) -> str:
-        return json.dumps(
-            [[int(i), int(j), int(lv)] for (i, j), lv in zip(bounds, levels, strict=True)]
-        )
-
-    def __call__(self, bounds: Sequence[Range], levels: Sequence[int]) -> float:
-        key = self.key(bounds, levels)
-        if key not in self.known:
-            if self._x is None:
-                self._x = self.bank.ckpt.preprocess(self.data.images)
-            self.known[key] = accuracy_of(
-                self.bank, self._x, self._y, [(int(i), int(j)) for i, j in bounds], list(levels)
-            )
-            log.debug("measured %s on %s: %.4f", key, self.data.name, self.known[key])
-        return self.known[key]
-
-    def save(self) -> None:
-        """Write the cache file if something new was measured."""
-        if self.cache is None or len(self.known) == self._saved:
-            return
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.known, indent=0))
-        tmp.replace(self.cache)
-        self._saved = len(self.known)
 
 
 def sample_combos(
@@ -473,15 +357,20 @@ def measure(
         latency_s = time.perf_counter() - t0
         unpruned = float((act[-1].argmax(1) == y).float().mean())
         range_acc = np.full((len(ranges), n_levels), unpruned)
-        for k, (i, j) in enumerate(ranges):
+        for k, (i, j) in enumerate(ranges):  # only [i, j) pruned: from its cached input
             tail = [(j, n)] if j < n else []
-            for level in range(1, n_levels):  # only [i, j) pruned: from its cached input
-                range_acc[k, level] = _tail_accuracy(bank, act[i], y, (i, j), level, tail)
-                bar.update(1)
+            range_acc[k, 1:] = accuracy_at_levels(
+                bank.slices([(i, j), *tail]),
+                [(level,) + (0,) * len(tail) for level in range(1, n_levels)],
+                act[i],
+                y,
+                on_point=lambda: bar.update(1),
+            )
         base = AccuracyModel.from_importance(unpruned, range_acc, ckpt.config.num_classes)
         measured = []
         for bounds, levels in sample_combos(base, n, combos, seed):
-            measured.append(Combo(bounds, levels, accuracy_of(bank, x, y, bounds, levels)))
+            accuracy = accuracy_at_levels(bank.slices(bounds), [levels], x, y)[0]
+            measured.append(Combo(bounds, levels, accuracy))
             bar.update(1)
     meta = {
         "created": now_iso(),
@@ -523,30 +412,8 @@ def measure(
     )
 
 
-def _tail_accuracy(
-    bank: SliceBank, x: torch.Tensor, y: torch.Tensor, r: Range, level: int, tail: list[Range]
-) -> float:
-    """Accuracy with only ``r`` pruned, fed the unpruned activation ``x`` at its start."""
-
-    def fwd(xb: torch.Tensor) -> torch.Tensor:
-        out, ch = bank.run(xb, [r], [level])
-        return bank.run(out, tail, [0] * len(tail), ch, level)[0] if tail else out
-
-    return float((_batched(fwd, x).argmax(1) == y).float().mean())
-
-
 def default_cache(ckpt: Checkpoint, root: Path = Path("runs/slimedge")) -> Path:
     return root / f"measurements-{ckpt.config.name}-{ckpt.model_hash()}.json"
-
-
-def accuracy_cache(m: Measurements, data: ArrayDataset, root: Path = Path("runs/slimedge")) -> Path:
-    """Where :class:`MeasuredAccuracy` keeps the accuracies of ``m``'s model on ``data``: the
-    file is named after the model and the set's name and content (images and labels), so a
-    changed data set never reads another's accuracies."""
-    digest = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
-    digest.update(np.ascontiguousarray(data.labels).tobytes())
-    name = data.name.replace("/", "-")
-    return root / f"accuracy-{m.model_name}-{m.model_hash}-{name}-{digest.hexdigest()[:12]}.json"
 
 
 def load_or_measure(
@@ -567,106 +434,3 @@ def load_or_measure(
     m.save(path)
     log.info("measurements cached at %s", path)
     return m
-
-
-# ----------------------------------------------------------------------------------------------
-# The accuracy model
-
-
-def _logit(a: NDArray[np.float64], lo: float, hi: float) -> NDArray[np.float64]:
-    u = np.clip((np.asarray(a, dtype=np.float64) - lo) / (hi - lo), 1e-4, 1 - 1e-4)
-    return np.asarray(np.log(u / (1 - u)))
-
-
-@dataclass(frozen=True)
-class AccuracyModel:
-    """``a = lo + (hi - lo) sigmoid(z0 - (max_t d_t + kappa (sum_t d_t - max_t d_t)))`` with
-    ``d_t = delta[unit_t, level_t]``.
-
-    ``delta`` is ``[units, levels]`` (logit units, >= 0, non-decreasing in the level);
-    ``validation`` holds the leave-one-out errors on the measured combos.
-    """
-
-    z0: float
-    delta: NDArray[np.float64]
-    kappa: float
-    lo: float
-    hi: float = 1.0
-    validation: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_importance(
-        cls, unpruned: float, accuracy: NDArray[np.float64], num_classes: int, kappa: float = 1.0
-    ) -> AccuracyModel:
-        """From measured accuracies ``[units, levels]`` (level 0 = unpruned)."""
-        lo = 1.0 / num_classes
-        z0 = float(_logit(np.asarray([unpruned]), lo, 1.0)[0])
-        delta = np.maximum(z0 - _logit(accuracy, lo, 1.0), 0.0)
-        delta[:, 0] = 0.0
-        delta = np.maximum.accumulate(delta, axis=1)
-        return cls(z0=z0, delta=delta, kappa=kappa, lo=lo)
-
-    def predict(self, units: NDArray[np.intp], levels: NDArray[np.intp]) -> NDArray[np.float64]:
-        """Accuracy of configurations ``[C, s]`` (unit index and level of each of s slices)."""
-        d = self.delta[units, levels]
-        top = d.max(axis=-1)
-        z = self.z0 - (top + self.kappa * (d.sum(axis=-1) - top))
-        return np.asarray(self.lo + (self.hi - self.lo) / (1.0 + np.exp(-z)))
-
-    def predict_views(self, levels: NDArray[np.intp]) -> NDArray[np.float64]:
-        """Accuracy of per-unit level vectors ``[C, units]`` (every unit present: views)."""
-        return self.predict(np.broadcast_to(np.arange(levels.shape[-1]), levels.shape), levels)
-
-    def predict_one(self, units: Sequence[int], levels: Sequence[int]) -> float:
-        return float(self.predict(np.asarray([units]), np.asarray([levels]))[0])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "z0": self.z0,
-            "kappa": self.kappa,
-            "lo": self.lo,
-            "hi": self.hi,
-            "delta": self.delta.tolist(),
-            "validation": self.validation,
-        }
-
-
-def fit_accuracy_model(m: Measurements) -> AccuracyModel:
-    """The range-importance model with ``kappa`` fitted on the combos (leave-one-out errors
-    in ``validation``; with fewer than 3 combos, ``kappa = 1`` unvalidated)."""
-    base = AccuracyModel.from_importance(m.unpruned_accuracy, m.range_accuracy, m.num_classes)
-    idx = m.range_index()
-    # per combo, the largest importance of its slices and the sum of the others
-    ds = [
-        np.asarray([base.delta[idx[b], lv] for b, lv in zip(c.bounds, c.levels, strict=True)])
-        for c in m.combos
-    ]
-    top = np.asarray([d.max() for d in ds])
-    rest = np.asarray([d.sum() - d.max() for d in ds])
-    acc = np.asarray([c.accuracy for c in m.combos])
-    if len(acc) < 3:
-        return base
-
-    def predict(k: float, where: Any = slice(None)) -> NDArray[np.float64]:
-        z = base.z0 - top[where] - k * rest[where]
-        return np.asarray(base.lo + (base.hi - base.lo) / (1 + np.exp(-z)))
-
-    def fit(where: Any) -> float:
-        res = minimize_scalar(
-            lambda k: float(np.sum((predict(k, where) - acc[where]) ** 2)),
-            bounds=(0.0, 5.0),
-            method="bounded",
-        )
-        return float(res.x)
-
-    loo = np.asarray([predict(fit(np.arange(len(acc)) != k), k) - acc[k] for k in range(len(acc))])
-    err, add = np.abs(loo), np.abs(predict(1.0) - acc)
-    validation = {
-        "combos": float(len(acc)),
-        "loo_mae": float(err.mean()),
-        "loo_max_abs": float(err.max()),
-        "loo_bias": float(loo.mean()),
-        "additive_mae": float(add.mean()),
-        "additive_max_abs": float(add.max()),
-    }
-    return replace(base, kappa=fit(slice(None)), validation=validation)

@@ -1,5 +1,5 @@
 """The calibration procedure: measure what the controller's two models are fitted to, fit them,
-and return one :class:`~pipeline.calibration.Calibration` (DESIGN.md, "Control loop").
+and return one :class:`~pipeline.calibration.file.Calibration` (DESIGN.md, "Control loop").
 
 For a model cut into slices (by cut points or by a :class:`~pipeline.partition.Partition`):
 
@@ -15,7 +15,8 @@ For a model cut into slices (by cut points or by a :class:`~pipeline.partition.P
    :class:`~pipeline.composed.ComposedPipeline` is built once and switched with
    ``set_levels``; vectors are visited in lexicographic order and a slice's output is reused
    while the levels before and at it are unchanged (a prefix cache), which gives the same
-   numbers as running the whole pipeline per vector, faster. Fit the scaled logistic
+   numbers as running the whole pipeline per vector, faster
+   (:func:`~pipeline.calibration.accuracy.accuracy_at_levels`). Fit the scaled logistic
    ``a(p)`` with ``lo = 1 / num_classes``.
 
 :func:`calibrate` is the entry point (``edgeprune calibrate`` and the experiment harness).
@@ -35,32 +36,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.calibration import Calibration, SliceLatency
+from pipeline.calibration.accuracy import (
+    LevelVector,
+    accuracy_at_levels,
+    accuracy_fit_check,
+    fit_logistic_accuracy,
+)
+from pipeline.calibration.file import Calibration, SliceLatency
+from pipeline.calibration.latency import fit_linear
+from pipeline.calibration.timing import CLOCKS, CallTimes, Clock, time_calls, torch_threads
 from pipeline.checkpoint import Checkpoint
 from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.devices import Device
 from pipeline.errors import ConfigError
-from pipeline.fitting import LogisticAccuracyFit, fit_linear, fit_logistic_accuracy
+from pipeline.models import SliceableResNet
 from pipeline.partition import Partition
 from pipeline.placement import Placement
-from pipeline.profiling import (
-    CLOCKS,
-    CallTimes,
-    Clock,
-    machine_info,
-    now_iso,
-    time_calls,
-    torch_threads,
-)
-from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
+from pipeline.profiling import machine_info, now_iso
+from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
 from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 
-LevelVector = tuple[int, ...]
 BUSY_WARNING = 1.25  # wall / CPU median (of any slice and level) that flags a busy machine
-DEFAULT_A_MIN = 0.8  # the accuracy floor the paper keeps (for the fit check in ``meta``)
 
 
 @dataclass(frozen=True)
@@ -167,82 +166,37 @@ def level_vectors(
     return sorted(chosen), False
 
 
-def slice_input_batch(pipe: ComposedPipeline, x: torch.Tensor) -> list[torch.Tensor]:
-    """The full-width input of every slice when the unpruned pipeline is given ``x``."""
-    saved = [s.level for s in pipe.slices]
-    pipe.set_levels([0] * len(pipe.slices))
-    inputs = []
+def block_inputs(model: SliceableResNet, x: torch.Tensor, batch: int = 500) -> list[torch.Tensor]:
+    """The full-width input of every block of the unpruned ``model`` (and the logits last) for
+    inputs ``x``, computed in batches of ``batch``."""
+    act = [x]
     with torch.no_grad():
-        for s in pipe.slices:
-            inputs.append(x)
-            x = s(x).tensor  # level 0: full width
-    pipe.set_levels(saved)
-    return inputs
+        for block in model.blocks:
+            h = act[-1]
+            act.append(torch.cat([block(h[k : k + batch]) for k in range(0, len(h), batch)]))
+    return act
 
 
 def measure_latency(
-    pipe: ComposedPipeline,
-    x1: torch.Tensor,
+    slices: Sequence[PrunableSlice],
+    inputs: Sequence[torch.Tensor],
     *,
     runs: int,
     warmup: int,
-    rounds: int,
+    rounds: int = 5,
     on_slice: Callable[[], None] | None = None,
 ) -> list[list[CallTimes]]:
     """Per slice, per level: ``runs`` call times of the level's module on ONE thread at
-    batch 1 (``x1`` is one image, shape [1, C, H, W])."""
+    batch 1, levels interleaved in ``rounds`` (:func:`~pipeline.calibration.timing.time_calls`).
+    ``inputs[k]`` is slice k's full-width input (its first row is used)."""
     out = []
     with torch_threads(1):
-        for s, x in zip(pipe.slices, slice_input_batch(pipe, x1), strict=True):
-            fns = [(lambda m=v.module, x=x: m(x)) for v in s.variants]
+        for s, x in zip(slices, inputs, strict=True):
+            fns = [(lambda m=v.module, x1=x[:1]: m(x1)) for v in s.variants]
             out.append(time_calls(fns, runs=runs, warmup=warmup, rounds=rounds))
             if on_slice is not None:
                 on_slice()
     return out
-
-
-@torch.no_grad()
-def evaluate_levels(
-    pipe: ComposedPipeline,
-    vectors: Sequence[LevelVector],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int = 500,
-    on_point: Callable[[], None] | None = None,
-) -> list[float]:
-    """End-to-end accuracy of ``pipe`` on ``(x, y)`` at each level vector (in the given order).
-
-    Visits the vectors in sorted order with a prefix cache (see the module docstring); the
-    result equals ``accuracy(pipe, x, y)`` after ``pipe.set_levels(v)``.
-    """
-    n = len(pipe.slices)
-    order = sorted(range(len(vectors)), key=lambda k: tuple(vectors[k]))
-    results = [0.0] * len(vectors)
-    # stack[i]: (level of slice i, its output chunks, the kept channels) for the current prefix
-    stack: list[tuple[int, list[torch.Tensor], torch.Tensor | None]] = []
-    for k in order:
-        vec = tuple(vectors[k])
-        if len(vec) != n:
-            raise ConfigError(f"need {n} levels per vector, got {vec}")
-        pipe.set_levels(vec)
-        keep = 0
-        while keep < len(stack) and keep < n - 1 and stack[keep][0] == vec[keep]:
-            keep += 1
-        del stack[keep:]
-        chunks = list(torch.split(x, batch_size)) if keep == 0 else stack[-1][1]
-        channels = None if keep == 0 else stack[-1][2]
-        for i in range(keep, n):
-            upstream = vec[i - 1] if i > 0 else None
-            outs = [pipe.slices[i](c, channels, upstream) for c in chunks]
-            chunks = [o.tensor for o in outs]
-            channels = outs[0].channels if outs else None
-            stack.append((vec[i], chunks, channels))
-        predicted = torch.cat([c.argmax(1) for c in chunks])
-        results[k] = float((predicted == y).float().mean())
-        if on_point is not None:
-            on_point()
-    return results
 
 
 def _stage_specs(
@@ -265,30 +219,14 @@ def _stage_specs(
     return [table[name] for name in names]
 
 
-def calibrate(
-    ckpt: Checkpoint,
-    data: ArrayDataset,
-    *,
-    bounds: Sequence[SliceBounds] | None = None,
-    plan: Partition | None = None,
-    devices: Sequence[Device] | None = None,
-    nodes: Sequence[str] | None = None,
-    settings: CalibrationSettings | None = None,
-    split: str = "val",
-    progress: bool = True,
-) -> Calibration:
-    """Measure and fit one calibration (see the module docstring).
-
-    Give the slices either as ``bounds`` or as a partition ``plan`` (its stages' devices then
-    name the slices, and ``devices`` are matched by name). Without a plan, ``devices`` (one per
-    slice, in order) or ``nodes`` name the slices; default ``n0, n1, ...``. ``devices`` turn on
-    emulation: latencies measured here are scaled to each device. ``data`` is the held-out set
-    (``split`` is recorded in ``meta``).
-    """
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    settings = settings or CalibrationSettings()
+def _placement(
+    bounds: Sequence[SliceBounds] | None,
+    plan: Partition | None,
+    devices: Sequence[Device] | None,
+    nodes: Sequence[str] | None,
+) -> tuple[list[SliceBounds], list[str], str, list[Device | None]]:
+    """The slices, their names, the plan hash and each slice's device (None: this
+    machine), from cut points or a partition (see :func:`calibrate`)."""
     if plan is not None and bounds is None:
         bounds = list(plan.placement.bounds)
         names = list(plan.placement.nodes)
@@ -306,45 +244,20 @@ def calibrate(
             "this machine's, not emulated",
             ", ".join(names),
         )
-    if len(data) == 0:
-        raise ConfigError("no held-out images to measure accuracy on")
-    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
-    n, n_levels = len(bounds), len(settings.ratios)
-    vectors, full_grid = level_vectors(
-        n, n_levels, grid_limit=settings.grid_limit, samples=settings.samples, seed=settings.seed
-    )
+    return bounds, names, plan_hash, specs
 
-    t0 = time.perf_counter()
-    recal = settings.recalibrate_bn and ckpt.calibration_images is not None
-    pipe = ComposedPipeline(
-        ckpt, bounds, ratios=settings.ratios, round_to=settings.round_to, recalibrate_bn=recal
-    )
-    build_s = time.perf_counter() - t0
-    log.info("built %d slices x %d levels in %.1f s", n, n_levels, build_s)
 
-    with tqdm(
-        total=n + len(vectors), desc="calibrate", unit="step", disable=not progress, leave=False
-    ) as bar:
-        bar.set_postfix_str("latency")
-        t0 = time.perf_counter()
-        times = measure_latency(
-            pipe,
-            x[:1],
-            runs=settings.runs,
-            warmup=settings.warmup,
-            rounds=settings.rounds,
-            on_slice=lambda: bar.update(1),
-        )
-        latency_s = time.perf_counter() - t0
-        bar.set_postfix_str(f"accuracy ({len(vectors)} vectors, {len(data)} images)")
-        t0 = time.perf_counter()
-        accs = evaluate_levels(
-            pipe, vectors, x, y, batch_size=settings.batch_size, on_point=lambda: bar.update(1)
-        )
-        accuracy_s = time.perf_counter() - t0
-    pipe.set_levels([0] * n)
-
-    slices, device_meta = [], []
+def _fit_latency(
+    times: list[list[CallTimes]],
+    bounds: Sequence[SliceBounds],
+    names: Sequence[str],
+    specs: Sequence[Device | None],
+    settings: CalibrationSettings,
+) -> tuple[list[SliceLatency], list[dict[str, Any]], list[list[float]], float]:
+    """Per slice, the measured medians scaled to its device and the linear fit; the
+    device notes for ``meta``, the medians and how busy the machine was."""
+    slices: list[SliceLatency] = []
+    device_meta: list[dict[str, Any]] = []
     clock = settings.clock
     measured = [[t.median(clock) for t in per_slice] for per_slice in times]
     busy = max(t.busy_ratio for per_slice in times for t in per_slice)
@@ -371,6 +284,104 @@ def calibrate(
                 "source": "this machine" if spec is None else spec.describe(),
             }
         )
+    return slices, device_meta, measured, busy
+
+
+def _latency_meta(
+    times: list[list[CallTimes]], clock: Clock, measured: list[list[float]], busy: float
+) -> dict[str, Any]:
+    """How the latencies were measured, and their spread, for the file's ``meta``."""
+    return {
+        "threads": 1,
+        "batch": 1,
+        "statistic": "median",
+        "clock": clock,
+        "input": "one held-out image's full-width activation at the slice input",
+        "measured_s": measured,
+        "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
+        "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
+        "wall_s": [[t.median("wall") for t in s] for s in times],
+        "cpu_s": [[t.median("cpu") for t in s] for s in times],
+        "busy_ratio": busy,
+    }
+
+
+def calibrate(
+    ckpt: Checkpoint,
+    data: ArrayDataset,
+    *,
+    bounds: Sequence[SliceBounds] | None = None,
+    plan: Partition | None = None,
+    devices: Sequence[Device] | None = None,
+    nodes: Sequence[str] | None = None,
+    settings: CalibrationSettings | None = None,
+    split: str = "val",
+    progress: bool = True,
+) -> Calibration:
+    """Measure and fit one calibration (see the module docstring).
+
+    Give the slices either as ``bounds`` or as a partition ``plan`` (its stages' devices then
+    name the slices, and ``devices`` are matched by name). Without a plan, ``devices`` (one per
+    slice, in order) or ``nodes`` name the slices; default ``n0, n1, ...``. ``devices`` turn on
+    emulation: latencies measured here are scaled to each device. ``data`` is the held-out set
+    (``split`` is recorded in ``meta``).
+
+    Steps: the placement (:func:`_placement`), the level vectors (:func:`level_vectors`), one
+    composed pipeline, the latencies (:func:`measure_latency`) and accuracies
+    (:func:`~pipeline.calibration.accuracy.accuracy_at_levels`) measured on it, then the fits
+    (:func:`_fit_latency`, :func:`~pipeline.calibration.accuracy.fit_logistic_accuracy`).
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    settings = settings or CalibrationSettings()
+    bounds, names, plan_hash, specs = _placement(bounds, plan, devices, nodes)
+    if len(data) == 0:
+        raise ConfigError("no held-out images to measure accuracy on")
+    x, y = ckpt.preprocess(data.images), torch.from_numpy(data.labels)
+    n, n_levels = len(bounds), len(settings.ratios)
+    vectors, full_grid = level_vectors(
+        n, n_levels, grid_limit=settings.grid_limit, samples=settings.samples, seed=settings.seed
+    )
+
+    t0 = time.perf_counter()
+    recal = settings.recalibrate_bn and ckpt.calibration_images is not None
+    pipe = ComposedPipeline(
+        ckpt, bounds, ratios=settings.ratios, round_to=settings.round_to, recalibrate_bn=recal
+    )
+    build_s = time.perf_counter() - t0
+    log.info("built %d slices x %d levels in %.1f s", n, n_levels, build_s)
+
+    with tqdm(
+        total=n + len(vectors), desc="calibrate", unit="step", disable=not progress, leave=False
+    ) as bar:
+        bar.set_postfix_str("latency")
+        t0 = time.perf_counter()
+        model_inputs = block_inputs(ckpt.build(), x[:1])
+        times = measure_latency(
+            pipe.slices,
+            [model_inputs[b.start] for b in bounds],
+            runs=settings.runs,
+            warmup=settings.warmup,
+            rounds=settings.rounds,
+            on_slice=lambda: bar.update(1),
+        )
+        latency_s = time.perf_counter() - t0
+        bar.set_postfix_str(f"accuracy ({len(vectors)} vectors, {len(data)} images)")
+        t0 = time.perf_counter()
+        accs = accuracy_at_levels(
+            pipe.slices,
+            vectors,
+            x,
+            y,
+            batch_size=settings.batch_size,
+            on_point=lambda: bar.update(1),
+        )
+        accuracy_s = time.perf_counter() - t0
+    pipe.set_levels([0] * n)
+
+    clock = settings.clock
+    slices, device_meta, measured, busy = _fit_latency(times, bounds, names, specs, settings)
 
     ratio_points = [tuple(settings.ratios[level] for level in v) for v in vectors]
     acc_fit = fit_logistic_accuracy(
@@ -394,19 +405,7 @@ def calibrate(
         else "corners + uniform diagonal + seeded random vectors",
         "levels": [list(v) for v in vectors],
         "settings": settings.to_dict(),
-        "latency": {
-            "threads": 1,
-            "batch": 1,
-            "statistic": "median",
-            "clock": clock,
-            "input": "one held-out image's full-width activation at the slice input",
-            "measured_s": measured,
-            "p10_s": [[t.percentile(10, clock) for t in s] for s in times],
-            "p90_s": [[t.percentile(90, clock) for t in s] for s in times],
-            "wall_s": [[t.median("wall") for t in s] for s in times],
-            "cpu_s": [[t.median("cpu") for t in s] for s in times],
-            "busy_ratio": busy,
-        },
+        "latency": _latency_meta(times, clock, measured, busy),
         "accuracy_threads": torch.get_num_threads(),
         "accuracy_fit_form": "scaled",
         "recalibrate_bn": recal,
@@ -444,26 +443,3 @@ def calibrate(
         num_classes=ckpt.config.num_classes,
         meta=meta,
     )
-
-
-def accuracy_fit_check(
-    points: Sequence[Sequence[float]],
-    accuracies: Sequence[float],
-    fit: LogisticAccuracyFit,
-    a_min: float = DEFAULT_A_MIN,
-) -> dict[str, Any]:
-    """How far the accuracy fit is off, overall and where the controller looks: the points
-    measured or predicted at or above ``a_min``, and how many the fit calls feasible
-    (predicted >= a_min) although they measured below (the costly mistake)."""
-    A = np.asarray(accuracies, dtype=np.float64)
-    pred = np.asarray(fit.predict(np.asarray(points, dtype=np.float64)))
-    err = np.abs(pred - A)
-    near = (a_min <= A) | (pred >= a_min)
-    return {
-        "max_abs_error": float(err.max()),
-        "rmse": float(np.sqrt(np.mean(err**2))),
-        "a_min": a_min,
-        "points_near_a_min": int(near.sum()),
-        "max_abs_error_near_a_min": float(err[near].max()) if near.any() else None,
-        "falsely_feasible": int(((pred >= a_min) & (a_min > A)).sum()),
-    }

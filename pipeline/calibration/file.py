@@ -11,12 +11,14 @@ model and plan it belongs to, so a stale file is detected).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.calibration.accuracy import LogisticAccuracyFit
+from pipeline.calibration.latency import LinearFit
 from pipeline.errors import ConfigError
-from pipeline.fitting import LinearFit, LogisticAccuracyFit
 
 CALIBRATION_VERSION = 1
 
@@ -71,9 +73,17 @@ class Calibration:
         if self.accuracy_fit.n_slices != len(self.slices):
             raise ConfigError("the accuracy fit and the slice list disagree on the slice count")
 
-    @property
-    def latency_fits(self) -> list[LinearFit]:
-        return [s.fit for s in self.slices]
+    def mismatch(self, model_hash: str, plan_hash: str, ratios: Sequence[float]) -> str | None:
+        """Why this calibration does not belong to the model ``model_hash`` placed as
+        ``plan_hash`` at levels ``ratios`` (None when it does): a stale file must not feed the
+        controller."""
+        if self.model_hash != model_hash:
+            return f"it is for model {self.model_hash}, the checkpoint is {model_hash}"
+        if self.plan_hash != plan_hash:
+            return f"it is for plan {self.plan_hash}, the placement's is {plan_hash}"
+        if tuple(self.ratios) != tuple(ratios):
+            return f"its levels {list(self.ratios)} differ from {list(ratios)}"
+        return None
 
     @property
     def unpruned_accuracy(self) -> float:
