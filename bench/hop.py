@@ -175,7 +175,7 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
     import numpy as np
 
     from bus.observer import Observed, Observer
-    from bus.publisher import Publisher
+    from bus.session import Session
     from bus.topics import Topics
     from pipeline import codec
 
@@ -188,7 +188,11 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
         codec.decode_stage(m.payload)
         arrived.put_nowait((t, time.perf_counter()))
 
-    async with Observer(mqtt, [(topic, 1)], on_message).running(), Publisher(mqtt) as pub:
+    async with (
+        Observer(mqtt, [(topic, 1)], on_message).running(),
+        Session(mqtt, name="bench-hop") as pub,
+    ):
+        await pub.wait_connected(20.0)
         for nbytes in sizes:
             x = np.random.default_rng(0).standard_normal((1, nbytes // 4), np.float32)
             msg = codec.StageMessage(
@@ -205,7 +209,7 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
                 t0 = time.perf_counter()
                 payload = codec.encode_stage(msg)
                 t1 = time.perf_counter()
-                await pub.publish(topic, payload, qos=1)
+                await pub.publish_now(topic, payload, qos=1)  # no outbox: the bare hop
                 got, done = await asyncio.wait_for(arrived.get(), 10)
                 if i >= max(20, messages // 10):  # past the warm-up
                     total.append(done - t0)

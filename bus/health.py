@@ -9,10 +9,10 @@ import logging
 
 from bus.connection import MqttSettings
 from bus.observer import Observed, Observer
-from bus.publisher import Publisher
+from bus.session import Session
 from bus.topics import Topics
 from pipeline import codec
-from pipeline.errors import BrokerError, CodecError
+from pipeline.errors import BrokerError, BusError, CodecError
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,10 @@ async def is_healthy(
     retained status (read within ``wait_s`` seconds) says it is online."""
     if node is None:
         try:
-            async with Publisher(mqtt):
+            async with Session(mqtt, name="health") as session:
+                await session.wait_connected(wait_s)
                 return True
-        except BrokerError as exc:
+        except BusError as exc:
             log.warning("unhealthy: %s", exc)
             return False
     statuses: list[Observed] = []

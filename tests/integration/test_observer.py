@@ -18,7 +18,7 @@ from bench.hop import measure_hops
 from broker.launcher import MosquittoBroker
 from bus.connection import MqttSettings
 from bus.observer import KINDS, Observed, Observer, Recorder, load_events
-from bus.publisher import Publisher
+from bus.session import Session
 from bus.topics import Topics
 from pipeline import codec
 from pipeline.errors import BrokerError
@@ -60,9 +60,9 @@ def _one_of_each(t: Topics) -> list[tuple[str, bytes]]:
 
 
 async def _publish(mqtt: MqttSettings, messages: list[tuple[str, bytes]]) -> None:
-    async with Publisher(mqtt) as pub:
+    async with Session(mqtt, name="test-publisher") as session:
         for topic, payload in messages:
-            await pub.publish(topic, payload, qos=1)
+            await session.publish(topic, payload, qos=1)
 
 
 async def test_the_recorder_keeps_each_kind_with_its_receipt_time_in_memory_and_on_file(
@@ -227,8 +227,8 @@ async def test_top_once_shows_the_retained_node_status(
 ) -> None:
     t = Topics(topic_prefix)
     status = codec.encode_json("status", {"node": "n0", "state": "online", "stage": 0})
-    async with Publisher(mqtt) as pub:
-        await pub.publish(t.status("n0"), status, qos=1, retain=True)
+    async with Session(mqtt, name="test-publisher") as session:
+        await session.publish(t.status("n0"), status, qos=1, retain=True)
     broker = ("--host", mosquitto.host, "--port", str(mosquitto.port), "--pipe", topic_prefix)
     proc = _cli("top", *broker, "--once", "1")
     try:
