@@ -114,3 +114,5 @@ class PlanMessage:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed plan: {exc!r}") from exc
+        except ConfigError as exc:  # well-formed, but not a plan (gaps, a node twice, ...)
+            raise CodecError(str(exc)) from exc
