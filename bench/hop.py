@@ -249,16 +249,16 @@ async def measure_throughput(
 ) -> dict[str, Any]:
     import aiomqtt
 
+    from bus.messages import MetricsMessage, ResultMessage, StatusMessage, decode_any
     from bus.topics import Topics
     from nodes.camera import Camera, ImageSource, rate_schedule
-    from pipeline import codec
     from pipeline.slicing import parse_cuts
 
     pipe = f"bench-{uuid.uuid4().hex[:8]}"
     topics = Topics(pipe)
     bounds = parse_cuts(cuts, ckpt.build().num_blocks)
     results: dict[str, float] = {}
-    metrics: list[tuple[float, dict[str, Any]]] = []
+    metrics: list[tuple[float, MetricsMessage]] = []
     online: set[str] = set()
     async with (
         aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
@@ -269,13 +269,13 @@ async def measure_throughput(
 
         async def listen() -> None:
             async for m in client.messages:
-                body = codec.decode_json(m.payload)  # type: ignore[arg-type]
-                if body["kind"] == "result":
-                    results.setdefault(body["request_id"], time.perf_counter())
-                elif body["kind"] == "metrics":
-                    metrics.append((time.perf_counter(), body))
-                elif body["kind"] == "status" and body["state"] == "online":
-                    online.add(body["node"])
+                message = decode_any(m.payload)  # type: ignore[arg-type]
+                if isinstance(message, ResultMessage):
+                    results.setdefault(message.request_id, time.perf_counter())
+                elif isinstance(message, MetricsMessage):
+                    metrics.append((time.perf_counter(), message))
+                elif isinstance(message, StatusMessage) and message.online:
+                    online.add(message.node)
 
         task = asyncio.create_task(listen())
         try:
@@ -310,15 +310,15 @@ async def measure_throughput(
     times = sorted(t for k, t in results.items() if k.split("-")[1] == "burst")
     k1, k2 = len(times) // 10, len(times) * 9 // 10
     steady = (k2 - k1) / (times[k2] - times[k1])
-    window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.get("service_s")]
-    if {b["stage"] for b in window} != set(range(len(bounds))):  # a burst shorter than 2 reports
-        window = [b for _, b in metrics if b.get("service_s")]
+    window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.service_s]
+    if {b.stage for b in window} != set(range(len(bounds))):  # a burst shorter than 2 reports
+        window = [b for _, b in metrics if b.service_s]
     service = {
-        i: statistics.median(b["service_s"] for b in window if b["stage"] == i) * 1e3
+        i: statistics.median(b.service_s or 0.0 for b in window if b.stage == i) * 1e3
         for i in range(len(bounds))
     }
     compute = {
-        i: statistics.median(b["compute_s"] for b in window if b["stage"] == i) * 1e3
+        i: statistics.median(b.compute_s or 0.0 for b in window if b.stage == i) * 1e3
         for i in range(len(bounds))
     }
     bound = 1e3 / max(compute.values())

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, Self
 
+import numpy as np
+
 from bus.plan_message import PlanMessage, StagePlacement
 from bus.topics import check_name
 from pipeline import codec
@@ -100,8 +102,9 @@ class _JsonMessage:
 class ResultMessage(_JsonMessage):
     """The prediction for one request (``results``), from the last node or the fusion node.
 
-    A fused result (:mod:`nodes.fusion`) also says which ``views`` it fused, which were
-    ``missing``, why it fused then (``fused_on``) and how long it waited (``waited_s``); the
+    ``levels`` are the pruning levels the request ran at, per stage (per view for a fused
+    result: None for a view that did not arrive). A fused result (:mod:`nodes.fusion`) also
+    says which ``views`` it fused, which were ``missing``, why it fused then (``fused_on``) and how long it waited (``waited_s``); the
     four are absent (None) on a pipeline's result.
     """
 
@@ -114,7 +117,7 @@ class ResultMessage(_JsonMessage):
     score: float
     true_label: int | None
     correct: bool | None
-    levels: tuple[int, ...]
+    levels: tuple[int | None, ...]
     entry_ts: float
     attempt: int = 0
     views: tuple[int, ...] | None = None
@@ -130,7 +133,8 @@ class ResultMessage(_JsonMessage):
         _set(self, "score", _fraction(self.score, "score"))
         _set(self, "true_label", _optional(codec._int, self.true_label, "true_label"))
         _set(self, "correct", _optional(_bool, self.correct, "correct"))
-        _set(self, "levels", _ints(self.levels, "levels"))
+        levels = _sequence(self.levels, "levels")
+        _set(self, "levels", tuple(_optional(codec._int, v, "levels") for v in levels))
         _set(self, "entry_ts", codec._float(self.entry_ts, "entry_ts"))
         _set(self, "attempt", codec._int(self.attempt, "attempt"))
         _set(self, "views", _optional(_ints, self.views, "views"))
@@ -641,9 +645,9 @@ def _text(value: object, what: str) -> str:
 
 
 def _bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
+    if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{what} must be true or false, got {type(value).__name__}")
-    return value
+    return bool(value)
 
 
 def _node(value: object) -> str:

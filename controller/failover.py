@@ -48,10 +48,9 @@ from typing import Any
 import aiomqtt
 
 from bus.connection import MqttSettings, raise_if_cancelling
-from bus.plan_message import PlanMessage
+from bus.messages import LevelMessage, PlanMessage, StatusMessage
 from bus.topics import Topics
 from controller.planner import Objective, Planner, SlimPlan
-from pipeline import codec
 from pipeline.errors import CodecError, ConfigError
 from pipeline.partition import Device
 
@@ -163,7 +162,7 @@ class FailoverDecision:
     survivors: tuple[str, ...]
     plan: SlimPlan
     message: PlanMessage
-    levels: tuple[tuple[int, bytes], ...]  # (stage, control/stage JSON)
+    levels: tuple[LevelMessage, ...]  # retained on control/stage/<i>
     decided_at: float
     planning_s: float
 
@@ -206,8 +205,10 @@ class FailoverMonitor:
         for node in message.nodes:
             self.tracker.grace(node, now + self.settings.build_grace_s)
 
-    def on_status(self, node: str, body: dict[str, Any], now: float) -> None:
-        self.tracker.status(node, str(body.get("state")), str(body.get("reason", "")), now)
+    def on_status(self, node: str, status: StatusMessage, now: float) -> None:
+        """``node``'s status; the node is named by the topic (the one the broker's ACL ties
+        to the writer), not by the message."""
+        self.tracker.status(node, status.state, status.reason, now)
 
     def on_metrics(self, node: str, now: float) -> None:
         self.tracker.heard(node, now)
@@ -241,22 +242,7 @@ class FailoverMonitor:
         version = self.current.version + 1
         reason = "failover: " + ", ".join(f"{x.node} lost ({x.reason})" for x in lost)
         message = result.best.to_message(version, reason)
-        levels = tuple(
-            (
-                i,
-                codec.encode_json(
-                    "level",
-                    {
-                        "stage": i,
-                        "level": st.level,
-                        "ratio": st.ratio,
-                        "seq": version,
-                        "reason": reason,
-                    },
-                ),
-            )
-            for i, st in enumerate(result.best.stages)
-        )
+        levels = result.best.level_messages(version, reason)
         decision = FailoverDecision(
             tuple(lost),
             tuple(sorted(key)),
@@ -288,8 +274,8 @@ async def publish_decision(
     index gets the level after it applied the plan; one that moves subscribes and gets the
     retained level."""
     await client.publish(topics.plan, decision.message.to_json(), qos=1, retain=True)
-    for stage, body in decision.levels:
-        await client.publish(topics.control_stage(stage), body, qos=1, retain=True)
+    for level in decision.levels:
+        await client.publish(topics.control_stage(level.stage), level.to_json(), qos=1, retain=True)
 
 
 async def run_failover(
@@ -375,10 +361,8 @@ async def _read(client: aiomqtt.Client, topics: Topics, monitor: FailoverMonitor
             if node is None:
                 continue
             if topic == topics.status(node):
-                monitor.on_status(
-                    node, codec.decode_json(bytes(payload), expect_kind="status"), now
-                )
+                monitor.on_status(node, StatusMessage.from_json(bytes(payload)), now)
             elif topic == topics.metrics(node):
                 monitor.on_metrics(node, now)
-        except (CodecError, ConfigError) as exc:
+        except CodecError as exc:
             log.warning("failover: ignoring a bad message on %s: %s", topic, exc)

@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from bus.plan_message import PlanMessage
+from bus.messages import LevelMessage, PlanMessage
 from controller.importance import AccuracyModel, CostTable, contiguous_ranges
 from pipeline.errors import ConfigError
 from pipeline.partition import Device
@@ -124,6 +124,13 @@ class SlimPlan:
         """The retained plan nodes follow (node id = device name)."""
         return PlanMessage.build(
             version, self.stages[-1].end, self.bounds, list(self.devices), reason
+        )
+
+    def level_messages(self, seq: int, reason: str = "") -> tuple[LevelMessage, ...]:
+        """The retained level of every stage that goes out with the plan (decision ``seq``)."""
+        return tuple(
+            LevelMessage(stage=i, level=s.level, ratio=s.ratio, seq=seq, reason=reason)
+            for i, s in enumerate(self.stages)
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,11 +36,11 @@ from typing import Any
 import aiomqtt
 
 from bus.connection import MqttSettings, raise_if_cancelling
+from bus.messages import ErrorMessage, ExitMessage, LevelMessage, MetricsMessage, StatusMessage
 from bus.topics import Topics
 from controller.config import ControllerConfig
 from controller.oracle import OracleSchedule
 from controller.state import ControlDecision, ControllerState, NodeEvent
-from pipeline import codec
 from pipeline.calibration import Calibration
 from pipeline.errors import CodecError
 
@@ -181,14 +181,12 @@ class Controller:
         payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
         try:
             if topic == self.topics.exits:
-                self.state.on_exit(now, codec.decode_json(payload, expect_kind="exit"))
+                self.state.on_exit(now, ExitMessage.from_json(payload))
             elif self.topics.node_of(topic) is not None and topic.endswith("/metrics"):
-                self.state.on_metrics(now, codec.decode_json(payload, expect_kind="metrics"))
+                self.state.on_metrics(now, MetricsMessage.from_json(payload))
             elif self.topics.node_of(topic) is not None and topic.endswith("/status"):
                 if payload:
-                    event = self.state.on_status(
-                        now, codec.decode_json(payload, expect_kind="status")
-                    )
+                    event = self.state.on_status(now, StatusMessage.from_json(payload))
                     if event is not None:
                         self._on_node_event(event)
             else:
@@ -204,28 +202,27 @@ class Controller:
 
     def _report_rejected(self, topic: str, payload: bytes, exc: CodecError) -> None:
         """Publish a rejected input on ``errors`` (the nodes' error format)."""
-        body = {
-            "node": ERROR_SOURCE,
-            "stage": self.topics.stage_of(topic),
-            "topic": topic,
-            "request_id": exc.request_id,
-            "reason": f"controller ignored it: {exc.reason}",
-            "bytes": len(payload),
-            "shed": False,
-            "ts": self._wall(),
-        }
-        self._outbox.put_nowait((self.topics.errors, codec.encode_json("error", body), 1, False))
+        error = ErrorMessage(
+            node=ERROR_SOURCE,
+            topic=topic,
+            reason=f"controller ignored it: {exc.reason}",
+            ts=self._wall(),
+            stage=self.topics.stage_of(topic),
+            request_id=exc.request_id,
+            size=len(payload),
+        )
+        self._outbox.put_nowait((self.topics.errors, error.to_json(), 1, False))
 
     def _on_level(self, now: float, stage: int, payload: bytes) -> None:
-        body = codec.decode_json(payload, expect_kind="level") if payload else None
-        if self.state.on_level(now, stage, body):
+        message = LevelMessage.from_json(payload) if payload else None
+        if self.state.on_level(now, stage, message):
             log.info(
                 "stage %d: level %d adopted from control/stage/%d (seq %s, reason: %s)",
                 stage,
                 self.state.levels[stage],
                 stage,
-                None if body is None else body.get("seq"),
-                "cleared" if body is None else body.get("reason", ""),
+                None if message is None else message.seq,
+                "cleared" if message is None else message.reason,
             )
 
     def _on_node_event(self, event: NodeEvent) -> None:
@@ -266,13 +263,11 @@ class Controller:
 
     def _publish_decision(self, decision: ControlDecision) -> None:
         log.info("%s", decision.log_line())
-        for stage, body in decision.level_messages():
+        for level in decision.level_messages():
             self._outbox.put_nowait(
-                (self.topics.control_stage(stage), codec.encode_json("level", body), 1, True)
+                (self.topics.control_stage(level.stage), level.to_json(), 1, True)
             )
-        self._outbox.put_nowait(
-            (self.topics.decisions, codec.encode_json("decision", decision.to_dict()), 1, False)
-        )
+        self._outbox.put_nowait((self.topics.decisions, decision.to_message().to_json(), 1, False))
 
     async def _publisher(self) -> None:
         """Publishes the outbox in order; waits out disconnections (nothing is dropped)."""

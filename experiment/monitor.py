@@ -29,6 +29,7 @@ import aiomqtt
 import numpy as np
 
 from bus.connection import MqttSettings
+from bus.messages import LevelMessage, PlanMessage, decode_any
 from bus.topics import Topics
 from experiment.config import NodeSpec
 from pipeline import codec
@@ -154,15 +155,16 @@ class Recorder:
                 return
             if not data:
                 return  # a retained message being cleared
-            body = codec.decode_json(data)
+            message = decode_any(data)
         except CodecError as exc:
             self.bad += 1
             log.debug("recorder: undecodable message on %s: %s", topic, exc)
             return
-        kind = str(body.get("kind"))
-        if kind not in KINDS:
-            return
-        body["rx"] = rx
+        if isinstance(message, PlanMessage):
+            return  # the plan is in the run's configuration
+        kind = message.KIND
+        # recorded in its one shape (bus.messages), as on the wire, plus when it came
+        body = {"v": codec.SCHEMA_VERSION, "kind": kind, **message.body(), "rx": rx}
         if kind == "level":
             body["topic"] = topic
         self._keep(kind, body)
@@ -191,9 +193,9 @@ def current_levels(events: Events, n_stages: int) -> list[int]:
     """The latest level of each stage seen on control/stage/<i> (0 before any)."""
     levels = [0] * n_stages
     for body in events["level"]:
-        stage = body.get("stage")
-        if isinstance(stage, int) and 0 <= stage < n_stages:
-            levels[stage] = int(body["level"])
+        message = LevelMessage.from_body(body)
+        if message.stage < n_stages:
+            levels[message.stage] = message.level
     return levels
 
 
@@ -263,10 +265,10 @@ class LiveStatus:
         out = []
         for body in levels[self._seen_levels :]:
             t = body["rx"] - self.clock_start if self.clock_start is not None else math.nan
+            message = LevelMessage.from_body(body)
             out.append(
-                f"{self.label}t={t:5.1f}s  stage {body.get('stage')} -> level "
-                f"{body.get('level')} (ratio {body.get('ratio')}): "
-                f"{body.get('reason', '')}"
+                f"{self.label}t={t:5.1f}s  stage {message.stage} -> level "
+                f"{message.level} (ratio {message.ratio}): {message.reason}"
             )
         self._seen_levels = len(levels)
         return out

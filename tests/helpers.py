@@ -21,6 +21,7 @@ import aiomqtt
 import numpy as np
 
 from bus.connection import MqttSettings
+from bus.messages import LevelMessage
 from bus.topics import Topics
 from controller.importance import (
     CostTable,
@@ -142,10 +143,7 @@ async def publish_level(
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
         await client.publish(
             Topics(pipe).control_stage(stage),
-            codec.encode_json(
-                "level",
-                {"stage": stage, "level": level, "ratio": ratio, "seq": seq, "reason": reason},
-            ),
+            LevelMessage(stage=stage, level=level, ratio=ratio, seq=seq, reason=reason).to_json(),
             qos=1,
             retain=True,
         )

@@ -275,7 +275,6 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
 
     from bus.plan_message import PlanMessage
     from bus.topics import Topics
-    from pipeline import codec
 
     mqtt, topics = mqtt_settings(args), Topics(pipe_name(args))
 
@@ -291,21 +290,9 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
                         break
             message = plan.to_message(version + 1, "edgeprune plan")
             await client.publish(topics.plan, message.to_json(), qos=1, retain=True)
-            for i, s in enumerate(plan.stages):
+            for level in plan.level_messages(version + 1, "edgeprune plan"):
                 await client.publish(
-                    topics.control_stage(i),
-                    codec.encode_json(
-                        "level",
-                        {
-                            "stage": i,
-                            "level": s.level,
-                            "ratio": s.ratio,
-                            "seq": version + 1,
-                            "reason": "edgeprune plan",
-                        },
-                    ),
-                    qos=1,
-                    retain=True,
+                    topics.control_stage(level.stage), level.to_json(), qos=1, retain=True
                 )
             return int(message.version)
 

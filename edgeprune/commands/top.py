@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import aiomqtt
 
+    from bus.messages import decode_any
     from bus.topics import Topics
     from nodes.top import PipelineView
-    from pipeline import codec
     from pipeline.errors import CodecError
 
     settings = mqtt_settings(args)
@@ -56,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 if topic.startswith(f"{topics.base}/stage/"):
                     continue
                 with contextlib.suppress(CodecError):
-                    view.ingest(
-                        codec.decode_json(bytes(message.payload)),  # type: ignore[arg-type]
-                        time.time(),
-                    )
+                    view.ingest(decode_any(bytes(message.payload)), time.time())  # type: ignore[arg-type]
 
     async def main(stop: asyncio.Event) -> None:
         task = asyncio.create_task(listen())

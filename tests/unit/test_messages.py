@@ -44,7 +44,7 @@ results = st.builds(
     score=st.floats(min_value=0, max_value=1),
     true_label=_opt(small),
     correct=maybe_bool,
-    levels=levels,
+    levels=st.lists(_opt(small), max_size=8).map(tuple),
     entry_ts=times,
     attempt=small,
     views=_opt(levels),
