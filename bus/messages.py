@@ -188,7 +188,11 @@ class ResultMessage(_JsonMessage):
 @dataclass(frozen=True)
 class ExitMessage(_JsonMessage):
     """One finished request's timings (``exits``): the controller's latency signal.
-    ``stages`` are the request's hops, one per stage, as in the stage message."""
+    ``stages`` are the request's hops, one per stage, as in the stage message.
+
+    ``latency_s`` is ``exit_ts - entry_ts`` from two clocks (the camera's and the last
+    node's), so it is negative when the camera's clock is ahead; :meth:`causal_latency_s` is
+    what a reader that needs a latency takes."""
 
     KIND: ClassVar[str] = "exit"
 
@@ -208,13 +212,26 @@ class ExitMessage(_JsonMessage):
         _set(self, "capture_ts", codec._float(self.capture_ts, "capture_ts"))
         _set(self, "entry_ts", codec._float(self.entry_ts, "entry_ts"))
         _set(self, "exit_ts", codec._float(self.exit_ts, "exit_ts"))
-        _set(self, "latency_s", _seconds(self.latency_s, "latency_s"))
+        _set(self, "latency_s", codec._float(self.latency_s, "latency_s"))
         _set(self, "attempt", codec._int(self.attempt, "attempt"))
         _set(self, "correct", _optional(_bool, self.correct, "correct"))
         stages = _sequence(self.stages, "stages")
         if not all(isinstance(h, Hop) for h in stages):
             raise TypeError("stages must be Hop values")
         _set(self, "stages", stages)
+
+    def causal_latency_s(self) -> float:
+        """``latency_s``, if the clocks that measured it agree (>= 0).
+
+        Raises:
+            CodecError: a negative latency (the camera's clock is ahead of the last node's).
+        """
+        if self.latency_s < 0:
+            raise CodecError(
+                f"exit latency must be >= 0, got {self.latency_s} (are the clocks synchronised?)",
+                self.request_id,
+            )
+        return self.latency_s
 
     def body(self) -> dict[str, Any]:
         return {

@@ -279,7 +279,7 @@ class ControllerState:
 
     def on_exit(self, now: float, message: ExitMessage) -> None:
         """A finished request: its end-to-end latency and per-stage busy times."""
-        latency = message.latency_s
+        latency = message.causal_latency_s()
         self.counts["exits"] += 1
         self.latencies.append(latency)
         self.observed.add(now, latency)

@@ -626,34 +626,20 @@ class SliceNode:
                 entry_ts=msg.entry_ts,
                 attempt=msg.attempt,
             ).to_json()
-            # the exit needs the camera's clock behind this node's (latency >= 0)
-            exit_ = (
-                ExitMessage(
-                    request_id=msg.request_id,
-                    camera=msg.camera,
-                    capture_ts=msg.capture_ts,
-                    entry_ts=msg.entry_ts,
-                    exit_ts=now,
-                    latency_s=now - msg.entry_ts,
-                    stages=hops,
-                    attempt=msg.attempt,
-                    correct=correct,
-                ).to_json()
-                if now >= msg.entry_ts
-                else None
-            )
+            exit_ = ExitMessage(
+                request_id=msg.request_id,
+                camera=msg.camera,
+                capture_ts=msg.capture_ts,
+                entry_ts=msg.entry_ts,
+                exit_ts=now,
+                latency_s=now - msg.entry_ts,
+                stages=hops,
+                attempt=msg.attempt,
+                correct=correct,
+            ).to_json()
             # both encoded before either is queued: nothing goes out half-emitted
             self._outbox.put_nowait((self.topics.results, result, 1, False))
-            if exit_ is not None:
-                self._outbox.put_nowait((self.topics.exits, exit_, 1, False))
-            else:
-                self._reject(
-                    f"no exit: the request entered at {msg.entry_ts:.3f}, after it left by "
-                    f"this node's clock ({now:.3f}); are the clocks synchronised?",
-                    msg.request_id,
-                    self.topics.exits,
-                    0,
-                )
+            self._outbox.put_nowait((self.topics.exits, exit_, 1, False))
             return
         tensor = out.tensor.contiguous().numpy()
         channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None

@@ -59,7 +59,7 @@ exits = st.builds(
     capture_ts=times,
     entry_ts=times,
     exit_ts=times,
-    latency_s=seconds,
+    latency_s=st.floats(min_value=-1e3, max_value=1e6, allow_nan=False),
     stages=st.lists(hops, max_size=6).map(tuple),
     attempt=small,
     correct=maybe_bool,
@@ -345,7 +345,7 @@ BAD_FIELDS: list[tuple[str, str, Any]] = [
     ("result", "score", "high"),
     ("result", "score", 1.5),
     ("result", "levels", None),
-    ("exit", "latency_s", -0.1),
+    ("exit", "latency_s", "slow"),
     ("exit", "stages", [{"stage": 0}]),
     ("exit", "request_id", None),
     ("level", "level", "3"),
@@ -426,6 +426,15 @@ def test_building_a_bad_message_is_a_programming_error() -> None:
         m.LevelMessage(stage=0, level=-1, ratio=0.0)
     with pytest.raises(ValueError):
         m.StatusMessage(node="n0", state="sleepy", ts=0.0)  # type: ignore[arg-type]
+
+
+def test_a_negative_latency_travels_but_is_no_latency_to_use() -> None:
+    exit_ = m.ExitMessage("r1", "cam0", 2.0, 2.0, 1.5, -0.5, ())
+    assert m.ExitMessage.from_json(exit_.to_json()) == exit_  # what the node measured
+    assert m.ExitMessage("r1", "cam0", 2.0, 2.0, 2.5, 0.5, ()).causal_latency_s() == 0.5
+    with pytest.raises(CodecError, match="clocks") as info:
+        exit_.causal_latency_s()
+    assert info.value.request_id == "r1"
 
 
 def test_a_level_beyond_the_receivers_levels_is_a_codec_error() -> None:
