@@ -442,3 +442,19 @@ def test_a_level_beyond_the_receivers_levels_is_a_codec_error() -> None:
     assert level.level_of(6) == 5
     with pytest.raises(CodecError, match="out of range"):
         level.level_of(5)
+
+
+def test_the_experiment_recorder_keeps_only_valid_messages_in_their_one_shape() -> None:
+    from bus.connection import MqttSettings
+    from bus.topics import Topics
+    from experiment.monitor import Recorder
+
+    recorder = Recorder(MqttSettings(), "p")
+    topic = Topics("p").status("n1")
+    status = m.StatusMessage(node="n1", state="online", ts=1.0)
+    recorder.on_message(topic, status.to_json(), 5.0)
+    recorder.on_message(topic, _payload("status", "state", "sleepy"), 6.0)
+    recorder.on_message(Topics("p").control_stage(0), _payload("level", "level", "high"), 7.0)
+    assert recorder.bad == 2 and recorder.events["level"] == []
+    [kept] = recorder.events["status"]
+    assert kept["rx"] == 5.0 and m.StatusMessage.from_body(kept) == status
