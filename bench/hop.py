@@ -243,6 +243,7 @@ async def measure_throughput(
     logs: Path,
     broker_pid: int | None,
 ) -> dict[str, Any]:
+    from bus.messages import MetricsMessage
     from bus.observer import Recorder
     from nodes.camera import Camera, ImageSource, rate_schedule
     from pipeline.slicing import parse_cuts
@@ -292,19 +293,19 @@ async def measure_throughput(
         cpu = [
             b - a for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
         ]
-    metrics = [(b["rx"], b) for b in recorder.events["metrics"]]
+    metrics = [(b["rx"], MetricsMessage.from_body(b)) for b in recorder.events["metrics"]]
     times = sorted(t for k, t in results().items() if k.split("-")[1] == "burst")
     k1, k2 = len(times) // 10, len(times) * 9 // 10
     steady = (k2 - k1) / (times[k2] - times[k1])
-    window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.get("service_s")]
-    if {b["stage"] for b in window} != set(range(len(bounds))):  # a burst shorter than 2 reports
-        window = [b for _, b in metrics if b.get("service_s")]
+    window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.service_s]
+    if {b.stage for b in window} != set(range(len(bounds))):  # a burst shorter than 2 reports
+        window = [b for _, b in metrics if b.service_s]
     service = {
-        i: statistics.median(b["service_s"] for b in window if b["stage"] == i) * 1e3
+        i: statistics.median(b.service_s or 0.0 for b in window if b.stage == i) * 1e3
         for i in range(len(bounds))
     }
     compute = {
-        i: statistics.median(b["compute_s"] for b in window if b["stage"] == i) * 1e3
+        i: statistics.median(b.compute_s or 0.0 for b in window if b.stage == i) * 1e3
         for i in range(len(bounds))
     }
     bound = 1e3 / max(compute.values())

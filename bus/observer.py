@@ -36,6 +36,7 @@ from typing import IO, Any
 import aiomqtt
 
 from bus.connection import MqttSettings
+from bus.messages import PlanMessage, decode_any
 from bus.session import raise_if_cancelling
 from bus.topics import Topics
 from pipeline import codec
@@ -241,8 +242,9 @@ def subscriptions_for(topics: Topics, kinds: Iterable[str]) -> list[tuple[str, i
 def record_of(topics: Topics, topic: str, payload: bytes | bytearray) -> tuple[str, dict[str, Any]]:
     """(kind, body) of one message of pipe ``topics``: a camera's stage-0 message becomes a
     ``send`` (request id, camera, entry time, attempt, label), a JSON message its object
-    (``kind`` and ``v`` kept) plus, for a level, its ``topic``. Raises
-    :class:`~pipeline.errors.CodecError` for a payload that does not decode."""
+    (``kind`` and ``v`` kept, validated by its class in :mod:`bus.messages`) plus, for a level
+    or a status, its ``topic``. Raises :class:`~pipeline.errors.CodecError` for a payload that
+    does not decode or validate."""
     if topics.camera_of(topic) is not None:
         msg = codec.decode_stage(payload)
         return "send", {
@@ -252,8 +254,12 @@ def record_of(topics: Topics, topic: str, payload: bytes | bytearray) -> tuple[s
             "attempt": msg.attempt,
             "label": msg.label,
         }
-    body = codec.decode_json(payload)
-    kind = str(body.get("kind"))
+    message = decode_any(bytes(payload))  # validated by its class (bus.messages)
+    if isinstance(message, PlanMessage):
+        return "plan", {}  # not recorded: the plan is in the run's configuration
+    kind = message.KIND
+    # recorded in its one shape, as on the wire
+    body: dict[str, Any] = {"v": codec.SCHEMA_VERSION, "kind": kind, **message.body()}
     if kind in ("level", "status"):  # which stage; whose status: a node's or the controller's
         body["topic"] = topic
     return kind, body

@@ -74,19 +74,26 @@ class PlanMessage:
         try:
             rows = list(body["stages"])
             stages = tuple(
-                StagePlacement(SliceBounds(int(s["start"]), int(s["end"])), str(s["node"]))
+                StagePlacement(
+                    SliceBounds(codec._int(s["start"], "start"), codec._int(s["end"], "end")),
+                    codec._name(s["node"], "node"),
+                )
                 for s in rows
             )
-            indices = [int(s["stage"]) for s in rows]
-            version, num_blocks = int(body["version"]), int(body["num_blocks"])
+            indices = [codec._int(s["stage"], "stage") for s in rows]
+            version = codec._int(body["version"], "version")
+            num_blocks = codec._int(body["num_blocks"], "num_blocks")
             reason = str(body.get("reason", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed plan: {exc!r}") from exc
         if indices != list(range(len(indices))):
-            raise ConfigError(f"plan stages must be numbered 0, 1, ... in order, got {indices}")
-        message = cls(version, Placement(stages), reason)
+            raise CodecError(f"plan stages must be numbered 0, 1, ... in order, got {indices}")
+        try:  # well-formed, but not a plan (gaps, a node twice, ...)
+            message = cls(version, Placement(stages), reason)
+        except ConfigError as exc:
+            raise CodecError(str(exc)) from exc
         if message.num_blocks != num_blocks:
-            raise ConfigError(
+            raise CodecError(
                 f"plan covers blocks [0, {message.num_blocks}), the model has {num_blocks}"
             )
         return message

@@ -39,6 +39,7 @@ from typing import Protocol
 import aiomqtt
 
 from bus.connection import MqttSettings
+from bus.messages import NodeState
 from pipeline.errors import BusError, stop_reason
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Presence:
     saying ``online`` or ``offline`` (called at each use, so it can carry current fields)."""
 
     topic: str
-    status: Callable[[str, str], bytes]
+    status: Callable[[NodeState, str], bytes]
 
 
 @dataclass

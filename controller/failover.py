@@ -47,11 +47,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.plan_message import PlanMessage
+from bus.messages import LevelMessage, PlanMessage, StatusMessage
 from bus.session import Publisher
 from bus.topics import Topics
 from controller.planner import Objective, Planner, SlimPlan
-from pipeline import codec
 from pipeline.devices import Device
 from pipeline.errors import CodecError, ConfigError
 
@@ -163,7 +162,7 @@ class FailoverDecision:
     survivors: tuple[str, ...]
     plan: SlimPlan
     message: PlanMessage
-    levels: tuple[tuple[int, bytes], ...]  # (stage, control/stage JSON)
+    levels: tuple[LevelMessage, ...]  # retained on control/stage/<i>
     decided_at: float
     planning_s: float
 
@@ -206,8 +205,10 @@ class FailoverMonitor:
         for node in message.nodes:
             self.tracker.grace(node, now + self.settings.build_grace_s)
 
-    def on_status(self, node: str, body: dict[str, Any], now: float) -> None:
-        self.tracker.status(node, str(body.get("state")), str(body.get("reason", "")), now)
+    def on_status(self, node: str, status: StatusMessage, now: float) -> None:
+        """``node``'s status; the node is named by the topic (the one the broker's ACL ties
+        to the writer), not by the message."""
+        self.tracker.status(node, status.state, status.reason, now)
 
     def on_metrics(self, node: str, now: float) -> None:
         self.tracker.heard(node, now)
@@ -241,24 +242,7 @@ class FailoverMonitor:
         version = self.current.version + 1
         reason = "failover: " + ", ".join(f"{x.node} lost ({x.reason})" for x in lost)
         message = result.best.to_message(version, reason)
-        levels = tuple(
-            (
-                i,
-                codec.encode_json(
-                    "level",
-                    {
-                        "stage": i,
-                        "level": level,
-                        "ratio": ratio,
-                        "seq": version,
-                        "reason": reason,
-                    },
-                ),
-            )
-            for i, (level, ratio) in enumerate(
-                zip(result.best.levels, result.best.ratios, strict=True)
-            )
-        )
+        levels = result.best.level_messages(version, reason)
         decision = FailoverDecision(
             tuple(lost),
             tuple(sorted(key)),
@@ -290,8 +274,12 @@ async def publish_decision(
     keeps its stage index gets the level after it applied the plan; one that moves subscribes
     and gets the retained level. Returns once the broker acknowledged all of them."""
     acks = [publisher.publish(topics.plan, decision.message.to_json(), qos=1, retain=True)]
-    for stage, body in decision.levels:
-        acks.append(publisher.publish(topics.control_stage(stage), body, qos=1, retain=True))
+    for level in decision.levels:
+        acks.append(
+            publisher.publish(
+                topics.control_stage(level.stage), level.to_json(), qos=1, retain=True
+            )
+        )
     await asyncio.gather(*acks)
 
 
@@ -337,8 +325,8 @@ class FailoverHandler:
         except (CodecError, ConfigError) as exc:
             log.warning("failover: ignoring a bad message on %s: %s", self.topics.plan, exc)
 
-    def on_status(self, node: str, body: dict[str, Any]) -> None:
-        self.monitor.on_status(node, body, self._clock())
+    def on_status(self, node: str, status: StatusMessage) -> None:
+        self.monitor.on_status(node, status, self._clock())
 
     def on_metrics(self, node: str) -> None:
         self.monitor.on_metrics(node, self._clock())

@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from bus.plan_message import PlanMessage
+from bus.messages import LevelMessage, PlanMessage
 from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import Device, check_unique_names
@@ -115,6 +115,13 @@ class SlimPlan:
         """The retained plan nodes follow (node id = device name; the levels go on
         ``control/stage/<i>``)."""
         return PlanMessage(version, self.placement.without_levels(), reason)
+
+    def level_messages(self, seq: int, reason: str = "") -> tuple[LevelMessage, ...]:
+        """The retained level of every stage that goes out with the plan (decision ``seq``)."""
+        return tuple(
+            LevelMessage(stage=i, level=level, ratio=ratio, seq=seq, reason=reason)
+            for i, (level, ratio) in enumerate(zip(self.levels, self.ratios, strict=True))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -39,13 +39,20 @@ from collections.abc import Callable
 from typing import Any
 
 from bus.connection import MqttSettings
+from bus.messages import (
+    ErrorMessage,
+    ExitMessage,
+    LevelMessage,
+    MetricsMessage,
+    NodeState,
+    StatusMessage,
+)
 from bus.session import Presence, Received, Session
 from bus.topics import Topics
 from controller.config import ControllerConfig
 from controller.failover import FailoverDecision, FailoverHandler, FailoverMonitor
 from controller.oracle import OracleSchedule
 from controller.state import ControlDecision, ControllerState, NodeEvent
-from pipeline import codec
 from pipeline.calibration import Calibration
 from pipeline.errors import CodecError
 
@@ -162,12 +169,9 @@ class Controller:
         """The failover re-plans published so far (empty without failover)."""
         return [] if self.failover is None else list(self.failover.taken)
 
-    def _status(self, state: str, reason: str) -> bytes:
+    def _status(self, state: NodeState, reason: str) -> bytes:
         """The controller's retained status (``control/status``)."""
-        return codec.encode_json(
-            "status",
-            {"node": ERROR_SOURCE, "state": state, "reason": reason, "ts": self._wall()},
-        )
+        return StatusMessage(ERROR_SOURCE, state, self._wall(), reason).to_json()
 
     async def _on_connect(self) -> None:
         """Subscribed (the session made the subscriptions); its ``online`` status is next."""
@@ -191,19 +195,19 @@ class Controller:
         node = self.topics.node_of(topic)
         try:
             if topic == self.topics.exits:
-                self.state.on_exit(now, codec.decode_json(payload, expect_kind="exit"))
+                self.state.on_exit(now, ExitMessage.from_json(payload))
             elif node is not None and topic.endswith("/metrics"):
-                self.state.on_metrics(now, codec.decode_json(payload, expect_kind="metrics"))
+                self.state.on_metrics(now, MetricsMessage.from_json(payload))
                 if self.failover is not None:
                     self.failover.on_metrics(node)
             elif node is not None and topic.endswith("/status"):
                 if payload:
-                    body = codec.decode_json(payload, expect_kind="status")
-                    event = self.state.on_status(now, body)
+                    status = StatusMessage.from_json(payload)
+                    event = self.state.on_status(now, status)
                     if event is not None:
                         self._on_node_event(event)
                     if self.failover is not None:
-                        self.failover.on_status(node, body)
+                        self.failover.on_status(node, status)
             elif topic == self.topics.plan:
                 if self.failover is not None:
                     self.failover.on_plan(payload)
@@ -220,28 +224,27 @@ class Controller:
 
     def _report_rejected(self, topic: str, payload: bytes, exc: CodecError) -> None:
         """Publish a rejected input on ``errors`` (the nodes' error format)."""
-        body = {
-            "node": ERROR_SOURCE,
-            "stage": self.topics.stage_of(topic),
-            "topic": topic,
-            "request_id": exc.request_id,
-            "reason": f"controller ignored it: {exc.reason}",
-            "bytes": len(payload),
-            "shed": False,
-            "ts": self._wall(),
-        }
-        self._session.publish(self.topics.errors, codec.encode_json("error", body), 1, False)
+        error = ErrorMessage(
+            node=ERROR_SOURCE,
+            topic=topic,
+            reason=f"controller ignored it: {exc.reason}",
+            ts=self._wall(),
+            stage=self.topics.stage_of(topic),
+            request_id=exc.request_id,
+            size=len(payload),
+        )
+        self._session.publish(self.topics.errors, error.to_json(), 1, False)
 
     def _on_level(self, now: float, stage: int, payload: bytes) -> None:
-        body = codec.decode_json(payload, expect_kind="level") if payload else None
-        if self.state.on_level(now, stage, body):
+        message = LevelMessage.from_json(payload) if payload else None
+        if self.state.on_level(now, stage, message):
             log.info(
                 "stage %d: level %d adopted from control/stage/%d (seq %s, reason: %s)",
                 stage,
                 self.state.levels[stage],
                 stage,
-                None if body is None else body.get("seq"),
-                "cleared" if body is None else body.get("reason", ""),
+                None if message is None else message.seq,
+                "cleared" if message is None else message.reason,
             )
 
     def _on_node_event(self, event: NodeEvent) -> None:
@@ -266,13 +269,9 @@ class Controller:
 
     def _publish_decision(self, decision: ControlDecision) -> None:
         log.info("%s", decision.log_line())
-        for stage, body in decision.level_messages():
-            self._session.publish(
-                self.topics.control_stage(stage), codec.encode_json("level", body), 1, True
-            )
-        self._session.publish(
-            self.topics.decisions, codec.encode_json("decision", decision.to_dict()), 1, False
-        )
+        for level in decision.level_messages():
+            self._session.publish(self.topics.control_stage(level.stage), level.to_json(), 1, True)
+        self._session.publish(self.topics.decisions, decision.to_message().to_json(), 1, False)
 
 
 def _status_line(snap: dict[str, Any]) -> str:

@@ -22,6 +22,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bus.messages import (
+    DecisionMessage,
+    ExitMessage,
+    LevelMessage,
+    MetricsMessage,
+    StatusMessage,
+)
 from controller.config import ControllerConfig
 from controller.live import ArrivalTracker, StageSlowdown
 from controller.oracle import OraclePolicy, OracleSchedule
@@ -34,7 +41,7 @@ from controller.policy import (
     ReactivePolicy,
 )
 from pipeline.calibration import Calibration
-from pipeline.errors import CodecError, ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +128,22 @@ class ControlDecision:
             if a != b
         )
 
-    def level_messages(self) -> list[tuple[int, dict[str, Any]]]:
-        """``(stage, body)`` of the ``level`` message of every stage whose level changed."""
+    def level_messages(self) -> list[LevelMessage]:
+        """The ``level`` message of every stage whose level changed."""
         return [
-            (
-                i,
-                {
-                    "stage": i,
-                    "level": self.levels[i],
-                    "ratio": self.ratios[self.levels[i]],
-                    "seq": self.seq,
-                    "reason": f"{self.kind.value}: {self.action.reason}",
-                },
+            LevelMessage(
+                stage=i,
+                level=self.levels[i],
+                ratio=self.ratios[self.levels[i]],
+                seq=self.seq,
+                reason=f"{self.kind.value}: {self.action.reason}",
             )
             for i in self.changed
         ]
+
+    def to_message(self) -> DecisionMessage:
+        """What ``control/decisions`` carries (the fields of :meth:`to_dict`)."""
+        return DecisionMessage.from_body(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         p = self.plan.predicted
@@ -192,30 +200,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
-
-
-def _optional_number(body: dict[str, Any], key: str) -> float | None:
-    return None if body.get(key) is None else _number(body, key)
-
-
-def _number(body: dict[str, Any], key: str) -> float:
-    value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise CodecError(
-            f"{body.get('kind', 'message')} field {key!r} must be a finite number, got {value!r}"
-        )
-    return float(value)
-
-
-def _int(body: dict[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(
-            f"{body.get('kind', 'message')} field {key!r} must be an integer, got {value!r}"
-        )
-    return value
 
 
 class ControllerState:
@@ -293,29 +277,19 @@ class ControllerState:
     def levels(self) -> tuple[int, ...]:
         return tuple(s.level for s in self.stages)
 
-    def on_exit(self, now: float, body: dict[str, Any]) -> None:
+    def on_exit(self, now: float, message: ExitMessage) -> None:
         """A finished request: its end-to-end latency and per-stage busy times."""
-        latency = _number(body, "latency_s")
-        if latency < 0:
-            raise CodecError(f"exit latency must be >= 0, got {latency}")
-        hops = body.get("stages", [])
-        if not isinstance(hops, list):
-            raise CodecError("exit field 'stages' must be a list")
+        latency = message.causal_latency_s()
         self.counts["exits"] += 1
         self.latencies.append(latency)
         self.observed.add(now, latency)
         self.arrivals.on_exit(now)
         if self.reactive is not None:
             self.reactive.observe(now, latency)
-        for hop in hops:
-            if not isinstance(hop, dict):
-                raise CodecError("each exit stage must be an object")
-            stage, level = _int(hop, "stage"), _int(hop, "level")
-            service = _number(hop, "compute_s")
-            if stage is None or level is None:
-                raise CodecError("an exit stage needs stage, level and compute_s")
-            if 0 <= stage < self.n_stages:
-                self.stages[stage].slowdown.add_hop(now, level, service)
+        for hop in message.stages:
+            stage = hop.stage
+            if stage < self.n_stages:
+                self.stages[stage].slowdown.add_hop(now, hop.level, hop.compute_s)
             else:
                 self._warn_once(
                     f"hop-stage-{stage}",
@@ -324,21 +298,18 @@ class ControllerState:
                     self.n_stages,
                 )
 
-    def on_metrics(self, now: float, body: dict[str, Any]) -> None:
+    def on_metrics(self, now: float, message: MetricsMessage) -> None:
         """A node's periodic metrics: queue depth, service time, level, counters."""
-        node = body.get("node")
-        if not isinstance(node, str) or not node:
-            raise CodecError("metrics need a node name")
-        stage, level = _int(body, "stage"), _int(body, "level")
+        node, stage, level = message.node, message.stage, message.level
         info = self.nodes.setdefault(node, NodeInfo(node, since=now))
-        changes = _int(body, "level_changes")
+        changes = message.level_changes
         if info.metrics_at is None or level != info.level or changes != info.level_changes:
             info.level_stable_since = now
         info.level, info.level_changes, info.metrics_at = level, changes, now
         if stage is None:
             return
         info.stage = stage
-        if not 0 <= stage < self.n_stages:
+        if not stage < self.n_stages:
             self._warn_once(
                 f"metrics-stage-{stage}",
                 "node %s serves stage %d; the calibration has %d stages",
@@ -349,32 +320,30 @@ class ControllerState:
             return
         st = self.stages[stage]
         st.node, st.metrics_at = node, now
-        st.queue_depth = _optional_number(body, "queue_depth")
-        service = _optional_number(body, "service_s")
+        st.queue_depth = float(message.queue_depth)
+        service = message.service_s
         if (
             service is not None
             and level is not None
             and now - info.level_stable_since >= self.config.slowdown_window_s
         ):
             st.slowdown.add_metrics(now, level, service)
-        self._backlog_throughput(now, info, st, body)
-        self._check_placement(node, stage, body)
-        received = _int(body, "received")
-        if stage == 0 and received is not None:
-            delta = self.arrivals.on_stage0_metrics(now, node, received)
+        self._backlog_throughput(now, info, st, message)
+        self._check_placement(node, stage, message)
+        if stage == 0:
+            delta = self.arrivals.on_stage0_metrics(now, node, message.received)
             if self.proactive is not None:
                 self.proactive.observe_arrival(now, delta)
 
     def _backlog_throughput(
-        self, now: float, info: NodeInfo, st: StageState, body: dict[str, Any]
+        self, now: float, info: NodeInfo, st: StageState, message: MetricsMessage
     ) -> None:
         """A cycle-time sample when the node stayed backlogged (queue >= 2 at both reports)
         at one level since its previous report; times from the node's own clock."""
-        processed, ts = _int(body, "processed"), _optional_number(body, "ts")
+        processed, t = message.processed, message.ts
         previous, queue = info.last_report, st.queue_depth
-        if processed is None or queue is None:
+        if queue is None:
             return
-        t = now if ts is None else ts
         info.last_report = (t, processed, queue)
         # the level changed with this report (or it is the first one): no clean interval
         if previous is None or info.level is None or info.level_stable_since >= now:
@@ -384,25 +353,25 @@ class ControllerState:
         if done > 0 and dt > 0 and queue >= 2 and queue0 >= 2:
             st.slowdown.add_busy(now, info.level, dt, done)
 
-    def _check_placement(self, node: str, stage: int, body: dict[str, Any]) -> None:
+    def _check_placement(self, node: str, stage: int, message: MetricsMessage) -> None:
         s = self.calibration.slices[stage]
-        bounds = body.get("bounds")
-        if isinstance(bounds, list) and bounds != [s.start, s.end]:
+        bounds = message.bounds
+        if bounds is not None and bounds != (s.start, s.end):
             self._warn_once(
                 f"bounds-{node}-{bounds}",
                 "node %s runs blocks %s for stage %d but "
                 "the calibration is for [%d, %d): stale calibration?",
                 node,
-                bounds,
+                list(bounds),
                 stage,
                 s.start,
                 s.end,
             )
-        level, ratio = body.get("level"), body.get("ratio")
+        level, ratio = message.level, message.ratio
         if (
-            isinstance(level, int)
-            and isinstance(ratio, int | float)
-            and 0 <= level < len(self.ratios)
+            level is not None
+            and ratio is not None
+            and level < len(self.ratios)
             and abs(self.ratios[level] - ratio) > 1e-6
         ):
             self._warn_once(
@@ -414,15 +383,12 @@ class ControllerState:
                 self.ratios[level],
             )
 
-    def on_status(self, now: float, body: dict[str, Any]) -> NodeEvent | None:
+    def on_status(self, now: float, message: StatusMessage) -> NodeEvent | None:
         """A node's status (online, or offline from its Last Will or shutdown)."""
-        node, state = body.get("node"), body.get("state")
-        if not isinstance(node, str) or state not in ("online", "offline"):
-            raise CodecError(f"bad status message: node {node!r}, state {state!r}")
+        node, state, stage = message.node, message.state, message.stage
         info = self.nodes.setdefault(node, NodeInfo(node, since=now))
         previous = info.state
-        stage = _int(body, "stage")
-        info.state, info.since, info.reason = state, now, str(body.get("reason", ""))
+        info.state, info.since, info.reason = state, now, message.reason
         if stage is not None:
             info.stage = stage
         event: NodeEvent | None = None
@@ -434,18 +400,19 @@ class ControllerState:
             self.events.append(event)
         return event
 
-    def on_level(self, now: float, stage: int, body: dict[str, Any] | None) -> bool:
+    def on_level(self, now: float, stage: int, message: LevelMessage | None) -> bool:
         """A retained ``control/stage/<i>`` message (None: cleared). Adopts a level set by
         someone else (a previous controller, an operator); ignores the echo of our own and
-        anything older than what we applied. Returns whether the level changed."""
+        anything older than what we applied. Returns whether the level changed.
+
+        Raises:
+            CodecError: a level the calibration does not have.
+        """
         if not 0 <= stage < self.n_stages:
             return False
-        level: int | None = 0
-        seq: int | None = None
-        if body is not None:
-            level, seq = _int(body, "level"), _int(body, "seq")
-        if level is None or not 0 <= level < len(self.ratios):
-            raise CodecError(f"control/stage/{stage}: level {level!r} out of range")
+        level, seq = 0, None
+        if message is not None:
+            level, seq = message.level_of(len(self.ratios)), message.seq
         st = self.stages[stage]
         if seq is not None:
             self.seq = max(self.seq, seq)

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from bus.messages import LevelMessage
 from bus.observer import Events, Recorder, load_events
 from experiment.config import NodeSpec
 
@@ -31,9 +32,9 @@ def current_levels(events: Events, n_stages: int) -> list[int]:
     """The latest level of each stage seen on control/stage/<i> (0 before any)."""
     levels = [0] * n_stages
     for body in events["level"]:
-        stage = body.get("stage")
-        if isinstance(stage, int) and 0 <= stage < n_stages:
-            levels[stage] = int(body["level"])
+        message = LevelMessage.from_body(body)
+        if message.stage < n_stages:
+            levels[message.stage] = message.level
     return levels
 
 
@@ -103,10 +104,10 @@ class LiveStatus:
         out = []
         for body in levels[self._seen_levels :]:
             t = body["rx"] - self.clock_start if self.clock_start is not None else math.nan
+            message = LevelMessage.from_body(body)
             out.append(
-                f"{self.label}t={t:5.1f}s  stage {body.get('stage')} -> level "
-                f"{body.get('level')} (ratio {body.get('ratio')}): "
-                f"{body.get('reason', '')}"
+                f"{self.label}t={t:5.1f}s  stage {message.stage} -> level "
+                f"{message.level} (ratio {message.ratio}): {message.reason}"
             )
         self._seen_levels = len(levels)
         return out

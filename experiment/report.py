@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bus.messages import LevelMessage
 from controller.config import parse_policy
 from experiment.compare import (
     attainment_vs_oracle,
@@ -101,11 +102,10 @@ def level_timeline(
     """Per stage, (seconds since the clock start, level) steps; level 0 from the start."""
     steps: list[list[tuple[float, int]]] = [[(-math.inf, 0)] for _ in range(n_stages)]
     for body in sorted(events["level"], key=lambda b: b["rx"]):
-        stage = body.get("stage")
-        if isinstance(stage, int) and 0 <= stage < n_stages:
-            level = int(body["level"])
-            if level != steps[stage][-1][1]:
-                steps[stage].append((body["rx"] - clock_start, level))
+        message = LevelMessage.from_body(body)
+        stage, level = message.stage, message.level
+        if stage < n_stages and level != steps[stage][-1][1]:
+            steps[stage].append((body["rx"] - clock_start, level))
     return steps
 
 

@@ -38,6 +38,7 @@ from typing import IO, Any
 
 from broker.launcher import MosquittoBroker
 from bus.connection import MqttSettings
+from bus.messages import MetricsMessage, StatusMessage
 from bus.topics import Topics
 from controller.config import parse_policy
 from controller.oracle import OracleSchedule
@@ -482,9 +483,10 @@ class ExperimentRunner:
 
     def _levels_applied(self, recorder: Recorder, levels: tuple[int, ...]) -> bool:
         """Every node's latest metrics report the level of its stage."""
-        latest: dict[str, Any] = {}
-        for m in recorder.events["metrics"]:
-            latest[str(m.get("node"))] = m.get("level")
+        latest: dict[str, int | None] = {}
+        for body in recorder.events["metrics"]:
+            metrics = MetricsMessage.from_body(body)
+            latest[metrics.node] = metrics.level
         return all(latest.get(n.name) == levels[n.stage] for n in self.config.nodes)
 
     def _controller_args(
@@ -532,7 +534,8 @@ class ExperimentRunner:
         ]
 
     def _nodes_online(self, recorder: Recorder) -> bool:
-        online = {s.get("node") for s in recorder.events["status"] if s.get("state") == "online"}
+        statuses = [StatusMessage.from_body(body) for body in recorder.events["status"]]
+        online = {s.node for s in statuses if s.online}
         return all(n.name in online for n in self.config.nodes)
 
 

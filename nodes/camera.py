@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bus.connection import MqttSettings
+from bus.messages import ResultMessage
 from bus.session import Received, Session
 from bus.topics import Topics
 from nodes.journal import RequestJournal
@@ -90,7 +91,7 @@ class CameraReport:
     correct: int = 0
     labelled: int = 0
     latencies_s: list[float] = field(default_factory=list)
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, ResultMessage] = field(default_factory=dict)
     duration_s: float = 0.0
 
     @property
@@ -128,7 +129,7 @@ class Camera:
         drain_s: float = 30.0,
         track_results: bool = True,
         run_id: str | None = None,
-        on_result: Callable[[dict[str, Any]], None] | None = None,
+        on_result: Callable[[ResultMessage], None] | None = None,
     ) -> None:
         if image_format not in ("png", "jpeg", "raw"):
             raise ValueError(f"image format must be png, jpeg or raw, not {image_format!r}")
@@ -262,24 +263,22 @@ class Camera:
         if message.topic != self.topics.results:
             return
         try:
-            body = codec.decode_json(message.payload, expect_kind="result")
+            result = ResultMessage.from_json(message.payload)
         except CodecError as exc:
             log.warning("ignoring a malformed result: %s", exc)
             return
-        rid = str(body.get("request_id"))
+        rid = result.request_id
         if not self.journal.complete(rid):
             return
         r = self.report
         r.completed += 1
-        r.results[rid] = body
-        if body.get("true_label") is not None:
+        r.results[rid] = result
+        if result.true_label is not None:
             r.labelled += 1
-            r.correct += int(bool(body.get("correct")))
-        entry = body.get("entry_ts")
-        if isinstance(entry, int | float):
-            r.latencies_s.append(time.time() - entry)
+            r.correct += int(bool(result.correct))
+        r.latencies_s.append(time.time() - result.entry_ts)
         if self.on_result:
-            self.on_result(body)
+            self.on_result(result)
         self._check_done()
 
     def _check_done(self) -> None:

@@ -35,12 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from bus.connection import MqttSettings
+from bus.messages import ErrorMessage, LevelMessage, NodeState, ResultMessage, StatusMessage
 from bus.session import Presence, Publisher, Received, Session
 from bus.topics import ViewTopics
 from pipeline import codec
@@ -69,9 +69,8 @@ def view_message(request_id: str, camera: str, crop: np.ndarray, label: int | No
 
 
 def level_message(view: int, level: int, ratio: float, reason: str = "") -> bytes:
-    return codec.encode_json(
-        "level", {"view": view, "level": level, "ratio": ratio, "reason": reason}
-    )
+    """The retained level of view ``view``: a ``level`` message whose ``stage`` is the view."""
+    return LevelMessage(stage=view, level=level, ratio=ratio, reason=reason).to_json()
 
 
 class _Service:
@@ -91,10 +90,10 @@ class _Service:
         """Process one message; returns (topic, payload) pairs to publish (QoS 1)."""
         raise NotImplementedError
 
-    def _status(self, state: str, reason: str) -> bytes:
-        return codec.encode_json(
-            "status", {"node": self.node_id, "state": state, "reason": reason, "ts": time.time()}
-        )
+    def _status(self, state: NodeState, reason: str) -> bytes:
+        return StatusMessage(
+            node=self.node_id, state=state, ts=time.time(), reason=reason
+        ).to_json()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; the session reconnects with backoff when the broker
@@ -141,17 +140,15 @@ class _Service:
     ) -> tuple[str, bytes]:
         """The ``errors`` message (the slice nodes' format) for an input this service refused."""
         log.warning("%s: rejected a message on %s: %s", self.node_id, topic, reason)
-        body = {
-            "node": self.node_id,
-            "stage": None,
-            "topic": topic,
-            "request_id": request_id,
-            "reason": reason,
-            "bytes": len(payload),
-            "shed": False,
-            "ts": time.time(),
-        }
-        return self.topics.base.errors, codec.encode_json("error", body)
+        error = ErrorMessage(
+            node=self.node_id,
+            topic=topic,
+            reason=reason,
+            ts=time.time(),
+            request_id=request_id,
+            size=len(payload),
+        )
+        return self.topics.base.errors, error.to_json()
 
     def _send(self, topic: str, body: bytes) -> None:
         """Queue ``body`` in the session's outbox (QoS 1, in order, across reconnects)."""
@@ -186,9 +183,7 @@ class BranchNode(_Service):
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
         try:
             if topic == self.topics.control(self.view):
-                level = codec.decode_json(payload, expect_kind="level").get("level")
-                if not isinstance(level, int) or not 0 <= level < len(self.model.ratios):
-                    raise CodecError(f"bad level {level!r}")
+                level = LevelMessage.from_json(payload).level_of(len(self.model.ratios))
                 self.level = level
                 log.info("view %d: level %d", self.view, level)
                 return []
@@ -274,7 +269,7 @@ class FusionNode(_Service):
         self.remember = remember
         self.misses = [0] * self.n_views  # consecutive fusions each view missed
         self.stats = FusionStats(missed=[0] * self.n_views)
-        self.results: list[dict[str, Any]] = []
+        self.results: list[ResultMessage] = []
 
     @property
     def failed(self) -> list[int]:
@@ -370,23 +365,23 @@ class FusionNode(_Service):
         names = self.model.ckpt.config.trunk.class_names
         self.stats.fused += 1
         self.stats.partial += bool(missing)
-        body = {
-            "request_id": rid,
-            "camera": p.msg.camera,
-            "label": names[index] if names else str(index),
-            "label_index": index,
-            "score": round(float(probs.max()), 5),
-            "true_label": p.msg.label,
-            "correct": None if p.msg.label is None else p.msg.label == index,
-            "views": present,
-            "missing": missing,
-            "levels": p.levels,
-            "fused_on": why,
-            "waited_s": time.monotonic() - p.first,
-            "entry_ts": p.msg.entry_ts,
-        }
-        self.results.append(body)
-        return self.topics.base.results, codec.encode_json("result", body)
+        result = ResultMessage(
+            request_id=rid,
+            camera=p.msg.camera,
+            label=names[index] if names else str(index),
+            label_index=index,
+            score=round(float(probs.max()), 5),
+            true_label=p.msg.label,
+            correct=None if p.msg.label is None else p.msg.label == index,
+            levels=tuple(p.levels),
+            entry_ts=p.msg.entry_ts,
+            views=tuple(present),
+            missing=tuple(missing),
+            fused_on=why,
+            waited_s=time.monotonic() - p.first,
+        )
+        self.results.append(result)
+        return self.topics.base.results, result.to_json()
 
 
 async def publish_view_levels(

@@ -43,7 +43,16 @@ from typing import Any
 
 import torch
 
-from bus.plan_message import PlanMessage
+from bus.messages import (
+    ErrorMessage,
+    ExitMessage,
+    LevelMessage,
+    MetricsMessage,
+    NodeState,
+    PlanMessage,
+    ResultMessage,
+    StatusMessage,
+)
 from bus.session import Presence, Received, Session
 from bus.topics import Topics, camera_level
 from nodes.config import NodeConfig
@@ -212,20 +221,21 @@ class SliceNode:
             await asyncio.sleep(0.01)
         await self._session.drain(max(0.0, deadline - time.monotonic()))
 
-    def _status(self, state: str, reason: str = "") -> bytes:
-        return codec.encode_json(
-            "status",
-            {
-                "node": self.config.node_id,
-                "state": state,
-                "reason": reason,
-                "stage": self.stage,
-                "bounds": [self.slice.model_slice.bounds.start, self.slice.model_slice.bounds.end]
-                if self.slice
-                else None,
-                "ts": time.time(),
-            },
-        )
+    def _status(self, state: NodeState, reason: str = "") -> bytes:
+        return StatusMessage(
+            node=self.config.node_id,
+            state=state,
+            ts=time.time(),
+            reason=reason,
+            stage=self.stage,
+            bounds=self._bounds(),
+        ).to_json()
+
+    def _bounds(self) -> tuple[int, int] | None:
+        """The blocks ``[start, end)`` this node serves, None while it is not placed."""
+        if self.slice is None:
+            return None
+        return self.slice.model_slice.bounds.start, self.slice.model_slice.bounds.end
 
     async def _on_connect(self) -> None:
         """After the session's (re)subscriptions, before its ``online`` status."""
@@ -307,24 +317,22 @@ class SliceNode:
         if self._known_bad(topic, payload):
             return  # reported when it first came; the level stays
         try:
-            body = codec.decode_json(payload, expect_kind="level")
-            level = body["level"]
-            if not isinstance(level, int) or isinstance(level, bool):
-                raise CodecError("level must be an integer")
+            message = LevelMessage.from_json(payload)
             if self.slice is None:
                 return
-            self.slice.set_level(level)
-        except (CodecError, KeyError, ConfigError) as exc:
+            level = message.level_of(len(self.slice.ratios))
+        except CodecError as exc:
             self._reject_retained(f"bad control message: {exc}", topic, payload)
             return
+        self.slice.set_level(level)
         self._counters.level_changes += 1
         log.info(
             "stage %s: level %d (ratio %.2f), seq %s, reason: %s",
             self.stage,
             level,
             self.slice.ratios[level],
-            body.get("seq"),
-            body.get("reason", ""),
+            message.seq,
+            message.reason,
         )
 
     def _on_plan(self, payload: bytes) -> None:
@@ -447,25 +455,18 @@ class SliceNode:
             reason,
             extra=self._log_extra(request_id),
         )
+        error = ErrorMessage(
+            node=self.config.node_id,
+            topic=topic,
+            reason=reason,
+            ts=time.time(),
+            stage=self.stage,
+            request_id=request_id,
+            size=size,
+            shed=shed,
+        )
         self._session.publish(
-            *(
-                self.topics.node_errors(self.config.node_id),
-                codec.encode_json(
-                    "error",
-                    {
-                        "node": self.config.node_id,
-                        "stage": self.stage,
-                        "topic": topic,
-                        "request_id": request_id,
-                        "reason": reason,
-                        "bytes": size,
-                        "shed": shed,
-                        "ts": time.time(),
-                    },
-                ),
-                1,
-                False,
-            )
+            self.topics.node_errors(self.config.node_id), error.to_json(), 1, False
         )
 
     # ----------------------------------------------------------------- work
@@ -558,58 +559,33 @@ class SliceNode:
             score, index = float(probs.max()), int(probs.argmax())
             names = self.ckpt.config.class_names
             now = time.time()
-            levels = [h.level for h in hops]
+            correct = None if msg.label is None else msg.label == index
+            result = ResultMessage(
+                request_id=msg.request_id,
+                camera=msg.camera,
+                label=names[index] if names else str(index),
+                label_index=index,
+                score=round(score, 5),
+                true_label=msg.label,
+                correct=correct,
+                levels=tuple(h.level for h in hops),
+                entry_ts=msg.entry_ts,
+                attempt=msg.attempt,
+            ).to_json()
+            exit_ = ExitMessage(
+                request_id=msg.request_id,
+                camera=msg.camera,
+                capture_ts=msg.capture_ts,
+                entry_ts=msg.entry_ts,
+                exit_ts=now,
+                latency_s=now - msg.entry_ts,
+                stages=hops,
+                attempt=msg.attempt,
+                correct=correct,
+            ).to_json()
             # both encoded before either is queued: nothing goes out half-emitted
-            result = (
-                self.topics.results,
-                codec.encode_json(
-                    "result",
-                    {
-                        "request_id": msg.request_id,
-                        "camera": msg.camera,
-                        "label": names[index] if names else str(index),
-                        "label_index": index,
-                        "score": round(score, 5),
-                        "true_label": msg.label,
-                        "correct": None if msg.label is None else msg.label == index,
-                        "levels": levels,
-                        "attempt": msg.attempt,
-                        "entry_ts": msg.entry_ts,
-                    },
-                ),
-                1,
-                False,
-            )
-            exit_ = (
-                self.topics.exits,
-                codec.encode_json(
-                    "exit",
-                    {
-                        "request_id": msg.request_id,
-                        "camera": msg.camera,
-                        "capture_ts": msg.capture_ts,
-                        "entry_ts": msg.entry_ts,
-                        "exit_ts": now,
-                        "latency_s": now - msg.entry_ts,
-                        "attempt": msg.attempt,
-                        "correct": None if msg.label is None else msg.label == index,
-                        "stages": [
-                            {
-                                "stage": h.stage,
-                                "node": h.node,
-                                "queue_s": h.queue_s,
-                                "compute_s": h.compute_s,
-                                "level": h.level,
-                            }
-                            for h in hops
-                        ],
-                    },
-                ),
-                1,
-                False,
-            )
-            self._session.publish(*result)
-            self._session.publish(*exit_)
+            self._session.publish(self.topics.results, result, 1, False)
+            self._session.publish(self.topics.exits, exit_, 1, False)
             return
         tensor = out.tensor.contiguous().numpy()
         channels = out.channels.to(torch.int32).numpy() if out.channels is not None else None
@@ -636,34 +612,34 @@ class SliceNode:
         )
 
     # ----------------------------------------------------------------- telemetry
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> MetricsMessage:
         """The node's telemetry: what ``nodes/<node>/metrics`` carries."""
 
         def median(xs: deque[float]) -> float | None:
             return sorted(xs)[len(xs) // 2] if xs else None
 
         s = self.slice
-        t = time.time() - self._clock0
-        return {
-            "node": self.config.node_id,
-            "stage": self.stage,
-            "bounds": [s.model_slice.bounds.start, s.model_slice.bounds.end] if s else None,
-            "level": s.level if s else None,
-            "ratio": s.ratios[s.level] if s else None,
-            "queue_depth": self._queue.qsize() + (1 if self._busy else 0),
-            "service_s": median(self._service_s),
-            "compute_s": median(self._compute_s),
-            "received": self._counters.received,
-            "processed": self._counters.processed,
-            "errors": self._counters.errors,
-            "shed": self._counters.shed,
-            "level_changes": self._counters.level_changes,
-            "plan_version": self._plan_version,
-            "emulated_factor": self.config.emulation.factor_at(t),
-            "emulation": self.config.emulation.describe(),
-            "uptime_s": time.time() - self._started,
-            "ts": time.time(),
-        }
+        now = time.time()
+        return MetricsMessage(
+            node=self.config.node_id,
+            ts=now,
+            stage=self.stage,
+            bounds=self._bounds(),
+            level=s.level if s else None,
+            ratio=s.ratios[s.level] if s else None,
+            queue_depth=self._queue.qsize() + (1 if self._busy else 0),
+            service_s=median(self._service_s),
+            compute_s=median(self._compute_s),
+            received=self._counters.received,
+            processed=self._counters.processed,
+            errors=self._counters.errors,
+            shed=self._counters.shed,
+            level_changes=self._counters.level_changes,
+            plan_version=self._plan_version,
+            emulated_factor=self.config.emulation.factor_at(now - self._clock0),
+            emulation=self.config.emulation.describe(),
+            uptime_s=max(0.0, now - self._started),
+        )
 
     async def _metrics_loop(self) -> None:
         while True:
@@ -671,7 +647,7 @@ class SliceNode:
             with contextlib.suppress(BusError):  # telemetry: stale when late, not queued
                 await self._session.publish_now(
                     self.topics.metrics(self.config.node_id),
-                    codec.encode_json("metrics", self.metrics()),
+                    self.metrics().to_json(),
                     qos=0,
                 )
 

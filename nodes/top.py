@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 
 from bus.connection import MqttSettings
-from bus.observer import Observed, Observer, record_of, subscriptions_for
+from bus.messages import (
+    DecisionMessage,
+    ErrorMessage,
+    ExitMessage,
+    JsonMessage,
+    MetricsMessage,
+    ResultMessage,
+    StatusMessage,
+    decode_any,
+)
+from bus.observer import Observed, Observer, subscriptions_for
 from bus.topics import Topics
 from pipeline.errors import CodecError
 
@@ -57,51 +67,49 @@ class PipelineView:
     last_error: str = ""
     exit_times: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
 
-    def ingest(self, body: dict[str, Any], now: float) -> None:
-        kind = body.get("kind")
-        if kind == "status":
-            row = self._row(str(body.get("node")))
-            row.state = str(body.get("state"))
-            row.stage = body.get("stage")
+    def ingest(self, message: JsonMessage, now: float) -> None:
+        if isinstance(message, StatusMessage):
+            row = self._row(message.node)
+            row.state = message.state
+            row.stage = message.stage
             row.seen = now
-        elif kind == "metrics":
-            row = self._row(str(body.get("node")))
+        elif isinstance(message, MetricsMessage):
+            row = self._row(message.node)
             row.state = "online" if row.state == "?" else row.state
-            row.stage = body.get("stage")
-            row.level = body.get("level")
-            row.ratio = body.get("ratio")
-            row.queue_depth = body.get("queue_depth")
-            service = body.get("service_s")
-            row.service_ms = None if service is None else 1e3 * float(service)
-            row.processed = int(body.get("processed") or 0)
-            row.errors = int(body.get("errors") or 0)
-            row.shed = int(body.get("shed") or 0)
-            row.emulated = float(body.get("emulated_factor") or 1.0)
+            row.stage = message.stage
+            row.level = message.level
+            row.ratio = message.ratio
+            row.queue_depth = message.queue_depth
+            service = message.service_s
+            row.service_ms = None if service is None else 1e3 * service
+            row.processed = message.processed
+            row.errors = message.errors
+            row.shed = message.shed
+            row.emulated = message.emulated_factor
             row.seen = now
-        elif kind == "exit":
-            latency = body.get("latency_s")
-            if isinstance(latency, int | float):
-                self.latencies.append(float(latency))
-                self.exit_times.append(now)
-        elif kind == "result":
+        elif isinstance(message, ExitMessage):
+            self.latencies.append(message.latency_s)
+            self.exit_times.append(now)
+        elif isinstance(message, ResultMessage):
             self.results += 1
-            if body.get("correct") is not None:
+            if message.correct is not None:
                 self.labelled += 1
-                self.correct += int(bool(body.get("correct")))
-        elif kind == "decision":
+                self.correct += int(message.correct)
+        elif isinstance(message, DecisionMessage):
             self.last_decision = (
-                f"{body.get('action', body.get('policy', ''))} -> levels "
-                f"{body.get('levels')} ({body.get('reason', '')})"
+                f"{message.action or message.policy} -> levels "
+                f"{list(message.levels)} ({message.reason})"
             )
-        elif kind == "error":
+        elif isinstance(message, ErrorMessage):
             self.errors += 1
-            self.last_error = f"{body.get('node')}: {body.get('reason')}"
+            self.last_error = f"{message.node}: {message.reason}"
 
     def on_message(self, message: Observed) -> None:
         """Ingest one observed message of this pipe; one that does not decode is skipped."""
+        if not message.payload or Topics(self.pipe).camera_of(message.topic) is not None:
+            return  # a cleared retained message, or an image
         with contextlib.suppress(CodecError):
-            _, body = record_of(Topics(self.pipe), message.topic, message.payload)
-            self.ingest(body, message.rx)
+            self.ingest(decode_any(message.payload), message.rx)
 
     def _row(self, node: str) -> NodeRow:
         if node not in self.nodes:

@@ -302,13 +302,14 @@ def encode_json(kind: str, body: Mapping[str, Any]) -> bytes:
 
 
 def decode_json(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | str,
     *,
     expect_kind: str | None = None,
     max_bytes: int = DEFAULT_MAX_JSON_BYTES,
 ) -> dict[str, Any]:
-    """The object of a JSON message, ``v`` and ``kind`` included; raises only CodecError."""
-    buf = _buffer(data, max_bytes)
+    """The object of a JSON message (bytes, or the text of them), ``v`` and ``kind``
+    included; raises only CodecError."""
+    buf = _buffer(data.encode("utf-8") if isinstance(data, str) else data, max_bytes)
     try:
         obj = json.loads(str(buf, "utf-8"), parse_constant=_finite_float, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError

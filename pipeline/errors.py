@@ -6,7 +6,8 @@ EdgepruneError
  +-- CheckpointError    a checkpoint that cannot be loaded or does not fit the request
  +-- DatasetError       a dataset that cannot be fetched, read or split
  +-- CodecError         a message that cannot be decoded (malformed, wrong version, dtype,
- |                      shape, size); carries ``request_id`` when it could be read
+ |                      shape, size) or has a bad field (bus.messages): the one error of a
+ |                      bad message; carries ``request_id`` when it could be read
  +-- TraceError         a trace file with a malformed row (carries the line number)
  +-- BrokerError        Mosquitto cannot be started or does not answer
  +-- BusError           the broker refused or lost a subscription or a direct publish

@@ -20,11 +20,11 @@ import aiomqtt
 import numpy as np
 
 from bus.connection import MqttSettings
+from bus.messages import LevelMessage
 from bus.observer import Recorder
 from bus.topics import Topics
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
-from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.calibration.accuracy import LogisticAccuracyFit
 from pipeline.calibration.latency import LinearFit
@@ -134,10 +134,7 @@ async def publish_level(
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
         await client.publish(
             Topics(pipe).control_stage(stage),
-            codec.encode_json(
-                "level",
-                {"stage": stage, "level": level, "ratio": ratio, "seq": seq, "reason": reason},
-            ),
+            LevelMessage(stage=stage, level=level, ratio=ratio, seq=seq, reason=reason).to_json(),
             qos=1,
             retain=True,
         )

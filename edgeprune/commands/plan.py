@@ -267,7 +267,6 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
     from bus.plan_message import PlanMessage
     from bus.session import Session
     from bus.topics import Topics
-    from pipeline import codec
 
     mqtt, topics = mqtt_settings(args), Topics(pipe_name(args))
 
@@ -278,22 +277,10 @@ def _publish(args: argparse.Namespace, plan: Any) -> int:
             version = PlanMessage.from_json(retained).version if retained else 0
             message = plan.to_message(version + 1, "edgeprune plan")
             acks = [session.publish(topics.plan, message.to_json(), qos=1, retain=True)]
-            for i, (level, ratio) in enumerate(zip(plan.levels, plan.ratios, strict=True)):
+            for level in plan.level_messages(version + 1, "edgeprune plan"):
                 acks.append(
                     session.publish(
-                        topics.control_stage(i),
-                        codec.encode_json(
-                            "level",
-                            {
-                                "stage": i,
-                                "level": level,
-                                "ratio": ratio,
-                                "seq": version + 1,
-                                "reason": "edgeprune plan",
-                            },
-                        ),
-                        qos=1,
-                        retain=True,
+                        topics.control_stage(level.stage), level.to_json(), qos=1, retain=True
                     )
                 )
             await asyncio.gather(*acks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from bus.connection import MqttSettings
+from bus.messages import CATALOGUE
 from bus.plan_message import PlanMessage
 from bus.topics import Topics
 from controller.service import Controller
@@ -33,6 +35,7 @@ from nodes.camera import encode_image
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
+from pipeline.errors import CodecError
 from pipeline.placement import Placement
 from pipeline.slicing import SliceBounds, parse_cuts
 from tests.helpers import clear_retained, collecting, publish_level, running_nodes, wait_until
@@ -168,8 +171,8 @@ async def rejected_then_served(
     [result] = [x for x in r.watch.results if x["request_id"] == good]
     assert result["levels"] == [0, 0]
     # the counters: in the node, and in a metrics message it published after the error
-    assert [n.metrics()["errors"] for n in r.nodes] == [int(i == node) for i in range(2)]
-    assert r.nodes[node].metrics()["processed"] >= 1
+    assert [n.metrics().errors for n in r.nodes] == [int(i == node) for i in range(2)]
+    assert r.nodes[node].metrics().processed >= 1
     await wait_until(
         lambda: any(m["node"] == name and m["errors"] == 1 for m in r.watch.metrics),
         what=f"{name} metrics errors=1",
@@ -296,7 +299,7 @@ async def test_bad_control_message(checkpoint, test_images, mqtt, topic_prefix, 
         )
         assert error["reason"].startswith("bad control message")
         assert error["topic"] == r.pipe.control_stage(1)
-        assert r.nodes[1].metrics()["level"] == 0 and r.nodes[1].metrics()["level_changes"] == 0
+        assert r.nodes[1].metrics().level == 0 and r.nodes[1].metrics().level_changes == 0
 
 
 # ---- values, failures while serving ----------------------------------------------------
@@ -341,7 +344,7 @@ async def test_nan_and_infinite_activations_are_rejected_and_the_node_serves_on(
             assert "non-finite values" in error["reason"], error["reason"]
             assert error["bytes"] == len(sent[error["request_id"]])
         assert (await _good_result(r))["levels"] == [0, 0]
-        assert r.nodes[1].metrics()["errors"] == 3
+        assert r.nodes[1].metrics().errors == 3
 
 
 async def test_huge_finite_activations_whose_output_overflows_are_rejected(
@@ -387,7 +390,7 @@ MOVED = [SliceBounds(0, 2), SliceBounds(2, 5)]  # the cut moved from 3 to 2
 
 
 def _plan_version(r: Rig) -> list[int]:
-    return [n.metrics()["plan_version"] for n in r.nodes]
+    return [n.metrics().plan_version for n in r.nodes]
 
 
 async def test_a_plan_for_a_model_of_other_blocks_is_rejected(
@@ -479,11 +482,11 @@ async def test_clearing_the_retained_level_is_no_error_and_returns_the_node_to_l
 ):
     async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
         await publish_level(mqtt, topic_prefix, stage=1, level=1, ratio=0.5)
-        await wait_until(lambda: r.nodes[1].metrics()["level"] == 1, what="n1 at level 1")
+        await wait_until(lambda: r.nodes[1].metrics().level == 1, what="n1 at level 1")
         await clear_retained(mqtt, topic_prefix, [r.pipe.control_stage(1)])
-        await wait_until(lambda: r.nodes[1].metrics()["level"] == 0, what="n1 back at level 0")
+        await wait_until(lambda: r.nodes[1].metrics().level == 0, what="n1 back at level 0")
         assert (await _good_result(r))["levels"] == [0, 0]
-        assert r.watch.errors == [] and r.nodes[1].metrics()["errors"] == 0
+        assert r.watch.errors == [] and r.nodes[1].metrics().errors == 0
 
 
 async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level_stays(
@@ -496,7 +499,7 @@ async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level
     async with running_nodes(checkpoint, mqtt, topic_prefix, BOUNDS, **NODE_CONFIG) as nodes:
         n1 = nodes[1]
         await publish_level(mqtt, topic_prefix, stage=1, level=1, ratio=0.5)
-        await wait_until(lambda: n1.metrics()["level"] == 1, what="n1 at level 1")
+        await wait_until(lambda: n1.metrics().level == 1, what="n1 at level 1")
         async with (
             collecting(mqtt, topic_prefix) as col,
             aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client,
@@ -504,7 +507,7 @@ async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level
             await client.publish(topics.control_stage(1), b"\xfflevel=3", qos=1, retain=True)
             await wait_until(lambda: len(col.errors) == 1, what="the garbage level reported")
         assert col.errors[0]["reason"].startswith("bad control message: malformed JSON")
-        assert n1.metrics()["level"] == 1
+        assert n1.metrics().level == 1
 
         restarted = time.time()
         broker.restart()  # every client reconnects; the node gets the retained garbage again
@@ -527,7 +530,7 @@ async def test_a_retained_garbage_level_is_reported_once_and_the_last_good_level
             )
         assert col.errors == []  # not reported again
         assert [x["levels"] for x in col.results if x["request_id"] == rid] == [[0, 1]]
-        assert n1.metrics()["errors"] == 1 and n1.metrics()["level"] == 1
+        assert n1.metrics().errors == 1 and n1.metrics().level == 1
 
 
 # ---- payload limits: the node's, below the broker's ---------------------------------------
@@ -564,7 +567,7 @@ async def test_a_payload_over_the_broker_limit_is_refused_and_the_node_serves_on
                 await asyncio.wait_for(sender.publish(r.pipe.stage(1), too_big, qos=1), 20)
         assert "disconnected due to oversize packet" in mosquitto.log_path.read_text()
         assert (await _good_result(r))["levels"] == [0, 0]  # n1 stayed connected
-        assert r.watch.errors == [] and r.nodes[1].metrics()["received"] == 1
+        assert r.watch.errors == [] and r.nodes[1].metrics().received == 1
 
 
 # ---- the controller's rejections ----------------------------------------------------------
@@ -627,3 +630,97 @@ async def test_a_node_that_stops_on_an_error_leaves_its_status_offline_with_the_
     assert status["node"] == "n1" and status["state"] == "offline"
     assert status["reason"] == "stopped on error: RuntimeError: injected: the metrics source failed"
     await clear_retained(mqtt, topic_prefix, [Topics(topic_prefix).status("n1")])
+
+
+# ---- a bad level, plan or status: the one error of a bad message --------------------------
+
+GOOD_BODIES: dict[str, dict[str, Any]] = {
+    "level": {"stage": 1, "level": 1, "ratio": 0.5, "seq": 1, "reason": "test"},
+    "plan": {
+        "version": 50,
+        "num_blocks": 5,
+        "reason": "test",
+        "stages": [
+            {"stage": 0, "start": 0, "end": 3, "node": "n0"},
+            {"stage": 1, "start": 3, "end": 5, "node": "n1"},
+        ],
+    },
+    "status": {"node": "n1", "state": "online", "reason": "", "ts": 1.7e9},
+}
+# per kind: a wrong type, a value out of range, a missing field, another schema version
+BAD_CHANGES: dict[str, list[dict[str, Any]]] = {
+    "level": [{"level": "1"}, {"level": -1}, {"level": None}, {"v": 2}],
+    "plan": [{"stages": "n0"}, {"version": -1}, {"stages": None}, {"v": 2}],
+    "status": [{"ts": "now"}, {"state": "sleepy"}, {"node": None}, {"v": 2}],
+}
+
+
+def _bad_payloads(kind: str) -> list[tuple[bytes, str]]:
+    """Each bad ``kind`` message (a change of a good one; None drops the field), with the
+    reason of the CodecError its class's ``from_json`` raises for it."""
+    out = []
+    for change in BAD_CHANGES[kind]:
+        obj = {"v": codec.SCHEMA_VERSION, "kind": kind, **GOOD_BODIES[kind]}
+        obj.update(change)
+        payload = json.dumps({k: v for k, v in obj.items() if v is not None}).encode()
+        with pytest.raises(CodecError) as info:
+            CATALOGUE[kind].from_json(payload)
+        out.append((payload, info.value.reason))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["level", "plan"])
+async def test_a_bad_level_or_plan_is_refused_by_the_node_with_its_codec_error(
+    checkpoint, test_images, mqtt, topic_prefix, kind
+):
+    async with rig(checkpoint, test_images, mqtt, topic_prefix) as r:
+        topic = r.pipe.control_stage(1) if kind == "level" else r.pipe.plan
+        bad = _bad_payloads(kind)
+        for payload, _ in bad:  # not retained: nothing to clean up
+            await r.client.publish(topic, payload, qos=1)
+        readers = ["n1"] if kind == "level" else ["n0", "n1"]  # every node reads the plan
+        await wait_until(
+            lambda: len(r.watch.errors) == len(bad) * len(readers), what=f"the bad {kind}s"
+        )
+        prefix = "bad control message: " if kind == "level" else "bad plan: "
+        for name in readers:
+            errors = r.watch.errors_of(name)
+            assert [e["reason"] for e in errors] == [prefix + reason for _, reason in bad]
+            assert all(e["topic"] == topic for e in errors)
+        assert (await _good_result(r))["levels"] == [0, 0]  # both nodes serve on, unchanged
+        assert _plan_version(r) == [-1, -1]
+
+
+@pytest.mark.parametrize("kind", ["level", "status"])
+async def test_a_bad_level_or_status_is_refused_by_the_controller_with_its_codec_error(
+    mqtt, topic_prefix, kind
+):
+    topics = Topics(topic_prefix)
+    controller = Controller(controller_config(), synthetic_calibration(), mqtt, pipe=topic_prefix)
+    topic = topics.control_stage(1) if kind == "level" else topics.status("n1")
+    bad = _bad_payloads(kind)
+    stop = asyncio.Event()
+    async with collecting(mqtt, topic_prefix) as col:
+        task = asyncio.create_task(controller.run(stop))
+        try:
+            await asyncio.wait_for(controller.ready.wait(), 20)
+            async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
+                for payload, _ in bad:
+                    await client.publish(topic, payload, qos=1)
+                await wait_until(lambda: len(col.errors) == len(bad), what=f"the bad {kind}s")
+                # and the controller serves on: a good one is taken
+                good = codec.encode_json(kind, GOOD_BODIES[kind])
+                await client.publish(topic, good, qos=1)
+                if kind == "level":
+                    await wait_until(lambda: controller.state.levels[1] == 1, what="level 1")
+                else:
+                    await wait_until(lambda: "n1" in controller.state.nodes, what="n1 online")
+                    assert controller.state.nodes["n1"].state == "online"
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    assert [e["reason"] for e in col.errors] == [
+        f"controller ignored it: {reason}" for _, reason in bad
+    ]
+    assert all(e["node"] == "controller" and e["topic"] == topic for e in col.errors)
+    assert controller.state.counts["bad_messages"] == len(bad)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from bus.connection import MqttSettings
+from bus.messages import ExitMessage, Hop, LevelMessage, StatusMessage
 from bus.topics import Topics
 from controller.config import ControllerConfig, PolicyName
 from controller.service import Controller
@@ -443,16 +444,9 @@ async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
     async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
         await client.publish(
             topics.control_stage(1),
-            codec.encode_json(
-                "level",
-                {
-                    "stage": 1,
-                    "level": 2,
-                    "ratio": calibration.ratios[2],
-                    "seq": 7,
-                    "reason": "test",
-                },
-            ),
+            LevelMessage(
+                stage=1, level=2, ratio=calibration.ratios[2], seq=7, reason="test"
+            ).to_json(),
             qos=1,
             retain=True,
         )
@@ -491,39 +485,24 @@ async def test_controller_cli_learns_levels_sees_node_loss_and_writes_a_report(
         async with aiomqtt.Client(**mqtt.aiomqtt_kwargs()) as client:
             await client.publish(
                 topics.status("n9"),
-                codec.encode_json(
-                    "status",
-                    {"node": "n9", "state": "offline", "reason": "connection lost", "stage": 1},
-                ),
+                StatusMessage(
+                    node="n9", state="offline", ts=time.time(), reason="connection lost", stage=1
+                ).to_json(),
                 qos=1,
                 retain=True,
             )
             for k in range(5):
                 await client.publish(
                     topics.exits,
-                    codec.encode_json(
-                        "exit",
-                        {
-                            "request_id": f"r{k}",
-                            "latency_s": 0.05,
-                            "stages": [
-                                {
-                                    "stage": 0,
-                                    "node": "n0",
-                                    "queue_s": 0.0,
-                                    "compute_s": 0.002,
-                                    "level": 0,
-                                },
-                                {
-                                    "stage": 1,
-                                    "node": "n9",
-                                    "queue_s": 0.0,
-                                    "compute_s": 0.004,
-                                    "level": 2,
-                                },
-                            ],
-                        },
-                    ),
+                    ExitMessage(
+                        request_id=f"r{k}",
+                        camera="cam0",
+                        capture_ts=0.0,
+                        entry_ts=0.0,
+                        exit_ts=0.05,
+                        latency_s=0.05,
+                        stages=(Hop(0, "n0", 0.0, 0.002, 0), Hop(1, "n9", 0.0, 0.004, 2)),
+                    ).to_json(),
                     qos=1,
                 )
         await wait_until(

@@ -29,7 +29,6 @@ from controller.service import Controller
 from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode
-from pipeline import codec
 from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.devices import MIB, Device
 from pipeline.placement import Placement
@@ -156,7 +155,7 @@ async def test_killed_node_is_replaced_and_no_image_is_lost(
     assert sum(decision.plan.levels) > 0 and decision.plan.objective_s <= slo  # levels rose
     for memory, cap in zip(decision.plan.memory_bytes, decision.plan.cap_bytes, strict=True):
         assert memory <= cap
-    levels = [codec.decode_json(b)["level"] for _, b in decision.levels]
+    levels = [level.level for level in decision.levels]
     assert levels == list(decision.plan.levels)
     # detection: from the kill to the decision (the monitor's clock); the publication can lag
     # it here because the in-process survivors share this process (and its CPU) while they

@@ -93,7 +93,7 @@ async def test_fusion_drops_a_silent_view_and_goes_on(mqtt, topic_prefix):
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-    results = {r["request_id"]: r for r in fusion.results}
+    results = {r.request_id: r.body() for r in fusion.results}  # the fields as on the wire
     assert len(results) == len(fusion.results) == N + 6  # exactly one result per request
     first = [results[f"r{i:03d}"] for i in range(N)]
     assert all(2 in r["missing"] for r in first)

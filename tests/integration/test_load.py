@@ -74,7 +74,7 @@ async def test_twenty_cameras_bounded_memory_and_every_shed_reported(
         watcher = asyncio.create_task(watch())
         reports = await asyncio.gather(*(c.run() for c in cameras))
         watcher.cancel()
-        shed = sum(n.metrics()["shed"] for n in nodes)
+        shed = sum(n.metrics().shed for n in nodes)
         await wait_until(
             lambda: sum(1 for e in col.errors if e.get("shed")) >= shed, 20, "every shed reported"
         )

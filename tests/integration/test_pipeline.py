@@ -212,12 +212,12 @@ async def test_pruned_boundaries_and_float16_transport_give_valid_results(
         report = await cam.run()
     assert report.completed == 60
     got = np.array(
-        [r["label_index"] for r in sorted(report.results.values(), key=lambda r: r["request_id"])]
+        [r.label_index for r in sorted(report.results.values(), key=lambda r: r.request_id)]
     )
     order = [s.index for s in sorted(cam.shots, key=lambda s: s.at_s)]
     agree = float(np.mean(got == expected[order]))
     assert agree == 1.0 if not float16 else agree >= 0.95
-    assert all(r["levels"] == [5, 5, 5] for r in report.results.values())
+    assert all(r.levels == (5, 5, 5) for r in report.results.values())
     await clear_retained(
         mqtt, topic_prefix, [Topics(topic_prefix).control_stage(i) for i in range(3)]
     )

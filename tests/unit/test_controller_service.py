@@ -16,6 +16,14 @@ from typing import Any
 
 import pytest
 
+from bus.messages import (
+    DecisionMessage,
+    ExitMessage,
+    Hop,
+    LevelMessage,
+    MetricsMessage,
+    StatusMessage,
+)
 from controller.config import ControllerConfig
 from controller.policy import ActionKind
 from controller.state import ControlDecision, ControllerState
@@ -60,6 +68,23 @@ def config(**overrides: Any) -> ControllerConfig:
     return ControllerConfig(**values)
 
 
+def exit_message(latency_s: float, hops: list[Hop]) -> ExitMessage:
+    """The exit of one request with ``latency_s`` and per-stage ``hops``."""
+    return ExitMessage(
+        request_id="r",
+        camera="cam",
+        capture_ts=0.0,
+        entry_ts=0.0,
+        exit_ts=latency_s,
+        latency_s=latency_s,
+        stages=tuple(hops),
+    )
+
+
+def level_message(stage: int, level: int, seq: int | None = None) -> LevelMessage:
+    return LevelMessage(stage=stage, level=level, ratio=RATIOS[level], seq=seq, reason="x")
+
+
 @dataclass
 class Sim:
     """A 2-stage pipeline at ``rate`` requests/s: one exit per request, metrics and a decision
@@ -77,7 +102,7 @@ class Sim:
         *,
         latency: float | Callable[[float], float],
         slow: tuple[float, float] = (1.0, 1.0),
-        queue: tuple[float, float] = (0.0, 0.0),
+        queue: tuple[int, int] = (0, 0),
         overhead: tuple[float, float] = (0.0, 0.0),
     ) -> list[ControlDecision]:
         """``slow[i]`` multiplies stage i's calibrated time; ``overhead[i]`` is added to it
@@ -97,35 +122,25 @@ class Sim:
             lat = latency(self.t) if callable(latency) else latency
             self.state.on_exit(
                 self.t,
-                {
-                    "latency_s": lat,
-                    "stages": [
-                        {
-                            "stage": i,
-                            "node": f"n{i}",
-                            "queue_s": 0.0,
-                            "level": levels[i],
-                            "compute_s": busy(i, levels[i]),
-                        }
-                        for i in range(2)
-                    ],
-                },
+                exit_message(
+                    lat, [Hop(i, f"n{i}", 0.0, busy(i, levels[i]), levels[i]) for i in range(2)]
+                ),
             )
             if k % every == 0:
                 for i in range(2):
                     self.state.on_metrics(
                         self.t,
-                        {
-                            "node": f"n{i}",
-                            "stage": i,
-                            "bounds": [i, i + 1],
-                            "level": levels[i],
-                            "ratio": RATIOS[levels[i]],
-                            "queue_depth": queue[i],
-                            "service_s": busy(i, levels[i]),
-                            "received": self.received,
-                            "level_changes": 0,
-                        },
+                        MetricsMessage(
+                            node=f"n{i}",
+                            ts=self.t,
+                            stage=i,
+                            bounds=(i, i + 1),
+                            level=levels[i],
+                            ratio=RATIOS[levels[i]],
+                            queue_depth=queue[i],
+                            service_s=busy(i, levels[i]),
+                            received=self.received,
+                        ),
                     )
                 d = self.state.decide(self.t, wall=1000.0 + self.t)
                 if d is not None:
@@ -161,15 +176,17 @@ def test_a_node_twice_as_slow_is_seen_so_and_only_it_is_pruned() -> None:
     assert d.changed == (1,)
     assert d.plan.how == "optimizer" and d.plan.predicted.feasible
     msgs = d.level_messages()
-    assert [m[0] for m in msgs] == [1]
-    assert msgs[0][1]["level"] == d.levels[1] and msgs[0][1]["seq"] == d.seq == 1
-    assert msgs[0][1]["ratio"] == RATIOS[d.levels[1]]
+    assert [m.stage for m in msgs] == [1]
+    assert msgs[0].level == d.levels[1] and msgs[0].seq == d.seq == 1
+    assert msgs[0].ratio == RATIOS[d.levels[1]]
     # the decision is a valid JSON message with all its inputs
-    body = codec.decode_json(codec.encode_json("decision", d.to_dict()), expect_kind="decision")
-    assert body["action"] == "prune" and body["policy"] == "reactive"
-    assert body["window"]["samples"] >= 5 and body["window"]["latency_s"] == pytest.approx(0.2)
-    assert body["predicted"]["bottleneck_s"] <= d.plan.target_s
-    assert [st["queue_depth"] for st in body["stages"]] == [0.0, 0.0]
+    message = DecisionMessage.from_json(d.to_message().to_json())
+    assert message.action == "prune" and message.policy == "reactive"
+    assert message.levels == d.levels and message.changed == (1,)
+    window = message.details["window"]
+    assert window["samples"] >= 5 and window["latency_s"] == pytest.approx(0.2)
+    assert message.details["predicted"]["bottleneck_s"] <= d.plan.target_s
+    assert [st["queue_depth"] for st in message.details["stages"]] == [0.0, 0.0]
     assert "decision 1: prune stage 1 0->" in d.log_line()
     assert s.state.levels == d.levels
 
@@ -198,7 +215,7 @@ def test_restore_keeps_the_capacity_while_the_slowdown_lasts_then_returns_to_zer
 
 def test_restore_from_over_pruned_levels_steps_back_only_to_what_capacity_needs() -> None:
     s = sim()
-    s.state.on_level(0.0, 1, {"stage": 1, "level": 5, "ratio": 0.5, "seq": 7, "reason": "x"})
+    s.state.on_level(0.0, 1, level_message(1, 5, seq=7))
     assert s.state.levels == (0, 5)
     restores = s.run(6.0, latency=0.01, slow=(1.0, 2.0))
     assert len(restores) == 1
@@ -218,7 +235,7 @@ def test_an_idle_stage_the_model_cannot_restore_steps_down_one_level_at_a_time()
     steep = LinearFit(a=-0.018, b=0.010, r2=1.0)
     s = sim((FIT, steep))
     s.rate = 25.0
-    s.state.on_level(0.0, 1, {"level": 5, "seq": 1})
+    s.state.on_level(0.0, 1, level_message(1, 5, seq=1))
     restores = s.run(30.0, latency=0.01, overhead=(0.0, 0.014))
     assert restores and restores[0].plan.how == "step-down"
     assert restores[0].levels == (0, 4)
@@ -230,26 +247,22 @@ def test_an_idle_stage_the_model_cannot_restore_steps_down_one_level_at_a_time()
 
 def test_a_backlogged_node_is_judged_by_its_throughput() -> None:
     st = ControllerState(config(), calibration(), now=0.0)
-    hops = [
-        {"stage": i, "node": f"n{i}", "queue_s": 0.0, "compute_s": 0.01, "level": 0}
-        for i in range(2)
-    ]
+    hops = [Hop(i, f"n{i}", 0.0, 0.01, 0) for i in range(2)]
     for k in range(12):
         t = 0.2 * k
-        st.on_exit(t, {"latency_s": 0.5, "stages": hops})  # each request: 10 ms of service
+        st.on_exit(t, exit_message(0.5, hops))  # each request: 10 ms of service
         # ... but with requests waiting, n1 completes only one every 0.2 s
         st.on_metrics(
             t,
-            {
-                "node": "n1",
-                "stage": 1,
-                "level": 0,
-                "queue_depth": 6.0,
-                "service_s": 0.01,
-                "processed": k,
-                "level_changes": 0,
-                "ts": 1000.0 + t,
-            },
+            MetricsMessage(
+                node="n1",
+                ts=1000.0 + t,
+                stage=1,
+                level=0,
+                queue_depth=6,
+                service_s=0.01,
+                processed=k,
+            ),
         )
         st.refresh(t)
     assert st.stages[1].slowdown.source == "backlog"
@@ -258,19 +271,18 @@ def test_a_backlogged_node_is_judged_by_its_throughput() -> None:
     # once the queue is gone, the per-request service times count again
     for k in range(12, 40):
         t = 0.2 * k
-        st.on_exit(t, {"latency_s": 0.05, "stages": hops})
+        st.on_exit(t, exit_message(0.05, hops))
         st.on_metrics(
             t,
-            {
-                "node": "n1",
-                "stage": 1,
-                "level": 0,
-                "queue_depth": 0.0,
-                "service_s": 0.01,
-                "processed": k,
-                "level_changes": 0,
-                "ts": 1000.0 + t,
-            },
+            MetricsMessage(
+                node="n1",
+                ts=1000.0 + t,
+                stage=1,
+                level=0,
+                queue_depth=0,
+                service_s=0.01,
+                processed=k,
+            ),
         )
         st.refresh(t)
     assert st.stages[1].slowdown.source == "exits"
@@ -289,7 +301,7 @@ def test_static_policy_never_acts() -> None:
 def test_proactive_prunes_before_the_slo_is_broken() -> None:
     s = sim(policy="proactive")
     # every exit is within the SLO, but stage 1 at 2x runs at utilisation 50/s x 20 ms = 1
-    decisions = s.run(3.0, latency=0.02, slow=(1.0, 2.0), queue=(0.0, 3.0))
+    decisions = s.run(3.0, latency=0.02, slow=(1.0, 2.0), queue=(0, 3))
     assert decisions and decisions[0].kind is ActionKind.PRUNE
     d = decisions[0]
     assert d.levels[0] == 0 and d.levels[1] > 0
@@ -306,7 +318,7 @@ def test_escalation_only_prunes_loaded_stages() -> None:
     assert s.run(3.0, latency=0.2, slow=(1.0, 1.5)) == []
     # a loaded stage at its deepest level: the other loaded stage is escalated, one level
     s = sim()
-    s.state.on_level(0.0, 1, {"level": 5, "seq": 1})
+    s.state.on_level(0.0, 1, level_message(1, 5, seq=1))
     s.rate = 100.0  # stage 1: 100 x 2 x 5 ms = 1.0; stage 0: 100 x 10 ms = 1.0
     d = s.run(3.0, latency=0.2, slow=(1.0, 2.0))[0]
     assert d.plan.how == "escalated" and d.levels == (1, 5)
@@ -320,11 +332,11 @@ def test_nothing_to_prune_below_a_min_means_no_decision() -> None:
 def test_node_offline_and_back_are_events() -> None:
     st = ControllerState(config(), calibration(), now=0.0)
     lost = st.on_status(
-        1.0, {"node": "n1", "state": "offline", "reason": "connection lost", "stage": 1}
+        1.0, StatusMessage(node="n1", state="offline", ts=1.0, reason="connection lost", stage=1)
     )
     assert lost is not None and lost.kind == "lost" and lost.stage == 1
-    assert st.on_status(1.5, {"node": "n1", "state": "offline"}) is None
-    back = st.on_status(2.0, {"node": "n1", "state": "online", "stage": 1})
+    assert st.on_status(1.5, StatusMessage(node="n1", state="offline", ts=1.5)) is None
+    back = st.on_status(2.0, StatusMessage(node="n1", state="online", ts=2.0, stage=1))
     assert back is not None and back.kind == "online"
     assert st.nodes["n1"].state == "online"
     assert [e.kind for e in st.events] == ["lost", "online"]
@@ -332,13 +344,13 @@ def test_node_offline_and_back_are_events() -> None:
 
 def test_retained_levels_are_adopted_and_stale_echoes_ignored() -> None:
     st = ControllerState(config(), calibration(), now=0.0)
-    assert st.on_level(0.0, 1, {"level": 3, "seq": 4})
+    assert st.on_level(0.0, 1, level_message(1, 3, seq=4))
     assert st.levels == (0, 3) and st.seq == 4
-    assert not st.on_level(0.1, 1, {"level": 1, "seq": 2})  # older than what we have
+    assert not st.on_level(0.1, 1, level_message(1, 1, seq=2))  # older than what we have
     assert st.on_level(0.2, 1, None)  # cleared: level 0
     assert st.levels == (0, 0)
     with pytest.raises(CodecError):
-        st.on_level(0.3, 0, {"level": 9, "seq": 5})
+        st.on_level(0.3, 0, LevelMessage(stage=0, level=9, ratio=0.5, seq=5))
 
 
 def test_report_accounts_time_at_each_level() -> None:
@@ -355,15 +367,19 @@ def test_report_accounts_time_at_each_level() -> None:
 
 
 def test_malformed_messages_raise_codec_errors() -> None:
-    st = ControllerState(config(), calibration(), now=0.0)
+    good_exit = exit_message(0.1, [Hop(0, "n0", 0.0, 0.01, 0)]).body()
     with pytest.raises(CodecError):
-        st.on_exit(0.0, {"latency_s": "slow"})
+        ExitMessage.from_json(codec.encode_json("exit", {**good_exit, "latency_s": "slow"}))
     with pytest.raises(CodecError):
-        st.on_exit(0.0, {"latency_s": 0.1, "stages": [{"stage": 0, "compute_s": 0.01}]})
+        ExitMessage.from_json(
+            codec.encode_json("exit", {**good_exit, "stages": [{"stage": 0, "compute_s": 0.01}]})
+        )
     with pytest.raises(CodecError):
-        st.on_metrics(0.0, {"stage": 0})
+        MetricsMessage.from_json(codec.encode_json("metrics", {"stage": 0, "ts": 0.0}))
     with pytest.raises(CodecError):
-        st.on_status(0.0, {"node": "n0", "state": "sleepy"})
+        StatusMessage.from_json(
+            codec.encode_json("status", {"node": "n0", "state": "sleepy", "ts": 0.0})
+        )
 
 
 def test_config_from_toml_with_overrides(tmp_path: Path) -> None:

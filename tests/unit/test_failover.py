@@ -7,13 +7,18 @@ import random
 
 import pytest
 
+from bus.messages import LevelMessage, NodeState, StatusMessage
 from bus.plan_message import PlanMessage
 from controller.failover import FailoverMonitor, FailoverSettings, LivenessTracker
 from controller.planner import Planner
-from pipeline import codec
 from pipeline.devices import MIB, Device
 from pipeline.errors import ConfigError
 from tests.unit.test_planner import _accuracy, _table
+
+
+def _status(node: str, state: NodeState, reason: str = "") -> StatusMessage:
+    return StatusMessage(node=node, state=state, ts=0.0, reason=reason)
+
 
 SETTINGS = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25)
 
@@ -34,7 +39,7 @@ def _setup(
     plan = first.to_message(1)
     monitor = FailoverMonitor(planner, devices, 0.8, SETTINGS, slo_s=slo, current=plan)
     for d in devices:
-        monitor.on_status(d.name, {"state": "online"}, 0.0)
+        monitor.on_status(d.name, _status(d.name, "online"), 0.0)
     return monitor, plan
 
 
@@ -73,7 +78,7 @@ def test_last_will_triggers_a_new_plan_on_the_survivors() -> None:
     victim = plan.nodes[1]
     _beat(monitor, ["n0", "n1", "n2"], 0.5)
     assert monitor.check(0.6) is None
-    monitor.on_status(victim, {"state": "offline", "reason": "connection lost"}, 1.0)
+    monitor.on_status(victim, _status(victim, "offline", "connection lost"), 1.0)
     decision = monitor.check(1.0)
     assert decision is not None
     assert decision.message.version == plan.version + 1
@@ -83,10 +88,12 @@ def test_last_will_triggers_a_new_plan_on_the_survivors() -> None:
     for memory, cap in zip(decision.plan.memory_bytes, decision.plan.cap_bytes, strict=True):
         assert memory <= cap
     assert decision.plan.accuracy >= 0.8
-    for (stage, body), planned in zip(decision.levels, decision.plan.levels, strict=True):
-        level = codec.decode_json(body, expect_kind="level")
-        assert level["stage"] == stage and level["level"] == planned
-        assert level["seq"] == decision.message.version
+    for stage, (message, planned) in enumerate(
+        zip(decision.levels, decision.plan.levels, strict=True)
+    ):
+        level = LevelMessage.from_json(message.to_json())
+        assert level.stage == stage and level.level == planned
+        assert level.seq == decision.message.version
     assert monitor.current is decision.message
     assert monitor.check(1.1) is None  # nothing new: no second plan
 
@@ -112,7 +119,7 @@ def test_levels_rise_to_keep_the_slo_on_fewer_devices() -> None:
     first = monitor.planner.plan(monitor.devices, 0.8, slo_s=monitor.slo_s).best
     assert first is not None and sum(first.levels) == 0  # three devices: unpruned meets it
     _beat(monitor, ["n0", "n1", "n2"], 0.1)
-    monitor.on_status(plan.nodes[2], {"state": "offline", "reason": "connection lost"}, 0.2)
+    monitor.on_status(plan.nodes[2], _status(plan.nodes[2], "offline", "connection lost"), 0.2)
     decision = monitor.check(0.2)
     assert decision is not None
     slo = monitor.slo_s
@@ -125,19 +132,19 @@ def test_no_feasible_plan_keeps_the_old_one_until_a_node_returns() -> None:
     monitor.floor = 0.99
     victim = plan.nodes[0]
     _beat(monitor, list(plan.nodes), 0.1)
-    monitor.on_status(victim, {"state": "offline", "reason": "connection lost"}, 0.2)
+    monitor.on_status(victim, _status(victim, "offline", "connection lost"), 0.2)
     assert monitor.check(0.2) is None and monitor.current is plan
     assert monitor.check(0.3) is None  # the same survivors are not tried again
     monitor.floor = 0.8
-    monitor.on_status(victim, {"state": "online"}, 0.4)  # back: the plan is whole again
+    monitor.on_status(victim, _status(victim, "online"), 0.4)  # back: the plan is whole again
     assert monitor.check(0.4) is None
 
 
 def test_losing_a_node_outside_the_plan_changes_nothing() -> None:
     monitor, plan = _setup()
     monitor.devices = [*monitor.devices, Device("spare", 1.0, 1e6, 1000.0, 0.5)]
-    monitor.on_status("spare", {"state": "online"}, 0.0)
-    monitor.on_status("spare", {"state": "offline", "reason": "connection lost"}, 0.5)
+    monitor.on_status("spare", _status("spare", "online"), 0.0)
+    monitor.on_status("spare", _status("spare", "offline", "connection lost"), 0.5)
     assert monitor.check(0.5) is None and monitor.current is plan
 
 
@@ -148,7 +155,7 @@ def test_nodes_of_a_new_plan_may_be_silent_while_they_build() -> None:
     grace = FailoverSettings(heartbeat_timeout_s=3.0, check_interval_s=0.25, build_grace_s=10.0)
     monitor.settings = monitor.tracker.settings = grace
     _beat(monitor, ["n0", "n1", "n2"], 0.5)
-    monitor.on_status(plan.nodes[1], {"state": "offline", "reason": "connection lost"}, 1.0)
+    monitor.on_status(plan.nodes[1], _status(plan.nodes[1], "offline", "connection lost"), 1.0)
     decision = monitor.check(1.0)
     assert decision is not None
     t = 1.0

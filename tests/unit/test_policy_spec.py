@@ -15,7 +15,7 @@ from edgeprune.commands import controller as controller_cmd
 from edgeprune.commands import experiment as experiment_cmd
 from experiment.config import config_from_mapping
 from pipeline.errors import ConfigError
-from tests.unit.test_controller_service import Sim, calibration, config
+from tests.unit.test_controller_service import Sim, calibration, config, level_message
 
 
 def test_static_levels_parse_and_static_is_static_zero() -> None:
@@ -65,14 +65,14 @@ def test_static_level_holds_every_stage_from_the_first_decision_and_only_once() 
     assert d.policy == "static:5" and d.at <= 0.2 + 1e-9
     assert s.state.levels == (5, 5)
     # someone else lowers stage 1: the static level is set again
-    s.state.on_level(s.t, 1, {"stage": 1, "level": 2, "seq": 999})
+    s.state.on_level(s.t, 1, level_message(1, 2, seq=999))
     again = s.run(1.0, latency=0.01)
     assert [x.levels for x in again] == [(5, 5)]
 
 
 def test_static_zero_only_observes() -> None:
     s = Sim(ControllerState(config(policy="static:0"), calibration(), now=0.0))
-    s.state.on_level(0.0, 1, {"stage": 1, "level": 3, "seq": 7})
+    s.state.on_level(0.0, 1, level_message(1, 3, seq=7))
     assert s.run(3.0, latency=0.5, slow=(1.0, 3.0)) == []
     assert s.state.levels == (0, 3)
 
