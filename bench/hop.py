@@ -112,7 +112,8 @@ def measure_compute(ckpt: Any, cuts: str, repeats: int = 200) -> dict[str, Any]:
     from nodes.inputs import image_to_tensor, tensor_from_message
     from pipeline import codec
     from pipeline.composed import build_prunable
-    from pipeline.slicing import ModelSlice, SliceBounds, parse_cuts
+    from pipeline.placement import SliceBounds
+    from pipeline.slicing import ModelSlice, parse_cuts
 
     torch.set_num_threads(1)
     model = ckpt.build().eval()

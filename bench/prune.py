@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.checkpoint import Checkpoint
+    from pipeline.placement import SliceBounds
     from pipeline.pruning import PrunableSlice, PrunedVariant
-    from pipeline.slicing import SliceBounds
 
 HEADLINE_RATIO = 0.3
 SPEEDUP_GOAL = 0.8  # measured speedup >= this x MAC reduction

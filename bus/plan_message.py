@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from bus.topics import check_name
 from pipeline import codec
 from pipeline.errors import CodecError, ConfigError
-from pipeline.placement import Placement, StagePlacement
-from pipeline.slicing import SliceBounds
+from pipeline.placement import Placement, SliceBounds, StagePlacement
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,7 @@ from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import Device, check_unique_names
 from pipeline.errors import ConfigError
-from pipeline.placement import Placement
-from pipeline.slicing import SliceBounds
+from pipeline.placement import Placement, SliceBounds
 
 Objective = Literal["bottleneck", "expected"]
 Method = Literal["auto", "exact", "nsga2"]

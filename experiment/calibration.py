@@ -21,8 +21,8 @@ from experiment.config import ExperimentConfig
 from pipeline.calibration import Calibration
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS
-from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from bus.topics import check_name
 from nodes.emulation import Emulation
 from pipeline import codec
 from pipeline.errors import ConfigError
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, validate_ratios
-from pipeline.slicing import SliceBounds
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,8 @@ from pipeline.errors import (
     internal_error,
 )
 from pipeline.models import SliceableResNet
+from pipeline.placement import SliceBounds
 from pipeline.pruning import PrunableSlice
-from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import torch
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, scatter_channels
-from pipeline.slicing import ModelSlice, SliceBounds, slice_model
+from pipeline.slicing import ModelSlice, slice_model
 
 
 @torch.no_grad()

@@ -42,8 +42,9 @@ from pipeline.data import Preprocess, Splits
 from pipeline.devices import Device
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import ResNetConfig, SliceableResNet
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, scatter_channels, validate_ratios
-from pipeline.slicing import ModelSlice, SliceBounds
+from pipeline.slicing import ModelSlice
 from pipeline.training import augment_batch
 
 FORMAT = "edgeprune-multiview"

@@ -30,8 +30,7 @@ from typing import Any
 
 from pipeline.devices import MIB, Device, check_unique_names, finite_number
 from pipeline.errors import ConfigError
-from pipeline.placement import Placement, StagePlacement
-from pipeline.slicing import SliceBounds
+from pipeline.placement import Placement, SliceBounds, StagePlacement
 
 PLAN_SCHEMA = 1
 

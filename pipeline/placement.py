@@ -17,7 +17,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pipeline.errors import ConfigError
-from pipeline.slicing import SliceBounds
+
+
+@dataclass(frozen=True)
+class SliceBounds:
+    """Blocks ``[start, end)`` of a model."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= self.start:
+            raise ConfigError(f"bad slice bounds [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)

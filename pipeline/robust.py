@@ -39,8 +39,9 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models import Head, SliceableResNet
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, _Adapted, kept_channels, validate_ratios
-from pipeline.slicing import ModelSlice, SliceBounds
+from pipeline.slicing import ModelSlice
 
 log = logging.getLogger(__name__)
 

@@ -9,28 +9,13 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet
-
-
-@dataclass(frozen=True)
-class SliceBounds:
-    """Blocks ``[start, end)`` of a model."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if self.start < 0 or self.end <= self.start:
-            raise ConfigError(f"bad slice bounds [{self.start}, {self.end})")
-
-    def __len__(self) -> int:
-        return self.end - self.start
+from pipeline.placement import SliceBounds
 
 
 def parse_cuts(cuts: str | Sequence[int], num_blocks: int) -> list[SliceBounds]:

@@ -27,9 +27,10 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.data import Preprocess, Splits
 from pipeline.errors import ConfigError
 from pipeline.models import ResNetConfig, SliceableResNet, build_model
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
 from pipeline.robust import SubnetSampler, WidthMasker, sandwich_step
-from pipeline.slicing import ModelSlice, SliceBounds
+from pipeline.slicing import ModelSlice
 
 log = logging.getLogger(__name__)
 

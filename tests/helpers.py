@@ -37,7 +37,7 @@ from pipeline.calibration.slimedge import (
     measure_costs,
 )
 from pipeline.checkpoint import Checkpoint
-from pipeline.slicing import SliceBounds
+from pipeline.placement import SliceBounds
 
 COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")
 REPO = Path(__file__).resolve().parent.parent

@@ -103,7 +103,7 @@ def build_config(args: argparse.Namespace):  # -> NodeConfig
     from nodes.config import NodeConfig
     from nodes.emulation import Emulation
     from pipeline.errors import ConfigError
-    from pipeline.slicing import SliceBounds
+    from pipeline.placement import SliceBounds
 
     overrides: dict = {
         "node_id": args.node_id,

@@ -52,10 +52,9 @@ from pipeline.devices import Device
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet
 from pipeline.partition import Partition
-from pipeline.placement import Placement
+from pipeline.placement import Placement, SliceBounds
 from pipeline.profiling import machine_info, now_iso
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
-from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from pipeline.composed import build_prunable
 from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
 from pipeline.partition import BlockProfile
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
-from pipeline.slicing import SliceBounds
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline import codec
 from pipeline.errors import CodecError
-from pipeline.placement import Placement
-from pipeline.slicing import SliceBounds, parse_cuts
+from pipeline.placement import Placement, SliceBounds
+from pipeline.slicing import parse_cuts
 from tests.helpers import clear_retained, collecting, publish_level, running_nodes, wait_until
 from tests.unit.test_controller_service import calibration as synthetic_calibration
 from tests.unit.test_controller_service import config as controller_config

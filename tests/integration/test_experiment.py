@@ -23,7 +23,7 @@ from experiment.monitor import load_events
 from pipeline.calibration.measure import CalibrationSettings, calibrate
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import load_dataset, split_dataset
-from pipeline.slicing import SliceBounds
+from pipeline.placement import SliceBounds
 from tests.helpers import DATA_DIR, REPO
 
 pytestmark = pytest.mark.slow

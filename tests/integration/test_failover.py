@@ -31,8 +31,7 @@ from nodes.config import NodeConfig
 from nodes.node import SliceNode
 from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.devices import MIB, Device
-from pipeline.placement import Placement
-from pipeline.slicing import SliceBounds
+from pipeline.placement import Placement, SliceBounds
 from tests.helpers import (
     REPO,
     collecting,

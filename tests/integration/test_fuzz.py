@@ -22,7 +22,7 @@ from nodes.camera import Camera, ImageSource, rate_schedule
 from nodes.inputs import tensor_from_message
 from pipeline import codec
 from pipeline.errors import CodecError
-from pipeline.slicing import SliceBounds
+from pipeline.placement import SliceBounds
 from tests.helpers import collecting, running_nodes, wait_until
 
 BATCH = 200

@@ -37,8 +37,8 @@ from pipeline.devices import Device
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, preset
 from pipeline.partition import Partition
-from pipeline.placement import Placement
-from pipeline.slicing import SliceBounds, parse_cuts
+from pipeline.placement import Placement, SliceBounds
+from pipeline.slicing import parse_cuts
 from pipeline.training import accuracy
 
 CLASSES = ("a", "b", "c", "d")

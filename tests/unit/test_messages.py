@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bus import messages as m
 from pipeline import codec
 from pipeline.errors import CodecError
-from pipeline.slicing import SliceBounds
+from pipeline.placement import Placement, SliceBounds
 
 names = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True)  # node names are topic levels
 texts = st.text(max_size=80)
@@ -156,11 +156,9 @@ def plans(draw: st.DrawFn) -> m.PlanMessage:
     widths = draw(st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=6))
     edges = np.cumsum([0, *widths]).tolist()
     nodes = draw(st.lists(names, min_size=len(widths), max_size=len(widths), unique=True))
-    return m.PlanMessage.build(
+    return m.PlanMessage(
         draw(small),
-        edges[-1],
-        [SliceBounds(a, b) for a, b in itertools.pairwise(edges)],
-        nodes,
+        Placement.build([SliceBounds(a, b) for a, b in itertools.pairwise(edges)], nodes),
         draw(texts),
     )
 

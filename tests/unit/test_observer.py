@@ -48,7 +48,7 @@ def test_a_camera_message_is_read_as_a_send_and_a_level_keeps_its_topic() -> Non
         "send",
         {"request_id": "c-r-1", "camera": "c", "entry_ts": 10.0, "attempt": 1, "label": 4},
     )
-    level = codec.encode_json("level", {"stage": 2, "level": 1})
+    level = codec.encode_json("level", {"stage": 2, "level": 1, "ratio": 0.1})
     kind, body = record_of(T, T.control_stage(2), level)
     assert kind == "level" and body["topic"] == T.control_stage(2) and body["level"] == 1
     for topic, garbage in ((T.camera_stage("c"), b"\x00"), (T.results, b"[1]"), (T.exits, b"")):

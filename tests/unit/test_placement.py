@@ -12,8 +12,8 @@ from bus.plan_message import PlanMessage
 from controller.planner import Planner
 from pipeline.errors import CodecError, ConfigError
 from pipeline.partition import Partition, balanced_partition
-from pipeline.placement import Placement, StagePlacement
-from pipeline.slicing import SliceBounds, parse_cuts
+from pipeline.placement import Placement, SliceBounds, StagePlacement
+from pipeline.slicing import parse_cuts
 from tests.unit.test_planner import _accuracy, _devices, _table
 
 BOUNDS = parse_cuts("2,3", 5)
@@ -87,15 +87,15 @@ def test_the_plan_message_refuses_what_the_placement_refuses() -> None:
         return json.dumps({**good, **change}).encode()
 
     stages = good["stages"]
-    with pytest.raises(ConfigError, match="not contiguous"):
+    with pytest.raises(CodecError, match="not contiguous"):
         PlanMessage.from_json(payload(stages=[stages[0], {**stages[2], "stage": 1}]))
-    with pytest.raises(ConfigError, match="only one stage"):
+    with pytest.raises(CodecError, match="only one stage"):
         PlanMessage.from_json(payload(stages=[stages[0], {**stages[1], "node": "a"}, stages[2]]))
-    with pytest.raises(ConfigError, match="the model has 6"):
+    with pytest.raises(CodecError, match="the model has 6"):
         PlanMessage.from_json(payload(num_blocks=6))
-    with pytest.raises(ConfigError, match="numbered"):
+    with pytest.raises(CodecError, match="numbered"):
         PlanMessage.from_json(payload(stages=[{**s, "stage": 7} for s in stages]))
-    with pytest.raises(ConfigError, match="node name"):
+    with pytest.raises(CodecError, match="node name"):
         PlanMessage.from_json(payload(stages=[{**stages[0], "end": 5, "node": "a/b"}]))
     with pytest.raises(CodecError, match="malformed plan"):
         PlanMessage.from_json(payload(stages=[{"stage": 0, "start": 0}]))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.models import build_model, preset
+from pipeline.placement import SliceBounds
 from pipeline.pruning import (
     DEFAULT_RATIOS,
     PrunableSlice,
@@ -15,7 +16,7 @@ from pipeline.pruning import (
     prune_slice,
     scatter_channels,
 )
-from pipeline.slicing import ModelSlice, SliceBounds, even_cuts, parse_cuts, slice_model
+from pipeline.slicing import ModelSlice, even_cuts, parse_cuts, slice_model
 
 
 def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models import SliceableResNet, build_model, preset
+from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, prune_slice
 from pipeline.robust import (
     SliceRanker,
@@ -18,7 +19,7 @@ from pipeline.robust import (
     frozen_bn_stats,
     sandwich_step,
 )
-from pipeline.slicing import ModelSlice, SliceBounds
+from pipeline.slicing import ModelSlice
 
 
 def _model(name: str = "resnet-xs", seed: int = 0) -> SliceableResNet:

@@ -11,7 +11,7 @@ from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, split_dataset
 from pipeline.errors import ConfigError
 from pipeline.models import preset
-from pipeline.slicing import SliceBounds
+from pipeline.placement import SliceBounds
 from pipeline.training import (
     DEFAULT_REGIME,
     REGIMES,
