@@ -1,5 +1,5 @@
 """`edgeprune bench controller`: decision time of the level optimizer (the work is in
-``bench.controller_impl``, imported only when the bench runs, so --help stays fast).
+``bench.decision_time``, imported only when the bench runs, so --help stays fast).
 """
 
 from __future__ import annotations
@@ -31,6 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> BenchReport:
-    from bench.controller_impl import run
+    from bench.decision_time import run
 
     return run(args)

@@ -109,10 +109,10 @@ def measure_compute(ckpt: Any, cuts: str, repeats: int = 200) -> dict[str, Any]:
     import torch
 
     from nodes.camera import encode_image
-    from nodes.inputs import image_to_tensor, tensor_from_message
+    from nodes.stage_input import image_to_tensor, tensor_from_message
     from pipeline import codec
-    from pipeline.composed import build_prunable
     from pipeline.placement import SliceBounds
+    from pipeline.reference import build_prunable
     from pipeline.slicing import ModelSlice, parse_cuts
 
     torch.set_num_threads(1)

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> BenchReport:
         simulate,
         summarize,
     )
-    from controller.planner import Planner
+    from controller.slimedge import Planner
     from pipeline.calibration.accuracy import MeasuredAccuracy, accuracy_cache, fit_accuracy_model
     from pipeline.calibration.slimedge import SliceBank, load_or_measure, split_halves
     from pipeline.checkpoint import load_checkpoint

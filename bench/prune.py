@@ -127,7 +127,7 @@ def _build(
     ckpt: Checkpoint, bounds: Sequence[SliceBounds], round_to: int
 ) -> tuple[list[PrunableSlice], dict[str, Any]]:
     """Build every slice without and with BN re-estimation; keep the ones nodes would run."""
-    from pipeline.composed import build_prunable
+    from pipeline.reference import build_prunable
 
     model = ckpt.build()
     t0 = time.perf_counter()  # absorbs one-time library warm-up (tracing, allocator)

@@ -240,7 +240,7 @@ def fit_check(
 ) -> dict[str, Any]:
     """Accuracy at every per-slice level vector on ``cuts`` and the logistic fit's error.
 
-    ``bn="per-slice"``: :class:`~pipeline.composed.ComposedPipeline`, i.e. what the nodes do:
+    ``bn="per-slice"``: :class:`~pipeline.reference.ComposedPipeline`, i.e. what the nodes do:
     each slice keeps BatchNorm statistics per (own level, upstream level), estimated on what
     the upstream prefix produces when pruned uniformly at that level. ``bn="per-vector"``
     (measured here only, as a reference): for each level vector, every slice re-estimates its
@@ -255,9 +255,9 @@ def fit_check(
 
     from pipeline.calibration.accuracy import fit_logistic_accuracy
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.composed import ComposedPipeline
     from pipeline.data import load_dataset, split_dataset
     from pipeline.pruning import PrunableSlice, recalibrate_batchnorm, scatter_channels
+    from pipeline.reference import ComposedPipeline
     from pipeline.slicing import ModelSlice, parse_cuts
     from pipeline.training import accuracy
 

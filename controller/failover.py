@@ -20,7 +20,7 @@
   check_interval_s`` after the plan.
 
 **Re-planning** (:class:`FailoverMonitor`). When a node of the current plan is lost, the
-SlimEdge planner (:class:`~controller.planner.Planner`) plans again on the survivors (devices
+SlimEdge planner (:class:`~controller.slimedge.Planner`) plans again on the survivors (devices
 of the table seen alive and not lost): a survivor takes over the lost blocks (every node holds
 the full model: the checkpoint, 7.9 MB for resnet-s, and builds the variants of its new slice
 from it: see ``docs/slimedge.md``), and levels rise so that the memory caps, the accuracy
@@ -50,7 +50,7 @@ from typing import Any
 from bus.messages import LevelMessage, PlanMessage, StatusMessage
 from bus.session import Publisher
 from bus.topics import Topics
-from controller.planner import Objective, Planner, SlimPlan
+from controller.slimedge import Objective, Planner, SlimPlan
 from pipeline.devices import Device
 from pipeline.errors import CodecError, ConfigError
 

@@ -5,7 +5,7 @@ factor of any transient window in force) on a clock shared with the trace replay
 trace itself. :class:`OracleSchedule` is that knowledge, cut into segments at every window start
 and end: per segment, each stage's known slowdown factor and the arrival rate the trace will
 bring. :class:`OraclePolicy` computes, once and in advance, the levels of every segment with the
-very planner the live policies use (:func:`controller.planning.solve`: same objective, A_min,
+very planner the live policies use (:func:`controller.level_change.solve`: same objective, A_min,
 ``rho_target`` and capacity target ``rho_target / rate``), fed with the KNOWN factor where the
 proactive policy feeds the live slowdown estimate, and sets them at the first decision tick at
 or after each segment's start (one decision per segment; nothing in between).
@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from controller.planning import LevelChange, PlanInputs, evaluate, solve
+from controller.level_change import LevelChange, PlanInputs, evaluate, solve
 from controller.policy import Action, ActionKind
 from pipeline.errors import ConfigError
 

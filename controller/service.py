@@ -50,9 +50,9 @@ from bus.messages import (
 from bus.session import Presence, Received, Session
 from bus.topics import Topics
 from controller.config import ControllerConfig
+from controller.core import ControlDecision, ControllerState, NodeEvent
 from controller.failover import FailoverDecision, FailoverHandler, FailoverMonitor
 from controller.oracle import OracleSchedule
-from controller.state import ControlDecision, ControllerState, NodeEvent
 from pipeline.calibration import Calibration
 from pipeline.errors import CodecError
 

@@ -41,8 +41,8 @@ from bus.connection import MqttSettings
 from bus.messages import MetricsMessage, StatusMessage
 from bus.topics import Topics
 from controller.config import parse_policy
+from controller.core import ControllerState
 from controller.oracle import OracleSchedule
-from controller.state import ControllerState
 from experiment.calibration import CalibrationInfo, ensure_calibration, load_model
 from experiment.config import ExperimentConfig, NodeSpec, resolve_blocks
 from experiment.launcher import (
@@ -382,7 +382,7 @@ class ExperimentRunner:
         return group.start(
             name,
             ["--at", f"{at:.6f}", "--", *self._camera_args(mqtt, pipe)],
-            module="experiment.delayed",
+            module="experiment.start_at",
             stdout_path=run_dir / "camera.json",
             expect_exit=True,
         )

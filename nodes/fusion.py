@@ -391,7 +391,7 @@ async def publish_view_levels(
     ratios: Sequence[float],
     reason: str = "planner",
 ) -> None:
-    """Retained per-view levels (e.g. from :func:`controller.planner.view_levels`)."""
+    """Retained per-view levels (e.g. from :func:`controller.slimedge.view_levels`)."""
     topics = ViewTopics(pipe)
     for v, level in enumerate(levels):
         await client.publish(

@@ -56,10 +56,9 @@ from bus.messages import (
 from bus.session import Presence, Received, Session
 from bus.topics import Topics, camera_level
 from nodes.config import NodeConfig
-from nodes.inputs import image_to_tensor, tensor_from_message
+from nodes.stage_input import image_to_tensor, tensor_from_message
 from pipeline import codec
 from pipeline.checkpoint import Checkpoint, load_checkpoint
-from pipeline.composed import build_prunable
 from pipeline.errors import (
     BusError,
     CodecError,
@@ -70,6 +69,7 @@ from pipeline.errors import (
 from pipeline.models import SliceableResNet
 from pipeline.placement import SliceBounds
 from pipeline.pruning import PrunableSlice
+from pipeline.reference import build_prunable
 
 log = logging.getLogger(__name__)
 

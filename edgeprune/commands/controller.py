@@ -279,7 +279,7 @@ def build_failover(args: argparse.Namespace) -> Any:  # -> FailoverMonitor | Non
     if args.failover is None:
         return None
     from controller.failover import FailoverMonitor, FailoverSettings
-    from controller.planner import Planner
+    from controller.slimedge import Planner
     from pipeline.calibration.accuracy import fit_accuracy_model
     from pipeline.calibration.slimedge import default_cache, load_or_measure
     from pipeline.checkpoint import load_checkpoint

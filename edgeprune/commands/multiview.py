@@ -27,7 +27,7 @@ Topology (edgeprune/<pipe>/...):
   liveness:        nodes/<node>/status (Last Will "offline", retained)
 
 The checkpoint is a multi-view model (one branch per view; train one with `edgeprune bench
-planner --multiview --train`). Per-view levels come from the planner (controller.planner /
+planner --multiview --train`). Per-view levels come from the planner (controller.slimedge /
 pipeline.multiview.view_levels) and are published retained on control/view/<v>; a branch node
 switches level between requests. See docs/slimedge.md.
 """

@@ -129,7 +129,7 @@ def _stage_rows(plan: Any, names: list[str]) -> list[list[Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.planner import DEFAULT_VETO_MARGIN, Planner
+    from controller.slimedge import DEFAULT_VETO_MARGIN, Planner
     from pipeline.calibration.accuracy import MeasuredAccuracy, accuracy_cache, fit_accuracy_model
     from pipeline.calibration.slimedge import SliceBank, load_or_measure, split_halves
     from pipeline.checkpoint import load_checkpoint

@@ -56,8 +56,8 @@ def curve(
 
     from pipeline.calibration.accuracy import accuracy_at_levels
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.composed import ComposedPipeline
     from pipeline.data import load_dataset, split_dataset
+    from pipeline.reference import ComposedPipeline
     from pipeline.slicing import parse_cuts
 
     ckpt = load_checkpoint(ckpt_path)

@@ -12,7 +12,7 @@ For a model cut into slices (by cut points or by a :class:`~pipeline.partition.P
 2. **Accuracy.** End-to-end accuracy on held-out images over per-slice level vectors: the full
    grid when it has at most ``grid_limit`` points, else the grid's corners, the uniform
    diagonal and seeded random vectors up to ``samples``. One
-   :class:`~pipeline.composed.ComposedPipeline` is built once and switched with
+   :class:`~pipeline.reference.ComposedPipeline` is built once and switched with
    ``set_levels``; vectors are visited in lexicographic order and a slice's output is reused
    while the levels before and at it are unchanged (a prefix cache), which gives the same
    numbers as running the whole pipeline per vector, faster
@@ -46,7 +46,6 @@ from pipeline.calibration.file import Calibration, SliceLatency
 from pipeline.calibration.latency import fit_linear
 from pipeline.calibration.timing import CLOCKS, CallTimes, Clock, time_calls, torch_threads
 from pipeline.checkpoint import Checkpoint
-from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.devices import Device
 from pipeline.errors import ConfigError
@@ -55,6 +54,7 @@ from pipeline.partition import Partition
 from pipeline.placement import Placement, SliceBounds
 from pipeline.profiling import machine_info, now_iso
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
+from pipeline.reference import ComposedPipeline
 
 log = logging.getLogger(__name__)
 

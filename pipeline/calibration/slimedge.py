@@ -42,12 +42,12 @@ from pipeline.calibration.accuracy import AccuracyModel, accuracy_at_levels
 from pipeline.calibration.measure import block_inputs, measure_latency
 from pipeline.calibration.timing import peak_bytes
 from pipeline.checkpoint import Checkpoint
-from pipeline.composed import build_prunable
 from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
 from pipeline.partition import BlockProfile
 from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
+from pipeline.reference import build_prunable
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from controller.service import Controller
 from nodes.camera import Camera, ImageSource, rate_schedule
 from nodes.config import NodeConfig
 from nodes.emulation import Emulation, SlowdownWindow
-from nodes.inputs import image_to_tensor, tensor_from_message
 from nodes.node import SliceNode
+from nodes.stage_input import image_to_tensor, tensor_from_message
 from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.calibration.accuracy import fit_logistic_accuracy
 from pipeline.calibration.latency import fit_linear
 from pipeline.checkpoint import Checkpoint
-from pipeline.composed import ComposedPipeline
+from pipeline.reference import ComposedPipeline
 from pipeline.slicing import parse_cuts
 from pipeline.training import predict
 from tests.helpers import (

@@ -24,8 +24,8 @@ from bus.plan_message import PlanMessage
 from bus.topics import Topics
 from controller.config import ControllerConfig
 from controller.failover import FailoverMonitor, FailoverSettings
-from controller.planner import Planner
 from controller.service import Controller
+from controller.slimedge import Planner
 from nodes.camera import Camera, rate_schedule
 from nodes.config import NodeConfig
 from nodes.node import SliceNode

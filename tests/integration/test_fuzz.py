@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nodes.camera import Camera, ImageSource, rate_schedule
-from nodes.inputs import tensor_from_message
+from nodes.stage_input import tensor_from_message
 from pipeline import codec
 from pipeline.errors import CodecError
 from pipeline.placement import SliceBounds

@@ -12,7 +12,7 @@ import torch
 from bus.connection import MqttSettings
 from bus.topics import Topics
 from nodes.camera import Camera, ImageSource, rate_schedule
-from pipeline.composed import ComposedPipeline
+from pipeline.reference import ComposedPipeline
 from pipeline.slicing import parse_cuts
 from pipeline.training import predict
 from tests.helpers import (

@@ -17,7 +17,7 @@ from bench.planner_sim import (
     met_fraction,
     simulate,
 )
-from controller.planner import Planner
+from controller.slimedge import Planner
 from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.calibration.slimedge import CostTable, contiguous_ranges
 from pipeline.devices import MIB

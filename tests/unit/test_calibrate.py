@@ -31,13 +31,13 @@ from pipeline.calibration.plot import plot_calibration
 from pipeline.calibration.slimedge import SliceBank
 from pipeline.calibration.slimedge import measure as slimedge_measure
 from pipeline.checkpoint import Checkpoint, save_checkpoint
-from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, Preprocess
 from pipeline.devices import Device
 from pipeline.errors import ConfigError
 from pipeline.models import build_model, preset
 from pipeline.partition import Partition
 from pipeline.placement import Placement, SliceBounds
+from pipeline.reference import ComposedPipeline
 from pipeline.slicing import parse_cuts
 from pipeline.training import accuracy
 

@@ -109,7 +109,7 @@ def test_the_controller_and_plain_timing_run_without_torch(tmp_path: Path) -> No
         "import sys\n"
         "from pipeline.calibration import Calibration\n"
         "from pipeline.calibration.timing import time_calls\n"
-        "import controller.state\n"
+        "import controller.core\n"
         f"Calibration.load({str(path)!r})\n"
         "time_calls([lambda: None], runs=3, warmup=1, torch_inference=False)\n"
         "print('torch' in sys.modules)\n"

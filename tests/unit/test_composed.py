@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from pipeline.composed import ComposedPipeline
 from pipeline.data import load_dataset, split_dataset
+from pipeline.reference import ComposedPipeline
 from pipeline.slicing import parse_cuts
 from pipeline.training import accuracy
 from tests.helpers import DATA_DIR

@@ -25,8 +25,8 @@ from bus.messages import (
     StatusMessage,
 )
 from controller.config import ControllerConfig
+from controller.core import ControlDecision, ControllerState
 from controller.policy import ActionKind
-from controller.state import ControlDecision, ControllerState
 from edgeprune.commands import controller as controller_cmd
 from pipeline import codec
 from pipeline.calibration import Calibration, LinearFit, LogisticAccuracyFit, SliceLatency

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.planner import Planner
+from controller.slimedge import Planner
 from edgeprune.cli import main as cli_main
 from pipeline.calibration.accuracy import AccuracyModel
 from pipeline.calibration.slimedge import CostTable, contiguous_ranges

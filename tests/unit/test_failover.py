@@ -10,7 +10,7 @@ import pytest
 from bus.messages import LevelMessage, NodeState, StatusMessage
 from bus.plan_message import PlanMessage
 from controller.failover import FailoverMonitor, FailoverSettings, LivenessTracker
-from controller.planner import Planner
+from controller.slimedge import Planner
 from pipeline.devices import MIB, Device
 from pipeline.errors import ConfigError
 from tests.unit.test_planner import _accuracy, _table

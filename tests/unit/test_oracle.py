@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from controller.core import ControllerState
 from controller.optimizer import solve_bottleneck
 from controller.oracle import OraclePolicy, OracleSchedule, OracleSegment
 from controller.policy import ActionKind
-from controller.state import ControllerState
 from experiment.config import config_from_mapping
 from experiment.oracle import oracle_schedule, peak_rate
 from pipeline.errors import ConfigError

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from bus.plan_message import PlanMessage
-from controller.planner import Planner
+from controller.slimedge import Planner
 from pipeline.errors import CodecError, ConfigError
 from pipeline.partition import Partition, balanced_partition
 from pipeline.placement import Placement, SliceBounds, StagePlacement

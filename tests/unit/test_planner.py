@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from controller.planner import Planner, configuration_count, failure_weights
+from controller.slimedge import Planner, configuration_count, failure_weights
 from pipeline.calibration.accuracy import AccuracyModel, accuracy_cache, fit_accuracy_model
 from pipeline.calibration.slimedge import (
     Combo,

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from controller.config import ControllerConfig, PolicySpec, parse_policy
+from controller.core import ControllerState
 from controller.policy import ActionKind
-from controller.state import ControllerState
 from edgeprune.commands import controller as controller_cmd
 from edgeprune.commands import experiment as experiment_cmd
 from experiment.config import config_from_mapping

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.composed import ComposedPipeline
 from pipeline.data import ArrayDataset, split_dataset
 from pipeline.errors import ConfigError
 from pipeline.models import preset
 from pipeline.placement import SliceBounds
+from pipeline.reference import ComposedPipeline
 from pipeline.training import (
     DEFAULT_REGIME,
     REGIMES,

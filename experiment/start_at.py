@@ -5,7 +5,7 @@ and that time varies. The experiment harness needs the camera's replay to start 
 clock start (so that node slowdown windows line up with the trace), so it launches the camera
 early through this wrapper::
 
-    python -m experiment.delayed --at 1700000000.0 -- camera --trace ... --json
+    python -m experiment.start_at --at 1700000000.0 -- camera --trace ... --json
 
 The wrapper builds the full command-line parser (which imports every command module), imports
 the modules the camera needs, waits until ``--at`` and only then runs the command: the
@@ -34,7 +34,7 @@ _PRELOAD = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiment.delayed",
+        prog="python -m experiment.start_at",
         description="Run `edgeprune ARGS...` at the epoch time --at (imports done first).",
     )
     parser.add_argument("--at", type=float, required=True, help="epoch seconds to start at")

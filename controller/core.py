@@ -8,7 +8,7 @@ it to MQTT.
 
 Per stage it keeps the commanded level (learned from the retained control messages at start-up,
 then set by its own decisions), the node serving it, its queue depth and its live slowdown
-(:mod:`controller.live`). Per node it keeps the last status (online / offline, the Last Will)
+(:mod:`controller.estimates`). Per node it keeps the last status (online / offline, the Last Will)
 and returns a :class:`NodeEvent` when a node is lost or comes back.
 """
 
@@ -30,9 +30,9 @@ from bus.messages import (
     StatusMessage,
 )
 from controller.config import ControllerConfig
-from controller.live import ArrivalTracker, StageSlowdown
+from controller.estimates import ArrivalTracker, StageSlowdown
+from controller.level_change import LevelChange, PlanInputs, evaluate, plan_prune, plan_restore
 from controller.oracle import OraclePolicy, OracleSchedule
-from controller.planning import LevelChange, PlanInputs, evaluate, plan_prune, plan_restore
 from controller.policy import (
     Action,
     ActionKind,
