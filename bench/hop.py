@@ -42,6 +42,7 @@ from typing import Any
 
 from bench.codec import _parse_sizes, _size_bytes
 from bench.goals import BenchReport, Goal, GoalSpec
+from bus.observer import wait_until
 from edgeprune.commands._common import (
     add_checkpoint,
     add_data_dir,
@@ -267,7 +268,7 @@ async def measure_throughput(
         recorder.running(),
         _nodes(mode, mqtt, pipe, bounds, ckpt, ckpt_path, logs) as node_pids,
     ):
-        await _until(lambda: len(online()) == len(bounds), 180, "nodes online")
+        await wait_until(lambda: len(online()) == len(bounds), 180, "nodes online")
         source = ImageSource(images.images, images.labels)
         warm = max(20, n_images // 10)
         for n, tag in ((warm, "warm"), (n_images, "burst")):
@@ -283,14 +284,12 @@ async def measure_throughput(
             sent_at = time.time()
             cpu0 = _cpu_s([*node_pids, broker_pid, os.getpid()])
             await cam.run()
-            await _until(
-                lambda n=n, tag=tag: (
-                    sum(r["request_id"].split("-")[1] == tag for r in recorder.events["result"])
-                    >= n
-                ),
-                120,
-                f"{n} {tag} results",
-            )
+
+            def arrived(n: int = n, tag: str = tag) -> bool:
+                done = sum(r["request_id"].split("-")[1] == tag for r in recorder.events["result"])
+                return done >= n
+
+            await wait_until(arrived, 120, f"{n} {tag} results")
         cpu = [
             b - a for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
         ]
@@ -349,22 +348,10 @@ async def _nodes(
         "queue_size": 5000,
     }
     if mode == "inproc":
-        from nodes.config import NodeConfig
-        from nodes.node import SliceNode
+        from nodes.node import running_nodes
 
-        nodes = [
-            SliceNode(
-                NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt, **common), ckpt
-            )
-            for i, b in enumerate(bounds)
-        ]
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
-        try:
+        async with running_nodes(ckpt, mqtt, pipe, bounds, **common):
             yield []
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
         return
     procs = []
     for i, b in enumerate(bounds):
@@ -427,14 +414,6 @@ def _cpu_s(pids: list[int | None]) -> list[float]:
         except (OSError, IndexError, ValueError):
             out.append(0.0)
     return out
-
-
-async def _until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"bench hop: timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # --- the run -------------------------------------------------------------------------------

@@ -344,3 +344,26 @@ class Recorder:
 
     def sent_ids(self) -> set[str]:
         return {s["request_id"] for s in self.events["send"]}
+
+
+async def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 20.0,
+    what: str = "condition",
+    *,
+    check: Callable[[], None] | None = None,
+    poll_s: float = 0.02,
+) -> None:
+    """Poll ``predicate()`` (typically over what a :class:`Recorder` saw) until it holds;
+    ``check()`` runs at each poll and may raise (e.g. a child process died).
+
+    Raises:
+        TimeoutError: it did not hold within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(poll_s)

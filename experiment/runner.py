@@ -39,6 +39,7 @@ from typing import IO, Any
 from broker.launcher import MosquittoBroker
 from bus.connection import MqttSettings
 from bus.messages import MetricsMessage, StatusMessage
+from bus.observer import wait_until
 from bus.topics import Topics
 from controller.config import parse_policy
 from controller.core import ControllerState
@@ -578,16 +579,15 @@ async def _until(
     fail: bool = True,
     poll_s: float = 0.05,
 ) -> bool:
-    """Poll ``predicate()`` until true or ``timeout``; a child dying meanwhile raises."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        group.check_alive()
-        if time.monotonic() > deadline:
-            if fail:
-                raise ExperimentError(f"timed out after {timeout:.0f} s waiting for {what}")
-            log.warning("timed out after %.0f s waiting for %s", timeout, what)
-            return False
-        await asyncio.sleep(poll_s)
+    """Wait for ``predicate()``; a child dying meanwhile raises. Past ``timeout``: an
+    :class:`ExperimentError`, or with ``fail=False`` a warning and False."""
+    try:
+        await wait_until(predicate, timeout, what, check=group.check_alive, poll_s=poll_s)
+    except TimeoutError as exc:
+        if fail:
+            raise ExperimentError(str(exc)) from exc
+        log.warning("%s", exc)
+        return False
     return True
 
 

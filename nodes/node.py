@@ -37,12 +37,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bus.connection import MqttSettings
 from bus.messages import (
     ErrorMessage,
     ExitMessage,
@@ -650,6 +652,33 @@ class SliceNode:
                     self.metrics().to_json(),
                     qos=0,
                 )
+
+
+@contextlib.asynccontextmanager
+async def running_nodes(
+    ckpt: Checkpoint,
+    mqtt: MqttSettings,
+    pipe: str,
+    bounds: Sequence[SliceBounds],
+    **config: Any,
+) -> AsyncIterator[list[SliceNode]]:
+    """Slice nodes ``n0, n1, ...`` (one per bounds) as tasks of this event loop, each with its own
+    session; entered once all are ready, stopped on exit. ``config``: further
+    :class:`~nodes.config.NodeConfig` fields."""
+    nodes = [
+        SliceNode(
+            NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt, **config), ckpt
+        )
+        for i, b in enumerate(bounds)
+    ]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(n.ready.wait() for n in nodes)), 60)
+        yield nodes
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _check_camera(topics: Topics, topic: str, msg: codec.StageMessage) -> None:

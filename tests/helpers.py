@@ -3,7 +3,6 @@ collector (the observer's recorder), and polling with a deadline (never a fixed 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import queue
@@ -22,9 +21,9 @@ import numpy as np
 from bus.connection import MqttSettings
 from bus.messages import LevelMessage
 from bus.observer import Recorder
+from bus.observer import wait_until as wait_until
 from bus.topics import Topics
-from nodes.config import NodeConfig
-from nodes.node import SliceNode
+from nodes.node import running_nodes as running_nodes
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.calibration.accuracy import LogisticAccuracyFit
 from pipeline.calibration.latency import LinearFit
@@ -37,21 +36,10 @@ from pipeline.calibration.slimedge import (
     measure_costs,
 )
 from pipeline.checkpoint import Checkpoint
-from pipeline.placement import SliceBounds
 
 COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
-
-
-async def wait_until(
-    predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Collector(Recorder):
@@ -99,27 +87,6 @@ async def collecting(mqtt: MqttSettings, pipe: str) -> AsyncIterator[Collector]:
     """A :class:`Collector`, subscribed, for the duration of the block."""
     async with Collector(mqtt, pipe).running(timeout=10) as col:
         yield col
-
-
-@contextlib.asynccontextmanager
-async def running_nodes(
-    ckpt: Checkpoint, mqtt: MqttSettings, pipe: str, bounds: Sequence[SliceBounds], **config: Any
-) -> AsyncIterator[list[SliceNode]]:
-    """Slice nodes as tasks of this event loop, each with its own MQTT connection."""
-    nodes = [
-        SliceNode(
-            NodeConfig(node_id=f"n{i}", pipe=pipe, stage=i, bounds=b, mqtt=mqtt, **config), ckpt
-        )
-        for i, b in enumerate(bounds)
-    ]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(n.run(stop)) for n in nodes]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(n.ready.wait() for n in nodes)), 60)
-        yield nodes
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def publish_level(
