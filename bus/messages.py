@@ -126,17 +126,17 @@ class ResultMessage(_JsonMessage):
     waited_s: float | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "request_id", codec._name(self.request_id, "request_id"))
-        _set(self, "camera", codec._name(self.camera, "camera"))
+        _set(self, "request_id", codec.check_text(self.request_id, "request_id"))
+        _set(self, "camera", codec.check_text(self.camera, "camera"))
         _set(self, "label", _text(self.label, "label"))
-        _set(self, "label_index", codec._int(self.label_index, "label_index"))
+        _set(self, "label_index", codec.check_int(self.label_index, "label_index"))
         _set(self, "score", _fraction(self.score, "score"))
-        _set(self, "true_label", _optional(codec._int, self.true_label, "true_label"))
+        _set(self, "true_label", _optional(codec.check_int, self.true_label, "true_label"))
         _set(self, "correct", _optional(_bool, self.correct, "correct"))
         levels = _sequence(self.levels, "levels")
-        _set(self, "levels", tuple(_optional(codec._int, v, "levels") for v in levels))
-        _set(self, "entry_ts", codec._float(self.entry_ts, "entry_ts"))
-        _set(self, "attempt", codec._int(self.attempt, "attempt"))
+        _set(self, "levels", tuple(_optional(codec.check_int, v, "levels") for v in levels))
+        _set(self, "entry_ts", codec.check_float(self.entry_ts, "entry_ts"))
+        _set(self, "attempt", codec.check_int(self.attempt, "attempt"))
         _set(self, "views", _optional(_ints, self.views, "views"))
         _set(self, "missing", _optional(_ints, self.missing, "missing"))
         _set(self, "fused_on", _optional(_text, self.fused_on, "fused_on"))
@@ -207,13 +207,13 @@ class ExitMessage(_JsonMessage):
     correct: bool | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "request_id", codec._name(self.request_id, "request_id"))
-        _set(self, "camera", codec._name(self.camera, "camera"))
-        _set(self, "capture_ts", codec._float(self.capture_ts, "capture_ts"))
-        _set(self, "entry_ts", codec._float(self.entry_ts, "entry_ts"))
-        _set(self, "exit_ts", codec._float(self.exit_ts, "exit_ts"))
-        _set(self, "latency_s", codec._float(self.latency_s, "latency_s"))
-        _set(self, "attempt", codec._int(self.attempt, "attempt"))
+        _set(self, "request_id", codec.check_text(self.request_id, "request_id"))
+        _set(self, "camera", codec.check_text(self.camera, "camera"))
+        _set(self, "capture_ts", codec.check_float(self.capture_ts, "capture_ts"))
+        _set(self, "entry_ts", codec.check_float(self.entry_ts, "entry_ts"))
+        _set(self, "exit_ts", codec.check_float(self.exit_ts, "exit_ts"))
+        _set(self, "latency_s", codec.check_float(self.latency_s, "latency_s"))
+        _set(self, "attempt", codec.check_int(self.attempt, "attempt"))
         _set(self, "correct", _optional(_bool, self.correct, "correct"))
         stages = _sequence(self.stages, "stages")
         if not all(isinstance(h, Hop) for h in stages):
@@ -293,13 +293,13 @@ class LevelMessage(_JsonMessage):
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _set(self, "stage", codec._int(self.stage, "stage"))
-        _set(self, "level", codec._int(self.level, "level"))
-        ratio = codec._float(self.ratio, "ratio", non_negative=True)
+        _set(self, "stage", codec.check_int(self.stage, "stage"))
+        _set(self, "level", codec.check_int(self.level, "level"))
+        ratio = codec.check_float(self.ratio, "ratio", non_negative=True)
         if ratio >= 1.0:
             raise ValueError(f"ratio must lie in [0, 1), got {ratio}")
         _set(self, "ratio", ratio)
-        _set(self, "seq", _optional(codec._int, self.seq, "seq"))
+        _set(self, "seq", _optional(codec.check_int, self.seq, "seq"))
         _set(self, "reason", _text(self.reason, "reason"))
 
     def level_of(self, n_levels: int) -> int:
@@ -370,9 +370,9 @@ class DecisionMessage(_JsonMessage):
     details: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _set(self, "seq", codec._int(self.seq, "seq"))
-        _set(self, "at", codec._float(self.at, "at"))
-        _set(self, "ts", _optional(codec._float, self.ts, "ts"))
+        _set(self, "seq", codec.check_int(self.seq, "seq"))
+        _set(self, "at", codec.check_float(self.at, "at"))
+        _set(self, "ts", _optional(codec.check_float, self.ts, "ts"))
         for name in ("policy", "objective", "action", "reason", "how"):
             _set(self, name, _text(getattr(self, name), name))
         for name in ("levels_before", "levels", "changed"):
@@ -428,9 +428,9 @@ class StatusMessage(_JsonMessage):
         _set(self, "node", _node(self.node))
         if self.state not in NODE_STATES:
             raise ValueError(f"state must be one of {list(NODE_STATES)}, got {self.state!r}")
-        _set(self, "ts", codec._float(self.ts, "ts"))
+        _set(self, "ts", codec.check_float(self.ts, "ts"))
         _set(self, "reason", _text(self.reason, "reason"))
-        _set(self, "stage", _optional(codec._int, self.stage, "stage"))
+        _set(self, "stage", _optional(codec.check_int, self.stage, "stage"))
         _set(self, "bounds", _optional(_bounds, self.bounds, "bounds"))
 
     @property
@@ -497,17 +497,17 @@ class MetricsMessage(_JsonMessage):
 
     def __post_init__(self) -> None:
         _set(self, "node", _node(self.node))
-        _set(self, "ts", codec._float(self.ts, "ts"))
-        _set(self, "stage", _optional(codec._int, self.stage, "stage"))
+        _set(self, "ts", codec.check_float(self.ts, "ts"))
+        _set(self, "stage", _optional(codec.check_int, self.stage, "stage"))
         _set(self, "bounds", _optional(_bounds, self.bounds, "bounds"))
-        _set(self, "level", _optional(codec._int, self.level, "level"))
+        _set(self, "level", _optional(codec.check_int, self.level, "level"))
         _set(self, "ratio", _optional(_fraction, self.ratio, "ratio"))
         for name in self.COUNTERS:
-            _set(self, name, codec._int(getattr(self, name), name, hi=_INT64))
+            _set(self, name, codec.check_int(getattr(self, name), name, hi=_INT64))
         _set(self, "service_s", _optional(_seconds, self.service_s, "service_s"))
         _set(self, "compute_s", _optional(_seconds, self.compute_s, "compute_s"))
-        _set(self, "plan_version", codec._int(self.plan_version, "plan_version", lo=-1))
-        factor = codec._float(self.emulated_factor, "emulated_factor")
+        _set(self, "plan_version", codec.check_int(self.plan_version, "plan_version", lo=-1))
+        factor = codec.check_float(self.emulated_factor, "emulated_factor")
         if factor <= 0:
             raise ValueError(f"emulated_factor must be > 0, got {factor}")
         _set(self, "emulated_factor", factor)
@@ -563,10 +563,10 @@ class ErrorMessage(_JsonMessage):
         _set(self, "node", _node(self.node))
         _set(self, "topic", _text(self.topic, "topic"))
         _set(self, "reason", _text(self.reason, "reason"))
-        _set(self, "ts", codec._float(self.ts, "ts"))
-        _set(self, "stage", _optional(codec._int, self.stage, "stage"))
-        _set(self, "request_id", _optional(codec._name, self.request_id, "request_id"))
-        _set(self, "size", codec._int(self.size, "bytes", hi=_INT64))
+        _set(self, "ts", codec.check_float(self.ts, "ts"))
+        _set(self, "stage", _optional(codec.check_int, self.stage, "stage"))
+        _set(self, "request_id", _optional(codec.check_text, self.request_id, "request_id"))
+        _set(self, "size", codec.check_int(self.size, "bytes", hi=_INT64))
         _set(self, "shed", _bool(self.shed, "shed"))
 
     def body(self) -> dict[str, Any]:
@@ -675,11 +675,11 @@ def _node(value: object) -> str:
 
 
 def _seconds(value: object, what: str) -> float:
-    return codec._float(value, what, non_negative=True)
+    return codec.check_float(value, what, non_negative=True)
 
 
 def _fraction(value: object, what: str) -> float:
-    out = codec._float(value, what, non_negative=True)
+    out = codec.check_float(value, what, non_negative=True)
     if out > 1.0:
         raise ValueError(f"{what} must lie in [0, 1], got {out}")
     return out
@@ -694,7 +694,7 @@ def _sequence(value: object, what: str) -> tuple[Any, ...]:
 
 
 def _ints(value: object, what: str) -> tuple[int, ...]:
-    return tuple(codec._int(v, what) for v in _sequence(value, what))
+    return tuple(codec.check_int(v, what) for v in _sequence(value, what))
 
 
 def _bounds(value: object, what: str) -> tuple[int, int]:

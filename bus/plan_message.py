@@ -74,14 +74,16 @@ class PlanMessage:
             rows = list(body["stages"])
             stages = tuple(
                 StagePlacement(
-                    SliceBounds(codec._int(s["start"], "start"), codec._int(s["end"], "end")),
-                    codec._name(s["node"], "node"),
+                    SliceBounds(
+                        codec.check_int(s["start"], "start"), codec.check_int(s["end"], "end")
+                    ),
+                    codec.check_text(s["node"], "node"),
                 )
                 for s in rows
             )
-            indices = [codec._int(s["stage"], "stage") for s in rows]
-            version = codec._int(body["version"], "version")
-            num_blocks = codec._int(body["num_blocks"], "num_blocks")
+            indices = [codec.check_int(s["stage"], "stage") for s in rows]
+            version = codec.check_int(body["version"], "version")
+            num_blocks = codec.check_int(body["num_blocks"], "num_blocks")
             reason = str(body.get("reason", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed plan: {exc!r}") from exc

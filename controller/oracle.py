@@ -35,6 +35,7 @@ from typing import Any
 from controller.level_change import LevelChange, PlanInputs, evaluate, solve
 from controller.policy import Action, ActionKind
 from pipeline.errors import ConfigError
+from pipeline.jsonfile import read_json
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,7 @@ class OracleSchedule:
 
     @classmethod
     def load(cls, path: Path) -> OracleSchedule:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read the oracle schedule {path}: {exc}") from exc
+        data = read_json(path, "the oracle schedule")
         if not isinstance(data, dict):
             raise ConfigError(f"the oracle schedule {path} is not a JSON object")
         return cls.from_dict(data)

@@ -88,11 +88,11 @@ class Hop:
     level: int
 
     def __post_init__(self) -> None:
-        _set(self, "stage", _int(self.stage, "hop stage"))
-        _set(self, "node", _name(self.node, "hop node"))
-        _set(self, "queue_s", _float(self.queue_s, "hop queue_s", non_negative=True))
-        _set(self, "compute_s", _float(self.compute_s, "hop compute_s", non_negative=True))
-        _set(self, "level", _int(self.level, "hop level"))
+        _set(self, "stage", check_int(self.stage, "hop stage"))
+        _set(self, "node", check_text(self.node, "hop node"))
+        _set(self, "queue_s", check_float(self.queue_s, "hop queue_s", non_negative=True))
+        _set(self, "compute_s", check_float(self.compute_s, "hop compute_s", non_negative=True))
+        _set(self, "level", check_int(self.level, "hop level"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,14 +125,14 @@ class StageMessage:
     transport_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "request_id", _name(self.request_id, "request_id"))
-        _set(self, "camera", _name(self.camera, "camera"))
-        _set(self, "stage", _int(self.stage, "stage"))
-        _set(self, "entry_ts", _float(self.entry_ts, "entry_ts"))
-        _set(self, "capture_ts", _float(self.capture_ts, "capture_ts"))
+        _set(self, "request_id", check_text(self.request_id, "request_id"))
+        _set(self, "camera", check_text(self.camera, "camera"))
+        _set(self, "stage", check_int(self.stage, "stage"))
+        _set(self, "entry_ts", check_float(self.entry_ts, "entry_ts"))
+        _set(self, "capture_ts", check_float(self.capture_ts, "capture_ts"))
         if self.label is not None:
-            _set(self, "label", _int(self.label, "label"))
-        _set(self, "attempt", _int(self.attempt, "attempt"))
+            _set(self, "label", check_int(self.label, "label"))
+        _set(self, "attempt", check_int(self.attempt, "attempt"))
         hops = tuple(self.hops)
         if len(hops) > MAX_HOPS or not all(isinstance(h, Hop) for h in hops):
             raise TypeError(f"hops must be at most {MAX_HOPS} Hop values")
@@ -183,7 +183,7 @@ class StageMessage:
             raise ValueError("a tensor message has no image_format/image_shape")
         full = self.full_channels
         if full is not None:
-            full = _int(full, "full_channels", lo=1, hi=_INT32_MAX)
+            full = check_int(full, "full_channels", lo=1, hi=_INT32_MAX)
             _set(self, "full_channels", full)
         if self.channels is None:
             if full is not None and (x.ndim < 2 or x.shape[1] != full):
@@ -449,7 +449,11 @@ def _get(obj: dict[str, Any], key: str, kind: type) -> Any:
 # --- value checks shared by construction and decoding -------------------------------------
 
 
-def _int(value: object, what: str, *, lo: int = 0, hi: int = _INT32_MAX) -> int:
+# The field checks of every message (the stage message here, the JSON kinds in bus/messages.py):
+# TypeError / ValueError naming the field; the decoders turn them into CodecError.
+
+
+def check_int(value: object, what: str, *, lo: int = 0, hi: int = _INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if not lo <= value <= hi:
@@ -457,7 +461,7 @@ def _int(value: object, what: str, *, lo: int = 0, hi: int = _INT32_MAX) -> int:
     return int(value)
 
 
-def _float(value: object, what: str, *, non_negative: bool = False) -> float:
+def check_float(value: object, what: str, *, non_negative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     out = float(value)
@@ -466,7 +470,7 @@ def _float(value: object, what: str, *, non_negative: bool = False) -> float:
     return out
 
 
-def _name(value: object, what: str, *, min_len: int = 1) -> str:
+def check_text(value: object, what: str, *, min_len: int = 1) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
     if not min_len <= len(value) <= MAX_NAME:
@@ -479,7 +483,7 @@ def _shape(
 ) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or len(value) not in ranks:
         raise ValueError(f"{what} must be a list of {ranks[0]} to {ranks[-1]} ints")
-    return tuple(_int(d, what, lo=1) for d in value)
+    return tuple(check_int(d, what, lo=1) for d in value)
 
 
 def _meta(value: object) -> dict[str, str | int | float]:
@@ -487,13 +491,13 @@ def _meta(value: object) -> dict[str, str | int | float]:
         raise TypeError(f"meta must be a map of at most {MAX_META} entries")
     out: dict[str, str | int | float] = {}
     for key, item in value.items():
-        _name(key, "meta key")
+        check_text(key, "meta key")
         if isinstance(item, str):
-            out[key] = _name(item, f"meta[{key!r}]", min_len=0)
+            out[key] = check_text(item, f"meta[{key!r}]", min_len=0)
         elif isinstance(item, float):
-            out[key] = _float(item, f"meta[{key!r}]")
+            out[key] = check_float(item, f"meta[{key!r}]")
         else:
-            out[key] = _int(item, f"meta[{key!r}]", lo=-(2**63), hi=2**63 - 1)
+            out[key] = check_int(item, f"meta[{key!r}]", lo=-(2**63), hi=2**63 - 1)
     return out
 
 

@@ -40,6 +40,7 @@ import torch
 
 from pipeline.calibration.timing import Clock, peak_bytes, time_calls, torch_threads
 from pipeline.errors import ConfigError
+from pipeline.jsonfile import read_json
 from pipeline.models import SliceableResNet
 from pipeline.partition import BlockProfile
 
@@ -219,11 +220,7 @@ class ModelProfile:
 
 def load_profile(path: str | Path) -> ModelProfile:
     """A profile written by :meth:`ModelProfile.save` (``edgeprune profile --out``)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read profile {path}: {exc}") from exc
-    return ModelProfile.from_dict(data)
+    return ModelProfile.from_dict(read_json(path, "profile"))
 
 
 def _tensor_bytes(shape: Sequence[int]) -> int:

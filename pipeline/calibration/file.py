@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.calibration.accuracy import LogisticAccuracyFit
 from pipeline.calibration.latency import LinearFit
 from pipeline.errors import ConfigError
+from pipeline.jsonfile import read_json
 
 CALIBRATION_VERSION = 1
 
@@ -138,8 +139,4 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read calibration {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "calibration"))

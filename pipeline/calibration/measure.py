@@ -25,7 +25,6 @@ For a model cut into slices (by cut points or by a :class:`~pipeline.partition.P
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.data import ArrayDataset, load_dataset, split_dataset
 from pipeline.devices import Device
 from pipeline.errors import ConfigError
+from pipeline.jsonfile import read_json
 from pipeline.models import SliceableResNet
 from pipeline.partition import Partition
 from pipeline.placement import Placement, SliceBounds
@@ -124,11 +124,7 @@ def plan_hash_of(
 
 def load_plan(path: str | Path) -> Partition:
     """A plan JSON written by ``edgeprune partition`` (extra keys are ignored)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read plan {path}: {exc}") from exc
-    return Partition.from_dict(data)
+    return Partition.from_dict(read_json(path, "plan"))
 
 
 def load_split(

@@ -44,6 +44,7 @@ from pipeline.calibration.timing import peak_bytes
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import ArrayDataset
 from pipeline.errors import ConfigError
+from pipeline.jsonfile import read_json
 from pipeline.partition import BlockProfile
 from pipeline.placement import SliceBounds
 from pipeline.pruning import DEFAULT_RATIOS, PrunableSlice, validate_ratios
@@ -213,10 +214,7 @@ class Measurements:
 
     @classmethod
     def load(cls, path: str | Path) -> Measurements:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read measurements {path}: {exc}") from exc
+        return cls.from_dict(read_json(path, "measurements"))
 
 
 class SliceBank:
