@@ -216,7 +216,9 @@ class ControllerState:
         kind = self.spec.kind
         self.reactive = ReactivePolicy(config.reactive_config()) if kind == "reactive" else None
         self.proactive = (
-            ProactivePolicy(config.proactive_config(), self.n_stages)
+            ProactivePolicy(
+                config.proactive_config(), self.n_stages, arrivals=self.arrivals.from_stage0
+            )
             if kind == "proactive"
             else None
         )
@@ -303,9 +305,7 @@ class ControllerState:
         self._backlog_throughput(now, info, st, message)
         self._check_placement(node, stage, message)
         if stage == 0:
-            delta = self.arrivals.on_stage0_metrics(now, node, message.received)
-            if self.proactive is not None:
-                self.proactive.observe_arrival(now, delta)
+            self.arrivals.on_stage0_metrics(now, node, message.received)
 
     def _backlog_throughput(
         self, now: float, info: NodeInfo, st: StageState, message: MetricsMessage
