@@ -18,8 +18,9 @@ for the nodes found silent):
 - *Build grace.* A node given a slice by a new plan builds its pruned variants before it
   serves (seconds on a small device: 1-9 s for resnet-s here, under load); it builds them in
   its slice thread, but a loaded device may still send no metrics meanwhile. For
-  ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does not count (their Last Will does), so a takeover is not mistaken for a second failure. A node
-  that dies silently during that window is found by heartbeat at most ``build_grace_s +
+  ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does not count
+  (their Last Will does), so a takeover is not mistaken for a second failure. A node that
+  dies silently during that window is found by heartbeat at most ``build_grace_s +
   check_interval_s`` after the plan.
 
 **Re-planning** (:class:`FailoverMonitor`). When a node of the current plan is lost, the
