@@ -8,8 +8,10 @@ it to MQTT.
 
 Per stage it keeps the commanded level (learned from the retained control messages at start-up,
 then set by its own decisions), the node serving it, its queue depth and its live slowdown
-(:mod:`controller.estimates`). Per node it keeps the last status (online / offline, the Last Will)
-and returns a :class:`NodeEvent` when a node is lost or comes back.
+(:mod:`controller.estimates`). Per node (:class:`~controller.node_table.NodeTable`, the one
+record of node liveness, which failover reads) it keeps the last status (online / offline, the
+Last Will), when the node was last heard and whether it is lost, and returns a
+:class:`NodeEvent` when a node goes offline or comes back.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from bus.messages import (
 from controller.config import ControllerConfig
 from controller.estimates import ArrivalTracker, StageSlowdown
 from controller.level_change import LevelChange, PlanInputs, evaluate, plan_prune, plan_restore
+from controller.node_table import NodeEvent, NodeInfo, NodeTable
 from controller.oracle import OraclePolicy, OracleSchedule
 from controller.policy import (
     Action,
@@ -47,41 +50,6 @@ log = logging.getLogger(__name__)
 
 MAX_DECISIONS = 10_000  # kept in memory for the report
 MAX_LATENCIES = 100_000
-
-
-@dataclass(frozen=True)
-class NodeEvent:
-    """A node was lost (offline status, e.g. its Last Will) or came back online."""
-
-    kind: Literal["lost", "online"]
-    node: str
-    stage: int | None
-    reason: str
-    at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "node": self.node,
-            "stage": self.stage,
-            "reason": self.reason,
-            "at": self.at,
-        }
-
-
-@dataclass
-class NodeInfo:
-    node: str
-    state: str = "unknown"
-    stage: int | None = None
-    since: float = 0.0
-    reason: str = ""
-    level: int | None = None
-    level_changes: int | None = None
-    level_stable_since: float = 0.0
-    metrics_at: float | None = None
-    # the previous metrics report (node clock, processed, queue depth): backlog throughput
-    last_report: tuple[float, int, float] | None = None
 
 
 @dataclass
@@ -242,13 +210,15 @@ class ControllerState:
             )
             for i, s in enumerate(calibration.slices)
         ]
-        self.nodes: dict[str, NodeInfo] = {}
+        self.nodes = NodeTable()  # the one record of the nodes and their liveness
         self.observed = LatencyWindow(config.window_s)
         self.arrivals = ArrivalTracker(config.rate_tau_s, now, config.metrics_max_age_s)
         kind = self.spec.kind
         self.reactive = ReactivePolicy(config.reactive_config()) if kind == "reactive" else None
         self.proactive = (
-            ProactivePolicy(config.proactive_config(), self.n_stages)
+            ProactivePolicy(
+                config.proactive_config(), self.n_stages, arrivals=self.arrivals.from_stage0
+            )
             if kind == "proactive"
             else None
         )
@@ -298,10 +268,14 @@ class ControllerState:
                     self.n_stages,
                 )
 
-    def on_metrics(self, now: float, message: MetricsMessage) -> None:
-        """A node's periodic metrics: queue depth, service time, level, counters."""
-        node, stage, level = message.node, message.stage, message.level
-        info = self.nodes.setdefault(node, NodeInfo(node, since=now))
+    def on_metrics(self, now: float, message: MetricsMessage, *, node: str | None = None) -> None:
+        """A node's periodic metrics: queue depth, service time, level, counters; the node is
+        heard. ``node``: the writer named by the topic (the service passes it); by default the
+        message's field."""
+        node = node or message.node
+        stage, level = message.stage, message.level
+        self.nodes.heard(node, now)
+        info = self.nodes.info(node, now)
         changes = message.level_changes
         if info.metrics_at is None or level != info.level or changes != info.level_changes:
             info.level_stable_since = now
@@ -331,9 +305,7 @@ class ControllerState:
         self._backlog_throughput(now, info, st, message)
         self._check_placement(node, stage, message)
         if stage == 0:
-            delta = self.arrivals.on_stage0_metrics(now, node, message.received)
-            if self.proactive is not None:
-                self.proactive.observe_arrival(now, delta)
+            self.arrivals.on_stage0_metrics(now, node, message.received)
 
     def _backlog_throughput(
         self, now: float, info: NodeInfo, st: StageState, message: MetricsMessage
@@ -383,19 +355,12 @@ class ControllerState:
                 self.ratios[level],
             )
 
-    def on_status(self, now: float, message: StatusMessage) -> NodeEvent | None:
-        """A node's status (online, or offline from its Last Will or shutdown)."""
-        node, state, stage = message.node, message.state, message.stage
-        info = self.nodes.setdefault(node, NodeInfo(node, since=now))
-        previous = info.state
-        info.state, info.since, info.reason = state, now, message.reason
-        if stage is not None:
-            info.stage = stage
-        event: NodeEvent | None = None
-        if state == "offline" and previous != "offline":
-            event = NodeEvent("lost", node, info.stage, info.reason or "offline", now)
-        elif state == "online" and previous == "offline":
-            event = NodeEvent("online", node, info.stage, info.reason, now)
+    def on_status(
+        self, now: float, message: StatusMessage, *, node: str | None = None
+    ) -> NodeEvent | None:
+        """A node's status (online, or offline from its Last Will or shutdown). ``node``: the
+        writer named by the topic (the service passes it); by default the message's field."""
+        event = self.nodes.on_status(now, node or message.node, message)
         if event is not None:
             self.events.append(event)
         return event

@@ -30,7 +30,9 @@ and the optimizer then sees every level of that slice as 2x slower.
 ``received`` counter: every image the camera published reached stage 0, even the ones waiting
 in its queue) when such metrics are fresh, else from ``exits`` (which under overload measure
 the pipeline's throughput, not the offered load). Both are time-decayed averages
-(:class:`~controller.policy.ArrivalRate`, time constant ``tau_s``).
+(:class:`~controller.policy.ArrivalRate`, time constant ``tau_s``). This is the controller's
+only arrival rate: the proactive policy reads the stage-0 one (``ArrivalTracker.from_stage0``)
+rather than counting the same deltas again.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class ArrivalTracker:
         self.tau_s = tau_s
         self.max_age_s = max_age_s
         self.from_exits = ArrivalRate(tau_s, start)
-        self.from_stage0: ArrivalRate | None = None
+        # counted from the first stage-0 report; the proactive policy reads this one
+        self.from_stage0 = ArrivalRate(tau_s)
         self._received: dict[str, int] = {}
         self._stage0_at: float | None = None
 
@@ -153,8 +156,8 @@ class ArrivalTracker:
         last = self._received.get(node)
         self._received[node] = received
         self._stage0_at = now
-        if self.from_stage0 is None:
-            self.from_stage0 = ArrivalRate(self.tau_s, start=now)
+        if self.from_stage0.start is None:
+            self.from_stage0.start = now
         if last is None:
             return 0
         delta = received - last if received >= last else received
@@ -168,10 +171,6 @@ class ArrivalTracker:
     def rate(self, now: float) -> tuple[float | None, str]:
         """(requests per second, source): ``stage0`` while its metrics are fresh, else
         ``exits``."""
-        if (
-            self.from_stage0 is not None
-            and self._stage0_at is not None
-            and now - self._stage0_at <= self.max_age_s
-        ):
+        if self._stage0_at is not None and now - self._stage0_at <= self.max_age_s:
             return self.from_stage0.rate(now), "stage0"
         return self.from_exits.rate(now), "exits"

@@ -1,6 +1,9 @@
 """Failure resilience: detect a lost node, re-plan the pipeline on the survivors, publish it.
 
-**Detection** (:class:`LivenessTracker`, pure; the caller passes the clock):
+**Detection**, from the controller's node table (:class:`~controller.node_table.NodeTable`:
+the one record of when each node was last heard and whether it is lost, fed by the
+controller's intake; the monitor keeps no liveness of its own, it reads the table and asks it
+for the nodes found silent):
 
 - *Last Will.* Every node connects with the retained Will ``status = offline, "connection
   lost"``. The broker publishes it as soon as it sees the connection gone: at once when the TCP
@@ -11,12 +14,13 @@
   silent for ``heartbeat_timeout_s`` is lost. With checks every ``check_interval_s``, a node
   that stops (hung, frozen, partitioned) is detected at most ``heartbeat_timeout_s +
   check_interval_s`` after its last message, whatever the keepalive (a stall of the checker
-  itself is not counted as the nodes' silence).
+  itself is not counted as the nodes' silence: :meth:`~controller.node_table.NodeTable.check`).
 - *Build grace.* A node given a slice by a new plan builds its pruned variants before it
   serves (seconds on a small device: 1-9 s for resnet-s here, under load); it builds them in
-  its slice thread, but a loaded device may still send no metrics meanwhile. For ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does
-  not count (their Last Will does), so a takeover is not mistaken for a second failure. A node
-  that dies silently during that window is found by heartbeat at most ``build_grace_s +
+  its slice thread, but a loaded device may still send no metrics meanwhile. For
+  ``build_grace_s`` after a plan reaches the monitor, its nodes' silence does not count
+  (their Last Will does), so a takeover is not mistaken for a second failure. A node that
+  dies silently during that window is found by heartbeat at most ``build_grace_s +
   check_interval_s`` after the plan.
 
 **Re-planning** (:class:`FailoverMonitor`). When a node of the current plan is lost, the
@@ -34,8 +38,8 @@ does not move work back to it by itself.
 
 :class:`FailoverHandler` drives a monitor from the controller's own connection
 (:class:`~controller.service.Controller` with ``failover=``): the statuses and metrics the
-controller decodes for its state are passed on to it, and it reads the retained plan there too;
-no second broker connection.
+controller decodes go to its core's node table, which the monitor reads; the handler reads the
+retained plan on the same connection. No second broker connection, no second liveness record.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.messages import LevelMessage, PlanMessage, StatusMessage
+from bus.messages import LevelMessage, PlanMessage
 from bus.session import Publisher
 from bus.topics import Topics
+from controller.node_table import Loss, NodeTable
 from controller.slimedge import Objective, Planner, SlimPlan
 from pipeline.devices import Device
 from pipeline.errors import CodecError, ConfigError
@@ -77,81 +82,6 @@ class FailoverSettings:
     def detection_bound_s(self) -> float:
         """Longest time from a node's last message to its detection by heartbeat."""
         return self.heartbeat_timeout_s + self.check_interval_s
-
-
-@dataclass(frozen=True)
-class Loss:
-    """A node found lost: why (``"last will"``, ``"shutdown"``, ``"heartbeat"``) and when."""
-
-    node: str
-    reason: str
-    at: float
-
-
-class LivenessTracker:
-    """Which nodes are alive, from their status and metrics messages (see module docstring)."""
-
-    def __init__(self, settings: FailoverSettings) -> None:
-        self.settings = settings
-        self._last: dict[str, float] = {}
-        self._lost: dict[str, Loss] = {}
-        self._grace: dict[str, float] = {}  # node -> silence does not count before this
-        self._checked: float | None = None
-
-    def heard(self, node: str, now: float) -> None:
-        """Any sign of life (metrics, an ``online`` status)."""
-        self._last[node] = now
-        if node in self._lost:
-            log.info("node %s is back", node)
-            del self._lost[node]
-
-    def grace(self, node: str, until: float) -> None:
-        """Silence of ``node`` does not count before ``until`` (it is building a slice)."""
-        self._grace[node] = max(self._grace.get(node, until), until)
-
-    def _silent(self, node: str, now: float) -> bool:
-        t = self._last.get(node)
-        return (
-            t is not None
-            and now - t > self.settings.heartbeat_timeout_s
-            and now >= self._grace.get(node, now)
-        )
-
-    def status(self, node: str, state: str, reason: str, now: float) -> Loss | None:
-        if state == "online":
-            self.heard(node, now)
-            return None
-        if state != "offline" or node in self._lost:
-            return None
-        why = "shutdown" if reason == "shutdown" else "last will"
-        return self._lose(node, why, now)
-
-    def check(self, now: float) -> list[Loss]:
-        """Nodes newly lost by silence. If the checker itself stalled (no check for several
-        intervals: its process was busy or descheduled), the stall is not counted as the
-        nodes' silence: their messages may be waiting, unread, behind it."""
-        gap = 0.0 if self._checked is None else now - self._checked - self.settings.check_interval_s
-        self._checked = now
-        if gap > 2 * self.settings.check_interval_s:
-            log.info("failover checks stalled for %.2f s; not counted as silence", gap)
-            self._last = {n: t + gap for n, t in self._last.items()}
-        return [
-            self._lose(n, "heartbeat", now)
-            for n in list(self._last)
-            if n not in self._lost and self._silent(n, now)
-        ]
-
-    def is_alive(self, node: str, now: float) -> bool:
-        return node not in self._lost and node in self._last and not self._silent(node, now)
-
-    def loss(self, node: str) -> Loss | None:
-        return self._lost.get(node)
-
-    def _lose(self, node: str, reason: str, now: float) -> Loss:
-        loss = Loss(node, reason, now)
-        self._lost[node] = loss
-        log.warning("node %s lost (%s)", node, reason)
-        return loss
 
 
 @dataclass(frozen=True)
@@ -191,37 +121,34 @@ class FailoverMonitor:
     decisions: list[FailoverDecision] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.tracker = LivenessTracker(self.settings)
         self._failed: frozenset[str] | None = None  # survivors no plan fits
 
-    def on_plan(self, message: PlanMessage, now: float | None = None) -> None:
-        """A plan seen on ``control/plan``; with ``now``, its nodes get the build grace."""
+    def on_plan(self, message: PlanMessage, nodes: NodeTable, now: float | None = None) -> None:
+        """A plan seen on ``control/plan``; with ``now``, its nodes get the build grace in
+        ``nodes`` (the controller's node table)."""
         if self.current is None or message.version > self.current.version:
             self.current = message
             if now is not None:
-                self._grant_grace(message, now)
+                self._grant_grace(message, nodes, now)
 
-    def _grant_grace(self, message: PlanMessage, now: float) -> None:
+    def _grant_grace(self, message: PlanMessage, nodes: NodeTable, now: float) -> None:
         for node in message.nodes:
-            self.tracker.grace(node, now + self.settings.build_grace_s)
+            nodes.grant_grace(node, now + self.settings.build_grace_s)
 
-    def on_status(self, node: str, status: StatusMessage, now: float) -> None:
-        """``node``'s status; the node is named by the topic (the one the broker's ACL ties
-        to the writer), not by the message."""
-        self.tracker.status(node, status.state, status.reason, now)
+    def is_alive(self, nodes: NodeTable, node: str, now: float) -> bool:
+        """``node`` is alive in ``nodes`` under this monitor's heartbeat timeout."""
+        return nodes.is_alive(node, now, self.settings.heartbeat_timeout_s)
 
-    def on_metrics(self, node: str, now: float) -> None:
-        self.tracker.heard(node, now)
-
-    def check(self, now: float) -> FailoverDecision | None:
-        """Look for lost nodes of the current plan; re-plan on the survivors if any."""
-        self.tracker.check(now)
+    def check(self, nodes: NodeTable, now: float) -> FailoverDecision | None:
+        """Look for lost nodes of the current plan in ``nodes`` (the controller's node table,
+        after marking the ones silent too long); re-plan on the survivors if any."""
+        nodes.check(now, self.settings.heartbeat_timeout_s, self.settings.check_interval_s)
         if self.current is None:
             return None
-        lost = [x for n in self.current.nodes if (x := self.tracker.loss(n)) is not None]
+        lost = [x for n in self.current.nodes if (x := nodes.loss(n)) is not None]
         if not lost:
             return None
-        survivors = [d for d in self.devices if self.tracker.is_alive(d.name, now)]
+        survivors = [d for d in self.devices if self.is_alive(nodes, d.name, now)]
         key = frozenset(d.name for d in survivors)
         if not survivors or key == self._failed:
             return None
@@ -253,7 +180,7 @@ class FailoverMonitor:
             time.perf_counter() - started,
         )
         self.current = message
-        self._grant_grace(message, now)
+        self._grant_grace(message, nodes, now)
         self.decisions.append(decision)
         log.info(
             "plan v%d: %s on %s, levels %s (bottleneck %.2f ms, accuracy %.3f)",
@@ -284,23 +211,28 @@ async def publish_decision(
 
 
 class FailoverHandler:
-    """A :class:`FailoverMonitor` on the controller's connection: fed by the controller's
-    dispatch (statuses, metrics, the retained plan), checked every ``check_interval_s`` by
-    :meth:`run`, which publishes each re-plan through the controller's session.
+    """A :class:`FailoverMonitor` on the controller's connection: it reads ``nodes``, the
+    controller core's node table (fed by the controller's dispatch with the statuses and
+    metrics), gets the retained plan from the dispatch, and is checked every
+    ``check_interval_s`` by :meth:`run`, which publishes each re-plan through the controller's
+    session.
 
-    When the broker goes away the monitor keeps its state, the stall is not counted as the
-    nodes' silence (:meth:`LivenessTracker.check`), and a decision not yet acknowledged is
+    When the broker goes away the table keeps its state, the stall is not counted as the
+    nodes' silence (:meth:`~controller.node_table.NodeTable.check`), and a decision not yet
+    acknowledged is
     published again by the session's outbox after the reconnect, before any new check."""
 
     def __init__(
         self,
         monitor: FailoverMonitor,
+        nodes: NodeTable,
         topics: Topics,
         on_decision: Callable[[FailoverDecision], None] | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.monitor = monitor
+        self.nodes = nodes
         self.topics = topics
         self.on_decision = on_decision
         self.taken: list[FailoverDecision] = []  # published (acknowledged) decisions
@@ -321,20 +253,14 @@ class FailoverHandler:
         if not payload:
             return  # a cleared retained plan
         try:
-            self.monitor.on_plan(PlanMessage.from_json(payload), self._clock())
+            self.monitor.on_plan(PlanMessage.from_json(payload), self.nodes, self._clock())
         except (CodecError, ConfigError) as exc:
             log.warning("failover: ignoring a bad message on %s: %s", self.topics.plan, exc)
-
-    def on_status(self, node: str, status: StatusMessage) -> None:
-        self.monitor.on_status(node, status, self._clock())
-
-    def on_metrics(self, node: str) -> None:
-        self.monitor.on_metrics(node, self._clock())
 
     async def run(self, publisher: Publisher) -> None:
         """Check the monitor every ``check_interval_s``; publish each re-plan it takes."""
         while True:
-            decision = self.monitor.check(self._clock())
+            decision = self.monitor.check(self.nodes, self._clock())
             if decision is not None:
                 await publish_decision(publisher, self.topics, decision)
                 self.taken.append(decision)

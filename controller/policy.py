@@ -403,11 +403,21 @@ def predicted_latency(
 class ProactivePolicy:
     """PRUNE / RESTORE from predicted utilisation and latency, before the SLO is broken."""
 
-    def __init__(self, config: ProactiveConfig, n_stages: int, start: float | None = None) -> None:
+    def __init__(
+        self,
+        config: ProactiveConfig,
+        n_stages: int,
+        start: float | None = None,
+        *,
+        arrivals: ArrivalRate | None = None,
+    ) -> None:
+        """``arrivals``: an arrival rate kept by the caller, which the policy reads (the
+        controller passes its stage-0 one; :meth:`observe_arrival` is then not used); by
+        default the policy keeps its own from ``start``, fed by :meth:`observe_arrival`."""
         _check(n_stages >= 1, f"n_stages must be >= 1, got {n_stages}")
         self.config = config
         self.n_stages = n_stages
-        self.arrivals = ArrivalRate(config.rate_tau_s, start)
+        self.arrivals = arrivals if arrivals is not None else ArrivalRate(config.rate_tau_s, start)
         self._metrics: list[tuple[float, float, float] | None] = [None] * n_stages
         self._state = _Sustain(config.sustain_s, config.restore_sustain_s, config.cooldown_s)
 

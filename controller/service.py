@@ -16,8 +16,9 @@ retained levels are learned again. The controller's retained status
 Will) tells the experiment harness and operators that it is ready.
 
 With a :class:`~controller.failover.FailoverMonitor`, failover is a handler on this same
-connection (:class:`~controller.failover.FailoverHandler`): it sees the statuses and metrics the
-controller decodes, and the retained plan.
+connection (:class:`~controller.failover.FailoverHandler`): it reads node liveness from the
+state's node table (``state.nodes``, the one record, fed here by the statuses and metrics), and
+gets the retained plan.
 
 A node going offline (its Last Will, or a clean shutdown) is logged and recorded in the state's
 events (the run report); failure re-planning is controller/failover.py, which detects a lost
@@ -50,8 +51,9 @@ from bus.messages import (
 from bus.session import Presence, Received, Session
 from bus.topics import Topics
 from controller.config import ControllerConfig
-from controller.core import ControlDecision, ControllerState, NodeEvent
+from controller.core import ControlDecision, ControllerState
 from controller.failover import FailoverDecision, FailoverHandler, FailoverMonitor
+from controller.node_table import NodeEvent
 from controller.oracle import OracleSchedule
 from pipeline.calibration import Calibration
 from pipeline.errors import CodecError
@@ -91,7 +93,7 @@ class Controller:
         self.failover = (
             None
             if failover is None
-            else FailoverHandler(failover, self.topics, on_failover, clock=clock)
+            else FailoverHandler(failover, self.state.nodes, self.topics, on_failover, clock=clock)
         )
         subscriptions = [
             # levels first: the retained current levels are known before any decision
@@ -197,17 +199,13 @@ class Controller:
             if topic == self.topics.exits:
                 self.state.on_exit(now, ExitMessage.from_json(payload))
             elif node is not None and topic.endswith("/metrics"):
-                self.state.on_metrics(now, MetricsMessage.from_json(payload))
-                if self.failover is not None:
-                    self.failover.on_metrics(node)
+                self.state.on_metrics(now, MetricsMessage.from_json(payload), node=node)
             elif node is not None and topic.endswith("/status"):
                 if payload:
                     status = StatusMessage.from_json(payload)
-                    event = self.state.on_status(now, status)
+                    event = self.state.on_status(now, status, node=node)
                     if event is not None:
                         self._on_node_event(event)
-                    if self.failover is not None:
-                        self.failover.on_status(node, status)
             elif topic == self.topics.plan:
                 if self.failover is not None:
                     self.failover.on_plan(payload)

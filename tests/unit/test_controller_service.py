@@ -309,6 +309,18 @@ def test_proactive_prunes_before_the_slo_is_broken() -> None:
     assert d.inputs["window"]["latency_s"] < 0.05
 
 
+def test_the_proactive_policy_reads_the_controllers_one_arrival_rate() -> None:
+    """The arrival rate is kept once: the proactive policy judges utilisation with the rate
+    the controller records in its decisions (stage-0 ``received`` deltas), not a count of
+    its own."""
+    s = sim(policy="proactive")
+    s.run(1.0, latency=0.02)
+    proactive = s.state.proactive
+    assert proactive is not None and proactive.arrivals is s.state.arrivals.from_stage0
+    rate, source = s.state.arrivals.rate(s.t)
+    assert source == "stage0" and proactive.arrivals.rate(s.t) == rate
+
+
 def test_escalation_only_prunes_loaded_stages() -> None:
     # 5 req/s: target 150 ms, level 0 meets it and the optimizer proposes nothing, yet latency
     # is above the SLO (transfers, say): pruning an unloaded stage (utilisation <= 0.08) would
