@@ -24,6 +24,7 @@ from bus.observer import Recorder
 from bus.observer import wait_until as wait_until
 from bus.topics import Topics
 from nodes.node import running_nodes as running_nodes
+from pipeline import codec
 from pipeline.calibration import Calibration, SliceLatency
 from pipeline.calibration.accuracy import LogisticAccuracyFit
 from pipeline.calibration.latency import LinearFit
@@ -38,6 +39,102 @@ from pipeline.calibration.slimedge import (
 from pipeline.checkpoint import Checkpoint
 
 COLLECTED_KINDS = ("result", "exit", "error", "status", "metrics", "decision", "level")
+# A valid body of every JSON message kind (bus.messages), for tests that publish real ones.
+GOOD: dict[str, dict[str, Any]] = {
+    "result": {
+        "request_id": "r1",
+        "camera": "cam0",
+        "label": "dog",
+        "label_index": 4,
+        "score": 0.9,
+        "true_label": 4,
+        "correct": True,
+        "levels": [0, 1],
+        "attempt": 0,
+        "entry_ts": 1.0,
+    },
+    "exit": {
+        "request_id": "r1",
+        "camera": "cam0",
+        "capture_ts": 1.0,
+        "entry_ts": 1.0,
+        "exit_ts": 1.5,
+        "latency_s": 0.5,
+        "attempt": 0,
+        "correct": None,
+        "stages": [{"stage": 0, "node": "n0", "queue_s": 0.0, "compute_s": 0.01, "level": 0}],
+    },
+    "level": {"stage": 0, "level": 3, "ratio": 0.3, "seq": 1, "reason": "prune"},
+    "plan": {
+        "version": 1,
+        "num_blocks": 5,
+        "reason": "",
+        "stages": [
+            {"stage": 0, "start": 0, "end": 3, "node": "n0"},
+            {"stage": 1, "start": 3, "end": 5, "node": "n1"},
+        ],
+    },
+    "decision": {
+        "seq": 1,
+        "at": 2.0,
+        "ts": 3.0,
+        "policy": "reactive",
+        "objective": "bottleneck",
+        "action": "prune",
+        "reason": "slow",
+        "how": "optimizer",
+        "levels_before": [0, 0],
+        "levels": [3, 1],
+        "changed": [0, 1],
+        "feasible": True,
+        "slo_s": 0.05,
+    },
+    "status": {
+        "node": "n0",
+        "state": "online",
+        "reason": "",
+        "stage": 0,
+        "bounds": [0, 3],
+        "ts": 1.0,
+    },
+    "metrics": {
+        "node": "n0",
+        "stage": 0,
+        "bounds": [0, 3],
+        "level": 1,
+        "ratio": 0.1,
+        "queue_depth": 2,
+        "service_s": 0.01,
+        "compute_s": 0.005,
+        "received": 10,
+        "processed": 9,
+        "errors": 0,
+        "shed": 0,
+        "level_changes": 1,
+        "plan_version": -1,
+        "emulated_factor": 1.0,
+        "emulation": "none",
+        "uptime_s": 3.0,
+        "ts": 4.0,
+    },
+    "error": {
+        "node": "n0",
+        "stage": 1,
+        "topic": "edgeprune/p/stage/1",
+        "request_id": None,
+        "reason": "malformed msgpack",
+        "bytes": 13,
+        "shed": False,
+        "ts": 1.0,
+    },
+}
+
+
+def good_json(kind: str, **changes: Any) -> bytes:
+    """A valid ``kind`` message (its body from :data:`GOOD`, with ``changes``) on the wire."""
+    return codec.encode_json(kind, {**GOOD[kind], **changes})
+
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEPRUNE_DATA_DIR", REPO / "data"))
 

@@ -22,7 +22,7 @@ from bus.session import Session
 from bus.topics import Topics
 from pipeline import codec
 from pipeline.errors import BrokerError
-from tests.helpers import REPO, LineReader, clear_retained, stop_process, wait_until
+from tests.helpers import REPO, LineReader, clear_retained, good_json, stop_process, wait_until
 
 
 def _image_message(rid: str, camera: str, entry_ts: float, label: int) -> bytes:
@@ -43,18 +43,18 @@ def _one_of_each(t: Topics) -> list[tuple[str, bytes]]:
     return [
         (t.camera_stage("north"), _image_message("north-r-000001", "north", 1.7e9, 3)),
         (t.stage(1), _tensor_message("north-r-000001")),  # not a camera's: never recorded
-        (t.results, codec.encode_json("result", {"request_id": "north-r-000001", "label": 3})),
-        (t.exits, codec.encode_json("exit", {"request_id": "north-r-000001", "latency_s": 0.2})),
+        (t.results, good_json("result", request_id="north-r-000001", label_index=3)),
+        (t.exits, good_json("exit", request_id="north-r-000001", latency_s=0.2)),
         (
             t.control_stage(1),
-            codec.encode_json("level", {"stage": 1, "level": 2, "ratio": 0.2, "seq": 1}),
+            good_json("level", stage=1, level=2, ratio=0.2, seq=1),
         ),
-        (t.decisions, codec.encode_json("decision", {"action": "prune", "levels": [0, 2]})),
-        (t.status("n1"), codec.encode_json("status", {"node": "n1", "state": "online"})),
-        (t.metrics("n1"), codec.encode_json("metrics", {"node": "n1", "queue_depth": 4})),
-        (t.node_errors("n1"), codec.encode_json("error", {"node": "n1", "reason": "bad"})),
+        (t.decisions, good_json("decision", action="prune", levels=[0, 2])),
+        (t.status("n1"), good_json("status", node="n1", state="online")),
+        (t.metrics("n1"), good_json("metrics", node="n1", queue_depth=4)),
+        (t.node_errors("n1"), good_json("error", node="n1", reason="bad")),
         (t.results, b"{not json"),  # counted as bad, not recorded
-        (t.plan, codec.encode_json("plan", {"version": 1})),  # not a recorded kind
+        (t.plan, good_json("plan")),  # not a recorded kind
         (Topics(f"{t.pipe}-other").results, codec.encode_json("result", {"request_id": "x"})),
     ]
 
@@ -78,7 +78,7 @@ async def test_the_recorder_keeps_each_kind_with_its_receipt_time_in_memory_and_
         )
         after = time.time()
         recorder.reset()
-        await _publish(mqtt, [(t.exits, codec.encode_json("exit", {"request_id": "late"}))])
+        await _publish(mqtt, [(t.exits, good_json("exit", request_id="late"))])
         await wait_until(lambda: bool(recorder.events["exit"]), 10, "the exit after the reset")
         after_reset = recorder.events.counts()
 
@@ -133,7 +133,7 @@ async def test_a_recorder_of_some_kinds_subscribes_to_nothing_else(
         # published before the result, on the same connection: would have arrived first
         others = [m for m in _one_of_each(t) if m[0] != t.results]
         await _publish(mqtt, [*others, (t.exits, b"{not json"), (t.status("n1"), b"\xff")])
-        await _publish(mqtt, [(t.results, codec.encode_json("result", {"request_id": "r1"}))])
+        await _publish(mqtt, [(t.results, good_json("result", request_id="r1"))])
         await wait_until(lambda: bool(recorder.events["result"]), 10, "the result")
     assert {k: n for k, n in recorder.events.counts().items() if n} == {"result": 1}
     assert recorder.bad == 0  # the garbage went to topics it does not read
@@ -226,7 +226,7 @@ async def test_top_once_shows_the_retained_node_status(
     mosquitto: MosquittoBroker, mqtt: MqttSettings, topic_prefix: str
 ) -> None:
     t = Topics(topic_prefix)
-    status = codec.encode_json("status", {"node": "n0", "state": "online", "stage": 0})
+    status = good_json("status", node="n0", state="online", stage=0)
     async with Session(mqtt, name="test-publisher") as session:
         await session.publish(t.status("n0"), status, qos=1, retain=True)
     broker = ("--host", mosquitto.host, "--port", str(mosquitto.port), "--pipe", topic_prefix)

@@ -16,6 +16,7 @@ from bus import messages as m
 from pipeline import codec
 from pipeline.errors import CodecError
 from pipeline.placement import Placement, SliceBounds
+from tests.helpers import GOOD
 
 names = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True)  # node names are topic levels
 texts = st.text(max_size=80)
@@ -249,94 +250,6 @@ def test_stage_message_round_trips_through_the_codec(message: codec.StageMessage
 
 # --------------------------------------------------------------------------- bad fields
 
-GOOD: dict[str, dict[str, Any]] = {
-    "result": {
-        "request_id": "r1",
-        "camera": "cam0",
-        "label": "dog",
-        "label_index": 4,
-        "score": 0.9,
-        "true_label": 4,
-        "correct": True,
-        "levels": [0, 1],
-        "attempt": 0,
-        "entry_ts": 1.0,
-    },
-    "exit": {
-        "request_id": "r1",
-        "camera": "cam0",
-        "capture_ts": 1.0,
-        "entry_ts": 1.0,
-        "exit_ts": 1.5,
-        "latency_s": 0.5,
-        "attempt": 0,
-        "correct": None,
-        "stages": [{"stage": 0, "node": "n0", "queue_s": 0.0, "compute_s": 0.01, "level": 0}],
-    },
-    "level": {"stage": 0, "level": 3, "ratio": 0.3, "seq": 1, "reason": "prune"},
-    "plan": {
-        "version": 1,
-        "num_blocks": 5,
-        "reason": "",
-        "stages": [
-            {"stage": 0, "start": 0, "end": 3, "node": "n0"},
-            {"stage": 1, "start": 3, "end": 5, "node": "n1"},
-        ],
-    },
-    "decision": {
-        "seq": 1,
-        "at": 2.0,
-        "ts": 3.0,
-        "policy": "reactive",
-        "objective": "bottleneck",
-        "action": "prune",
-        "reason": "slow",
-        "how": "optimizer",
-        "levels_before": [0, 0],
-        "levels": [3, 1],
-        "changed": [0, 1],
-        "feasible": True,
-        "slo_s": 0.05,
-    },
-    "status": {
-        "node": "n0",
-        "state": "online",
-        "reason": "",
-        "stage": 0,
-        "bounds": [0, 3],
-        "ts": 1.0,
-    },
-    "metrics": {
-        "node": "n0",
-        "stage": 0,
-        "bounds": [0, 3],
-        "level": 1,
-        "ratio": 0.1,
-        "queue_depth": 2,
-        "service_s": 0.01,
-        "compute_s": 0.005,
-        "received": 10,
-        "processed": 9,
-        "errors": 0,
-        "shed": 0,
-        "level_changes": 1,
-        "plan_version": -1,
-        "emulated_factor": 1.0,
-        "emulation": "none",
-        "uptime_s": 3.0,
-        "ts": 4.0,
-    },
-    "error": {
-        "node": "n0",
-        "stage": 1,
-        "topic": "edgeprune/p/stage/1",
-        "request_id": None,
-        "reason": "malformed msgpack",
-        "bytes": 13,
-        "shed": False,
-        "ts": 1.0,
-    },
-}
 
 # one bad field per kind: wrong type, out of range, missing
 BAD_FIELDS: list[tuple[str, str, Any]] = [
