@@ -18,7 +18,8 @@ status), then cancels and awaits them.
   in order, up to ``publish_window`` unacknowledged at a time. A message stays in the outbox
   until the broker acknowledged it (QoS 1); what the broker did not acknowledge when the
   connection was lost is published again, in order, after the reconnect (and what was
-  published while disconnected, after that). QoS 1 is at least once: a message whose acknowledgement was lost may arrive twice.
+  published while disconnected, after that). QoS 1 is at least once: a message whose
+  acknowledgement was lost may arrive twice.
 - *Errors.* ``aiomqtt.MqttError`` stays inside this module: a lost connection is a reconnect,
   and a failed subscribe or direct publish is raised as :class:`~pipeline.errors.BusError`.
   A handler that raises anything else stops the session (``offline`` with the reason first)
