@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.codec import _parse_sizes, _size_bytes
 from bench.goals import BenchReport, Goal, GoalSpec
@@ -50,6 +51,13 @@ from edgeprune.commands._common import (
     data_dir,
     format_table,
 )
+
+if TYPE_CHECKING:
+    from bus.messages import MetricsMessage
+    from bus.observer import Observed
+    from bus.topics import Topics
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = ("16KB", "200KB", "800KB")
 HOP_GOAL_MS = 1.0  # p50 at 200 KB on loopback
@@ -176,7 +184,7 @@ async def measure_hops(mqtt: Any, sizes: list[int], messages: int) -> list[dict[
     """Encode -> publish (QoS 1) -> broker -> subscriber -> decode, one message in flight."""
     import numpy as np
 
-    from bus.observer import Observed, Observer
+    from bus.observer import Observer
     from bus.session import Session
     from bus.topics import Topics
     from pipeline import codec
@@ -245,30 +253,19 @@ async def measure_throughput(
     logs: Path,
     broker_pid: int | None,
 ) -> dict[str, Any]:
-    from bus.messages import MetricsMessage
-    from bus.observer import Recorder
+    from bus.observer import Observer
+    from bus.topics import Topics
     from nodes.camera import Camera, ImageSource, rate_schedule
     from pipeline.slicing import parse_cuts
 
     pipe = f"bench-{uuid.uuid4().hex[:8]}"
     bounds = parse_cuts(cuts, ckpt.build().num_blocks)
-    recorder = Recorder(mqtt, pipe, kinds=("result", "status", "metrics"))
-
-    def online() -> set[str]:
-        return {s["node"] for s in recorder.events["status"] if s["state"] == "online"}
-
-    def results() -> dict[str, float]:
-        """Receipt time of each request's first result."""
-        first: dict[str, float] = {}
-        for r in recorder.events["result"]:
-            first.setdefault(r["request_id"], r["rx"])
-        return first
-
+    listener = _Listener(Topics(pipe))
     async with (
-        recorder.running(),
+        Observer(mqtt, listener.subscriptions(), listener.on_message).running(),
         _nodes(mode, mqtt, pipe, bounds, ckpt, ckpt_path, logs) as node_pids,
     ):
-        await wait_until(lambda: len(online()) == len(bounds), 180, "nodes online")
+        await wait_until(lambda: len(listener.online) == len(bounds), 180, "nodes online")
         source = ImageSource(images.images, images.labels)
         warm = max(20, n_images // 10)
         for n, tag in ((warm, "warm"), (n_images, "burst")):
@@ -286,15 +283,14 @@ async def measure_throughput(
             await cam.run()
 
             def arrived(n: int = n, tag: str = tag) -> bool:
-                done = sum(r["request_id"].split("-")[1] == tag for r in recorder.events["result"])
-                return done >= n
+                return listener.completed.get(tag, 0) >= n
 
             await wait_until(arrived, 120, f"{n} {tag} results")
         cpu = [
             b - a for a, b in zip(cpu0, _cpu_s([*node_pids, broker_pid, os.getpid()]), strict=True)
         ]
-    metrics = [(b["rx"], MetricsMessage.from_body(b)) for b in recorder.events["metrics"]]
-    times = sorted(t for k, t in results().items() if k.split("-")[1] == "burst")
+    metrics = listener.metrics
+    times = sorted(t for k, t in listener.first_result.items() if k.split("-")[1] == "burst")
     k1, k2 = len(times) // 10, len(times) * 9 // 10
     steady = (k2 - k1) / (times[k2] - times[k1])
     window = [b for t, b in metrics if times[k1] <= t <= times[-1] and b.service_s]
@@ -333,6 +329,53 @@ async def measure_throughput(
         },
         "arrivals_s": [t - sent_at for t in times],
     }
+
+
+class _Listener:
+    """What (b) needs of the pipe's traffic, kept as it arrives: the receipt time of each
+    request's first result and the completed requests per run tag (from the request id only:
+    the bench times results, it does not check them; this listener is on the bench's own CPU
+    bill), the nodes whose retained status says online, and the nodes' metrics (validated by
+    their classes in :mod:`bus.messages`)."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.first_result: dict[str, float] = {}  # request id -> receipt, epoch seconds
+        self.completed: dict[str, int] = {}  # run tag -> requests with a result
+        self.online: set[str] = set()
+        self.metrics: list[tuple[float, MetricsMessage]] = []  # (receipt, message)
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        from bus.observer import subscriptions_for
+
+        return subscriptions_for(self.topics, ("result", "status", "metrics"))
+
+    def on_message(self, message: Observed) -> None:
+        from bus.messages import MetricsMessage, StatusMessage
+        from pipeline import codec
+        from pipeline.errors import CodecError
+
+        if not message.payload:
+            return  # a retained message being cleared
+        try:
+            if message.topic == self.topics.results:
+                rid = codec.decode_json(message.payload, expect_kind="result")["request_id"]
+                if isinstance(rid, str) and rid not in self.first_result:
+                    self.first_result[rid] = message.rx
+                    tag = rid.split("-")[1] if rid.count("-") >= 2 else ""
+                    self.completed[tag] = self.completed.get(tag, 0) + 1
+            elif (node := self.topics.node_of(message.topic)) is not None and (
+                message.topic == self.topics.metrics(node)
+            ):
+                self.metrics.append((message.rx, MetricsMessage.from_json(message.payload)))
+            else:
+                status = StatusMessage.from_json(message.payload)
+                if status.online:
+                    self.online.add(status.node)
+                else:
+                    self.online.discard(status.node)
+        except CodecError as exc:
+            log.debug("bench hop: undecodable message on %s: %s", message.topic, exc)
 
 
 @contextlib.asynccontextmanager

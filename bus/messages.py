@@ -86,7 +86,12 @@ class _JsonMessage:
     def from_json(cls, payload: bytes | bytearray | memoryview | str) -> Self:
         """Decode and validate; raises only :class:`CodecError` (with the request id when the
         message carried one)."""
-        obj = codec.decode_json(payload, expect_kind=cls.KIND)
+        return cls.from_object(codec.decode_json(payload, expect_kind=cls.KIND))
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> Self:
+        """Validate the object of a decoded JSON message of this kind; raises only
+        :class:`CodecError`."""
         try:
             return cls.from_body(obj)
         except KeyError as exc:
@@ -634,11 +639,14 @@ def decode_any(
         CodecError: not a JSON message, an unknown kind, or a bad message of its kind.
     """
     limit = codec.DEFAULT_MAX_JSON_BYTES if max_bytes is None else max_bytes
-    kind = codec.decode_json(payload, max_bytes=limit)["kind"]
+    obj = codec.decode_json(payload, max_bytes=limit)  # decoded once, whatever the kind
+    kind = obj["kind"]
     cls = CATALOGUE.get(kind)
     if cls is None or cls is StageMessage:
         raise CodecError(f"unknown JSON message kind {kind!r}")
-    message: JsonMessage = cls.from_json(bytes(payload))
+    if cls is PlanMessage:  # validated by its own module
+        return PlanMessage.from_json(bytes(payload))
+    message: JsonMessage = cls.from_object(obj)
     return message
 
 

@@ -1,7 +1,8 @@
 """One service's connection to the broker: :class:`Session`, an async context manager.
 
-A session owns one aiomqtt client at a time and two tasks (connection, publisher); leaving the
-``async with`` says goodbye (the retained ``offline`` status), then cancels and awaits both.
+A session owns one aiomqtt client at a time and one connection task, plus one short task per
+message being published; leaving the ``async with`` says goodbye (the retained ``offline``
+status), then cancels and awaits them.
 
 - *Reconnects* with exponential backoff (:class:`Backoff`) for as long as it is open.
 - *Presence.* With a :class:`Presence`, the client connects with the retained Last Will
@@ -11,11 +12,14 @@ A session owns one aiomqtt client at a time and two tasks (connection, publisher
   connected: a retained status never says online when the service is not.
 - *Subscriptions* are remembered and made again after every reconnect (a broker that restarted
   without persistence has forgotten them), in the order they were first made.
-- *Outbox.* :meth:`Session.publish` queues a message in an ordered :class:`Outbox`; the
-  publisher hands messages to the client in order, up to ``publish_window`` unacknowledged at a
-  time. A message stays in the outbox until the broker acknowledged it (QoS 1); what the broker
-  did not acknowledge when the connection was lost is published again, in order, after the
-  reconnect. QoS 1 is at least once: a message whose acknowledgement was lost may arrive twice.
+- *Outbox.* :meth:`Session.publish` queues a message in an ordered :class:`Outbox` and, when
+  connected and the window has room, hands it to the client at once (no hop through a
+  publisher task: this is the per-message path of every service); messages go to the client
+  in order, up to ``publish_window`` unacknowledged at a time. A message stays in the outbox
+  until the broker acknowledged it (QoS 1); what the broker did not acknowledge when the
+  connection was lost is published again, in order, after the reconnect (and what was
+  published while disconnected, after that). QoS 1 is at least once: a message whose
+  acknowledgement was lost may arrive twice.
 - *Errors.* ``aiomqtt.MqttError`` stays inside this module: a lost connection is a reconnect,
   and a failed subscribe or direct publish is raised as :class:`~pipeline.errors.BusError`.
   A handler that raises anything else stops the session (``offline`` with the reason first)
@@ -29,8 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -124,12 +128,16 @@ class Outgoing:
 class Outbox:
     """Messages not yet acknowledged, in the order they were published (pure: no I/O).
 
-    The publisher asks :meth:`next_due` for the oldest message not handed over on the current
+    The session asks :meth:`next_due` for the oldest message not handed over on the current
     connection: after a reconnect that is the oldest unacknowledged one, so the broker gets
-    what it missed in the original order before anything newer."""
+    what it missed in the original order before anything newer. The messages due on the
+    current connection are kept in a heap by sequence number, so finding the next one does
+    not scan the messages in flight (stale entries are dropped when they reach the top)."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[int, Outgoing] = OrderedDict()
+        self._items: dict[int, Outgoing] = {}  # by seq, in publish order
+        self._due: list[int] = []  # heap: seqs that may be due on _connection
+        self._connection: int | None = None
         self._seq = 0
 
     def __len__(self) -> int:
@@ -139,12 +147,19 @@ class Outbox:
         self._seq += 1
         item = Outgoing(self._seq, topic, payload, qos, retain)
         self._items[item.seq] = item
+        heapq.heappush(self._due, item.seq)
         return item
 
     def next_due(self, connection: int) -> Outgoing | None:
-        for item in self._items.values():
-            if item.handed_on != connection:
+        if connection != self._connection:  # a new connection: every message is due again
+            self._connection = connection
+            self._due = list(self._items)  # ascending: already a heap
+        due = self._due
+        while due:
+            item = self._items.get(due[0])
+            if item is not None and item.handed_on != connection:
                 return item
+            heapq.heappop(due)  # acknowledged, or handed over on this connection
         return None
 
     def handed(self, item: Outgoing, connection: int) -> None:
@@ -153,6 +168,11 @@ class Outbox:
     def retry(self, item: Outgoing) -> None:
         """The client refused or lost ``item``: hand it over again."""
         item.handed_on = None
+        heapq.heappush(self._due, item.seq)
+
+    def oldest(self) -> Outgoing | None:
+        """The oldest message not yet acknowledged."""
+        return next(iter(self._items.values()), None)
 
     def acknowledged(self, item: Outgoing) -> None:
         self._items.pop(item.seq, None)
@@ -193,8 +213,7 @@ class Session:
         self._subscriptions: dict[str, int] = dict(subscriptions)
         self._backoff = Backoff(reconnect_first_s, reconnect_max_s)
         self._outbox = Outbox()
-        self._window = asyncio.Semaphore(publish_window)
-        self._wake = asyncio.Event()
+        self._window = publish_window
         self._client: aiomqtt.Client | None = None
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,7 +227,6 @@ class Session:
         self._closed = False  # open (again: what is left in the outbox goes out then)
         self._tasks = [
             asyncio.create_task(self._connection_loop(), name=f"{self.name}-connection"),
-            asyncio.create_task(self._publisher(), name=f"{self.name}-publisher"),
         ]
         return self
 
@@ -281,7 +299,7 @@ class Session:
             raise BusError(f"{self.name}: the session is closed")
         item = self._outbox.add(topic, payload, qos, retain)
         item.acknowledged = asyncio.get_running_loop().create_future()
-        self._wake.set()
+        self._hand_over()
         return item.acknowledged
 
     async def publish_now(
@@ -311,28 +329,27 @@ class Session:
         """Wait until the outbox is empty (up to ``timeout``); whether it is."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while items := self._outbox.items():
-                    if items[0].acknowledged is None:
+                while (oldest := self._outbox.oldest()) is not None:
+                    if oldest.acknowledged is None:
                         break
-                    await asyncio.shield(items[0].acknowledged)
+                    await asyncio.shield(oldest.acknowledged)
         return not self._outbox
 
-    async def _publisher(self) -> None:
-        while True:
-            await self.connected.wait()
-            connection, client = self.connections, self._client
+    def _hand_over(self) -> None:
+        """Hand the due messages to the client, oldest first, while connected and the window
+        has room. Called whenever that may change: a message published, a connection made, a
+        publish ended (acknowledged, refused or lost)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return  # the next connection hands them over
+        connection = self.connections
+        while len(self._in_flight) < self._window:
             item = self._outbox.next_due(connection)
-            if item is None or client is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._window.acquire()
-            if connection != self.connections or not self.connected.is_set():
-                self._window.release()
-                continue
+            if item is None:
+                return
             self._outbox.handed(item, connection)
-            # the task hands the message to the client before its first await: messages
-            # leave in outbox order
+            # each task hands its message to the client before its first await, and tasks
+            # start in the order they were created: messages leave in outbox order
             task = asyncio.create_task(self._publish_one(client, item, connection))
             self._in_flight[item.seq] = task
 
@@ -343,12 +360,13 @@ class Session:
             log.debug("%s: publish to %s failed (%s); again", self.name, item.topic, exc)
             if connection == self.connections:
                 self._outbox.retry(item)  # still connected (e.g. a timeout): hand it again
-                self._wake.set()
         else:
             self._outbox.acknowledged(item)
         finally:
-            self._window.release()
-            self._in_flight.pop(item.seq, None)
+            if self._in_flight.get(item.seq) is asyncio.current_task():
+                del self._in_flight[item.seq]
+            if not self._closed:
+                self._hand_over()  # a slot of the window is free (or the item is due again)
 
     # ----------------------------------------------------------------- receiving
     async def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -445,7 +463,7 @@ class Session:
                     self.presence.topic, self.presence.status("online", ""), qos=1, retain=True
                 )
             self.connected.set()
-            self._wake.set()
+            self._hand_over()  # what was published while disconnected, in order
             async for message in client.messages:
                 payload = message.payload
                 body = bytes(payload) if isinstance(payload, bytes | bytearray) else b""

@@ -454,6 +454,8 @@ def _get(obj: dict[str, Any], key: str, kind: type) -> Any:
 
 
 def check_int(value: object, what: str, *, lo: int = 0, hi: int = _INT32_MAX) -> int:
+    if type(value) is int and lo <= value <= hi:  # the common case, on every message's path
+        return value
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if not lo <= value <= hi:
@@ -462,6 +464,8 @@ def check_int(value: object, what: str, *, lo: int = 0, hi: int = _INT32_MAX) ->
 
 
 def check_float(value: object, what: str, *, non_negative: bool = False) -> float:
+    if type(value) is float and math.isfinite(value) and (value >= 0 or not non_negative):
+        return value  # the common case, on every message's path
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     out = float(value)

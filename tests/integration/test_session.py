@@ -144,3 +144,45 @@ async def test_a_session_publishes_what_it_queued_while_the_broker_was_away(
         await wait_until(lambda: len(received) >= 20, 20, "every queued message")
     assert received == [str(i).encode() for i in range(20)]
     assert sender.pending == 0
+
+
+async def test_a_connected_session_hands_a_message_to_the_client_at_once(
+    mosquitto, topic_prefix, monkeypatch
+):
+    """publish() while connected hands the message over itself (the per-message path has no
+    hop through a publisher task): the client is publishing it by the time the caller next
+    yields to the loop once, and a window of 2 still delivers many messages in order."""
+    import aiomqtt
+
+    mqtt = MqttSettings(host=mosquitto.host, port=mosquitto.port)
+    topic = f"{Topics(topic_prefix).base}/at-once"
+    handed: list[str] = []
+    publish = aiomqtt.Client.publish
+
+    async def recording_publish(self, topic, payload=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(topic)
+        await publish(self, topic, payload, *args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", recording_publish)
+    received: list[bytes] = []
+    async with (
+        Session(
+            mqtt,
+            name="receiver",
+            subscriptions=[(topic, 1)],
+            on_message=lambda m: received.append(m.payload),
+        ) as receiver,
+        Session(mqtt, name="sender", publish_window=2) as sender,
+    ):
+        await asyncio.wait_for(
+            asyncio.gather(receiver.connected.wait(), sender.connected.wait()), 10
+        )
+        ack = sender.publish(topic, b"first")
+        await asyncio.sleep(0)  # one turn of the loop: the task made by publish() runs
+        assert handed == [topic]
+        await asyncio.wait_for(ack, 10)
+        acks = [sender.publish(topic, str(i).encode()) for i in range(50)]
+        await asyncio.wait_for(asyncio.gather(*acks), 20)
+        await wait_until(lambda: len(received) >= 51, 20, "every message")
+    assert received == [b"first", *(str(i).encode() for i in range(50))]
+    assert sender.pending == 0

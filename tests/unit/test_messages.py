@@ -326,6 +326,28 @@ def test_decode_any_refuses_an_unknown_kind() -> None:
         m.decode_any(codec.encode_json("gossip", {}))
 
 
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_decode_any_parses_a_payload_once_and_validates_it(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers of many topics (the recorder, tap, top) pay for one JSON parse per message."""
+    parses = []
+    decode_json = codec.decode_json
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        parses.append(kind)
+        return decode_json(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_json", counting)
+    message = m.decode_any(_payload(kind))
+    assert isinstance(message, m.CATALOGUE[kind])
+    if kind != "plan":  # the plan is decoded by its own module
+        assert parses == [kind]
+    bad_field, bad_value = next((f, v) for k, f, v in BAD_FIELDS if k == kind)
+    with pytest.raises(CodecError):
+        m.decode_any(_payload(kind, bad_field, bad_value))
+
+
 def test_a_bad_result_keeps_its_request_id() -> None:
     with pytest.raises(CodecError) as info:
         m.ResultMessage.from_json(_payload("result", "score", 2.0))
