@@ -129,8 +129,12 @@ async def test_a_session_publishes_what_it_queued_while_the_broker_was_away(
             name="receiver",
             subscriptions=[(topic, 1)],
             on_message=lambda m: received.append(m.payload),
+            reconnect_first_s=0.05,
+            reconnect_max_s=0.1,
         ) as receiver,
-        Session(mqtt, name="sender") as sender,
+        # the receiver's session is clean: it must be back and subscribed before the sender
+        # flushes its outbox, so the sender retries its connection far less often
+        Session(mqtt, name="sender", reconnect_first_s=3.0, reconnect_max_s=3.0) as sender,
     ):
         await asyncio.wait_for(
             asyncio.gather(receiver.connected.wait(), sender.connected.wait()), 10
