@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 
 from bus.connection import MqttSettings
+from bus.messages import StatusMessage
 from bus.observer import Observed, Observer
 from bus.session import Session
 from bus.topics import Topics
-from pipeline import codec
 from pipeline.errors import BrokerError, BusError, CodecError
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,6 @@ async def is_healthy(
 def says_online(payload: bytes | bytearray) -> bool:
     """Whether a status message says ``online`` (one that does not decode does not)."""
     try:
-        return codec.decode_json(payload, expect_kind="status").get("state") == "online"
+        return StatusMessage.from_json(payload).online
     except CodecError:
         return False

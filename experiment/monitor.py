@@ -1,8 +1,7 @@
 """The harness's live status line, over the records of its :class:`~bus.observer.Recorder`.
 
-The harness records every run with :class:`bus.observer.Recorder` (re-exported here with
-:class:`~bus.observer.Events` and :func:`~bus.observer.load_events`, which the reports read):
-what the cameras sent, results, exits, levels, decisions, statuses, metrics and errors, each
+The harness records every run with :class:`bus.observer.Recorder` (the reports read its
+:class:`~bus.observer.Events`): what the cameras sent, results, exits, levels, decisions, statuses, metrics and errors, each
 with its receipt time, in memory and in ``events.jsonl``.
 
 :class:`LiveStatus` turns the records into one status line per second: levels, the latency of
@@ -22,10 +21,8 @@ from typing import IO, Any
 import numpy as np
 
 from bus.messages import LevelMessage
-from bus.observer import Events, Recorder, load_events
+from bus.observer import Events, Recorder
 from experiment.config import NodeSpec
-
-__all__ = ["Events", "LiveStatus", "Recorder", "current_levels", "load_events"]
 
 
 def current_levels(events: Events, n_stages: int) -> list[int]:

@@ -24,8 +24,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from bus.observer import Events
 from experiment.config import ExperimentConfig
-from experiment.monitor import Events
 from experiment.report import first_by_id, level_timeline
 from pipeline.pruning import DEFAULT_RATIOS
 

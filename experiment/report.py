@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bus.messages import LevelMessage
+from bus.observer import Events
 from controller.config import parse_policy
 from experiment.compare import (
     attainment_vs_oracle,
@@ -37,7 +38,6 @@ from experiment.compare import (
     overlaps,
 )
 from experiment.config import ExperimentConfig
-from experiment.monitor import Events
 
 SUMMARY_KEYS = (
     "slo_attainment",

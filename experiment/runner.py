@@ -4,7 +4,7 @@ a time, and the reports and plots of what happened.
 One run of one policy (:meth:`ExperimentRunner.run_policy`):
 
 1. a fresh Mosquitto (in its own process group, on a free port) and the harness's
-   :class:`~experiment.monitor.Recorder`, subscribed before anything else starts;
+   :class:`~bus.observer.Recorder`, subscribed before anything else starts;
 2. the shared clock: ``clock_start = launch + startup budget``. Every node gets it as
    ``--clock-start``, so its slowdown windows count from it, and the camera is launched so that
    its replay starts at that instant (its real start is measured and reported);
@@ -39,7 +39,7 @@ from typing import IO, Any
 from broker.launcher import MosquittoBroker
 from bus.connection import MqttSettings
 from bus.messages import MetricsMessage, StatusMessage
-from bus.observer import wait_until
+from bus.observer import Events, Recorder, wait_until
 from bus.topics import Topics
 from controller.config import parse_policy
 from controller.core import ControllerState
@@ -52,7 +52,7 @@ from experiment.launcher import (
     ProcessGroup,
     signals_as_interrupt,
 )
-from experiment.monitor import Events, LiveStatus, Recorder
+from experiment.monitor import LiveStatus
 from experiment.oracle import oracle_schedule
 from experiment.report import RunReport, build_report, file_tag
 from pipeline.calibration import Calibration

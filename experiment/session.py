@@ -26,9 +26,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from bus.observer import Events
 from experiment.compare import rotated_orders
 from experiment.config import ExperimentConfig
-from experiment.monitor import Events
 from experiment.report import (
     RunReport,
     aggregate,

@@ -38,17 +38,12 @@ VIEWED_KINDS = ("result", "exit", "level", "decision", "status", "metrics", "err
 
 @dataclass
 class NodeRow:
+    """What top knows of one node: its last status and its last metrics message."""
+
     node: str
     state: str = "?"
     stage: int | None = None
-    level: int | None = None
-    ratio: float | None = None
-    queue_depth: int | None = None
-    service_ms: float | None = None
-    processed: int = 0
-    errors: int = 0
-    shed: int = 0
-    emulated: float = 1.0
+    metrics: MetricsMessage | None = None
     seen: float = 0.0
 
 
@@ -77,15 +72,7 @@ class PipelineView:
             row = self._row(message.node)
             row.state = "online" if row.state == "?" else row.state
             row.stage = message.stage
-            row.level = message.level
-            row.ratio = message.ratio
-            row.queue_depth = message.queue_depth
-            service = message.service_s
-            row.service_ms = None if service is None else 1e3 * service
-            row.processed = message.processed
-            row.errors = message.errors
-            row.shed = message.shed
-            row.emulated = message.emulated_factor
+            row.metrics = message
             row.seen = now
         elif isinstance(message, ExitMessage):
             self.latencies.append(message.latency_s)
@@ -148,11 +135,14 @@ class PipelineView:
         for row in sorted(
             self.nodes.values(), key=lambda r: (r.stage is None, r.stage or 0, r.node)
         ):
+            m = row.metrics
+            service = None if m is None or m.service_s is None else 1e3 * m.service_s
             lines.append(
-                f"{row.node:<12}{row.state:<9}{_f(row.stage):>5}{_f(row.level):>6}"
-                f"{_f(row.ratio, '.1f'):>6}{_f(row.queue_depth):>6}"
-                f"{_f(row.service_ms, '.1f'):>8}{row.processed:>8}{row.errors:>5}{row.shed:>5}"
-                f"{'x' + format(row.emulated, 'g'):>6}{now - row.seen:>7.1f}"
+                f"{row.node:<12}{row.state:<9}{_f(row.stage):>5}"
+                f"{_f(m and m.level):>6}{_f(m and m.ratio, '.1f'):>6}{_f(m and m.queue_depth):>6}"
+                f"{_f(service, '.1f'):>8}{m.processed if m else 0:>8}"
+                f"{m.errors if m else 0:>5}{m.shed if m else 0:>5}"
+                f"{'x' + format(m.emulated_factor if m else 1.0, 'g'):>6}{now - row.seen:>7.1f}"
             )
         if self.last_decision:
             lines += ["", f"last decision: {self.last_decision}"]

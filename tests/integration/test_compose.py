@@ -30,9 +30,16 @@ from broker.launcher import MosquittoBroker
 from broker.security import prepare_secure_broker
 from bus.connection import MqttSettings
 from bus.topics import Topics
-from pipeline import codec
 from tests.conftest import BrokerFactory
-from tests.helpers import DATA_DIR, REPO, clear_retained, collecting, stop_process, wait_until
+from tests.helpers import (
+    DATA_DIR,
+    REPO,
+    clear_retained,
+    collecting,
+    good_json,
+    stop_process,
+    wait_until,
+)
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 SMOKE_IMAGES = 5
@@ -417,7 +424,7 @@ async def test_health_checks_work_against_the_secure_broker(
     async with aiomqtt.Client(**node.aiomqtt_kwargs()) as client:
         await client.publish(
             Topics(topic_prefix).status("n0"),
-            codec.encode_json("status", {"node": "n0", "state": "online"}),
+            good_json("status", node="n0", state="online"),
             qos=1,
             retain=True,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiment.monitor import load_events
+from bus.observer import load_events
 from pipeline.calibration.measure import CalibrationSettings, calibrate
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import load_dataset, split_dataset

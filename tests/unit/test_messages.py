@@ -379,8 +379,8 @@ def test_a_level_beyond_the_receivers_levels_is_a_codec_error() -> None:
 
 def test_the_experiment_recorder_keeps_only_valid_messages_in_their_one_shape() -> None:
     from bus.connection import MqttSettings
+    from bus.observer import Recorder
     from bus.topics import Topics
-    from experiment.monitor import Recorder
 
     recorder = Recorder(MqttSettings(), "p")
     topic = Topics("p").status("n1")
